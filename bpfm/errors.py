@@ -1,0 +1,19 @@
+"""Errors a user can cause. The CLI prints them as one line and exits non-zero, without a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class BpfmError(Exception):
+    """Bad input or configuration: the message alone tells the user what to fix."""
+
+
+class DataError(BpfmError):
+    """A problem with one field of one input file."""
+
+    def __init__(self, file: str | Path, field: str, problem: str):
+        self.file = str(file)
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{self.file}: {field}: {problem}")
