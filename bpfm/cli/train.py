@@ -1,0 +1,182 @@
+"""`bpfm train` (one grid cell: fine-tune or train from scratch) and `bpfm evaluate` (test
+metrics of a trained model dir). Names are checked by `TrainConfig.validate`, not argparse
+`choices`, so that a wrong name is one line (`bpfm: error: ...`, exit 2), like every other
+user error."""
+
+from __future__ import annotations
+
+import argparse
+
+from bpfm.cli.common import add_json_flag, print_result
+from bpfm.errors import BpfmError
+
+# Result keys shown to people (everything goes to --json).
+SUMMARY_KEYS = (
+    "sbp_mae",
+    "dbp_mae",
+    "sbp_sd",
+    "dbp_sd",
+    "sbp_me",
+    "dbp_me",
+    "sbp_r2",
+    "dbp_r2",
+    "sbp_mase",
+    "dbp_mase",
+    "sbp_bhs_grade",
+    "dbp_bhs_grade",
+    "aami",
+    "n",
+    "n_subjects",
+)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="shard set URI (folder or s3://), from `bpfm data shard`")
+    parser.add_argument("--source", help="mimic | vitaldb | other")
+    parser.add_argument("--protocol", help="paper | calbased | calfree | aami")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train",
+        help="fine-tune or train one configuration",
+        description="Train one configuration and write a model dir (model.safetensors, "
+        "config.json, metrics.json, predictions.parquet, checkpoints/). Re-running the same "
+        "command resumes from the last epoch checkpoint.",
+    )
+    _add_data_flags(train)
+    train.add_argument("--size", default="small", help="small | medium (base) | large")
+    train.add_argument("--freeze", default="unfrozen", help="frozen | unfrozen")
+    train.add_argument("--init", default="xavier", help="pretrained | xavier")
+    train.add_argument(
+        "--checkpoint", help="backbone checkpoint (path or URI) for --init pretrained"
+    )
+    train.add_argument("--epochs", type=int, default=100)
+    train.add_argument("--out", help="model dir to write (default .bpfm/runs/train)")
+    train.add_argument(
+        "--report-epochs",
+        type=_int_list,
+        default=(),
+        help="also write out/epoch-N/ model dirs, e.g. 100,200",
+    )
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--batch-size", type=int, default=1024)
+    train.add_argument("--head", default="paper", help="paper | linear | mlp")
+    train.add_argument("--head-hidden", type=_int_list, default=(), help="mlp sizes, e.g. 256,64")
+    train.add_argument("--head-dropout", type=float, default=0.0)
+    train.add_argument("--optimizer", default="adam", help="adam | adamw")
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--schedule", default="constant", help="constant | cosine")
+    train.add_argument("--warmup-epochs", type=float, default=0.0)
+    train.add_argument("--loss", default="mse", help="mse | huber")
+    train.add_argument(
+        "--raw-targets",
+        action="store_true",
+        help="train on raw mmHg targets (the paper's recipe) instead of z-scores",
+    )
+    train.add_argument("--normalize-inputs", action="store_true")
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--split-seed", type=int, default=42)
+    train.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    train.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    train.add_argument("--num-workers", type=int, default=0)
+    train.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (tiny runs)")
+    train.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    add_json_flag(train)
+    train.set_defaults(func=run_train)
+
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="test metrics of a trained model dir",
+        description="Evaluate a model dir on the test view of its own data / source / protocol, "
+        "or of the ones given.",
+    )
+    evaluate.add_argument("--model", help="model dir written by `bpfm train`")
+    _add_data_flags(evaluate)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    add_json_flag(evaluate)
+    evaluate.set_defaults(func=run_evaluate)
+
+
+def _config_from_args(args: argparse.Namespace):
+    from bpfm.defaults import home
+    from bpfm.train import TrainConfig
+
+    return TrainConfig(
+        data=args.data or "",
+        source=args.source or "mimic",
+        protocol=args.protocol or "paper",
+        size=args.size,
+        freeze=args.freeze,
+        init=args.init,
+        checkpoint=args.checkpoint,
+        head=args.head,
+        head_hidden=args.head_hidden,
+        head_dropout=args.head_dropout,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs,
+        loss=args.loss,
+        standardize_targets=not args.raw_targets,
+        normalize_inputs=args.normalize_inputs,
+        seed=args.seed,
+        split_seed=args.split_seed,
+        device=args.device,
+        amp=not args.no_amp,
+        report_epochs=args.report_epochs,
+        out=args.out or str(home() / "runs" / "train"),
+        num_workers=args.num_workers,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+    ).validate()
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from bpfm.train import fit
+
+    result = fit(_config_from_args(args), resume=not args.no_resume)
+    output = {
+        "out": str(result.out),
+        "epochs": result.epochs,
+        "split": result.split["label"],
+        "val_mae": result.history[-1]["val_mae"],
+    }
+    if args.json:
+        output.update(
+            test=result.test, report_dirs={e: str(p) for e, p in result.report_dirs.items()}
+        )
+    else:
+        output.update({f"test_{k}": result.test[k] for k in SUMMARY_KEYS})
+    print_result(output, args.json)
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from bpfm.train import evaluate
+
+    if not args.model:
+        raise BpfmError("evaluate: model: no model dir given (--model DIR)")
+    metrics = evaluate(
+        args.model,
+        args.data,
+        args.source,
+        args.protocol,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    shown = metrics if args.json else {k: metrics[k] for k in ("split", *SUMMARY_KEYS)}
+    print_result(shown, args.json)
+    return 0

@@ -1,0 +1,1 @@
+"""PulseDB data: reading (`pulsedb`), synthetic releases (`synth`), shards, splits and loaders."""

@@ -1,0 +1,236 @@
+"""MATLAB v7.3 MAT-file primitives over h5py: the 512-byte MATLAB header, `MATLAB_class`
+attributes, and cell/struct-array elements stored as object references into `/#refs#`.
+
+h5py's high-level API costs ~300 us per small dataset; PulseDB files hold one referenced dataset
+per cell element (millions in a large file), so both directions use the low-level API here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import h5py
+import numpy as np
+from h5py import h5a, h5d, h5r, h5s, h5t
+
+HEADER_BYTES = 512
+REFS_GROUP = "#refs#"
+
+
+def matlab_header(created: datetime | None = None) -> bytes:
+    """The first 128 bytes MATLAB writes into a v7.3 file's user block.
+
+    116 bytes of text, 8 bytes of subsystem offset (zero), version 0x0200 and the endian marker
+    'IM' at offsets 124-127, exactly as `save -v7.3` does on a little-endian machine."""
+    stamp = (created or datetime.now()).strftime("%a %b %d %H:%M:%S %Y")
+    text = f"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: {stamp} HDF5 schema 1.00 ."
+    return text.encode("ascii").ljust(116, b" ") + bytes(8) + b"\x00\x02IM"
+
+
+@contextmanager
+def create_matfile(path: str | Path) -> Iterator[h5py.File]:
+    """Write a v7.3 MAT-file: yields an open h5py file with a 512-byte user block; on success the
+    MATLAB header is stamped and the file appears at `path` atomically (never half written)."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with h5py.File(partial, "w", userblock_size=HEADER_BYTES, libver="earliest") as f:
+            yield f
+        with open(partial, "r+b") as raw:
+            raw.write(matlab_header())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def set_matlab_class(obj: h5py.Dataset | h5py.Group, matlab_class: str) -> None:
+    obj.attrs["MATLAB_class"] = np.bytes_(matlab_class)
+
+
+def set_struct(group: h5py.Group, field_names: Sequence[str]) -> None:
+    """Mark a group as a MATLAB struct; MATLAB lists (and only shows) fields in MATLAB_fields."""
+    set_matlab_class(group, "struct")
+    vlen = h5py.vlen_dtype(np.dtype("S1"))
+    names = np.empty(len(field_names), dtype=object)
+    names[:] = [np.frombuffer(name.encode("ascii"), dtype="S1") for name in field_names]
+    group.attrs.create("MATLAB_fields", names, dtype=vlen)
+
+
+def write_double(group: h5py.Group, name: str, data: np.ndarray, **kwargs) -> h5py.Dataset:
+    """A MATLAB double array; `data` is already in HDF5 (reversed-dimension) order."""
+    ds = group.create_dataset(name, data=np.asarray(data, dtype=np.float64), **kwargs)
+    set_matlab_class(ds, "double")
+    return ds
+
+
+def ref_array(refs: Sequence[h5r.Reference]) -> np.ndarray:
+    data = np.empty(len(refs), dtype=h5py.ref_dtype)
+    data[:] = list(refs)
+    return data
+
+
+def write_refs(group: h5py.Group, name: str, refs: Sequence[h5r.Reference],
+               matlab_class: str | None = "cell") -> h5py.Dataset:
+    """A MATLAB N x 1 cell array, or (matlab_class None) a field of a 1 x N struct array:
+    object references, HDF5 shape (1, N)."""
+    ds = group.create_dataset(name, data=ref_array(refs).reshape(1, -1))
+    if matlab_class:
+        set_matlab_class(ds, matlab_class)
+    return ds
+
+
+class RefWriter:
+    """Creates the datasets under `/#refs#` that cell elements point to, and returns their refs.
+
+    Names follow MATLAB's scheme (a, b, ..., z, ba, bb, ...); `a` is MATLAB's canonical empty."""
+
+    def __init__(self, f: h5py.File):
+        self._group = f.require_group(REFS_GROUP)
+        self._gid = self._group.id
+        self._count = 0
+        self._types = {}
+        self._scalar_space = h5s.create(h5s.SCALAR)
+        if "a" not in self._group:
+            empty = self._group.create_dataset("a", data=np.zeros(2, dtype=np.uint64))
+            set_matlab_class(empty, "canonical empty")
+            empty.attrs["MATLAB_empty"] = np.uint8(1)
+        self._count = len(self._group)
+
+    def _next_name(self) -> bytes:
+        n, letters = self._count, ""
+        while True:
+            n, rem = divmod(n, 26)
+            letters = chr(ord("a") + rem) + letters
+            if n == 0:
+                break
+        self._count += 1
+        return letters.encode("ascii")
+
+    def _attr(self, dsid: h5d.DatasetID, name: bytes, value: np.ndarray) -> None:
+        key = value.dtype
+        if key not in self._types:
+            self._types[key] = h5t.py_create(key)
+        attr = h5a.create(dsid, name, self._types[key], self._scalar_space)
+        attr.write(np.ascontiguousarray(value))
+
+    def _dataset(self, data: np.ndarray, matlab_class: bytes) -> h5d.DatasetID:
+        data = np.ascontiguousarray(data)
+        key = data.dtype
+        if key not in self._types:
+            self._types[key] = h5t.py_create(key)
+        space = h5s.create_simple(data.shape)
+        dsid = h5d.create(self._gid, self._next_name(), self._types[key], space)
+        dsid.write(h5s.ALL, h5s.ALL, data)
+        self._attr(dsid, b"MATLAB_class", np.array(matlab_class))
+        return dsid
+
+    def double(self, data: np.ndarray | float) -> h5r.Reference:
+        """A referenced double array in HDF5 order: a scalar is (1, 1), a 1-D array of L values
+        becomes (1, L), i.e. MATLAB's L x 1 column."""
+        data = np.asarray(data, dtype=np.float64)
+        if data.ndim < 2:
+            data = data.reshape(1, -1)
+        return h5r.create(self._dataset(data, b"double"), b".", h5r.OBJECT)
+
+    def char(self, text: str | None) -> h5r.Reference:
+        """A referenced 1 x L char array; '' or None becomes MATLAB's empty char (0 x 0)."""
+        if not text:
+            dsid = self._dataset(np.zeros(2, dtype=np.uint64), b"char")
+            self._attr(dsid, b"MATLAB_empty", np.array(1, dtype=np.uint8))
+        else:
+            codes = np.frombuffer(text.encode("utf-16-le"), dtype=np.uint16).reshape(-1, 1)
+            dsid = self._dataset(codes, b"char")
+            self._attr(dsid, b"MATLAB_int_decode", np.array(2, dtype=np.int32))
+        return h5r.create(dsid, b".", h5r.OBJECT)
+
+
+class RefShapeError(ValueError):
+    """A referenced element does not hold the number of values the caller expects."""
+
+    def __init__(self, index: int, size: int, expected: int):
+        self.index, self.size, self.expected = index, size, expected
+        super().__init__(f"element {index}: {size} values, expected {expected}")
+
+
+def is_ref_dataset(ds: h5py.Dataset) -> bool:
+    return h5py.check_ref_dtype(ds.dtype) is not None
+
+
+def read_refs(ds: h5py.Dataset, a: int = 0, b: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Elements [a, b) of a (1, N), (N, 1) or (N,) reference dataset: the references and their
+    object addresses (equal address = the same referenced dataset, decoded once)."""
+    long_axis = int(np.argmax(ds.shape))
+    b = ds.shape[long_axis] if b is None else b
+    start, count = [0] * ds.ndim, [1] * ds.ndim
+    start[long_axis], count[long_axis] = a, b - a
+    index = tuple(slice(s, s + c) for s, c in zip(start, count, strict=True))
+    refs = ds[index].ravel()
+    addresses = np.empty(b - a, dtype=np.uint64)
+    if b > a:
+        space = ds.id.get_space()
+        space.select_hyperslab(tuple(start), tuple(count))
+        ds.id.read(h5s.create_simple((b - a,)), space, addresses, mtype=h5t.STD_REF_OBJ)
+    return refs, addresses
+
+
+def _deref(fid: h5py.h5f.FileID, ref: h5r.Reference | h5d.DatasetID) -> h5d.DatasetID:
+    if isinstance(ref, h5d.DatasetID):
+        return ref
+    if not ref:
+        raise ValueError("null object reference")
+    return h5r.dereference(ref, fid)
+
+
+def _unique(refs: np.ndarray, addresses: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    if addresses is None:
+        return refs, np.arange(len(refs))
+    _, first, inverse = np.unique(addresses, return_index=True, return_inverse=True)
+    return refs[first], inverse
+
+
+def _is_matlab_empty(dsid: h5d.DatasetID) -> bool:
+    """MATLAB stores an empty array as its dimensions (uint64, 1-D) flagged MATLAB_empty."""
+    return dsid.rank == 1 and h5a.exists(dsid, b"MATLAB_empty")
+
+
+def _decode_char(dsid: h5d.DatasetID) -> str | None:
+    if _is_matlab_empty(dsid):
+        return None
+    buf = np.empty(dsid.shape, dtype=np.uint16)
+    if not buf.size:
+        return None
+    dsid.read(h5s.ALL, h5s.ALL, buf)
+    # MATLAB is column-major: a 1 x L char is stored (L, 1); a 2-D char reads column-wise.
+    return buf.T.tobytes().decode("utf-16-le")
+
+
+def read_chars(fid: h5py.h5f.FileID, refs: np.ndarray, addresses: np.ndarray | None = None
+               ) -> list[str | None]:
+    """Decode referenced MATLAB char arrays (uint16 codes); an empty char array gives None."""
+    unique, inverse = _unique(refs, addresses)
+    values = [_decode_char(_deref(fid, ref)) for ref in unique]
+    return [values[i] for i in inverse]
+
+
+def read_doubles(fid: h5py.h5f.FileID, refs: np.ndarray, size: int,
+                 addresses: np.ndarray | None = None) -> np.ndarray:
+    """Referenced numeric arrays of `size` values each, as float64 rows (n, size).
+
+    An empty element reads as NaN when `size == 1`; any other mismatch raises RefShapeError."""
+    unique, inverse = _unique(refs, addresses)
+    out = np.empty((len(unique), size), dtype=np.float64)
+    for i, ref in enumerate(unique):
+        dsid = _deref(fid, ref)
+        n = 0 if _is_matlab_empty(dsid) else int(np.prod(dsid.shape))
+        if n == 0 and size == 1:
+            out[i] = np.nan
+        elif n != size:
+            raise RefShapeError(int(np.flatnonzero(inverse == i)[0]), n, size)
+        else:
+            dsid.read(h5s.create_simple((n,)), h5s.ALL, out[i])
+    return out[inverse]

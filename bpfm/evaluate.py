@@ -1,0 +1,130 @@
+"""Evaluate BP models on a split's test view and read back the model dirs `fit` writes.
+
+`load_trained(model_dir)` and `evaluate(model_dir, ...)` are the entry points for
+`bpfm evaluate`, quantization and the leaderboard; `model_dir_payload` builds the `metrics.json`
+of a model dir while training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from torch import nn
+
+from bpfm.errors import BpfmError
+from bpfm.metrics import compute_metrics
+from bpfm.predict import Predictions, predict, resolve_device
+
+if TYPE_CHECKING:
+    from bpfm.train import TrainConfig
+
+
+def open_split(data: str, source: str, protocol: str, seed: int = 42):
+    """The `bpfm.data.splits.Split` of a shard set (train / val / test views)."""
+    from bpfm.data.shards import open_shards
+    from bpfm.data.splits import make_split
+
+    return make_split(open_shards(data), source, protocol, seed=seed)
+
+
+def split_summary(split) -> dict[str, Any]:
+    """Label, protocol, source and segment / subject counts per view (for metrics.json)."""
+    from bpfm.data.loader import view_size, view_subjects
+
+    summary: dict[str, Any] = {
+        "label": split.label,
+        "protocol": split.protocol,
+        "source": split.source,
+    }
+    for name in ("train", "val", "test"):
+        view = getattr(split, name)
+        summary[f"n_{name}"] = view_size(view)
+        summary[f"n_{name}_subjects"] = view_subjects(view)
+    return summary
+
+
+def mean_mae(predictions: Predictions) -> tuple[float, float, float]:
+    """(mean of SBP and DBP MAE, SBP MAE, DBP MAE) in mmHg."""
+    mae = np.abs(predictions.target - predictions.estimate).mean(axis=0)
+    return float(mae.mean()), float(mae[0]), float(mae[1])
+
+
+def model_dir_payload(
+    model: nn.Module,
+    split,
+    meta: dict[str, Any],
+    val_predictions: Predictions,
+    *,
+    batch_size: int,
+    device,
+) -> tuple[dict[str, Any], Predictions]:
+    """(metrics.json payload without training history, test predictions) for the model as it
+    is now. The MASE baseline is the train view's mean, `meta["target_mean"]`."""
+    test_pred = predict(model, split.test, meta, batch_size=batch_size, device=device)
+    baseline = meta["target_mean"]
+    payload = {
+        "test": compute_metrics(test_pred.target, test_pred.estimate, test_pred.subject, baseline),
+        "val": compute_metrics(
+            val_predictions.target, val_predictions.estimate, val_predictions.subject, baseline
+        ),
+    }
+    return payload, test_pred
+
+
+def read_metrics(model_dir: str | Path) -> dict[str, Any]:
+    """A model dir's metrics.json (present only once the dir is complete)."""
+    path = Path(model_dir) / "metrics.json"
+    if not path.is_file():
+        raise BpfmError(f"{path}: missing (not a finished bpfm model dir)")
+    return json.loads(path.read_text())
+
+
+def load_trained(model_dir: str | Path) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """(model in eval mode on CPU, the TrainConfig it was trained with, meta) from a model dir
+    written by `fit` (`out/` or `out/epoch-<N>/`)."""
+    from bpfm.model import load_model
+    from bpfm.train import TrainConfig
+
+    model_dir = Path(model_dir)
+    config_file = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise BpfmError(f"{model_dir}: model dir: no such folder")
+    if not config_file.is_file():
+        raise BpfmError(f"{config_file}: missing (not a bpfm model dir)")
+    try:
+        values = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise BpfmError(f"{config_file}: not valid JSON ({err})") from None
+    values.pop("trained_in_run_of", None)  # epoch-prefix dirs note the run they came from
+    config = TrainConfig.from_dict(values)
+    model, meta = load_model(model_dir / "model.safetensors")
+    return model.eval(), config, meta
+
+
+def evaluate(
+    model_dir: str | Path,
+    data: str | None = None,
+    source: str | None = None,
+    protocol: str | None = None,
+    *,
+    device: str = "auto",
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Test metrics of a trained model on the data, source and protocol it was trained with,
+    or on others (e.g. a MIMIC model on VitalDB). The MASE baseline stays the train mean of the
+    model's own training data."""
+    model, config, meta = load_trained(model_dir)
+    overrides = {"data": data or config.data, "source": source or config.source,
+                 "protocol": protocol or config.protocol}  # fmt: skip
+    checked = type(config).from_dict({**config.to_dict(), **overrides}).validate()
+    target_device = resolve_device(device)
+    split = open_split(checked.data, checked.source, checked.protocol, checked.split_seed)
+    predictions = predict(
+        model.to(target_device), split.test, meta, batch_size=batch_size, device=target_device
+    )
+    metrics = compute_metrics(
+        predictions.target, predictions.estimate, predictions.subject, meta.get("target_mean")
+    )
+    return {**metrics, **overrides, "model_dir": str(model_dir), "split": split.label}

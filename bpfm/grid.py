@@ -1,0 +1,321 @@
+"""The grid as data: cells (one trained model each), trials (what Tune runs), and the dry-run plan.
+
+Epoch-prefix sharing: when the learning-rate schedule does not depend on the total number of
+epochs, the 100-epoch model of a configuration is its 200-epoch run's state at epoch 100, so the
+cells that differ only in `epochs` are one trial reporting at each of those epochs."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bpfm.errors import BpfmError
+from bpfm.profiles import AXES, Profile
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: one trained model, one MLflow run."""
+
+    size: str
+    freeze: str
+    epochs: int
+    init: str
+    source: str
+    protocol: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return (
+            f"{self.size}-{self.freeze}-e{self.epochs}-{self.init}-{self.source}"
+            f"-{self.protocol}-s{self.seed}"
+        )
+
+    def axes(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """One Tune trial: trains to the largest epoch count of its cells, reporting each cell's."""
+
+    size: str
+    freeze: str
+    init: str
+    source: str
+    protocol: str
+    seed: int
+    report_epochs: tuple[int, ...]
+
+    @property
+    def epochs(self) -> int:
+        return max(self.report_epochs)
+
+    @property
+    def id(self) -> str:
+        epochs = "+".join(str(e) for e in self.report_epochs)
+        return f"{self.size}-{self.freeze}-e{epochs}-{self.init}-{self.source}-{self.protocol}-s{self.seed}"
+
+    def cells(self) -> list[Cell]:
+        return [self.cell(e) for e in self.report_epochs]
+
+    def cell(self, epochs: int) -> Cell:
+        return Cell(self.size, self.freeze, epochs, self.init, self.source, self.protocol, self.seed)
+
+    def tune_config(self) -> dict[str, Any]:
+        """The trial's entry in Tune's search space (plain values only)."""
+        return {
+            "size": self.size, "freeze": self.freeze, "init": self.init, "source": self.source,
+            "protocol": self.protocol, "seed": self.seed, "epochs": self.epochs,
+            "report_epochs": list(self.report_epochs),
+        }
+
+
+def trial_from_config(config: dict[str, Any]) -> TrialPlan:
+    return TrialPlan(
+        size=config["size"], freeze=config["freeze"], init=config["init"],
+        source=config["source"], protocol=config["protocol"], seed=int(config["seed"]),
+        report_epochs=tuple(int(e) for e in config.get("report_epochs") or [config["epochs"]]),
+    )
+
+
+def expand_cells(axes: dict[str, tuple]) -> list[Cell]:
+    """The full factorial grid, in axis order."""
+    return [Cell(*values) for values in itertools.product(*(axes[a] for a in AXES))]
+
+
+def shares_epoch_prefix(train: dict[str, Any]) -> bool:
+    """Whether the recipe's schedule lets a longer run stand in for the shorter ones."""
+    from bpfm.train import TOTAL_DEPENDENT_SCHEDULES, TrainConfig
+
+    return train.get("schedule", TrainConfig.schedule) not in TOTAL_DEPENDENT_SCHEDULES
+
+
+def plan_trials(cells: list[Cell], share_prefix: bool) -> list[TrialPlan]:
+    """Group cells into trials: one per configuration when sharing, else one per cell."""
+    groups: dict[tuple, set[int]] = {}
+    for cell in cells:
+        key = (cell.size, cell.freeze, cell.init, cell.source, cell.protocol, cell.seed)
+        groups.setdefault(key if share_prefix else (*key, cell.epochs), set()).add(cell.epochs)
+    return [
+        TrialPlan(*key[:6], report_epochs=tuple(sorted(epochs))) for key, epochs in groups.items()
+    ]
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    cells: list[Cell]
+    trials: list[TrialPlan]
+    share_prefix: bool
+
+    @property
+    def epochs_trained(self) -> int:
+        return sum(t.epochs for t in self.trials)
+
+    @property
+    def epochs_without_sharing(self) -> int:
+        return sum(c.epochs for c in self.cells)
+
+
+def plan_grid(profile: Profile, train: dict[str, Any] | None = None) -> GridPlan:
+    """Cells and trials of a profile, with the recipe `train` (profile's own when None)."""
+    train = profile.train if train is None else train
+    cells = expand_cells(profile.axes)
+    share = shares_epoch_prefix(train)
+    return GridPlan(cells=cells, trials=plan_trials(cells, share), share_prefix=share)
+
+
+def dry_run(profile: Profile, train: dict[str, Any], cluster_gpus: float | None = None) -> dict:
+    """What a launch would run: cells, trials, resources, quantization jobs; runs nothing."""
+    plan = plan_grid(profile, train)
+    trials = []
+    for trial in plan.trials:
+        spec = profile.resources_for(trial.size)
+        resources = (
+            spec.on_cluster(cluster_gpus) if cluster_gpus is not None
+            else {"cpu": spec.cpu, "gpu": spec.gpu}
+        )
+        trials.append({
+            "trial": trial.id, "cells": [c.id for c in trial.cells()],
+            "epochs": trial.epochs, "resources": resources,
+        })
+    return {
+        "profile": profile.name,
+        "study": profile.study,
+        "data": profile.data.uri,
+        "storage": profile.storage,
+        "n_cells": len(plan.cells),
+        "n_trials": len(plan.trials),
+        "epoch_prefix_sharing": plan.share_prefix,
+        "epochs_trained": plan.epochs_trained,
+        "epochs_without_sharing": plan.epochs_without_sharing,
+        "quantize_variants": list(profile.quantize),
+        "n_quantization_runs": len(plan.cells) * len(profile.quantize),
+        "trials": trials,
+    }
+
+
+def format_dry_run(plan: dict) -> str:
+    lines = [
+        f"profile {plan['profile']} (study {plan['study']}): {plan['n_cells']} cells in "
+        f"{plan['n_trials']} trials, {plan['epochs_trained']} epochs to train "
+        f"({plan['epochs_without_sharing']} without epoch-prefix sharing); "
+        f"{plan['n_quantization_runs']} quantization runs ({', '.join(plan['quantize_variants'])})",
+        f"data {plan['data']}  storage {plan['storage']}",
+    ]
+    for trial in plan["trials"]:
+        res = ", ".join(f"{k}={v:g}" for k, v in trial["resources"].items())
+        lines.append(f"  trial {trial['trial']}  [{res}]")
+        lines.extend(f"    cell {cell}" for cell in trial["cells"])
+    return "\n".join(lines)
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A plain fixed-width table: the grid's summary on stdout."""
+    def show(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return "-" if value is None else str(value)
+
+    cells = [[show(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    out.append("  ".join("-" * w for w in widths))
+    out.extend("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells)
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------- stages (Ray-free parts)
+
+
+def ensure_data(profile: Profile) -> str:
+    """Stage 0: the profile's shard set; synthesized and sharded first when it has no manifest
+    and the profile says how (the demo / nightly), else a one-line error."""
+    import tempfile
+
+    from bpfm import storage
+    from bpfm.data.shards import MANIFEST, write_shards
+
+    uri = profile.data.uri
+    if storage.exists(storage.join(uri, MANIFEST)):
+        return uri
+    if profile.data.synthesize is None:
+        raise BpfmError(f"{profile.path}: data.uri: {uri} has no {MANIFEST} (shard PulseDB "
+                        "first: pipelines/shard.py or `bpfm data shard`)")
+    from bpfm.data.synth import SynthConfig, write_synthetic_pulsedb
+
+    log.info("stage 0: synthesizing PulseDB and sharding it to %s", uri)
+    with tempfile.TemporaryDirectory(prefix="bpfm-synth-") as tmp:
+        synth = write_synthetic_pulsedb(tmp, SynthConfig(**profile.data.synthesize))
+        write_shards([*synth.subset_files, *profile.data.inputs], uri)
+    return uri
+
+
+def quantize_cell(*, tracking_uri: str, experiment_id: str, grid_run_id: str, study: str,
+                  cell: str, cell_run_id: str, variant: str, options: dict[str, Any],
+                  data: str) -> dict[str, Any]:
+    """Stage 2, one (trained model, variant): a run nested under the cell's run with the full
+    metrics, size and latency, and the quantized model. A finished variant is not redone."""
+    import tempfile
+
+    from bpfm import tracking
+    from bpfm.quantize import QuantConfig, run_quantization
+
+    client = tracking.client(tracking_uri)
+    params = tracking.safe_params({**options, "variant": variant},
+                                  [*QuantConfig.__dataclass_fields__, "variant"])
+    tags = {tracking.KIND: "quant", tracking.CELL: cell, tracking.VARIANT: variant,
+            tracking.STUDY: study, tracking.GRID_RUN: grid_run_id}
+    run_id, done = tracking.child_run(client, experiment_id, cell_run_id, key=f"{cell}/{variant}",
+                                      name=variant, tags=tags, params=params)
+    if done:
+        return {"cell": cell, "variant": variant, "run_id": run_id, "skipped": True}
+    try:
+        with tempfile.TemporaryDirectory(prefix="bpfm-quant-") as tmp:
+            model_dir = tracking.download_model_dir(client, cell_run_id, tmp)
+            out = Path(tmp) / "quantized"
+            result = run_quantization(model_dir, QuantConfig(**options), data=data, out=str(out))
+            tracking.log_results(client, run_id, _flat_metrics(result),
+                                 extra=tracking.QUANT_METRICS)
+            if out.is_dir():
+                client.log_artifacts(run_id, str(out), "quantized")
+    except BaseException:
+        tracking.finish(client, run_id, "FAILED")
+        raise
+    tracking.finish(client, run_id)
+    return {"cell": cell, "variant": variant, "run_id": run_id, "skipped": False}
+
+
+def _flat_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """run_quantization's numbers at the top level (its test metrics may be nested)."""
+    flat = dict(result)
+    for key in ("metrics", "test"):
+        if isinstance(result.get(key), dict):
+            flat.update(result[key])
+    return flat
+
+
+def launch_cells(client, experiment_id: str, grid_run_id: str) -> list:
+    """The finished train runs of one grid launch (also those an earlier attempt finished)."""
+    from bpfm import tracking
+
+    runs = tracking.runs_of(client, experiment_id, grid_run_id, "train")
+    return [r for r in runs if r.info.status == "FINISHED"]
+
+
+def register_best(client, tracking_uri: str, study: str, cell_runs: list) -> dict[str, str]:
+    """Per source, the cell with the lowest final validation MAE, registered as
+    `<study>-<source>` with the alias `best` (selection never looks at test metrics)."""
+    import tempfile
+
+    from bpfm import tracking
+    from bpfm.evaluate import load_trained
+
+    best: dict[str, Any] = {}
+    for run in cell_runs:
+        source, val = run.data.params.get("source"), run.data.metrics.get("val_mae")
+        if source and val is not None and (source not in best or val < best[source][0]):
+            best[source] = (val, run)
+    registered = {}
+    for source, (_, run) in sorted(best.items()):
+        with tempfile.TemporaryDirectory(prefix="bpfm-best-") as tmp:
+            model, _, _ = load_trained(tracking.download_model_dir(client, run.info.run_id, tmp))
+            name = f"{study}-{source}"
+            registered[source] = tracking.register_best(client, tracking_uri, run.info.run_id,
+                                                        model, name)
+    return registered
+
+
+TRAIN_COLUMNS = ["cell", "sbp_mae", "dbp_mae", "sbp_sd", "dbp_sd", "sbp_r2", "dbp_r2",
+                 "sbp_bhs_grade", "dbp_bhs_grade", "aami"]
+QUANT_COLUMNS = ["cell", "variant", "size_mib", "latency_ms_b1", "latency_ms_b64", "sbp_mae",
+                 "dbp_mae", "sbp_r2", "dbp_r2"]
+
+
+def summarize(client, experiment_id: str, grid_run_id: str) -> dict[str, list[dict[str, Any]]]:
+    """Stage 3: one row per trained cell and one per quantized variant, read back from MLflow
+    (so a resumed launch lists what earlier attempts finished too)."""
+    from bpfm import tracking
+
+    def row(run, columns: list[str]) -> dict[str, Any]:
+        values = {**run.data.params, **run.data.metrics, **run.data.tags}
+        out = {c: values.get(c) for c in columns}
+        out.update(cell=run.data.tags.get(tracking.CELL), run_id=run.info.run_id)
+        return out
+
+    train = sorted((row(r, TRAIN_COLUMNS) for r in launch_cells(client, experiment_id,
+                                                                 grid_run_id)),
+                   key=lambda r: r["cell"] or "")
+    quant_runs = tracking.find_runs(client, experiment_id,
+                                    {tracking.GRID_RUN: grid_run_id, tracking.KIND: "quant"})
+    quant = sorted((row(r, QUANT_COLUMNS) | {"variant": r.data.tags.get(tracking.VARIANT)}
+                    for r in quant_runs if r.info.status == "FINISHED"),
+                   key=lambda r: (r["cell"] or "", r["variant"] or ""))
+    return {"cells": train, "quantized": quant}

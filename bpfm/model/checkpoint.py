@@ -1,0 +1,331 @@
+"""Model files: bpfm's own (safetensors + JSON meta, or torch with weights_only=True), the official
+CEReBrO Lightning `.ckpt` layout, the paper's xavier init, and freeze policies.
+
+Official keys are `model.*` (encoder) and `model_head.mlp.0.fc.*` (head, rows [DBP, SBP]); bpfm's
+are `encoder.*` and `head.fc.*` (rows [SBP, DBP]). `checkpoint_filter_fn` is the only place that
+knows the difference.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bpfm.errors import BpfmError
+from bpfm.model.cerebro import CerebroEncoder
+from bpfm.model.heads import LinearHead, PaperHead
+
+log = logging.getLogger(__name__)
+
+FREEZE_POLICIES = ("frozen", "unfrozen")
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class LoadReport:
+    source: str
+    format: str  # "safetensors" | "torch"
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # model parameters the file did not set
+    unexpected: list[str] = field(default_factory=list)  # file keys the model has no place for
+    skipped: list[str] = field(default_factory=list)  # file keys left out on purpose
+    head_reordered: bool = False  # official [DBP, SBP] rows turned into [SBP, DBP]
+
+    def summary(self) -> str:
+        return (
+            f"{self.source}: loaded {len(self.loaded)} tensors ({self.format}), "
+            f"missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
+            f"skipped {len(self.skipped)}{', head reordered to [SBP, DBP]' if self.head_reordered else ''}"
+        )
+
+
+# ---------------------------------------------------------------- official key mapping
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, list[str], bool]:
+    """Official CEReBrO keys -> bpfm keys: returns (state_dict, skipped keys, head reordered).
+
+    `module.` (DataParallel) is stripped; the pretraining decoder is skipped; bpfm keys pass."""
+    out: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    reordered = False
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        if key.startswith("model_head.decoder_pred."):
+            skipped.append(key)
+        elif key.startswith("model_head.mlp.0.fc."):
+            if value.shape[0] == 2:  # [DBP, SBP] -> [SBP, DBP]
+                value, reordered = value.flip(0), True
+            out["head.fc." + key.removeprefix("model_head.mlp.0.fc.")] = value
+        elif key.startswith("model."):
+            out["encoder." + key.removeprefix("model.")] = value
+        else:
+            out[key] = value
+    return out, skipped, reordered
+
+
+def to_official_keys(encoder_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Encoder state_dict -> official `model.*` keys (what `bpfm pretrain` writes)."""
+    return {f"model.{k}": v for k, v in encoder_state.items()}
+
+
+# ---------------------------------------------------------------- reading and writing bytes
+
+
+def _is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _storage(uri: str):
+    try:
+        from bpfm.storage import filesystem_for
+    except ImportError as err:
+        raise BpfmError(f"{uri}: remote checkpoints need bpfm.storage ({err})") from None
+    return filesystem_for(uri)
+
+
+def read_bytes(uri: str | Path) -> bytes:
+    uri = str(uri)
+    try:
+        if _is_remote(uri):
+            fs, path = _storage(uri)
+            with fs.open_input_stream(path) as stream:
+                return stream.read()
+        return Path(uri.removeprefix("file://")).read_bytes()
+    except BpfmError:
+        raise
+    except (OSError, ValueError) as err:
+        raise BpfmError(f"{uri}: cannot read checkpoint ({err})") from None
+
+
+def write_bytes_atomic(uri: str | Path, data: bytes) -> None:
+    """Local files go through a temporary file + rename, so readers never see half a file."""
+    uri = str(uri)
+    if _is_remote(uri):
+        fs, path = _storage(uri)
+        with fs.open_output_stream(path) as stream:  # an S3 object appears whole or not at all
+            stream.write(data)
+        return
+    path = Path(uri.removeprefix("file://"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _is_safetensors(data: bytes) -> bool:
+    return len(data) > 9 and data[8:9] == b"{"
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    (size,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+
+
+def read_state(uri: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """Any supported file -> (state_dict, meta, format). Corrupt files raise one-line errors."""
+    data = read_bytes(uri)
+    try:
+        if _is_safetensors(data):
+            from safetensors.torch import load
+
+            meta = json.loads(_safetensors_metadata(data).get("bpfm", "{}"))
+            return load(data), meta, "safetensors"
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, zip and unpickling errors have no common base
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise BpfmError(f"{uri}: corrupt or unreadable checkpoint ({type(err).__name__}: {first})")
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        return obj["state_dict"], obj.get("meta") or {}, "torch"
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, {}, "torch"
+    raise BpfmError(f"{uri}: state_dict: no tensors found (expected a state_dict or Lightning ckpt)")
+
+
+# ---------------------------------------------------------------- bpfm model files
+
+
+def _jsonable(value):
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def save_model(path: str | Path, model: nn.Module, meta: dict | None = None) -> None:
+    """Weights + meta (incl. the `create_model` spec) in one file, written atomically.
+
+    `.safetensors` (default; a folder gets `model.safetensors`) or `.pt`/`.pth` (torch)."""
+    path = str(path)
+    if not path.endswith((".safetensors", ".pt", ".pth")):
+        path = str(Path(path) / MODEL_FILE) if not _is_remote(path) else f"{path}/{MODEL_FILE}"
+    meta = {"format": FORMAT_VERSION, "model": getattr(model, "spec", None), **(meta or {})}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save
+
+        data = save(state, metadata={"bpfm": json.dumps(meta, default=_jsonable)})
+    else:
+        buffer = io.BytesIO()
+        torch.save({"state_dict": state, "meta": json.loads(json.dumps(meta, default=_jsonable))},
+                   buffer)
+        data = buffer.getvalue()
+    write_bytes_atomic(path, data)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """A model saved by `save_model` (a file, or a folder holding `model.safetensors`)."""
+    from bpfm.model import create_model
+
+    path = str(path)
+    if not _is_remote(path) and Path(path).is_dir():
+        path = str(Path(path) / MODEL_FILE)
+    state, meta, _ = read_state(path)
+    spec = meta.get("model")
+    if not isinstance(spec, dict):
+        raise BpfmError(f"{path}: meta.model: not a bpfm model file (no model spec)")
+    model = create_model(**spec, device="meta")
+    _check_shapes(path, model.state_dict(), state)
+    model = model.to_empty(device=device)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise BpfmError(f"{path}: state_dict: {str(err).splitlines()[-1].strip()}") from None
+    return model, meta
+
+
+def _check_shapes(source: str, target: Mapping[str, torch.Tensor], state: Mapping) -> None:
+    for key, value in state.items():
+        if key in target and tuple(target[key].shape) != tuple(value.shape):
+            raise BpfmError(
+                f"{source}: {key}: checkpoint shape {list(value.shape)} != model shape "
+                f"{list(target[key].shape)} (a checkpoint of another model size?)"
+            )
+
+
+def load_pretrained_backbone(model: nn.Module, uri: str | Path) -> LoadReport:
+    """Load encoder (and, when it fits, head) weights into a `BPModel` from an official
+    Lightning `.ckpt`, a safetensors file or a bpfm file. Any encoder shape mismatch fails before
+    a single tensor is copied; head tensors of another head kind are skipped and reported."""
+    source = str(uri)
+    if not _is_remote(source) and Path(source).is_dir():
+        source = str(Path(source) / MODEL_FILE)
+    raw, _, fmt = read_state(source)
+    state, skipped, reordered = checkpoint_filter_fn(raw)
+    target = model.state_dict()
+    head_keys = [k for k in state if k.startswith("head.")]
+    head_fits = all(k in target and target[k].shape == state[k].shape for k in head_keys)
+    if not head_fits:
+        skipped += head_keys
+        reordered = False
+        state = {k: v for k, v in state.items() if k not in head_keys}
+    unexpected = [k for k in state if k not in target]
+    state = {k: v for k, v in state.items() if k in target}
+    _check_shapes(source, target, state)
+    if not any(k.startswith("encoder.") for k in state):
+        raise BpfmError(f"{source}: state_dict: no CEReBrO encoder weights (model.* keys) found")
+    model.load_state_dict(state, strict=False)
+    parameters = {name for name, _ in model.named_parameters()}
+    report = LoadReport(
+        source=source,
+        format=fmt,
+        loaded=sorted(state),
+        missing=sorted(parameters - set(state)),
+        unexpected=unexpected,
+        skipped=skipped,
+        head_reordered=reordered,
+    )
+    log.info(report.summary())
+    if report.missing or report.unexpected:
+        log.warning("%s: missing %s; unexpected %s", source, report.missing, report.unexpected)
+    return report
+
+
+# ---------------------------------------------------------------- init, freeze, counts
+
+
+def _trunc_normal_tight(tensor: torch.Tensor, std: float = 0.02) -> None:
+    # The paper's wrapper passes a=-std, b=std: truncation at one standard deviation.
+    nn.init.trunc_normal_(tensor, std=std, a=-std, b=std)
+
+
+@torch.no_grad()
+def init_xavier(model: nn.Module) -> nn.Module:
+    """The paper code's init: xavier-uniform Linears (bias 0), LayerNorm 1/0, xavier patch conv
+    (bias left at PyTorch's default), tokens and encodings trunc-normal(0.02, +-1 std),
+    attn.proj and mlp.fc2 weights divided by sqrt(2 * layer_id), head Linear trunc-normal(0.02)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in model.modules():
+        if isinstance(module, CerebroEncoder):
+            conv = module.patch_embed.patch_embed.proj.weight
+            nn.init.xavier_uniform_(conv.view(conv.shape[0], -1))
+            for tensor in (module.mask_token, module.pad_token,
+                           module.channel_encoding, module.patch_encoding):
+                _trunc_normal_tight(tensor)
+            for layer_id, block in enumerate(module.blocks, start=1):
+                block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+        elif isinstance(module, PaperHead | LinearHead):
+            nn.init.trunc_normal_(module.fc.weight, std=0.02)
+            nn.init.zeros_(module.fc.bias)
+    return model
+
+
+def apply_freeze(model: nn.Module, policy: str) -> nn.Module:
+    """`frozen`: only the patch embedding and the head train (the paper's
+    `freeze_attention_blocks`); `unfrozen`: everything trains."""
+    if policy not in FREEZE_POLICIES:
+        raise BpfmError(f"freeze: unknown policy {policy!r} (valid: {', '.join(FREEZE_POLICIES)})")
+    frozen = policy == "frozen"
+    for name, parameter in model.named_parameters():
+        trainable = name.startswith(("encoder.patch_embed.", "head."))
+        parameter.requires_grad_(trainable or not frozen)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+class _ByteCounter(io.RawIOBase):
+    def __init__(self):
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.size += len(data)
+        return len(data)
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of `torch.save(model.state_dict())`, as the paper measured model size."""
+    if any(t.is_meta for t in model.state_dict().values()):
+        model = model.to_empty(device="cpu")  # values do not change the size
+    counter = _ByteCounter()
+    torch.save(model.state_dict(), counter)
+    return counter.size

@@ -1,0 +1,187 @@
+"""Run a trained BP model over a data view and write a model dir.
+
+The model predicts targets in training units; `meta` (saved beside the weights) says how to turn
+them into mmHg: `estimate = output * target_scale + target_shift` (z-scores with standardised
+targets; the identity for raw-mmHg training).
+
+A model dir (`out/` and each `out/epoch-<N>/`) holds `model.safetensors` (+ meta),
+`config.json`, `predictions.parquet` and `metrics.json`; each file is published atomically and
+`metrics.json` comes last, so a dir with `metrics.json` is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bpfm.errors import BpfmError
+
+WINDOW_SHAPE = (2, 1250)  # (ECG, PPG) x 10 s at 125 Hz
+PREDICTION_COLUMNS = ("segment_id", "subject", "sbp", "dbp", "sbp_hat", "dbp_hat")
+
+
+@dataclass
+class Predictions:
+    segment_id: list[str]
+    subject: list[str]
+    target: np.ndarray  # [N, 2] mmHg, [SBP, DBP]
+    estimate: np.ndarray  # [N, 2] mmHg
+
+    def table(self):
+        import pyarrow as pa
+
+        return pa.table(
+            {
+                "segment_id": pa.array(self.segment_id, pa.string()),
+                "subject": pa.array(self.subject, pa.string()),
+                "sbp": pa.array(self.target[:, 0], pa.float32()),
+                "dbp": pa.array(self.target[:, 1], pa.float32()),
+                "sbp_hat": pa.array(self.estimate[:, 0], pa.float32()),
+                "dbp_hat": pa.array(self.estimate[:, 1], pa.float32()),
+            }
+        )
+
+
+def target_scaling(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) that map model outputs to mmHg."""
+    scale = np.asarray(meta.get("target_scale", (1.0, 1.0)), dtype=np.float64)
+    shift = np.asarray(meta.get("target_shift", (0.0, 0.0)), dtype=np.float64)
+    return scale, shift
+
+
+def check_batch(x: torch.Tensor, where: str = "input") -> None:
+    """One-line errors for a window batch that is not [B, 2, 1250] or holds NaN/inf. Checked here
+    rather than in the model, so that a quantized or compiled model gets the same checks."""
+    if x.dim() != 3 or tuple(x.shape[1:]) != WINDOW_SHAPE:
+        raise BpfmError(f"{where}: x: expected [batch, 2, 1250] (ECG, PPG), got {list(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise BpfmError(f"{where}: x: contains NaN or infinite samples")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BpfmError(f"device: {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+@torch.inference_mode()
+def predict_arrays(
+    model: nn.Module,
+    x: np.ndarray | torch.Tensor,
+    meta: dict[str, Any],
+    *,
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Estimates in mmHg [N, 2] for windows x [N, 2, 1250] already in memory."""
+    x = torch.as_tensor(x, dtype=torch.float32)
+    check_batch(x)
+    model.eval()
+    target_device = resolve_device(device)
+    scale, shift = target_scaling(meta)
+    outputs = [
+        model(x[i : i + batch_size].to(target_device)).float().cpu().numpy()
+        for i in range(0, x.shape[0], batch_size)
+    ]
+    return np.concatenate(outputs).astype(np.float64) * scale + shift
+
+
+def _view_loader(view, batch_size: int, normalize: bool, num_workers: int = 0):
+    from torch.utils.data import DataLoader
+
+    from bpfm.data.loader import ShardDataset
+
+    dataset = ShardDataset(
+        view, batch_size=batch_size, shuffle=False, seed=0, normalize=normalize, with_meta=True
+    )
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers)
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    view,
+    meta: dict[str, Any],
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+) -> Predictions:
+    """Estimates for every segment of a data view (`bpfm.data.splits.View`), in view order.
+    `meta` is the model's meta (from `load_trained` or `fit`): target scaling, input normalising."""
+    target_device = resolve_device(device) if isinstance(device, str) else device
+    scale, shift = target_scaling(meta)
+    model.eval()
+    segment_ids: list[str] = []
+    subjects: list[str] = []
+    targets: list[np.ndarray] = []
+    estimates: list[np.ndarray] = []
+    for batch in _view_loader(view, batch_size, bool(meta.get("normalize_inputs")), num_workers):
+        x = batch["x"]
+        check_batch(x)
+        out = model(x.to(target_device, non_blocking=True)).float().cpu().numpy()
+        estimates.append(out.astype(np.float64) * scale + shift)
+        targets.append(batch["y"].numpy().astype(np.float64))
+        segment_ids.extend(batch["segment_id"])
+        subjects.extend(batch["subject"])
+    if not targets:
+        raise BpfmError("predict: view: the view holds no segments")
+    return Predictions(segment_ids, subjects, np.concatenate(targets), np.concatenate(estimates))
+
+
+def _publish(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary name in the same folder, then rename: readers never see half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic JSON (NaN stays NaN, which Python's json reads back as a float)."""
+    text = json.dumps(payload, indent=2, sort_keys=True, default=_json_default)
+    _publish(path, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def write_model_dir(
+    model_dir: Path,
+    model: nn.Module,
+    meta: dict[str, Any],
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    predictions: Predictions,
+) -> Path:
+    """Publish a complete model dir (weights + meta, config, predictions, metrics last)."""
+    import pyarrow.parquet as pq
+
+    from bpfm.model import save_model
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "metrics.json").unlink(missing_ok=True)  # incomplete until rewritten
+    save_model(model_dir / "model.safetensors", model, meta)  # atomic itself
+    write_json(model_dir / "config.json", config)
+    _publish(
+        model_dir / "predictions.parquet", lambda tmp: pq.write_table(predictions.table(), tmp)
+    )
+    write_json(model_dir / "metrics.json", metrics)
+    return model_dir

@@ -1,0 +1,296 @@
+"""SimMIM masked-patch pretraining of the CEReBrO encoder on multi-channel EEG-like windows.
+
+Per sample, `mask_ratio` of the tokens are swapped for `mask_token` before the positional
+encodings are added; the whole sequence is encoded and a `decoder_pred` Linear(D, patch) predicts
+each patch's raw samples. Loss: smooth-L1 averaged over masked tokens + `visible_weight` x the
+average over visible ones (the TimeFM `ReconstructionNorm` defaults). The result is a Lightning-style
+`.ckpt` in the official key layout (`model.*`, `model_head.decoder_pred.*`), which
+`load_pretrained_backbone` (and so `bpfm train --init pretrained`) loads.
+
+Windows are z-scored per channel; inputs are EDF files, `.npz` or Parquet windows, or generated
+EEG-like signals (`eeg=None`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bpfm.errors import BpfmError, DataError
+from bpfm.model.cerebro import CerebroEncoder, size_config
+from bpfm.model.checkpoint import init_xavier, read_bytes, to_official_keys, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+EEG_SUFFIXES = (".edf", ".npz", ".parquet")
+
+
+@dataclass
+class PretrainConfig:
+    out: str
+    size: str = "small"
+    eeg: str | None = None  # file or folder of .edf/.npz/.parquet; None = synthetic EEG
+    steps: int = 1000
+    channels: int = 8
+    window: int = 1280  # samples per window: 20 patches of 64
+    sample_rate: float = 125.0  # EDF signals are resampled to this (the ECG/PPG rate)
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    mask_ratio: float = 0.75
+    visible_weight: float = 0.1
+    seed: int = 42
+    device: str = "auto"
+    log_every: int = 50
+    synthetic_windows: int = 1024
+
+
+@dataclass
+class PretrainResult:
+    out: str
+    steps: int
+    windows: int
+    first_loss: float
+    last_loss: float
+    seconds: float
+    losses: list[float] = field(repr=False, default_factory=list)
+
+
+class PretrainModel(nn.Module):
+    """Encoder + per-token reconstruction head (`decoder_pred`, as in the official ckpt)."""
+
+    def __init__(self, encoder: CerebroEncoder):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder_pred = nn.Linear(encoder.config.dim, encoder.config.patch_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, C, T] and mask [B, C, P] -> predicted patches [B, C, P, patch]."""
+        b, c, p = mask.shape
+        return self.decoder_pred(self.encoder(x, mask)).view(b, c, p, -1)
+
+
+def random_mask(shape: tuple[int, int, int], ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """Bool [B, C, P]: exactly round(ratio * C * P) tokens per sample hidden (at least one
+    hidden and one visible when there are two tokens or more)."""
+    b, c, p = shape
+    n = c * p
+    hidden = min(max(round(ratio * n), 1), max(n - 1, 1))
+    ranks = torch.rand(b, n, generator=generator).argsort(dim=1).argsort(dim=1)
+    return (ranks < hidden).view(b, c, p)
+
+
+def simmim_loss(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, visible_weight: float):
+    """Smooth-L1 per token, mean over hidden tokens + `visible_weight` x mean over visible."""
+    b, c, p, patch = pred.shape
+    target = x[..., : p * patch].reshape(b, c, p, patch)
+    per_token = F.smooth_l1_loss(pred.float(), target, reduction="none").mean(dim=-1)
+    hidden = mask.float()
+    masked = (per_token * hidden).sum() / hidden.sum().clamp(min=1.0)
+    visible = (per_token * (1 - hidden)).sum() / (1 - hidden).sum().clamp(min=1.0)
+    return masked + visible_weight * visible
+
+
+# ---------------------------------------------------------------- data
+
+
+def synthetic_eeg(n: int, channels: int, samples: int, sample_rate: float, seed: int) -> np.ndarray:
+    """EEG-like windows [n, C, T]: theta/alpha/beta oscillators with slowly varying amplitude,
+    mixed into correlated channels, plus 1/f background per channel."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(samples) / sample_rate
+    bands = [(4.0, 7.0), (8.0, 12.0), (13.0, 30.0)]
+    sources = []
+    for low, high in bands:
+        freq = rng.uniform(low, high, (n, 1))
+        envelope = 1.0 + 0.5 * np.sin(2 * np.pi * rng.uniform(0.1, 0.5, (n, 1)) * t)
+        sources.append(envelope * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi, (n, 1))))
+    mixing = rng.normal(0.0, 1.0, (n, channels, len(bands)))  # shared sources -> correlation
+    signal = np.einsum("ncs,nst->nct", mixing, np.stack(sources, axis=1))
+    spectrum = np.fft.rfft(rng.normal(size=(n, channels, samples)), axis=-1)
+    spectrum /= np.sqrt(np.maximum(np.fft.rfftfreq(samples, 1 / sample_rate), 0.5))
+    signal += 2.0 * np.fft.irfft(spectrum, n=samples, axis=-1) / np.sqrt(samples / 64)
+    return signal.astype(np.float32)
+
+
+def read_edf(data: bytes, name: str) -> list[tuple[str, float, np.ndarray]]:
+    """Minimal EDF/EDF+ reader: [(label, sample rate, physical values)] for every ordinary
+    signal (annotation channels left out)."""
+    try:
+        header_bytes = int(data[184:192])
+        records = int(data[236:244])
+        duration = float(data[244:252])
+        ns = int(data[252:256])
+    except ValueError:
+        raise DataError(name, "header", "not an EDF file (unreadable fixed header)") from None
+
+    def fields(offset: int, width: int) -> list[str]:
+        start = 256 + offset * ns
+        return [data[start + i * width : start + (i + 1) * width].decode("latin-1").strip()
+                for i in range(ns)]
+
+    labels = fields(0, 16)
+    pmin, pmax, dmin, dmax = (np.array(fields(o, 8), float) for o in (104, 112, 120, 128))
+    per_record = np.array(fields(216, 8), int)
+    if records < 0:  # -1 = unknown while recording; derive it from the file size
+        records = (len(data) - header_bytes) // (2 * per_record.sum())
+    raw = np.frombuffer(data, "<i2", count=records * per_record.sum(), offset=header_bytes)
+    raw = raw.reshape(records, per_record.sum())
+    bounds = np.concatenate([[0], np.cumsum(per_record)])
+    signals = []
+    for i, label in enumerate(labels):
+        if label == "EDF Annotations" or per_record[i] == 0:
+            continue
+        digital = raw[:, bounds[i] : bounds[i + 1]].reshape(-1).astype(np.float64)
+        gain = (pmax[i] - pmin[i]) / max(dmax[i] - dmin[i], 1.0)
+        signals.append((label, per_record[i] / duration, (digital - dmin[i]) * gain + pmin[i]))
+    return signals
+
+
+def _resample(signal: np.ndarray, rate: float, target: float) -> np.ndarray:
+    if abs(rate - target) < 1e-6:
+        return signal
+    times = np.arange(int(len(signal) * target / rate)) / target
+    return np.interp(times, np.arange(len(signal)) / rate, signal)
+
+
+def _cut(continuous: np.ndarray, window: int) -> np.ndarray:
+    """[C, T] -> non-overlapping windows [N, C, window]."""
+    n = continuous.shape[1] // window
+    return continuous[:, : n * window].reshape(continuous.shape[0], n, window).transpose(1, 0, 2)
+
+
+def _windows_from_file(path: str, config: PretrainConfig) -> np.ndarray:
+    data = read_bytes(path)
+    if path.endswith(".edf"):
+        signals = read_edf(data, path)
+        rates = [rate for _, rate, _ in signals]
+        common = max(set(rates), key=rates.count) if rates else 0.0
+        chosen = [s for _, rate, s in signals if rate == common][: config.channels]
+        if len(chosen) < config.channels:
+            raise DataError(path, "signals", f"{len(chosen)} signals at one rate, need {config.channels}")
+        return _cut(np.stack([_resample(s, common, config.sample_rate) for s in chosen]), config.window)
+    if path.endswith(".npz"):
+        arrays = np.load(io.BytesIO(data))
+        array = arrays["x"] if "x" in arrays.files else arrays[arrays.files[0]]
+    else:
+        import pyarrow.parquet as pq
+
+        column = pq.read_table(io.BytesIO(data), columns=["x"]).column("x")
+        array = np.array(column.to_pylist(), dtype=np.float32)  # rows of [C][T]
+    if array.ndim == 2:
+        array = _cut(array, config.window)
+    if array.ndim != 3 or array.shape[1] < config.channels or array.shape[2] < config.window:
+        raise DataError(path, "x", f"shape {list(array.shape)}: need [N, >={config.channels}, "
+                        f">={config.window}] windows or [C, T] continuous")
+    return array[:, : config.channels, : config.window]
+
+
+def load_windows(config: PretrainConfig) -> np.ndarray:
+    """All pretraining windows [N, C, window], z-scored per window and channel."""
+    if config.eeg is None:
+        windows = synthetic_eeg(config.synthetic_windows, config.channels, config.window,
+                                config.sample_rate, config.seed)
+    else:
+        root = Path(config.eeg)
+        paths = ([str(p) for p in sorted(root.rglob("*")) if p.suffix in EEG_SUFFIXES]
+                 if root.is_dir() else [config.eeg])
+        if not paths:
+            raise DataError(config.eeg, "files", f"no {'/'.join(EEG_SUFFIXES)} files found")
+        windows = np.concatenate([_windows_from_file(p, config) for p in paths]).astype(np.float32)
+        if not len(windows):
+            raise DataError(config.eeg, "signals", f"shorter than one window of {config.window}")
+        if not np.isfinite(windows).all():
+            raise DataError(config.eeg, "signals", "contain NaN or infinite samples")
+    mean = windows.mean(axis=-1, keepdims=True)
+    std = windows.std(axis=-1, keepdims=True)
+    return (windows - mean) / np.maximum(std, 1e-6)
+
+
+# ---------------------------------------------------------------- training
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _check(config: PretrainConfig, patches: int) -> None:
+    if config.steps < 1 or config.batch_size < 1:
+        raise BpfmError("pretrain: --steps and --batch-size must be at least 1")
+    if not 0.0 < config.mask_ratio < 1.0:
+        raise BpfmError(f"pretrain: mask ratio {config.mask_ratio} not in (0, 1)")
+    if not 1 <= config.channels <= 64 or not 1 <= patches <= 100:
+        raise BpfmError(f"pretrain: {config.channels} channels x {patches} patches; the model "
+                        "takes 1..64 channels and 1..100 patches of 64 samples")
+
+
+def pretrain(config: PretrainConfig) -> PretrainResult:
+    """Run SimMIM pretraining and write the checkpoint to `config.out` (atomically)."""
+    encoder_config = size_config(config.size)
+    _check(config, config.window // encoder_config.patch_size)
+    torch.manual_seed(config.seed)
+    windows = load_windows(config)
+    device = _device(config.device)
+    model = init_xavier(PretrainModel(CerebroEncoder(encoder_config))).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = max(1, min(100, config.steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    generator = torch.Generator().manual_seed(config.seed)
+    patches = config.window // encoder_config.patch_size
+    log.info("pretraining %s on %d windows [%d x %d] for %d steps on %s", config.size,
+             len(windows), config.channels, config.window, config.steps, device)
+    model.train()
+    losses: list[float] = []
+    started = time.perf_counter()
+    for step in range(1, config.steps + 1):
+        index = torch.randint(len(windows), (config.batch_size,), generator=generator).numpy()
+        x = torch.from_numpy(windows[index]).to(device)
+        mask = random_mask((config.batch_size, config.channels, patches), config.mask_ratio,
+                           generator).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = model(x, mask)
+        loss = simmim_loss(pred, x, mask, config.visible_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % config.log_every == 0 or step == config.steps:
+            rate = step * config.batch_size / (time.perf_counter() - started)
+            log.info("step %d/%d loss %.4f (%.0f windows/s)", step, config.steps,
+                     float(np.mean(losses[-config.log_every :])), rate)
+    save_pretrain_checkpoint(config.out, model, config, losses)
+    return PretrainResult(
+        out=config.out, steps=config.steps, windows=len(windows), first_loss=losses[0],
+        last_loss=float(np.mean(losses[-max(1, min(10, len(losses) // 5)) :])),
+        seconds=time.perf_counter() - started, losses=losses,
+    )
+
+
+def save_pretrain_checkpoint(out: str, model: PretrainModel, config: PretrainConfig,
+                             losses: list[float]) -> None:
+    """Lightning-style `.ckpt` (plain tensors and builtins, so weights_only loading works)."""
+    state = to_official_keys(model.encoder.state_dict())
+    state.update({f"model_head.decoder_pred.{k}": v for k, v in model.decoder_pred.state_dict().items()})
+    checkpoint = {
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()},
+        "epoch": 0,
+        "global_step": config.steps,
+        "hyper_parameters": asdict(config),
+        "bpfm": {"kind": "simmim_pretrain", "size": asdict(size_config(config.size)),
+                 "final_loss": losses[-1]},
+    }
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    write_bytes_atomic(out, buffer.getvalue())
+    log.info("wrote %s", out)

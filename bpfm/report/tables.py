@@ -1,0 +1,220 @@
+"""The leaderboard's tables, as pure functions of the run frames (`bpfm.report.runs`).
+
+Table II compares fine-tuning with training from scratch, Table III the R^2 of each quantized
+variant against fp32, Table IV the saved sizes, Table V the best model per source next to the
+literature; the calibration gap pairs calbased and calfree runs of the same cell."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from bpfm.metrics import AAMI_MIN_SUBJECTS, aami_verdict, bhs_grade
+from bpfm.report.literature import LITERATURE, SOURCE_NAMES, protocol_label
+
+TARGETS = ("dbp", "sbp")  # the paper's column order
+GRADE_ORDER = "ABCD"
+SIZE_ORDER = {"small": 0, "medium": 1, "base": 1, "large": 2}
+CELL = ["source", "protocol", "method", "frozen", "epochs", "size"]
+
+
+def method_of(init: str | None) -> str:
+    """FT (fine-tuned from a pretrained backbone) or TFS (trained from scratch, Xavier init)."""
+    return {"pretrained": "FT", "xavier": "TFS"}.get(str(init), str(init))
+
+
+def _number(value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return number
+
+
+def run_grade(row: pd.Series, target: str) -> str:
+    """The run's BHS grade tag, else the grade recomputed from its logged BHS percentages."""
+    tag = row.get(f"{target}_bhs_grade")
+    if isinstance(tag, str) and tag:
+        return tag
+    n = _number(row.get("n"))
+    shares = [_number(row.get(f"{target}_bhs{k}")) for k in (5, 10, 15)]
+    if math.isnan(n) or any(math.isnan(s) for s in shares):
+        return "?"
+    return bhs_grade([round(s * n / 100.0) for s in shares], int(n))
+
+
+def run_aami(row: pd.Series, target: str) -> str:
+    """The run's per-target AAMI verdict: the tag if logged, else from ME, SD and n_subjects."""
+    tag = row.get(f"{target}_aami")
+    if isinstance(tag, str) and tag:
+        return tag
+    me, sd = _number(row.get(f"{target}_me")), _number(row.get(f"{target}_sd"))
+    n_subjects = _number(row.get("n_subjects"))
+    if math.isnan(me) or math.isnan(sd) or math.isnan(n_subjects):
+        return "?"
+    return aami_verdict(me, sd, int(n_subjects))
+
+
+def aami_label(dbp: str, sbp: str) -> str:
+    """One AAMI cell as the paper writes it: `pass`, or `pass/fail` when DBP passes, SBP fails."""
+    short = {"not_assessable": f"n/a (<{AAMI_MIN_SUBJECTS} subj.)"}
+    dbp, sbp = short.get(dbp, dbp), short.get(sbp, sbp)
+    return dbp if dbp == sbp else f"{dbp}/{sbp}"
+
+
+def _joined(values: pd.Series) -> str:
+    """Seeds may disagree on a grade or verdict: list the distinct ones, best first."""
+    distinct = sorted(set(values), key=lambda v: (GRADE_ORDER.find(v) if len(v) == 1 else 9, v))
+    return ",".join(distinct)
+
+
+def with_cell_columns(train: pd.DataFrame) -> pd.DataFrame:
+    """Adds method, frozen, per-target grades and AAMI verdicts to the per-run frame."""
+    frame = train.copy()
+    frame["method"] = frame["init"].map(method_of)
+    frame["frozen"] = frame["freeze"].map(lambda f: "yes" if f == "frozen" else "no")
+    for target in TARGETS:
+        frame[f"{target}_grade"] = frame.apply(run_grade, axis=1, target=target)
+        frame[f"{target}_aami_verdict"] = frame.apply(run_aami, axis=1, target=target)
+    return frame
+
+
+def _sort(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    def key(column: pd.Series) -> pd.Series:
+        if column.name == "size":
+            return column.map(lambda s: SIZE_ORDER.get(s, 9))
+        if column.name == "epochs":
+            return column.map(_number)
+        return column.astype(str)
+
+    present = [c for c in columns if c in frame.columns]
+    return frame.sort_values(present, key=key).reset_index(drop=True)
+
+
+def table2(train: pd.DataFrame) -> pd.DataFrame:
+    """Table II-like: one row per cell (seeds averaged), DBP then SBP SD / MAE / R^2, BHS, AAMI."""
+    frame = with_cell_columns(train)
+    group = (["experiment"] if frame["experiment"].nunique() > 1 else []) + CELL
+    rows = []
+    for key, cell in frame.groupby(group, dropna=False, sort=False):
+        row = dict(zip(group, key, strict=True))
+        row["seeds"] = len(cell)
+        for target in TARGETS:
+            for metric in ("sd", "mae", "r2"):
+                row[f"{target}_{metric}"] = cell[f"{target}_{metric}"].map(_number).mean()
+        row["bhs"] = "/".join(_joined(cell[f"{t}_grade"]) for t in TARGETS)
+        verdicts = [_joined(cell[f"{t}_aami_verdict"]) for t in TARGETS]
+        row["aami"] = aami_label(*verdicts)
+        rows.append(row)
+    return _sort(pd.DataFrame(rows), group)
+
+
+def _variant(row: pd.Series) -> str:
+    mode = str(row.get("mode"))
+    if mode == "static":
+        name = f"static/{row.get('observer')}"
+    else:
+        name = mode
+    extras = [str(row.get(k)) for k in ("weights", "backend") if row.get(k) not in (None, "")]
+    return f"{name} ({', '.join(extras)})" if extras and mode != "fp32" else name
+
+
+def _fp32_reference(quant: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
+    """fp32 R^2 and size per trial: its fp32 quant run when logged, else the trial's own metrics."""
+    columns = ["dbp_r2", "sbp_r2", "size_mib"]
+    base = train.set_index("run_id").reindex(columns=columns)
+    if not quant.empty:
+        fp32 = quant[quant["mode"] == "fp32"].set_index("parent_run_id").reindex(columns=columns)
+        base = fp32.combine_first(base)
+    return base.rename(columns=lambda c: f"fp32_{c}")
+
+
+def table3(quant: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
+    """Table III-like: test R^2 of every quantized variant against its fp32 model."""
+    if quant.empty:
+        return pd.DataFrame()
+    frame = quant[quant["mode"] != "fp32"].copy()
+    frame = frame.join(_fp32_reference(quant, train), on="parent_run_id")
+    frame["variant"] = frame.apply(_variant, axis=1)
+    frame["method"] = frame["init"].map(method_of)
+    out = frame[
+        ["source", "protocol", "size", "method", "epochs", "variant",
+         "fp32_dbp_r2", "fp32_sbp_r2", "dbp_r2", "sbp_r2"]
+    ].copy()  # fmt: skip
+    out["delta_dbp_r2"] = out["dbp_r2"] - out["fp32_dbp_r2"]
+    out["delta_sbp_r2"] = out["sbp_r2"] - out["fp32_sbp_r2"]
+    return _sort(out, ["source", "protocol", "size", "method", "epochs", "variant"])
+
+
+def table4(quant: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
+    """Table IV-like: saved size in MiB per model size and variant, reduction factor against fp32,
+    CPU latency at batch 1 and 64 (medians over the trials of that size)."""
+    if quant.empty:
+        return pd.DataFrame()
+    frame = quant.join(_fp32_reference(quant, train), on="parent_run_id")
+    frame["variant"] = frame.apply(_variant, axis=1)
+    frame["reduction_factor"] = frame["fp32_size_mib"] / frame["size_mib"]
+    metrics = ["size_mib", "reduction_factor", "latency_ms_b1", "latency_ms_b64"]
+    frame = frame.reindex(columns=["size", "variant", *metrics])
+    out = frame.groupby(["size", "variant"], sort=False)[metrics].median().reset_index()
+    return _sort(out, ["size", "variant"])
+
+
+def best_per_source(train: pd.DataFrame) -> pd.DataFrame:
+    """The run with the lowest mean of SBP and DBP MAE, per source and protocol."""
+    frame = with_cell_columns(train)
+    frame["mean_mae"] = (frame["sbp_mae"].map(_number) + frame["dbp_mae"].map(_number)) / 2
+    frame = frame.dropna(subset=["mean_mae"]).sort_values("mean_mae")
+    best = frame.drop_duplicates(subset=["source", "protocol"], keep="first")
+    return _sort(best, ["source", "protocol"])
+
+
+def table5(train: pd.DataFrame) -> pd.DataFrame:
+    """Table V-like: the literature's MAE rows with citations, and this study's best per source,
+    every row labelled with the protocol its numbers come from."""
+    rows = [
+        {
+            "source": SOURCE_NAMES.get(r.source, r.source), "method": r.method,
+            "dbp_mae": r.dbp_mae, "sbp_mae": r.sbp_mae, "protocol": r.protocol,
+            "reference": r.reference,
+        }
+        for r in LITERATURE
+    ]  # fmt: skip
+    for _, run in best_per_source(train).iterrows():
+        rows.append(
+            {
+                "source": SOURCE_NAMES.get(run["source"], run["source"]),
+                "method": (
+                    f"bpfm {run['method']} {run['size']}, {run['freeze']}, {run['epochs']} ep"
+                ),
+                "dbp_mae": _number(run["dbp_mae"]),
+                "sbp_mae": _number(run["sbp_mae"]),
+                "protocol": protocol_label(run["protocol"]),
+                "reference": f"this study: run {run['run_id']} ({run['experiment']})",
+            }
+        )
+    order = {name: i for i, name in enumerate(("VitalDB", "MIMIC-III"))}
+    frame = pd.DataFrame(rows)
+    frame["_order"] = frame["source"].map(lambda s: order.get(s, 9))
+    return frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def calibration_gap(train: pd.DataFrame) -> pd.DataFrame:
+    """MAE on unseen subjects (calfree) against seen subjects (calbased), for each cell run under
+    both protocols: the honest cost of not calibrating per patient."""
+    frame = with_cell_columns(train)
+    keys = ["experiment", "source", "method", "frozen", "epochs", "size", "seed"]
+    based = frame[frame["protocol"] == "calbased"]
+    free = frame[frame["protocol"] == "calfree"]
+    if based.empty or free.empty:
+        return pd.DataFrame()
+    pairs = based.merge(free, on=keys, suffixes=("_calbased", "_calfree"))
+    out = pairs[keys].copy()
+    for target in TARGETS:
+        low = pairs[f"{target}_mae_calbased"].map(_number)
+        high = pairs[f"{target}_mae_calfree"].map(_number)
+        out[f"{target}_mae_calbased"] = low
+        out[f"{target}_mae_calfree"] = high
+        out[f"{target}_mae_gap"] = high - low
+    return _sort(out, keys)

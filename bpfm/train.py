@@ -1,0 +1,511 @@
+"""Fine-tune (or train from scratch) one configuration: `fit(TrainConfig)`.
+
+Plain PyTorch, no Ray: per-epoch callbacks receive an `EpochReport`, which is how `bpfm.tune`
+reports to Ray Tune. Recipe defaults are the paper's (MSE, Adam lr 1e-4, no weight decay, seed
+42, fixed epochs) except that targets are standardised with the train view's mean/SD (the head
+predicts z-scores and starts at 0, i.e. the train mean); `standardize_targets=False` replays the
+paper's raw-mmHg training.
+
+Every epoch ends with a full checkpoint (`out/checkpoints/epoch-NNNN/state.pt`: model,
+optimiser, scheduler, torch/CUDA/numpy/python RNG states, epoch, history, best val), and the
+loader's shuffle is seeded per (seed, epoch), so a resumed run equals an uninterrupted one.
+Epoch-prefix reporting: with a schedule that does not depend on the total epochs, the model at
+epoch N of a longer run *is* the N-epoch model, so `report_epochs=(100, 200)` writes
+`out/epoch-100/` on the way to 200. A total-dependent schedule (cosine) cannot do that, and asking
+for it is an error rather than a quietly different model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bpfm.errors import BpfmError
+from bpfm.evaluate import (
+    evaluate,
+    load_trained,
+    mean_mae,
+    model_dir_payload,
+    open_split,
+    read_metrics,
+    split_summary,
+)
+from bpfm.predict import (
+    Predictions,
+    check_batch,
+    predict,
+    predict_arrays,
+    resolve_device,
+    write_json,
+    write_model_dir,
+)
+
+__all__ = [
+    "EpochReport",
+    "FitResult",
+    "Predictions",
+    "TrainConfig",
+    "evaluate",
+    "fit",
+    "load_trained",
+    "predict",
+    "predict_arrays",
+]
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("mimic", "vitaldb", "other")
+INITS = ("pretrained", "xavier")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine")  # both after an optional linear warm-up
+TOTAL_DEPENDENT_SCHEDULES = ("cosine",)
+LOSSES = ("mse", "huber")
+# Fields that may change between a checkpoint and the run resuming it (epochs only when the
+# schedule does not depend on it); any other difference means another experiment.
+RESUMABLE_CHANGES = {"data", "epochs", "report_epochs", "out", "device", "num_workers",
+                     "eval_batch_size", "keep_checkpoints"}  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # shard set URI (folder or s3://)
+    source: str = "mimic"
+    protocol: str = "paper"
+    size: str = "small"
+    freeze: str = "unfrozen"
+    init: str = "xavier"
+    checkpoint: str | None = None  # backbone for init="pretrained"
+    head: str = "paper"
+    head_hidden: tuple[int, ...] = ()
+    head_dropout: float = 0.0
+    drop_path: float = 0.2
+    epochs: int = 100
+    lr: float = 1e-4
+    batch_size: int = 1024
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    loss: str = "mse"
+    huber_delta: float = 1.0  # in loss units (z-scores when standardised)
+    standardize_targets: bool = True
+    normalize_inputs: bool = False  # the loader's per-window input normalising
+    seed: int = 42  # init, dropout, shuffling
+    split_seed: int = 42  # the split, kept apart so seeds vary the model, not the test set
+    device: str = "auto"  # cuda when present
+    amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
+    report_epochs: tuple[int, ...] = ()
+    out: str = "runs/train"
+    num_workers: int = 0
+    max_steps_per_epoch: int | None = None  # tiny runs (tests, demo)
+    eval_batch_size: int = 256
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        self.head_hidden = tuple(int(h) for h in self.head_hidden)
+        self.report_epochs = tuple(sorted({int(e) for e in self.report_epochs}))
+
+    def validate(self) -> TrainConfig:
+        """One-line errors for every setting a user can get wrong; returns self."""
+        from bpfm.data.splits import PROTOCOLS
+        from bpfm.model import HEADS, SIZE_ALIASES, SIZES
+
+        choices = {
+            "source": SOURCES, "protocol": PROTOCOLS, "size": (*SIZES, *SIZE_ALIASES),
+            "freeze": ("frozen", "unfrozen"), "init": INITS, "head": HEADS,
+            "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "loss": LOSSES,
+        }  # fmt: skip
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise BpfmError(
+                    f"train: {name}: unknown {getattr(self, name)!r} (valid: {', '.join(valid)})"
+                )
+        if not self.data:
+            raise BpfmError("train: data: no shard set given (--data URI)")
+        if self.init == "pretrained" and not self.checkpoint:
+            raise BpfmError("train: checkpoint: init 'pretrained' needs --checkpoint URI")
+        positive = {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
+                    "eval_batch_size": self.eval_batch_size, "huber_delta": self.huber_delta,
+                    "keep_checkpoints": self.keep_checkpoints}  # fmt: skip
+        for name, value in positive.items():
+            if not value > 0:
+                raise BpfmError(f"train: {name}: must be positive, got {value}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise BpfmError(
+                f"train: max_steps_per_epoch: must be >= 1, got {self.max_steps_per_epoch}"
+            )
+        if self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise BpfmError("train: weight_decay/warmup_epochs: must not be negative")
+        bad = [e for e in self.report_epochs if not 1 <= e <= self.epochs]
+        if bad:
+            raise BpfmError(f"train: report_epochs: {bad} outside 1..{self.epochs}")
+        early = [e for e in self.report_epochs if e < self.epochs]
+        if early and self.schedule in TOTAL_DEPENDENT_SCHEDULES:
+            raise BpfmError(
+                f"train: report_epochs: schedule {self.schedule!r} depends on the total epochs, "
+                f"so the epoch-{early[0]} model of a {self.epochs}-epoch run is not an "
+                f"{early[0]}-epoch model; use schedule 'constant' or separate runs"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise BpfmError(f"train config: {', '.join(unknown)}: unknown field(s)")
+        return cls(**values)
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    train_loss: float
+    val_mae: float  # mmHg, mean of SBP and DBP MAE on the validation view
+    checkpoint_dir: Path  # holds exactly this epoch's full checkpoint
+    metrics: dict[str, Any]  # per-epoch numbers; at report/final epochs also `test_*`
+    model_dir: Path | None = None  # set when this epoch wrote a model dir
+
+
+@dataclass
+class FitResult:
+    out: Path
+    epochs: int
+    test: dict[str, Any]
+    val: dict[str, Any]
+    history: list[dict[str, Any]]
+    split: dict[str, Any]
+    report_dirs: dict[int, Path] = field(default_factory=dict)
+
+
+Callback = Callable[[EpochReport], None]
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    from bpfm.model import apply_freeze, create_model, load_pretrained_backbone
+
+    model = create_model(
+        config.size,
+        head=config.head,
+        head_hidden=config.head_hidden,
+        head_dropout=config.head_dropout,
+        drop_path=config.drop_path,
+    )  # xavier-initialised (the paper's scheme)
+    if config.init == "pretrained":
+        try:
+            load_pretrained_backbone(model, config.checkpoint)
+        except BpfmError:
+            raise
+        except Exception as err:  # e.g. an unexpected structure inside an otherwise valid file
+            raise BpfmError(f"{config.checkpoint}: cannot load backbone ({err})") from None
+    if config.standardize_targets:
+        model.set_output_bias([0.0, 0.0])  # z-score of the train mean
+    return apply_freeze(model, config.freeze)
+
+
+def _target_meta(config: TrainConfig, mean: np.ndarray, std: np.ndarray) -> dict[str, Any]:
+    scale = std if config.standardize_targets else np.ones(2)
+    shift = mean if config.standardize_targets else np.zeros(2)
+    return {
+        "target_mean": [float(v) for v in mean],  # train view [SBP, DBP] mmHg (MASE baseline)
+        "target_std": [float(v) for v in std],
+        "target_scale": [float(v) for v in scale],  # mmHg = output * scale + shift
+        "target_shift": [float(v) for v in shift],
+        "standardize_targets": config.standardize_targets,
+        "normalize_inputs": config.normalize_inputs,
+    }
+
+
+def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_factor(step: int, steps_per_epoch: int, config: TrainConfig) -> float:
+    """Multiplier of the base lr before optimiser step `step` (0-based): linear warm-up over
+    `warmup_epochs`, then constant or a cosine decay to 0 at `epochs`."""
+    warmup_steps = config.warmup_epochs * steps_per_epoch
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if config.schedule == "cosine":
+        total = config.epochs * steps_per_epoch
+        progress = (step - warmup_steps) / max(total - warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
+def _loss_fn(config: TrainConfig) -> nn.Module:
+    return nn.HuberLoss(delta=config.huber_delta) if config.loss == "huber" else nn.MSELoss()
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _train_loader(config: TrainConfig, view, epoch: int):
+    from torch.utils.data import DataLoader
+
+    from bpfm.data.loader import ShardDataset
+
+    dataset = ShardDataset(
+        view,
+        batch_size=config.batch_size,
+        shuffle=True,
+        seed=_epoch_seed(config.seed, epoch),
+        normalize=config.normalize_inputs,
+    )
+    return DataLoader(dataset, batch_size=None, num_workers=config.num_workers)
+
+
+def _train_epoch(
+    config, model, view, epoch, optimizer, scheduler, meta, device
+) -> dict[str, float]:
+    loss_fn = _loss_fn(config)
+    scale = torch.tensor(meta["target_scale"], dtype=torch.float32, device=device)
+    shift = torch.tensor(meta["target_shift"], dtype=torch.float32, device=device)
+    use_amp = config.amp and device.type == "cuda"
+    model.train()
+    total_loss, samples, steps = 0.0, 0, 0
+    started = time.perf_counter()
+    for batch in _train_loader(config, view, epoch):
+        check_batch(batch["x"], where=f"{config.data}: train batch")
+        x = batch["x"].to(device, non_blocking=True)
+        y = (batch["y"].to(device, non_blocking=True) - shift) / scale
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = model(x)
+        loss = loss_fn(out.float(), y)
+        if not torch.isfinite(loss):
+            raise BpfmError(f"train: loss: not finite at epoch {epoch} step {steps} (lr too high?)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += float(loss.detach()) * x.shape[0]
+        samples += x.shape[0]
+        steps += 1
+        if config.max_steps_per_epoch and steps >= config.max_steps_per_epoch:
+            break
+    if samples == 0:
+        raise BpfmError(f"{config.data}: train view: no segments to train on")
+    seconds = time.perf_counter() - started
+    return {"train_loss": total_loss / samples, "samples_per_s": samples / seconds,
+            "steps": steps, "lr": optimizer.param_groups[0]["lr"]}  # fmt: skip
+
+
+def _steps_per_epoch(config: TrainConfig, n_train: int) -> int:
+    steps = math.ceil(n_train / config.batch_size)
+    return min(steps, config.max_steps_per_epoch) if config.max_steps_per_epoch else steps
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, source: Path) -> None:
+    current = config.to_dict()
+    allowed = set(RESUMABLE_CHANGES)
+    if config.schedule in TOTAL_DEPENDENT_SCHEDULES:
+        allowed.discard("epochs")
+    for key, value in saved.items():
+        if key not in allowed and current.get(key) != value:
+            raise BpfmError(
+                f"{source}: config.{key}: the checkpoint was trained with {value!r}, this run asks "
+                f"for {current.get(key)!r}; use another --out or turn resume off"
+            )
+
+
+# ---------------------------------------------------------------- train-state checkpoints
+
+STATE_FILE = "state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python RNG states, in types `weights_only` loading takes."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+
+
+def _epoch_dirs(out: Path) -> list[tuple[int, Path]]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    dirs = [(int(p.name.removeprefix("epoch-")), p) for p in root.glob("epoch-[0-9]*")]
+    return sorted((e, p) for e, p in dirs if (p / STATE_FILE).is_file())
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """out/checkpoints/epoch-NNNN of the last completed epoch, or None."""
+    dirs = _epoch_dirs(Path(out))
+    return dirs[-1][1] if dirs else None
+
+
+def save_train_state(out: Path, epoch: int, state: dict[str, Any], *, keep: int) -> Path:
+    """Write out/checkpoints/epoch-NNNN/state.pt atomically (temp dir + rename) and keep the
+    last `keep` epochs; later epochs of an abandoned trajectory are removed too."""
+    root = out / "checkpoints"
+    final = root / f"epoch-{epoch:04d}"
+    tmp = root / f".tmp-epoch-{epoch:04d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    earlier = [p for e, p in _epoch_dirs(out) if e < epoch]
+    for _, stale in [(e, p) for e, p in _epoch_dirs(out) if e > epoch]:
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in earlier[: max(len(earlier) - (keep - 1), 0)]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint dir (or its state.pt) -> the saved state; one-line errors if unreadable."""
+    path = Path(path)
+    file = path / STATE_FILE if path.is_dir() else path
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BpfmError(f"{file}: checkpoint not found") from None
+    except Exception as err:  # zip, unpickling and truncation errors share no base class
+        raise BpfmError(
+            f"{file}: corrupt or unreadable checkpoint ({type(err).__name__})"
+        ) from None
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def fit(
+    config: TrainConfig,
+    *,
+    callbacks: Sequence[Callback] = (),
+    resume: bool = True,
+    resume_from: str | Path | None = None,
+) -> FitResult:
+    """Train `config`, writing the model dir `config.out` (layout in `bpfm.predict`).
+
+    `resume`: continue from out/'s last checkpoint when there is one. `resume_from`: a checkpoint
+    dir to continue from instead (what Ray Tune hands back after a failure)."""
+    from bpfm.data.loader import view_target_stats
+
+    config = TrainConfig.from_dict(config.to_dict()).validate()  # a private, normalised copy
+    out = Path(config.out)
+    device = resolve_device(config.device)
+    split = open_split(config.data, config.source, config.protocol, config.split_seed)
+    summary = split_summary(split)
+    mean, std = (np.asarray(v, dtype=np.float64) for v in view_target_stats(split.train))
+    meta = {**_target_meta(config, mean, std), "source": config.source,
+            "protocol": config.protocol, "split": split.label}  # fmt: skip
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    random.seed(config.seed)
+    model = build_model(config).to(device)
+    optimizer = _make_optimizer(config, model)
+    steps_per_epoch = _steps_per_epoch(config, summary["n_train"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, config)
+    )
+    state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_mae": math.inf, "best_epoch": 0}
+    checkpoint = Path(resume_from) if resume_from else (latest_checkpoint(out) if resume else None)
+    if checkpoint is not None:
+        saved = load_train_state(checkpoint)
+        _check_resumable(saved["config"], config, checkpoint)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"])
+        state = {k: saved[k] for k in ("epoch", "history", "best_val_mae", "best_epoch")}
+        log.info("resuming %s after epoch %d (%s)", out, state["epoch"], checkpoint)
+    if state["epoch"] > config.epochs:
+        raise BpfmError(f"{checkpoint}: epoch: checkpoint is at epoch {state['epoch']}, "
+                        f"past the {config.epochs} epochs asked for")  # fmt: skip
+    if state["epoch"] == config.epochs and (out / "metrics.json").is_file():
+        log.info("%s: already trained for %d epochs", out, config.epochs)
+        return _result(out, config, summary)
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config.to_dict())
+    log.info("%s: train %d / val %d / test %d segments; %s", config.data, summary["n_train"],
+             summary["n_val"], summary["n_test"], split.label)  # fmt: skip
+    eval_kw = {"batch_size": config.eval_batch_size, "device": device}
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        stats = _train_epoch(config, model, split.train, epoch, optimizer, scheduler, meta, device)
+        val_pred = predict(model, split.val, meta, **eval_kw)
+        val_mae, val_sbp, val_dbp = mean_mae(val_pred)
+        if val_mae < state["best_val_mae"]:
+            state["best_val_mae"], state["best_epoch"] = val_mae, epoch
+        record = {"epoch": epoch, **stats, "val_mae": val_mae, "val_sbp_mae": val_sbp,
+                  "val_dbp_mae": val_dbp, "best_val_mae": state["best_val_mae"]}  # fmt: skip
+        state["history"].append(record)
+        state["epoch"] = epoch
+        log.info("epoch %d/%d  train_loss %.4f  val_mae %.2f mmHg (SBP %.2f, DBP %.2f)  "
+                 "%.0f samples/s", epoch, config.epochs, stats["train_loss"], val_mae, val_sbp,
+                 val_dbp, stats["samples_per_s"])  # fmt: skip
+        metrics = dict(record)
+        model_dirs = [out / f"epoch-{epoch}"] if epoch in config.report_epochs else []
+        model_dirs += [out] if epoch == config.epochs else []
+        if model_dirs:
+            payload, test_pred = model_dir_payload(model, split, meta, val_pred, **eval_kw)
+            payload.update(split=summary, **state)  # state: epoch, history, best val
+            dir_config = {**config.to_dict(), "epochs": epoch, "trained_in_run_of": config.epochs}
+            for model_dir in model_dirs:
+                write_model_dir(model_dir, model, {**meta, "epoch": epoch}, dir_config, payload,
+                                test_pred)  # fmt: skip
+            test = payload["test"]
+            metrics.update({f"test_{k}": v for k, v in test.items()})
+            log.info("epoch %d test: MAE SBP %.2f / DBP %.2f mmHg, BHS %s/%s, AAMI %s", epoch,
+                     test["sbp_mae"], test["dbp_mae"], test["sbp_bhs_grade"],
+                     test["dbp_bhs_grade"], test["aami"])  # fmt: skip
+        checkpoint_dir = save_train_state(
+            out,
+            epoch,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "config": config.to_dict(),
+                **state,
+            },  # fmt: skip
+            keep=config.keep_checkpoints,
+        )
+        report = EpochReport(epoch, stats["train_loss"], val_mae, checkpoint_dir, metrics,
+                             model_dirs[-1] if model_dirs else None)  # fmt: skip
+        for callback in callbacks:
+            callback(report)
+    return _result(out, config, summary)
+
+
+def _result(out: Path, config: TrainConfig, summary: dict[str, Any]) -> FitResult:
+    payload = read_metrics(out)
+    report_dirs = {e: out / f"epoch-{e}" for e in config.report_epochs}
+    return FitResult(out, payload["epoch"], payload["test"], payload["val"], payload["history"],
+                     summary, report_dirs)  # fmt: skip

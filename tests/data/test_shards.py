@@ -1,0 +1,189 @@
+"""PulseDB -> Parquet shards: schema, round trip, manifest, idempotence, generations, crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from bpfm.data.shards import MANIFEST, SCHEMA, inspect_shards, open_shards, write_shards
+from bpfm.errors import BpfmError, DataError
+from tests.data.conftest import read_mat
+
+
+def _rows_by_id(uri: str, columns=("segment_id", "subject", "ecg", "ppg", "abp", "sbp", "dbp",
+                                   "source")) -> dict[str, dict]:
+    table = open_shards(uri).dataset().to_table(columns=list(columns))
+    return {row["segment_id"]: row for row in table.to_pylist()}
+
+
+def test_synthetic_round_trip_equals_the_mat_files(synthetic_subset_files, synthetic_shards):
+    shards = open_shards(synthetic_shards)
+    got = _rows_by_id(synthetic_shards)
+    expected = {}
+    for path in synthetic_subset_files:
+        expected.update(read_mat(path))
+    assert sorted(got) == sorted(expected)  # same segments, ids unique
+    for segment_id, want in expected.items():
+        row = got[segment_id]
+        assert (row["subject"], row["source"]) == (want["subject"], want["source"])
+        for name in ("ecg", "ppg", "abp"):
+            np.testing.assert_array_equal(np.float32(row[name]), want[name].astype(np.float32))
+        assert row["sbp"] == np.float32(want["sbp"]) and row["dbp"] == np.float32(want["dbp"])
+    counts = {f"{s}/{sub}": n for s, by in shards.manifest["partitions"].items()
+              for sub, n in by.items()}
+    assert sum(counts.values()) == len(expected) == shards.manifest["rows"]
+    assert {"mimic/train", "vitaldb/train", "mimic/calfree_test"} <= set(counts)
+
+
+def test_parts_follow_schema_v1_with_zstd_and_hive_layout(synthetic_shards):
+    shards = open_shards(synthetic_shards)
+    for part in shards.manifest["parts"]:
+        assert f"/source={part['source']}/subset={part['subset']}/part-" in part["path"]
+        meta = pq.ParquetFile(shards.part_path(part)).metadata
+        assert meta.schema.to_arrow_schema().equals(SCHEMA)
+        assert meta.row_group(0).column(2).compression == "ZSTD"
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == \
+            part["row_groups"]
+
+
+def test_manifest_records_sources_parts_and_checksums(synthetic_subset_files, synthetic_shards):
+    import hashlib
+
+    manifest = open_shards(synthetic_shards).manifest
+    assert manifest["schema_version"] == 1
+    by_name = {s["name"]: s for s in manifest["sources"]}
+    for path in synthetic_subset_files:
+        entry = by_name[path.name]
+        assert entry["size"] == path.stat().st_size
+        assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    for part in manifest["parts"]:
+        data = Path(synthetic_shards, part["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == part["sha256"]
+        assert len(data) == part["bytes"]
+
+
+def test_challenge2015_shards_689_windows_26_subjects_with_the_files_labels(
+        challenge2015_file, tmp_path):
+    manifest = write_shards([challenge2015_file], str(tmp_path / "c"))
+    assert manifest["rows"] == 689
+    assert manifest["partitions"] == {"other": {"challenge2015_sample": 689}}
+    got = _rows_by_id(str(tmp_path / "c"))
+    expected = read_mat(challenge2015_file)
+    assert len({row["subject"] for row in got.values()}) == 26
+    assert sorted(got) == sorted(expected)
+    for segment_id, want in expected.items():
+        assert got[segment_id]["sbp"] == np.float32(want["sbp"])
+        assert got[segment_id]["dbp"] == np.float32(want["dbp"])
+    info = inspect_shards(str(tmp_path / "c"))
+    assert info["partitions"]["other/challenge2015_sample"]["subjects"] == 26
+
+
+def test_rerun_is_a_no_op(train_subset_file, tmp_path):
+    out = str(tmp_path / "s")
+    first = write_shards([train_subset_file], out)
+    part = Path(out, first["parts"][0]["path"])
+    stamp = part.stat().st_mtime_ns
+    again = write_shards([train_subset_file], out)
+    assert again["up_to_date"] is True and first["up_to_date"] is False
+    assert again["generation"] == first["generation"] and again["created"] == first["created"]
+    assert part.stat().st_mtime_ns == stamp
+
+
+def test_changed_source_publishes_a_new_generation_never_a_mix(train_subset_file, tmp_path):
+    source = tmp_path / "in" / "Train_Subset.mat"
+    source.parent.mkdir()
+    shutil.copyfile(train_subset_file, source)
+    out = str(tmp_path / "s")
+    old = write_shards([source], out)
+    with h5py.File(source, "r+") as f:
+        f["Subset/SBP"][0, 0] = 199.0
+    new = write_shards([source], out)
+    assert new["generation"] != old["generation"]
+    assert sorted(os.listdir(out)) == sorted([MANIFEST, new["generation"]])  # stale gen gone
+    shards = open_shards(out)
+    files = {str(p.relative_to(out)) for p in Path(out, new["generation"]).rglob("*.parquet")}
+    assert files == {p["path"] for p in shards.manifest["parts"]}
+    sbp = shards.dataset().to_table(columns=["sbp"])["sbp"].to_numpy()
+    assert len(sbp) == old["rows"] and 199.0 in sbp
+
+
+def test_a_folder_without_manifest_is_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(BpfmError, match="no _manifest.json"):
+        open_shards(str(tmp_path / "x"))
+
+
+def test_drop_invalid_counts_dropped_rows_in_the_manifest(editable_subset, tmp_path):
+    with h5py.File(editable_subset, "r+") as f:
+        f["Subset/SBP"][0, 1] = np.nan
+        f["Subset/SBP"][0, 2] = np.nan
+        f["Subset/DBP"][0, 3] = f["Subset/SBP"][0, 3] + 1
+    n = len(read_mat(editable_subset))
+    with pytest.raises(DataError, match="Subset/SBP"):
+        write_shards([editable_subset], str(tmp_path / "strict"))
+    assert not (tmp_path / "strict" / MANIFEST).exists()
+    manifest = write_shards([editable_subset], str(tmp_path / "s"), drop_invalid=True)
+    assert manifest["dropped"] == {"nonfinite_sbp": 2, "sbp_not_above_dbp": 1}
+    assert manifest["rows"] == n - 3
+    assert manifest["sources"][0]["dropped"] == manifest["dropped"]
+
+
+def test_no_abp_drops_the_abp_column(editable_subset, tmp_path):
+    manifest = write_shards([editable_subset], str(tmp_path / "s"), include_abp=False)
+    assert "abp" not in manifest["schema"]
+    part = Path(tmp_path, "s", manifest["parts"][0]["path"])
+    assert "abp" not in pq.ParquetFile(part).schema_arrow.names
+    table = open_shards(str(tmp_path / "s")).dataset().to_table(columns=["ecg", "sbp"])
+    assert table.num_rows == manifest["rows"] > 0
+
+
+def test_failure_in_a_worker_process_names_the_file_and_publishes_nothing(
+        synthetic_subset_files, editable_subset, tmp_path):
+    with h5py.File(editable_subset, "r+") as f:
+        f["Subset/Signals"][5, 0, 2] = np.inf
+    good = next(p for p in synthetic_subset_files if p.name == "CalFree_Test_Subset.mat")
+    out = tmp_path / "s"
+    with pytest.raises(DataError) as caught:
+        write_shards([good, editable_subset], str(out), workers=2)
+    assert caught.value.file == str(editable_subset) and "Signals" in caught.value.field
+    assert not (out / MANIFEST).exists()
+    assert not list(out.rglob("*.parquet"))
+
+
+_KILL_AFTER_FIRST_PART = """
+import os, signal, sys
+from bpfm.data import shards
+close = shards._PartitionWriter._close_part
+def close_then_die(self):
+    close(self)
+    if any("sha256" in part for part in self.parts):
+        os.kill(os.getpid(), signal.SIGKILL)
+shards._PartitionWriter._close_part = close_then_die
+shards.write_shards(sys.argv[2:], sys.argv[1], workers=1)
+"""
+
+
+def test_a_conversion_killed_midway_leaves_nothing_visible_and_a_rerun_completes(
+        synthetic_subset_files, challenge2015_file, tmp_path):
+    out = tmp_path / "s"
+    files = [str(p) for p in synthetic_subset_files[:2]]
+    old = write_shards(files, str(out))
+    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_FIRST_PART, str(out),
+                             *files, str(challenge2015_file)], capture_output=True)
+    assert killed.returncode == -9
+    written = [p for p in out.rglob("*.parquet") if old["generation"] not in str(p)]
+    assert written, "the kill came after the first part was written"
+    assert json.loads((out / MANIFEST).read_text())["generation"] == old["generation"]
+    assert open_shards(str(out)).manifest["rows"] == old["rows"]  # the old set, untouched
+    new = write_shards([*files, challenge2015_file], str(out))
+    assert new["rows"] == old["rows"] + 689
+    assert {p.name for p in out.iterdir()} == {MANIFEST, new["generation"]}
