@@ -3,8 +3,8 @@
 Per sample, `mask_ratio` of the tokens are swapped for `mask_token` before the positional
 encodings are added; the whole sequence is encoded and a `decoder_pred` Linear(D, patch) predicts
 each patch's raw samples. Loss: smooth-L1 averaged over masked tokens + `visible_weight` x the
-average over visible ones (the TimeFM `ReconstructionNorm` defaults). The result is a Lightning-style
-`.ckpt` in the official key layout (`model.*`, `model_head.decoder_pred.*`), which
+average over visible ones (the TimeFM `ReconstructionNorm` defaults). The result is a
+Lightning-style `.ckpt` in the official key layout (`model.*`, `model_head.decoder_pred.*`), which
 `load_pretrained_backbone` (and so `bpfm train --init pretrained`) loads.
 
 Windows are z-scored per channel; inputs are EDF files, `.npz` or Parquet windows, or generated
@@ -78,7 +78,9 @@ class PretrainModel(nn.Module):
         return self.decoder_pred(self.encoder(x, mask)).view(b, c, p, -1)
 
 
-def random_mask(shape: tuple[int, int, int], ratio: float, generator: torch.Generator) -> torch.Tensor:
+def random_mask(
+    shape: tuple[int, int, int], ratio: float, generator: torch.Generator
+) -> torch.Tensor:
     """Bool [B, C, P]: exactly round(ratio * C * P) tokens per sample hidden (at least one
     hidden and one visible when there are two tokens or more)."""
     b, c, p = shape
@@ -134,8 +136,10 @@ def read_edf(data: bytes, name: str) -> list[tuple[str, float, np.ndarray]]:
 
     def fields(offset: int, width: int) -> list[str]:
         start = 256 + offset * ns
-        return [data[start + i * width : start + (i + 1) * width].decode("latin-1").strip()
-                for i in range(ns)]
+        return [
+            data[start + i * width : start + (i + 1) * width].decode("latin-1").strip()
+            for i in range(ns)
+        ]
 
     labels = fields(0, 16)
     pmin, pmax, dmin, dmax = (np.array(fields(o, 8), float) for o in (104, 112, 120, 128))
@@ -176,8 +180,12 @@ def _windows_from_file(path: str, config: PretrainConfig) -> np.ndarray:
         common = max(set(rates), key=rates.count) if rates else 0.0
         chosen = [s for _, rate, s in signals if rate == common][: config.channels]
         if len(chosen) < config.channels:
-            raise DataError(path, "signals", f"{len(chosen)} signals at one rate, need {config.channels}")
-        return _cut(np.stack([_resample(s, common, config.sample_rate) for s in chosen]), config.window)
+            raise DataError(
+                path, "signals", f"{len(chosen)} signals at one rate, need {config.channels}"
+            )
+        return _cut(
+            np.stack([_resample(s, common, config.sample_rate) for s in chosen]), config.window
+        )
     if path.endswith(".npz"):
         arrays = np.load(io.BytesIO(data))
         array = arrays["x"] if "x" in arrays.files else arrays[arrays.files[0]]
@@ -189,20 +197,32 @@ def _windows_from_file(path: str, config: PretrainConfig) -> np.ndarray:
     if array.ndim == 2:
         array = _cut(array, config.window)
     if array.ndim != 3 or array.shape[1] < config.channels or array.shape[2] < config.window:
-        raise DataError(path, "x", f"shape {list(array.shape)}: need [N, >={config.channels}, "
-                        f">={config.window}] windows or [C, T] continuous")
+        raise DataError(
+            path,
+            "x",
+            f"shape {list(array.shape)}: need [N, >={config.channels}, "
+            f">={config.window}] windows or [C, T] continuous",
+        )
     return array[:, : config.channels, : config.window]
 
 
 def load_windows(config: PretrainConfig) -> np.ndarray:
     """All pretraining windows [N, C, window], z-scored per window and channel."""
     if config.eeg is None:
-        windows = synthetic_eeg(config.synthetic_windows, config.channels, config.window,
-                                config.sample_rate, config.seed)
+        windows = synthetic_eeg(
+            config.synthetic_windows,
+            config.channels,
+            config.window,
+            config.sample_rate,
+            config.seed,
+        )
     else:
         root = Path(config.eeg)
-        paths = ([str(p) for p in sorted(root.rglob("*")) if p.suffix in EEG_SUFFIXES]
-                 if root.is_dir() else [config.eeg])
+        paths = (
+            [str(p) for p in sorted(root.rglob("*")) if p.suffix in EEG_SUFFIXES]
+            if root.is_dir()
+            else [config.eeg]
+        )
         if not paths:
             raise DataError(config.eeg, "files", f"no {'/'.join(EEG_SUFFIXES)} files found")
         windows = np.concatenate([_windows_from_file(p, config) for p in paths]).astype(np.float32)
@@ -230,8 +250,10 @@ def _check(config: PretrainConfig, patches: int) -> None:
     if not 0.0 < config.mask_ratio < 1.0:
         raise BpfmError(f"pretrain: mask ratio {config.mask_ratio} not in (0, 1)")
     if not 1 <= config.channels <= 64 or not 1 <= patches <= 100:
-        raise BpfmError(f"pretrain: {config.channels} channels x {patches} patches; the model "
-                        "takes 1..64 channels and 1..100 patches of 64 samples")
+        raise BpfmError(
+            f"pretrain: {config.channels} channels x {patches} patches; the model "
+            "takes 1..64 channels and 1..100 patches of 64 samples"
+        )
 
 
 def pretrain(config: PretrainConfig) -> PretrainResult:
@@ -242,21 +264,31 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     windows = load_windows(config)
     device = _device(config.device)
     model = init_xavier(PretrainModel(CerebroEncoder(encoder_config))).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
     warmup = max(1, min(100, config.steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     generator = torch.Generator().manual_seed(config.seed)
     patches = config.window // encoder_config.patch_size
-    log.info("pretraining %s on %d windows [%d x %d] for %d steps on %s", config.size,
-             len(windows), config.channels, config.window, config.steps, device)
+    log.info(
+        "pretraining %s on %d windows [%d x %d] for %d steps on %s",
+        config.size,
+        len(windows),
+        config.channels,
+        config.window,
+        config.steps,
+        device,
+    )
     model.train()
     losses: list[float] = []
     started = time.perf_counter()
     for step in range(1, config.steps + 1):
         index = torch.randint(len(windows), (config.batch_size,), generator=generator).numpy()
         x = torch.from_numpy(windows[index]).to(device)
-        mask = random_mask((config.batch_size, config.channels, patches), config.mask_ratio,
-                           generator).to(device)
+        mask = random_mask(
+            (config.batch_size, config.channels, patches), config.mask_ratio, generator
+        ).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pred = model(x, mask)
         loss = simmim_loss(pred, x, mask, config.visible_weight)
@@ -267,28 +299,43 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         losses.append(loss.item())
         if step % config.log_every == 0 or step == config.steps:
             rate = step * config.batch_size / (time.perf_counter() - started)
-            log.info("step %d/%d loss %.4f (%.0f windows/s)", step, config.steps,
-                     float(np.mean(losses[-config.log_every :])), rate)
+            log.info(
+                "step %d/%d loss %.4f (%.0f windows/s)",
+                step,
+                config.steps,
+                float(np.mean(losses[-config.log_every :])),
+                rate,
+            )
     save_pretrain_checkpoint(config.out, model, config, losses)
     return PretrainResult(
-        out=config.out, steps=config.steps, windows=len(windows), first_loss=losses[0],
+        out=config.out,
+        steps=config.steps,
+        windows=len(windows),
+        first_loss=losses[0],
         last_loss=float(np.mean(losses[-max(1, min(10, len(losses) // 5)) :])),
-        seconds=time.perf_counter() - started, losses=losses,
+        seconds=time.perf_counter() - started,
+        losses=losses,
     )
 
 
-def save_pretrain_checkpoint(out: str, model: PretrainModel, config: PretrainConfig,
-                             losses: list[float]) -> None:
+def save_pretrain_checkpoint(
+    out: str, model: PretrainModel, config: PretrainConfig, losses: list[float]
+) -> None:
     """Lightning-style `.ckpt` (plain tensors and builtins, so weights_only loading works)."""
     state = to_official_keys(model.encoder.state_dict())
-    state.update({f"model_head.decoder_pred.{k}": v for k, v in model.decoder_pred.state_dict().items()})
+    state.update(
+        {f"model_head.decoder_pred.{k}": v for k, v in model.decoder_pred.state_dict().items()}
+    )
     checkpoint = {
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()},
         "epoch": 0,
         "global_step": config.steps,
         "hyper_parameters": asdict(config),
-        "bpfm": {"kind": "simmim_pretrain", "size": asdict(size_config(config.size)),
-                 "final_loss": losses[-1]},
+        "bpfm": {
+            "kind": "simmim_pretrain",
+            "size": asdict(size_config(config.size)),
+            "final_loss": losses[-1],
+        },
     }
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)

@@ -28,7 +28,8 @@ _HINTS = (
     (("INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId"),
      "credentials rejected (check AWS_ACCESS_KEY_ID)"),
     (("ACCESS_DENIED", "AccessDenied", "Forbidden"),
-     "access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy)"),
+     "access denied: credentials rejected or not allowed (check AWS_ACCESS_KEY_ID / "
+     "AWS_SECRET_ACCESS_KEY and the bucket policy)"),
     (("NO_SUCH_BUCKET", "NoSuchBucket", "Bucket does not exist"), "bucket does not exist"),
     (("Couldn't connect", "curlCode: 7", "Connection refused", "NETWORK_CONNECTION",
       "Could not resolve", "curlCode: 6", "curlCode: 28", "Timeout"),
@@ -90,6 +91,13 @@ def filesystem_for(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
+def _make_parent(fs: pafs.FileSystem, path: str) -> None:
+    """Local folders must exist before a write; object stores have none (pyarrow would write
+    empty `dir/` marker objects)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem_for(uri)
     with storage_errors(uri):
@@ -105,7 +113,7 @@ def read_bytes(uri: str) -> bytes:
 def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem_for(uri)
     with storage_errors(uri):
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        _make_parent(fs, path)
         with fs.open_output_stream(path) as stream:
             stream.write(data)
 
@@ -185,9 +193,7 @@ class HashingWriter:
 
 def open_hashed_output(fs: pafs.FileSystem, path: str) -> HashingWriter:
     """Open `path` for writing (parents created) behind a HashingWriter."""
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.create_dir(parent, recursive=True)
+    _make_parent(fs, path)
     return HashingWriter(fs.open_output_stream(path))
 
 

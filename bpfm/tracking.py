@@ -16,7 +16,6 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from bpfm import defaults
 
@@ -48,7 +47,8 @@ MODEL_ALIAS = "best"
 
 # Environment variables whose values must never be logged, plus any name that looks secret.
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|SESSION|API_KEY", re.I)
-_SECRET_QUERY = re.compile(r"(?i)((?:secret|token|password|access_key|key)[^=&]*=)[^&]*")
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:[\w.-]*(?:secret|token|password|key)[\w.-]*)=)[^&\s]*")
+_URI_USERINFO = re.compile(r"([a-zA-Z][\w+.-]*://)[^/@\s]+@")
 MASK = "***"
 
 
@@ -62,15 +62,8 @@ def redact(value: Any) -> str:
     text = str(value)
     for secret in _secret_values():
         text = text.replace(secret, MASK)
-    if "://" in text:
-        try:
-            parts = urlsplit(text)
-        except ValueError:
-            return text
-        netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
-        query = _SECRET_QUERY.sub(rf"\1{MASK}", parts.query)
-        text = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    return text
+    text = _URI_USERINFO.sub(r"\1", text)
+    return _SECRET_QUERY.sub(rf"\1{MASK}", text)
 
 
 def safe_params(values: Mapping[str, Any], allowed: Iterable[str]) -> dict[str, str]:

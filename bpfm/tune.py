@@ -300,8 +300,9 @@ def run_quantization_tasks(jobs: list[dict[str, Any]], cpus: float = 1.0) -> lis
         try:
             results.append(ray.get(ref))
         except Exception as err:  # a task's error arrives wrapped; keep its message
-            log.error("quantization %s/%s failed: %s", job["cell"], job["variant"], err)
-            results.append({"cell": job["cell"], "variant": job["variant"], "error": str(err)})
+            message = _last_line(err)
+            log.error("quantization %s/%s failed: %s", job["cell"], job["variant"], message)
+            results.append({"cell": job["cell"], "variant": job["variant"], "error": message})
     return results
 
 
@@ -355,7 +356,7 @@ def run_grid(profile: Profile, *, recipe: dict[str, Any] | None = None, name: st
         max_concurrent=profile.tune.max_concurrent_trials,
     )  # fmt: skip
     results = tuner.fit()
-    errors = [str(r.error).splitlines()[0] for r in results if r.error is not None]
+    errors = [_last_line(r.error) for r in results if r.error is not None]
 
     cells = grid.launch_cells(client, experiment_id, grid_run)
     jobs = [
@@ -377,6 +378,12 @@ def run_grid(profile: Profile, *, recipe: dict[str, Any] | None = None, name: st
         "resumed": resuming, "n_cells": len(plan.cells), "n_trials": len(plan.trials),
         "registered": registered, "errors": errors, **summary,
     }  # fmt: skip
+
+
+def _last_line(error: BaseException) -> str:
+    """The line that says what went wrong (a Ray task error carries the remote traceback)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _absolute(storage: str) -> str:

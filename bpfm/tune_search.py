@@ -79,12 +79,17 @@ def storage_url(storage: str) -> str:
     return f"sqlite:///{path}"
 
 
-def define_by_run(space: SearchSpace, cell: dict[str, Any]):
-    """Optuna's define-by-run space; the cell's axes and the trial number come back as
-    constants, so every Tune config knows its cell and its Optuna trial."""
-    max_warmup = max(0, min(space.max_warmup_epochs, int(cell["epochs"]) - 1))
+@dataclass(frozen=True)
+class DefineByRun:
+    """Optuna's define-by-run space (a class, not a closure: Tune pickles its searcher). The
+    cell's axes and the trial number come back as constants, so every Tune config knows its cell
+    and its Optuna trial."""
 
-    def suggest(trial) -> dict[str, Any]:
+    space: SearchSpace
+    cell: dict[str, Any]
+
+    def __call__(self, trial) -> dict[str, Any]:
+        space = self.space
         trial.suggest_float("lr", *space.lr, log=True)
         trial.suggest_float("weight_decay", *space.weight_decay, log=True)
         head = trial.suggest_categorical("head", list(space.heads))
@@ -92,10 +97,9 @@ def define_by_run(space: SearchSpace, cell: dict[str, Any]):
             trial.suggest_categorical("mlp_width", list(space.mlp_widths))
             trial.suggest_int("mlp_depth", *space.mlp_depth)
         trial.suggest_float("head_dropout", *space.dropout)
+        max_warmup = max(0, min(space.max_warmup_epochs, int(self.cell["epochs"]) - 1))
         trial.suggest_int("warmup_epochs", 0, max_warmup)
-        return {**cell, "optuna_trial": trial.number}
-
-    return suggest
+        return {**self.cell, "optuna_trial": trial.number}
 
 
 def recipe_overrides(params: dict[str, Any]) -> dict[str, Any]:
@@ -206,11 +210,15 @@ class TrialRuns(tune.Callback):
             tracking.finish(self._client(), run_id, "FAILED")
 
 
-def open_study(url: str, name: str) -> tuple[optuna.Study, int]:
+def rdb_storage(url: str) -> optuna.storages.RDBStorage:
+    # sqlite: wait for a lock instead of failing while another process writes the study.
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+
+
+def open_study(storage: optuna.storages.BaseStorage, name: str) -> tuple[optuna.Study, int]:
     """The study (created on first use) and how many of its trials finished (COMPLETE or
     PRUNED). Trials left RUNNING by a driver that died are told FAIL, so they do not count: run
     one launch per study at a time."""
-    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize",
                                 load_if_exists=True)  # fmt: skip
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -264,8 +272,8 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
     cell = config.cell
     study_name = config.study or "search-" + grid.Cell(**cell).id
     url = storage_url(config.storage)
-    study, finished = open_study(url, study_name)
-    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    storage = rdb_storage(url)
+    study, finished = open_study(storage, study_name)
     remaining = config.trials - finished
     log.info("study %s (%s): %d finished, %d to run", study_name, tracking.redact(url),
              finished, max(remaining, 0))  # fmt: skip
@@ -279,7 +287,8 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
 
     uri = tracking.configure()
     client = tracking.client(uri)
-    experiment_id = tracking.ensure_experiment(client, config.experiment or f"{profile.study}-search")
+    experiment = config.experiment or f"{profile.study}-search"
+    experiment_id = tracking.ensure_experiment(client, experiment)
     study_run = _study_run(client, experiment_id, study_name,
                            {**cell, "profile": profile.name, "storage": url,
                             "trials": config.trials, "sampler_seed": config.seed})  # fmt: skip
@@ -287,7 +296,7 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
         # Offset by the study's size: a resumed search must not replay the first suggestions.
         sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials))
         searcher = OptunaSearch(
-            space=define_by_run(config.space, cell), metric="val_mae", mode="min",
+            space=DefineByRun(config.space, cell), metric="val_mae", mode="min",
             sampler=sampler, study_name=study_name, storage=storage,
         )  # fmt: skip
         scheduler = ASHAScheduler(max_t=int(cell["epochs"]), grace_period=config.grace_period,
@@ -307,7 +316,7 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
             ),
         )  # fmt: skip
         tuner.fit()
-    study, finished = open_study(url, study_name)
+    study, finished = open_study(storage, study_name)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if not complete:
         tracking.finish(client, study_run, "FAILED")

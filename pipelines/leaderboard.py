@@ -1,12 +1,17 @@
-"""The leaderboard job: `python pipelines/leaderboard.py --experiment NAME --out DIR`, also as
+"""The leaderboard as a job: `python pipelines/leaderboard.py --experiment NAME --out DIR`, or
 `ray job submit --working-dir . -- python pipelines/leaderboard.py ...`. Same flags as
 `bpfm leaderboard`."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from bpfm.cli import main
+# A job's working dir is an unpacked copy of the repository: make its bpfm importable even where
+# the cluster's Python has no bpfm installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bpfm.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["leaderboard", *sys.argv[1:]]))

@@ -35,8 +35,9 @@ def run_info(args: argparse.Namespace) -> int:
     from bpfm.model.checkpoint import state_dict_bytes
 
     config = size_config(args.size)
-    model = create_model(args.size, head=args.head, head_hidden=parse_hidden(args.head_hidden),
-                         device="meta")
+    model = create_model(
+        args.size, head=args.head, head_hidden=parse_hidden(args.head_hidden), device="meta"
+    )
     apply_freeze(model, args.freeze)
     total, trainable = count_parameters(model)
     size_bytes = state_dict_bytes(model)

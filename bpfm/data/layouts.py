@@ -117,12 +117,17 @@ class SubsetLayout:
     def has(self, name: str) -> bool:
         return name in self._group
 
-    def signals(self, a: int, b: int) -> np.ndarray:
-        """Rows [a, b) as (n, 3, 1250) float64 (one contiguous HDF5 slice of the last axis)."""
+    def signals(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows [a, b) as three C-contiguous (n, 1250) float32 arrays: ECG_F, PPG_F, ABP_Raw.
+
+        One HDF5 read of the slab [:, :, a:b], converted to float32 by HDF5 (half the bytes to
+        transpose); a value beyond float32's range becomes inf and fails validation."""
+        block = np.empty((WINDOW, 3, b - a), dtype=np.float32)
         try:
-            return self._signals[:, :, a:b].transpose(2, 1, 0)
+            self._signals.read_direct(block, np.s_[:, :, a:b])
         except (OSError, RuntimeError) as exc:
             raise read_error(self.path, "Subset/Signals", exc) from exc
+        return tuple(np.ascontiguousarray(block[:, c, :].T) for c in range(3))
 
     def vector(self, name: str, a: int, b: int) -> np.ndarray | None:
         if name not in self._group:

@@ -89,9 +89,10 @@ class RefWriter:
     Names follow MATLAB's scheme (a, b, ..., z, ba, bb, ...); `a` is MATLAB's canonical empty."""
 
     def __init__(self, f: h5py.File):
+        # Appending to an existing file (tests patch files) must not reuse a taken name.
+        self._existing = REFS_GROUP in f
         self._group = f.require_group(REFS_GROUP)
         self._gid = self._group.id
-        self._count = 0
         self._types = {}
         self._scalar_space = h5s.create(h5s.SCALAR)
         if "a" not in self._group:
@@ -101,14 +102,16 @@ class RefWriter:
         self._count = len(self._group)
 
     def _next_name(self) -> bytes:
-        n, letters = self._count, ""
         while True:
-            n, rem = divmod(n, 26)
-            letters = chr(ord("a") + rem) + letters
-            if n == 0:
-                break
-        self._count += 1
-        return letters.encode("ascii")
+            n, letters = self._count, ""
+            while True:
+                n, rem = divmod(n, 26)
+                letters = chr(ord("a") + rem) + letters
+                if n == 0:
+                    break
+            self._count += 1
+            if not self._existing or letters not in self._group:
+                return letters.encode("ascii")
 
     def _attr(self, dsid: h5d.DatasetID, name: bytes, value: np.ndarray) -> None:
         key = value.dtype

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bpfm.data.layouts import SubjWinsLayout, SubsetLayout, open_hdf5
+from bpfm.data.layouts import WINDOW, SubjWinsLayout, SubsetLayout, open_hdf5
 from bpfm.data.subsets import generate_subsets
 from bpfm.errors import DataError
 
@@ -29,7 +29,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 125
-WINDOW = 1250
 BP_RANGE = (20.0, 300.0)
 SOURCE_DIGITS = {"0": "mimic", "1": "vitaldb"}
 REASONS = (
@@ -179,13 +178,10 @@ class PulseDBFile:
         if isinstance(layout, SubsetLayout):
             for a in range(0, layout.n, chunk_size):
                 b = min(a + chunk_size, layout.n)
-                signals = layout.signals(a, b)
+                ecg, ppg, abp = layout.signals(a, b)
                 n = b - a
                 yield _RawRows(
-                    rows=np.arange(a, b),
-                    ecg=signals[:, 0].astype(np.float32),
-                    ppg=signals[:, 1].astype(np.float32),
-                    abp=signals[:, 2].astype(np.float32),
+                    rows=np.arange(a, b), ecg=ecg, ppg=ppg, abp=abp,
                     sbp=layout.vector("SBP", a, b),
                     dbp=layout.vector("DBP", a, b),
                     age=_float32(layout.vector("Age", a, b), n),
@@ -265,8 +261,10 @@ class PulseDBFile:
             for i, name in enumerate(raw.names):
                 index[i] = seen.get(name, 0)
                 seen[name] = index[i] + 1
-        keep = np.flatnonzero(reasons < 0)
-        names = [raw.names[i] for i in keep]
+        # All rows valid (the usual case): a slice is a view, fancy indexing would copy.
+        keep = slice(None) if not len(bad) else np.flatnonzero(reasons < 0)
+        names = raw.names[keep] if isinstance(keep, slice) else [raw.names[i] for i in keep]
+        gender = raw.gender[keep] if isinstance(keep, slice) else [raw.gender[i] for i in keep]
         if self.kind == "subset":
             pairs = [split_subject(name) for name in names]
             subject, source = [p[0] for p in pairs], [p[1] for p in pairs]
@@ -277,7 +275,7 @@ class PulseDBFile:
             abp=None if raw.abp is None else raw.abp[keep],
             sbp=raw.sbp[keep].astype(np.float32), dbp=raw.dbp[keep].astype(np.float32),
             age=raw.age[keep], height=raw.height[keep], weight=raw.weight[keep],
-            bmi=raw.bmi[keep], gender=[raw.gender[i] for i in keep],
+            bmi=raw.bmi[keep], gender=gender,
             subject=subject, source=source, segment_index=index[keep],
         )
 

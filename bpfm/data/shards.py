@@ -43,27 +43,68 @@ ROW_GROUP_SIZE = 4096
 ROWS_PER_PART = 16384
 CHUNK_SIZE = 1024
 PARALLEL_MIN_BYTES = 256 << 20
-SIGNAL = pa.list_(pa.float32(), WINDOW)
-SCHEMA = pa.schema([
-    pa.field("segment_id", pa.string(), nullable=False),
-    pa.field("subject", pa.string(), nullable=False),
-    pa.field("ecg", SIGNAL, nullable=False),
-    pa.field("ppg", SIGNAL, nullable=False),
-    pa.field("abp", SIGNAL),
-    pa.field("sbp", pa.float32(), nullable=False),
-    pa.field("dbp", pa.float32(), nullable=False),
-    pa.field("age", pa.float32()),
-    pa.field("height", pa.float32()),
-    pa.field("weight", pa.float32()),
-    pa.field("bmi", pa.float32()),
-    pa.field("gender", pa.string()),
-])  # fmt: skip
+SIGNAL_LIST = pa.list_(pa.field("item", pa.float32(), nullable=False), WINDOW)
+SIGNAL_BYTES = pa.binary(4 * WINDOW)  # float32 little-endian, see ShardOptions.signals
+SIGNAL_COLUMNS = ("ecg", "ppg", "abp")
 
 
-def schema_for(include_abp: bool) -> pa.Schema:
-    """Schema v1; `--no-abp` drops the abp column rather than writing nulls, because pyarrow
-    < 26 cannot read null fixed-size lists back from Parquet (apache/arrow#35692)."""
-    return SCHEMA if include_abp else SCHEMA.remove(SCHEMA.get_field_index("abp"))
+def _schema(signal: pa.DataType, include_abp: bool) -> pa.Schema:
+    return pa.schema([
+        pa.field("segment_id", pa.string(), nullable=False),
+        pa.field("subject", pa.string(), nullable=False),
+        pa.field("ecg", signal, nullable=False),
+        pa.field("ppg", signal, nullable=False),
+        *([pa.field("abp", signal)] if include_abp else []),
+        pa.field("sbp", pa.float32(), nullable=False),
+        pa.field("dbp", pa.float32(), nullable=False),
+        pa.field("age", pa.float32()),
+        pa.field("height", pa.float32()),
+        pa.field("weight", pa.float32()),
+        pa.field("bmi", pa.float32()),
+        pa.field("gender", pa.string()),
+    ])  # fmt: skip
+
+
+SCHEMA = _schema(SIGNAL_LIST, include_abp=True)
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """How a shard set is written (recorded in its manifest; part of the conversion key).
+
+    `signals`: "list" stores schema v1 as DESIGN section 3 has it, fixed_size_list<float32>[1250]
+    with zstd. Parquet has no fixed-size list, so readers rebuild every row from per-value
+    repetition/definition levels: about 10x slower than "bytes", which stores the same float32
+    values as fixed_size_binary(5000) without compression (float signals gain ~10% from zstd).
+    The loader reads both alike. `include_abp=False` drops the abp column rather than writing
+    nulls: pyarrow < 26 cannot read null fixed-size lists from Parquet (apache/arrow#35692)."""
+
+    include_abp: bool = True
+    drop_invalid: bool = False
+    signals: str = "list"
+
+    def __post_init__(self) -> None:
+        if self.signals not in ("list", "bytes"):
+            raise BpfmError(f"signals: '{self.signals}' unknown (choose list or bytes)")
+
+    @property
+    def schema(self) -> pa.Schema:
+        signal = SIGNAL_LIST if self.signals == "list" else SIGNAL_BYTES
+        return _schema(signal, self.include_abp)
+
+    @property
+    def compression(self) -> dict[str, str]:
+        signal = "zstd" if self.signals == "list" else "none"
+        return {f.name: signal if f.name in SIGNAL_COLUMNS else "zstd" for f in self.schema}
+
+    def as_dict(self) -> dict:
+        return {"include_abp": self.include_abp, "drop_invalid": self.drop_invalid,
+                "signals": self.signals, "row_group_size": ROW_GROUP_SIZE,
+                "rows_per_part": ROWS_PER_PART, "compression": self.compression}
+
+    @classmethod
+    def from_dict(cls, options: dict) -> ShardOptions:
+        return cls(options["include_abp"], options["drop_invalid"], options.get("signals", "list"))
 
 
 PARTITIONING = pa.schema([("source", pa.string()), ("subset", pa.string())])
@@ -89,12 +130,15 @@ def find_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return sorted({p.resolve() for p in found})
 
 
-def _batch_table(batch, subset: str, rows: np.ndarray, include_abp: bool) -> pa.Table:
-    """Rows `rows` of a SegmentBatch as a schema-v1 table (signals zero-copy from numpy)."""
+def _batch_table(batch, subset: str, rows: np.ndarray, options: ShardOptions) -> pa.Table:
+    """Rows `rows` of a SegmentBatch as a table of `options.schema` (signals zero-copy)."""
 
     def signal(values: np.ndarray) -> pa.Array:
-        flat = np.ascontiguousarray(values[rows], dtype=np.float32).reshape(-1)
-        return pa.FixedSizeListArray.from_arrays(pa.array(flat), WINDOW)
+        flat = np.ascontiguousarray(values[rows], dtype="<f4").reshape(-1)
+        if options.signals == "bytes":
+            return pa.FixedSizeBinaryArray.from_buffers(SIGNAL_BYTES, len(rows),
+                                                        [None, pa.py_buffer(flat)])
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat), type=SIGNAL_LIST)
 
     def optional(values: np.ndarray) -> pa.Array:
         values = np.asarray(values[rows], dtype=np.float32)
@@ -108,13 +152,13 @@ def _batch_table(batch, subset: str, rows: np.ndarray, include_abp: bool) -> pa.
         pa.array(subjects, pa.string()),
         signal(batch.ecg),
         signal(batch.ppg),
-        *([signal(abp)] if include_abp else []),
+        *([signal(abp)] if options.include_abp else []),
         pa.array(batch.sbp[rows], pa.float32()),
         pa.array(batch.dbp[rows], pa.float32()),
         optional(batch.age), optional(batch.height), optional(batch.weight), optional(batch.bmi),
         pa.array([batch.gender[i] or None for i in rows], pa.string()),
     ]
-    return pa.Table.from_arrays(columns, schema=schema_for(include_abp))
+    return pa.Table.from_arrays(columns, schema=options.schema)
 
 
 @dataclass
@@ -127,7 +171,7 @@ class _PartitionWriter:
     next_part: int
     source: str
     subset: str
-    schema: pa.Schema
+    options: ShardOptions
     pending: list[pa.Table] = field(default_factory=list)
     pending_rows: int = 0
     parts: list[dict] = field(default_factory=list)
@@ -155,7 +199,7 @@ class _PartitionWriter:
             name = f"part-{self.next_part:05d}.parquet"
             self._sink = storage.open_hashed_output(self.fs, f"{self.folder}/{name}")
             self._writer = pq.ParquetWriter(
-                self._sink, self.schema, compression="zstd",
+                self._sink, self.options.schema, compression=self.options.compression,
                 use_dictionary=["subject", "gender"],
                 write_statistics=["segment_id", "subject", "sbp", "dbp"],
             )
@@ -183,8 +227,7 @@ def convert_file(
     *,
     generation: str,
     first_part: int = 0,
-    include_abp: bool = True,
-    drop_invalid: bool = False,
+    options: ShardOptions = ShardOptions(),
     chunk_size: int = CHUNK_SIZE,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict:
@@ -204,7 +247,8 @@ def convert_file(
             raise DataError(input_path, "Subset", "empty subset: no segments")
         log.info("%s: converting %d segments -> %s (subset=%s)", input_path, total, out_uri, subset)
         done, last_log = 0, start
-        for batch in pulse.iter_batches(chunk_size=chunk_size, drop_invalid=drop_invalid):
+        for batch in pulse.iter_batches(chunk_size=chunk_size,
+                                        drop_invalid=options.drop_invalid):
             if should_stop is not None and should_stop():
                 raise BpfmError(f"{input_path}: conversion cancelled")
             sources = np.asarray(batch.source)
@@ -213,8 +257,8 @@ def convert_file(
                     relative = f"{generation}/source={source}/subset={subset}"
                     writers[source] = _PartitionWriter(
                         fs, f"{root}/{relative}", relative, first_part, str(source), subset,
-                        schema_for(include_abp))
-                table = _batch_table(batch, subset, np.flatnonzero(sources == source), include_abp)
+                        options)
+                table = _batch_table(batch, subset, np.flatnonzero(sources == source), options)
                 with storage.storage_errors(out_uri):
                     writers[source].add(table)
             done = int(batch.segment_index.size) + done
@@ -226,7 +270,7 @@ def convert_file(
             parts = [part for w in writers.values() for part in w.close()]
         dropped = pulse.dropped
     rows = sum(part["rows"] for part in parts)
-    if rows == 0 and not drop_invalid:
+    if rows == 0 and not options.drop_invalid:
         raise DataError(input_path, "Subset", "empty subset: no segments")
     seconds = time.monotonic() - start
     log.info("%s: %d rows in %d parts, %d dropped, %.1f s", Path(input_path).name, rows,

@@ -17,15 +17,16 @@ Deterministic per seed: every subject draws from its own generator, whatever the
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from bpfm.data.matfile import RefWriter, create_matfile, set_struct, write_refs
 from bpfm.data.subsets import SubsetWriter, generate_subsets
-from bpfm.data.synth_signals import SegmentParams, render_segments
+from bpfm.data.synth_signals import Rendered, SegmentParams, render_segments
 from bpfm.errors import BpfmError
 
 log = logging.getLogger(__name__)
@@ -75,16 +76,21 @@ class SynthResult:
 
 
 @dataclass
-class _Subject:
+class SynthSubject:
+    """One synthetic subject; `iter_subjects` fills in what it renders (the ground truth)."""
+
     name: str          # pXXXXXX + source digit
-    group: str         # "train", "calfree" or "aami"
+    group: str         # "train" (Train + CalBased_Test), "calfree" or "aami"
     traits: dict       # scalar physiology for SegmentParams and demographics
     source: str
     source_index: int
     k: int             # index within its source: with source_index and seed, its generator
+    rendered: Rendered | None = None      # all Subj_Wins segments, in order
+    include: np.ndarray | None = None     # IncludeFlag per Subj_Wins segment
+    parts: dict[str, np.ndarray] = field(default_factory=dict)  # subset -> raw indices
 
 
-def _subjects(config: SynthConfig, source_index: int, source: str) -> list[_Subject]:
+def _subjects(config: SynthConfig, source_index: int, source: str) -> list[SynthSubject]:
     digit, _, sbp_ms, dbp_ms, age_ms, id_max, _ = SOURCES[source]
     n = config.subjects
     rng = np.random.default_rng([config.seed, source_index, 0])
@@ -108,9 +114,9 @@ def _subjects(config: SynthConfig, source_index: int, source: str) -> list[_Subj
         "sbp0": sbp0, "dbp0": dbp0, "bp_sd": np.where(aami, rng.uniform(10, 16, n),
                                                        rng.uniform(5, 11, n)),
         "hr0": np.clip(rng.normal(78, 10, n), 50, 115),
-        "pwv0": 5.5 * (1 + 0.01 * (age - 50)) * rng.lognormal(0, 0.08, n),
-        "path_abp": 0.36 * height / 100 * rng.lognormal(0, 0.04, n),
-        "path_ppg": 0.5 * height / 100 * rng.lognormal(0, 0.04, n),
+        "pwv0": 5.5 * (1 + 0.006 * (age - 50)) * rng.lognormal(0, 0.05, n),
+        "path_abp": 0.36 * height / 100 * rng.lognormal(0, 0.03, n),
+        "path_ppg": 0.5 * height / 100 * rng.lognormal(0, 0.03, n),
         "pep0": rng.normal(0.09, 0.01, n), "ppg_rise0": np.clip(rng.normal(0.17, 0.02, n),
                                                                  0.11, 0.25),
         "notch0": rng.uniform(0.05, 0.18, n), "ppg_gain": rng.lognormal(0, 0.3, n),
@@ -121,14 +127,14 @@ def _subjects(config: SynthConfig, source_index: int, source: str) -> list[_Subj
         "weight": weight.round(1), "bmi": bmi.round(2),
     }
     return [
-        _Subject(name=f"p{ids[i]:06d}{digit}", group=groups[i], source=source,
+        SynthSubject(name=f"p{ids[i]:06d}{digit}", group=groups[i], source=source,
                  traits={key: value[i] for key, value in traits.items()},
                  source_index=source_index, k=i)
         for i in range(n)
     ]
 
 
-def _segment_params(subject: _Subject, n: int, rng: np.random.Generator) -> SegmentParams:
+def _segment_params(subject: SynthSubject, n: int, rng: np.random.Generator) -> SegmentParams:
     """BP drifts across a subject's consecutive segments (AR(1)); HR follows BP."""
     tr = subject.traits
     rho = 0.85
@@ -146,7 +152,7 @@ def _segment_params(subject: _Subject, n: int, rng: np.random.Generator) -> Segm
     return SegmentParams(sbp=sbp, dbp=dbp, hr=hr, **const)
 
 
-def _write_subj_wins(path: Path, subject: _Subject, rendered, include: np.ndarray) -> None:
+def _write_subj_wins(path: Path, subject: SynthSubject, rendered, include: np.ndarray) -> None:
     """One subject's segment file. Per-subject constants (SubjectID, CaseID, demographics) point
     to one shared dataset each, which MATLAB reads like distinct ones and writes much faster."""
     tr = subject.traits
@@ -198,7 +204,7 @@ def _sizes(group: str, n: int, config: SynthConfig) -> dict[str, int]:
     return {"AAMI_Test": n_test, "AAMI_Cal": n - n_test}
 
 
-def _assign(subject: _Subject, usable: np.ndarray, sbp: np.ndarray, config: SynthConfig,
+def _assign(subject: SynthSubject, usable: np.ndarray, sbp: np.ndarray, config: SynthConfig,
             rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Raw Subj_Wins indices (0-based, ascending) of this subject's segments per subset."""
     n = len(usable)
@@ -214,7 +220,7 @@ def _assign(subject: _Subject, usable: np.ndarray, sbp: np.ndarray, config: Synt
     return {"AAMI_Test": usable[test], "AAMI_Cal": np.delete(usable, test)}
 
 
-def _append_direct(writer: SubsetWriter, subject: _Subject, rendered, rows: np.ndarray) -> None:
+def _append_direct(writer: SubsetWriter, subject: SynthSubject, rendered, rows: np.ndarray) -> None:
     tr = subject.traits
     n = len(rows)
     signals = np.stack([rendered.ecg_f[rows], rendered.ppg_f[rows], rendered.abp_raw[rows]],
@@ -227,23 +233,40 @@ def _append_direct(writer: SubsetWriter, subject: _Subject, rendered, rows: np.n
     writer.append(subject.name, signals, values, [str(tr["gender"])] * n)
 
 
+def iter_subjects(config: SynthConfig) -> Iterator[SynthSubject]:
+    """Every subject of the release with its rendered segments, sorted by name (the order
+    generate_subsets gives a Subset file). Deterministic: this is what the files hold."""
+    config.validate()
+    subjects = [s for i, source in enumerate(config.sources)
+                for s in _subjects(config, i, source)]
+    n_usable = config.segments_per_subject
+    n_total = n_usable + round(config.excluded_fraction * n_usable)
+    for subject in sorted(subjects, key=lambda s: s.name):
+        rng = np.random.default_rng([config.seed, subject.source_index, 1, subject.k])
+        rendered = render_segments(_segment_params(subject, n_total, rng), rng)
+        include = np.ones(n_total, dtype=bool)
+        include[rng.choice(n_total, n_total - n_usable, replace=False)] = False
+        parts = _assign(subject, np.flatnonzero(include), rendered.sbp, config, rng)
+        # A new object: the list above must not keep every subject's signals alive.
+        yield replace(subject, rendered=rendered, include=include, parts=parts)
+
+
 def write_synthetic_pulsedb(out_dir: str | Path, config: SynthConfig | None = None
                             ) -> SynthResult:
     """Write Subj_Wins, Info and (via generate_subsets) Subset files under `out_dir`.
 
     With `config.segment_files=False` only the Subset files are written, straight from the
-    rendered signals (same bytes as the generate_subsets path; for large benchmark sets)."""
+    rendered signals (same content as the generate_subsets path; for large benchmark sets)."""
     config = config or SynthConfig()
     config.validate()
     out_dir = Path(out_dir)
     result = SynthResult()
-    subjects = [s for i, source in enumerate(config.sources)
-                for s in _subjects(config, i, source)]
-    n_usable = config.segments_per_subject
-    n_total = n_usable + round(config.excluded_fraction * n_usable)
+    n_subjects = config.subjects * len(config.sources)
+    groups = [s.group for i, source in enumerate(config.sources)
+              for s in _subjects(config, i, source)]
     for name in SUBSET_NAMES:
-        result.segments[name] = sum(_sizes(s.group, n_usable, config).get(name, 0)
-                                    for s in subjects)
+        result.segments[name] = sum(_sizes(group, config.segments_per_subject, config).get(name, 0)
+                                    for group in groups)
     subset_dir = out_dir / "Subset_Files"
     subset_dir.mkdir(parents=True, exist_ok=True)
     info_rows: dict[str, list[tuple[str, int]]] = {name: [] for name in SUBSET_NAMES}
@@ -253,26 +276,20 @@ def write_synthetic_pulsedb(out_dir: str | Path, config: SynthConfig | None = No
                 subset_dir / f"{name}_Subset.mat")), result.segments[name], config.compression)
             for name in SUBSET_NAMES
         }
-        # Sorted by name, as generate_subsets orders a Subset file's subjects.
-        for i, subject in enumerate(sorted(subjects, key=lambda s: s.name)):
-            rng = np.random.default_rng([config.seed, subject.source_index, 1, subject.k])
-            rendered = render_segments(_segment_params(subject, n_total, rng), rng)
-            include = np.ones(n_total, dtype=bool)
-            include[rng.choice(n_total, n_total - n_usable, replace=False)] = False
-            parts = _assign(subject, np.flatnonzero(include), rendered.sbp, config, rng)
+        for i, subject in enumerate(iter_subjects(config)):
             if config.segment_files:
                 folder = out_dir / "Segment_Files" / SOURCES[subject.source][1]
                 folder.mkdir(parents=True, exist_ok=True)
                 path = folder / f"{subject.name[:7]}.mat"
-                _write_subj_wins(path, subject, rendered, include)
+                _write_subj_wins(path, subject, subject.rendered, subject.include)
                 result.segment_files.append(path)
-                for name, rows in parts.items():
+                for name, rows in subject.parts.items():
                     info_rows[name] += [(subject.name, int(r) + 1) for r in rows]
             else:
-                for name, rows in parts.items():
-                    _append_direct(writers[name], subject, rendered, rows)
-            if (i + 1) % max(1, len(subjects) // 10) == 0:
-                log.info("synth: %d/%d subjects rendered", i + 1, len(subjects))
+                for name, rows in subject.parts.items():
+                    _append_direct(writers[name], subject, subject.rendered, rows)
+            if (i + 1) % max(1, n_subjects // 10) == 0:
+                log.info("synth: %d/%d subjects rendered", i + 1, n_subjects)
     if not config.segment_files:
         result.subset_files = [subset_dir / f"{name}_Subset.mat" for name in SUBSET_NAMES]
         return result

@@ -1,7 +1,7 @@
 """Render 10 s ECG / PPG / ABP segments whose shapes carry blood pressure as physiology does.
 
 Per beat: BP varies with respiration and at random around the segment's target; pulse wave
-velocity rises with mean arterial pressure (PWV = pwv0 * exp(0.017 * (MAP - 90))), so the transit
+velocity rises with mean arterial pressure (PWV = pwv0 * exp(0.02 * (MAP - 90))), so the transit
 time from the ECG R-peak to the ABP and PPG feet (pre-ejection period + path / PWV) falls as BP
 rises; the PPG systolic rise time shortens and the dicrotic notch fades with SBP; the PPG pulse
 amplitude grows with pulse pressure and falls with MAP (arterial compliance). ECG and PPG get
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import signal
 
+from bpfm.data.layouts import WINDOW
+
 FS = 125
-WINDOW = 1250
 PAD = 3 * FS // 2  # rendered on both sides, so filters and beats settle outside the window
 SPAN = WINDOW + 2 * PAD
 _ECG_SOS = signal.butter(2, [0.5, 40.0], btype="bandpass", fs=FS, output="sos")
@@ -119,7 +120,7 @@ def render_segments(p: SegmentParams, rng: np.random.Generator) -> Rendered:
         + 1.0 * rng.standard_normal((n, beats))
     dbp_k = np.minimum(dbp_k, sbp_k - 10.0)
     map_k = dbp_k + (sbp_k - dbp_k) / 3
-    pwv = p.pwv0[:, None] * np.exp(0.017 * (map_k - 90.0))
+    pwv = p.pwv0[:, None] * np.exp(0.02 * (map_k - 90.0))
     pep = (p.pep0 - 0.0005 * (p.hr - 70.0))[:, None] \
         - 0.0002 * (sbp_k - p.sbp[:, None])
     foot_abp = r_peaks + pep + p.path_abp[:, None] / pwv

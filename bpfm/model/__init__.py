@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import torch
 
 from bpfm.errors import BpfmError
-
 from bpfm.model.cerebro import SIZE_ALIASES, SIZES, CerebroConfig, CerebroEncoder, size_config
 from bpfm.model.checkpoint import (
     LoadReport,

@@ -37,7 +37,9 @@ SIZES: dict[str, Callable[..., CerebroConfig]] = {}
 SIZE_ALIASES = {"base": "medium"}
 
 
-def register_size(name: str) -> Callable[[Callable[..., CerebroConfig]], Callable[..., CerebroConfig]]:
+def register_size(
+    name: str,
+) -> Callable[[Callable[..., CerebroConfig]], Callable[..., CerebroConfig]]:
     def add(factory: Callable[..., CerebroConfig]) -> Callable[..., CerebroConfig]:
         SIZES[name] = factory
         return factory
@@ -151,7 +153,7 @@ class Block(nn.Module):
 
 
 class ConvPatch(nn.Module):
-    """One Conv2d(1, D, (1, patch), stride (1, patch)): a Linear on each patch, shared by channels."""
+    """Conv2d(1, D, (1, patch), stride (1, patch)): one Linear per patch, shared by channels."""
 
     def __init__(self, dim: int, patch_size: int):
         super().__init__()
@@ -162,7 +164,7 @@ class ConvPatch(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Wrapper kept only so the keys read `patch_embed.patch_embed.proj.*` as in the official code."""
+    """Wrapper kept so the keys read `patch_embed.patch_embed.proj.*`, as in the official code."""
 
     def __init__(self, dim: int, patch_size: int):
         super().__init__()

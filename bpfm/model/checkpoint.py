@@ -47,8 +47,8 @@ class LoadReport:
         return (
             f"{self.source}: loaded {len(self.loaded)} tensors ({self.format}), "
             f"missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
-            f"skipped {len(self.skipped)}{', head reordered to [SBP, DBP]' if self.head_reordered else ''}"
-        )
+            f"skipped {len(self.skipped)}"
+        ) + (", head reordered to [SBP, DBP]" if self.head_reordered else "")
 
 
 # ---------------------------------------------------------------- official key mapping
@@ -151,12 +151,16 @@ def read_state(uri: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors, zip and unpickling errors have no common base
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise BpfmError(f"{uri}: corrupt or unreadable checkpoint ({type(err).__name__}: {first})")
+        raise BpfmError(
+            f"{uri}: corrupt or unreadable checkpoint ({type(err).__name__}: {first})"
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return obj["state_dict"], obj.get("meta") or {}, "torch"
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj, {}, "torch"
-    raise BpfmError(f"{uri}: state_dict: no tensors found (expected a state_dict or Lightning ckpt)")
+    raise BpfmError(
+        f"{uri}: state_dict: no tensors found (expected a state_dict or Lightning ckpt)"
+    )
 
 
 # ---------------------------------------------------------------- bpfm model files
@@ -181,8 +185,9 @@ def save_model(path: str | Path, model: nn.Module, meta: dict | None = None) -> 
         data = save(state, metadata={"bpfm": json.dumps(meta, default=_jsonable)})
     else:
         buffer = io.BytesIO()
-        torch.save({"state_dict": state, "meta": json.loads(json.dumps(meta, default=_jsonable))},
-                   buffer)
+        torch.save(
+            {"state_dict": state, "meta": json.loads(json.dumps(meta, default=_jsonable))}, buffer
+        )
         data = buffer.getvalue()
     write_bytes_atomic(path, data)
 
@@ -279,8 +284,12 @@ def init_xavier(model: nn.Module) -> nn.Module:
         if isinstance(module, CerebroEncoder):
             conv = module.patch_embed.patch_embed.proj.weight
             nn.init.xavier_uniform_(conv.view(conv.shape[0], -1))
-            for tensor in (module.mask_token, module.pad_token,
-                           module.channel_encoding, module.patch_encoding):
+            for tensor in (
+                module.mask_token,
+                module.pad_token,
+                module.channel_encoding,
+                module.patch_encoding,
+            ):
                 _trunc_normal_tight(tensor)
             for layer_id, block in enumerate(module.blocks, start=1):
                 block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))

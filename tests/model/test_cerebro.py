@@ -10,8 +10,11 @@ from bpfm.errors import BpfmError
 from bpfm.model import apply_freeze, count_parameters, create_model
 from bpfm.model.cerebro import CerebroConfig, CerebroEncoder
 
-PAPER = {"small": (3_588_290, 12_866), "medium": (39_976_130, 38_594),
-         "large": (85_171_970, 51_458)}
+PAPER = {
+    "small": (3_588_290, 12_866),
+    "medium": (39_976_130, 38_594),
+    "large": (85_171_970, 51_458),
+}
 
 
 @pytest.mark.parametrize("size", sorted(PAPER))
@@ -32,9 +35,12 @@ def test_base_is_an_alias_of_medium():
 def test_frozen_trains_only_patch_embed_and_head(small_model):
     apply_freeze(small_model, "frozen")
     trainable = {n for n, p in small_model.named_parameters() if p.requires_grad}
-    assert trainable == {"encoder.patch_embed.patch_embed.proj.weight",
-                         "encoder.patch_embed.patch_embed.proj.bias",
-                         "head.fc.weight", "head.fc.bias"}
+    assert trainable == {
+        "encoder.patch_embed.patch_embed.proj.weight",
+        "encoder.patch_embed.patch_embed.proj.bias",
+        "head.fc.weight",
+        "head.fc.bias",
+    }
 
 
 def test_forward_shape_for_ecg_ppg_windows(small_model):
@@ -48,8 +54,9 @@ def tiny_encoder():
     return CerebroEncoder(CerebroConfig(dim=24, depth=2, heads=2)).eval()
 
 
-@pytest.mark.parametrize(("channels", "samples", "tokens"),
-                         [(1, 64, 1), (5, 700, 50), (19, 1280, 380), (64, 6400, 6400)])
+@pytest.mark.parametrize(
+    ("channels", "samples", "tokens"), [(1, 64, 1), (5, 700, 50), (19, 1280, 380), (64, 6400, 6400)]
+)
 def test_other_channel_counts_and_lengths(tiny_encoder, channels, samples, tokens):
     with torch.no_grad():
         out = tiny_encoder(torch.randn(1, channels, samples))
@@ -131,11 +138,14 @@ def test_fx_symbolic_trace_matches_eager(small_model):
         torch.testing.assert_close(torch.fx.symbolic_trace(small_model)(x), small_model(x))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"size": "huge"}, "size: unknown model size 'huge' (valid: small, medium, large, base)"),
-    ({"size": "small", "head": "cnn"}, "head: unknown head 'cnn' (valid: paper, linear, mlp)"),
-    ({"size": "small", "head": "mlp"}, "head_hidden:"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"size": "huge"}, "size: unknown model size 'huge' (valid: small, medium, large, base)"),
+        ({"size": "small", "head": "cnn"}, "head: unknown head 'cnn' (valid: paper, linear, mlp)"),
+        ({"size": "small", "head": "mlp"}, "head_hidden:"),
+    ],
+)
 def test_unknown_names_list_valid_ones(kwargs, message):
     with pytest.raises(BpfmError) as err:
         create_model(**kwargs, device="meta")

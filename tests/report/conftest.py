@@ -1,18 +1,63 @@
-"""Fixtures of the report tests: an MLflow store (sqlite, real client) holding planted runs."""
+"""Fixtures of the report tests: MLflow sqlite stores (a migrated empty database is made once and
+copied, since creating one costs seconds), planted runs, and a small grid profile."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.report.planted import plant_study
 
 
 @pytest.fixture(scope="session")
-def planted_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
+def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow sqlite database with every migration applied."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path, mlflow_db_template: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite store for one test, also as MLFLOW_TRACKING_URI; BPFM_HOME in tmp_path."""
+    db = tmp_path / "mlflow" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copyfile(mlflow_db_template, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("BPFM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    return uri
+
+
+@pytest.fixture(scope="session")
+def planted_store(tmp_path_factory, mlflow_db_template) -> tuple[str, dict[str, str]]:
     """(tracking URI, trial name -> run id) of a store with the planted study `planted` and an
     experiment `empty` that has no runs."""
     root: Path = tmp_path_factory.mktemp("planted-mlflow")
+    shutil.copyfile(mlflow_db_template, root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     return uri, plant_study(uri, root / "artifacts")
+
+
+def write_profile(path: Path, *, data: str, storage: Path, **overrides) -> Path:
+    """A grid profile with one small cell trained for a couple of optimizer steps."""
+    profile = {
+        "study": "report-test",
+        "data": {"uri": data},
+        "storage": str(storage),
+        "axes": {"size": ["small"], "freeze": ["unfrozen"], "epochs": [2], "init": ["xavier"],
+                 "source": ["mimic"], "protocol": ["paper"], "seed": [42]},
+        "train": {"lr": 1e-3, "batch_size": 8, "eval_batch_size": 64, "max_steps_per_epoch": 1,
+                  "keep_checkpoints": 1},
+        "resources": {"small": {"cpu": 1}},
+        "tune": {"max_failures": 0},
+    }  # fmt: skip
+    profile.update(overrides)
+    path.write_text(yaml.safe_dump(profile))
+    return path

@@ -1,0 +1,200 @@
+"""Data throughput: segments/s and peak RSS of (a) a naive h5py Dataset reading the .mat segment
+by segment, (b) bpfm's ShardDataset over local shards, (c) batches gathered from a plain in-memory
+float32 copy (the limit); ratios b/a and b/c; the converter's MB/s of input.
+
+Targets (issue 2): b/a >= 20, b/c >= 0.3, loader RSS < 1 GB, converter >= 50 MB/s.
+
+    python benchmarks/data_throughput.py [--segments 20480] [--workdir DIR]
+
+The input is a synthetic Train_Subset.mat: a small synthetic PulseDB release whose Train rows are
+tiled (with fresh subject ids per tile) up to --segments rows, in PulseDB's v7.3 layout. Each
+phase runs in its own subprocess so that peak RSS values do not mix. Prints numbers; not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH = 256
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def build_input(workdir: Path, segments: int) -> Path:
+    """Tile a small synthetic Train subset up to `segments` rows (~75 MB per 1,000 segments)."""
+    import numpy as np
+
+    from bpfm.data.matfile import create_matfile
+    from bpfm.data.pulsedb import open_pulsedb
+    from bpfm.data.subsets import SubsetWriter
+    from bpfm.data.synth import SynthConfig, write_synthetic_pulsedb
+
+    target = workdir / "input" / "Train_Subset.mat"
+    if target.exists():
+        return target
+    small = write_synthetic_pulsedb(workdir / "small",
+                                    SynthConfig(subjects=6, segments_per_subject=40, seed=1))
+    train = next(p for p in small.subset_files if p.name == "Train_Subset.mat")
+    blocks: dict[str, list] = {}
+    with open_pulsedb(train) as pulse:
+        for b in pulse.iter_batches(chunk_size=512):
+            for i, subject in enumerate(b.subject):
+                digit = {"mimic": "0", "vitaldb": "1"}[b.source[i]]
+                blocks.setdefault(subject + digit, []).append(
+                    (np.stack([b.ecg[i], b.ppg[i], b.abp[i]]), b.sbp[i], b.dbp[i], b.age[i],
+                     b.height[i], b.weight[i], b.bmi[i], b.gender[i]))
+    rows_per_tile = sum(len(rows) for rows in blocks.values())
+    tiles = -(-segments // rows_per_tile)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with create_matfile(target) as f:
+        writer = SubsetWriter(f, tiles * rows_per_tile)
+        for tile in range(tiles):
+            for name, rows in blocks.items():
+                columns = list(zip(*rows, strict=True))
+                values = dict(zip(("SBP", "DBP", "Age", "Height", "Weight", "BMI"),
+                                  (np.asarray(c, dtype=np.float64) for c in columns[1:7]),
+                                  strict=True))
+                writer.append(f"p{tile:03d}{name[1:]}", np.stack(columns[0]), values,
+                              list(columns[7]))
+    return target
+
+
+def phase_convert(input_file: str, shards: str) -> dict:
+    from bpfm.data.shards import write_shards
+
+    size = Path(input_file).stat().st_size
+    start = time.perf_counter()
+    manifest = write_shards([input_file], shards)
+    seconds = time.perf_counter() - start
+    return {"rows": manifest["rows"], "input_mb": size / 1e6, "seconds": seconds,
+            "mb_per_s": size / 1e6 / seconds, "shard_mb": manifest["bytes"] / 1e6,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def phase_naive(input_file: str, limit: int) -> dict:
+    """What a naive torch Dataset over the .mat does: one h5py read per segment, random order."""
+    import h5py
+    import numpy as np
+    import torch
+
+    with h5py.File(input_file, "r") as f:
+        signals, sbp, dbp = f["Subset/Signals"], f["Subset/SBP"], f["Subset/DBP"]
+        order = np.random.default_rng(0).permutation(signals.shape[2])[:limit]
+        start = time.perf_counter()
+        for begin in range(0, len(order), BATCH):
+            xs, ys = [], []
+            for i in order[begin:begin + BATCH]:
+                xs.append(torch.from_numpy(signals[:, 0:2, i].T.astype(np.float32)))
+                ys.append(torch.tensor([sbp[0, i], dbp[0, i]], dtype=torch.float32))
+            torch.stack(xs), torch.stack(ys)
+        seconds = time.perf_counter() - start
+    return {"segments": len(order), "seconds": seconds, "per_s": len(order) / seconds,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def phase_loader(shards: str, epochs: int) -> dict:
+    from bpfm.data.loader import ShardDataset
+    from bpfm.data.shards import open_shards
+    from bpfm.data.splits import View
+
+    shard_set = open_shards(shards)
+    view = View(shard_set, shard_set.sources()[0], ("train",), "all")
+    rss_before = peak_rss_mb()
+    dataset = ShardDataset(view, batch_size=BATCH, shuffle=True, seed=0)
+    count, start = 0, time.perf_counter()
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        for batch in dataset:
+            count += len(batch["y"])
+    seconds = time.perf_counter() - start
+    return {"segments": count, "seconds": seconds, "per_s": count / seconds,
+            "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss_before}
+
+
+def phase_memory(shards: str, epochs: int) -> dict:
+    """The limit: the same float32 rows already in RAM, gathered into shuffled batches."""
+    import numpy as np
+    import torch
+
+    from bpfm.data.loader import ShardDataset
+    from bpfm.data.shards import open_shards
+    from bpfm.data.splits import View
+
+    shard_set = open_shards(shards)
+    view = View(shard_set, shard_set.sources()[0], ("train",), "all")
+    batches = list(ShardDataset(view, batch_size=4096, shuffle=False))
+    x = np.concatenate([b["x"].numpy() for b in batches])
+    y = np.concatenate([b["y"].numpy() for b in batches])
+    del batches
+    count, start = 0, time.perf_counter()
+    for epoch in range(epochs):
+        order = np.random.default_rng(epoch).permutation(len(x))
+        for begin in range(0, len(order), BATCH):
+            index = order[begin:begin + BATCH]
+            torch.from_numpy(x[index]), torch.from_numpy(y[index])
+            count += len(index)
+    seconds = time.perf_counter() - start
+    return {"segments": count, "seconds": seconds, "per_s": count / seconds,
+            "peak_rss_mb": peak_rss_mb(), "in_memory_mb": x.nbytes / 1e6}
+
+
+def run_phase(*args: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--phase", *args], capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"phase {args[0]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--segments", type=int, default=20480)
+    parser.add_argument("--naive-limit", type=int, default=3000,
+                        help="segments the naive reader reads (it is slow)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        name, *rest = args.phase
+        phases = {"convert": phase_convert, "naive": phase_naive, "loader": phase_loader,
+                  "memory": phase_memory}
+        rest = [int(r) if r.isdigit() else r for r in rest]
+        print(json.dumps(phases[name](*rest)))
+        return
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bpfm-bench-"))
+    start = time.perf_counter()
+    input_file = build_input(workdir, args.segments)
+    print(f"input: {input_file} ({input_file.stat().st_size / 1e6:.0f} MB, built in "
+          f"{time.perf_counter() - start:.0f} s)")
+    shards = str(workdir / "shards")
+    convert = run_phase("convert", str(input_file), shards)
+    naive = run_phase("naive", str(input_file), str(args.naive_limit))
+    loader = run_phase("loader", shards, str(args.epochs))
+    memory = run_phase("memory", shards, str(args.epochs))
+    print(f"segments in Train subset: {convert['rows']}")
+    print(f"converter: {convert['input_mb']:.0f} MB in {convert['seconds']:.1f} s = "
+          f"{convert['mb_per_s']:.0f} MB/s of input (shards {convert['shard_mb']:.0f} MB, "
+          f"peak RSS {convert['peak_rss_mb']:.0f} MB)   target >= 50 MB/s")
+    for label, result in (("(a) naive h5py per segment", naive), ("(b) bpfm ShardDataset", loader),
+                          ("(c) in-memory float32", memory)):
+        print(f"{label:28s} {result['per_s']:>10.0f} segments/s   peak RSS "
+              f"{result['peak_rss_mb']:.0f} MB")
+    print(f"loader RSS after imports (torch, pyarrow): {loader['rss_after_imports_mb']:.0f} MB   "
+          "target: loader RSS < 1 GB")
+    print(f"b/a = {loader['per_s'] / naive['per_s']:.1f}   target >= 20")
+    print(f"b/c = {loader['per_s'] / memory['per_s']:.2f}   target >= 0.3")
+
+
+if __name__ == "__main__":
+    main()

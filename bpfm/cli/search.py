@@ -1,0 +1,89 @@
+"""`bpfm search`: Optuna search (Ray Tune, TPE + ASHA) of the recipe of one grid cell."""
+
+from __future__ import annotations
+
+import argparse
+
+from bpfm.cli.common import add_json_flag, print_result
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "search",
+        help="Optuna search of lr, weight decay, head, dropout, warm-up for one grid cell",
+        description="Search learning rate, weight decay, head type (paper, linear, mlp), MLP "
+        "width and depth, dropout and warm-up for one grid cell with Ray Tune's OptunaSearch "
+        "(seeded TPE) and ASHA early stopping. The Optuna study lives in --storage, so running "
+        "the same command again continues an interrupted search up to --trials. Each trial is "
+        "an MLflow run (bpfm.kind=search); the best trial is written as a recipe file for "
+        "`bpfm grid --recipe FILE`.",
+    )
+    parser.add_argument("--profile", default="demo",
+                        help="profile giving data, backbone, recipe and resources (default demo)")
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--freeze", default="unfrozen", choices=("frozen", "unfrozen"))
+    parser.add_argument("--init", default="pretrained", choices=("pretrained", "xavier"))
+    parser.add_argument("--source", help="default: the profile's first source")
+    parser.add_argument("--protocol", help="default: the profile's first protocol")
+    parser.add_argument("--seed", type=int, help="training seed (default: the profile's first)")
+    parser.add_argument("--epochs", type=int, help="epochs per trial, ASHA's max_t "
+                        "(default: the profile's largest)")
+    parser.add_argument("--trials", type=int, default=20, help="total trials of the study")
+    parser.add_argument("--study", help="Optuna study name (default: search-<cell id>)")
+    parser.add_argument("--storage", help="Optuna storage: database URL or sqlite file "
+                        "(default: .bpfm/search/optuna.db)")
+    parser.add_argument("--experiment", help="MLflow experiment (default: <study>-search)")
+    parser.add_argument("--recipe-out", help="recipe file to write "
+                        "(default: .bpfm/search/<study>/recipe.yaml)")
+    parser.add_argument("--sampler-seed", type=int, default=42, help="TPE sampler seed")
+    parser.add_argument("--max-concurrent", type=int, default=1,
+                        help="trials at once (TPE learns most from sequential trials)")
+    parser.add_argument("--grace-period", type=int, default=1,
+                        help="ASHA: epochs every trial gets before it may be stopped")
+    parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor")
+    parser.add_argument("--data", help="override the profile's shard set URI")
+    parser.add_argument("--gpus", default="auto", choices=("auto", "always", "never"))
+    add_json_flag(parser)
+    parser.set_defaults(func=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from bpfm.errors import BpfmError
+    from bpfm.profiles import AXIS_CHOICES, load_profile
+    from bpfm.tune_search import SearchConfig, run_search
+
+    profile = load_profile(args.profile)
+    if args.data:
+        data = dataclasses.replace(profile.data, uri=args.data)
+        profile = dataclasses.replace(profile, data=data)
+    axes = profile.axes
+    cell = {
+        "size": args.size, "freeze": args.freeze, "init": args.init,
+        "source": args.source or axes["source"][0],
+        "protocol": args.protocol or axes["protocol"][0],
+        "seed": axes["seed"][0] if args.seed is None else args.seed,
+        "epochs": args.epochs or max(axes["epochs"]),
+    }  # fmt: skip
+    for axis in ("size", "source", "protocol"):
+        if cell[axis] not in AXIS_CHOICES[axis]:
+            raise BpfmError(f"search: --{axis}: unknown {cell[axis]!r} "
+                            f"(one of {', '.join(AXIS_CHOICES[axis])})")
+    if args.trials < 1 or cell["epochs"] < 1:
+        raise BpfmError("search: --trials/--epochs: must be >= 1")
+    config = SearchConfig(
+        cell=cell, trials=args.trials, study=args.study or "", storage=args.storage or "",
+        experiment=args.experiment or "", recipe_out=args.recipe_out or "",
+        seed=args.sampler_seed, grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent,
+    )  # fmt: skip
+    result = run_search(profile, config, gpus=args.gpus)
+    if args.json:
+        print_result(result, True)
+    else:
+        print(f"study {result['study']}: {result['complete']} complete of {result['trials']} "
+              f"trials ({result['ran']} run now); best trial {result['best_trial']} "
+              f"val_mae {result['best_val_mae']:.3f} mmHg")
+        print(f"recipe: {result['recipe']}  (use: bpfm grid --profile P --recipe FILE)")
+    return 0

@@ -1,0 +1,292 @@
+"""Post-training INT8 quantization of BP models behind one interface, with two backends.
+
+- `fx`: torch.ao FX graph mode, as the paper (`prepare_fx` / `convert_fx`); real int8 kernels
+  (fbgemm/onednn) in eager mode, and a `torch.save(state_dict)` size comparable to the paper's.
+- `pt2e`: torchao export quantization (`X86InductorQuantizer`); a reference Q/DQ graph that is
+  fast once compiled with Inductor (`QuantizedModel.compiled()`).
+
+`quantize(model, QuantConfig(...), calib_batches)` returns a `QuantizedModel` (an `nn.Module`,
+so `bpfm.predict.predict` runs it like the fp32 model); `save_quantized` / `load_quantized` round
+trip it; `log_to_mlflow` logs an fx model in MLflow's pickle format (pt2 fails for torch.ao).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bpfm.errors import BpfmError
+
+log = logging.getLogger(__name__)
+
+MODES = ("fp32", "dynamic", "static")
+OBSERVERS = ("minmax", "moving_average", "histogram")
+WEIGHTS = ("per_channel", "per_tensor")
+BACKENDS = ("fx", "pt2e")
+FX_FILE = "model.pt"  # pickled QuantizedModel (torch.save)
+PT2E_FILE = "model.pt2"  # torch.export.save of the converted graph
+CONFIG_EXTRA = "bpfm_quant.json"  # the QuantConfig + input quantizer inside a .pt2 archive
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    mode: str = "dynamic"  # fp32 (the baseline, unchanged) | dynamic | static
+    observer: str = "minmax"  # activation observer of static mode
+    weights: str = "per_channel"  # int8 symmetric weights, one scale per output channel or tensor
+    backend: str = "fx"
+    calib_batches: int = 8  # training batches observed by static mode (and a static input quantizer)
+    quantize_input: bool = False  # round ECG and PPG to 8 bits, one scale per channel (the paper)
+    compile: bool = True  # pt2e: latency measured on the Inductor-compiled graph
+
+    def validate(self) -> QuantConfig:
+        """One-line errors for every setting a user can get wrong; returns self."""
+        for name, valid in (("mode", MODES), ("observer", OBSERVERS), ("weights", WEIGHTS),
+                            ("backend", BACKENDS)):  # fmt: skip
+            if getattr(self, name) not in valid:
+                raise BpfmError(
+                    f"quantize: {name}: unknown {getattr(self, name)!r} (valid: {', '.join(valid)})"
+                )
+        if not isinstance(self.calib_batches, int) or self.calib_batches < 1:
+            raise BpfmError(f"quantize: calib_batches: must be >= 1, got {self.calib_batches!r}")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.mode == "static"
+
+    @property
+    def name(self) -> str:
+        """A short variant name, e.g. `fx-static-histogram-per_channel+input`."""
+        if self.mode == "fp32":
+            return "fp32"
+        parts = [self.backend, self.mode]
+        if self.mode == "static":
+            parts.append(self.observer)
+        parts.append(self.weights)
+        return "-".join(parts) + ("+input" if self.quantize_input else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise BpfmError(f"quantize config: {', '.join(unknown)}: unknown field(s)")
+        return cls(**values)
+
+
+class InputQuantizer(nn.Module):
+    """Rounds the input to 8 bits with one scale and zero point per channel (ECG, PPG), as a
+    sensor front end delivering int8 samples would; the paper's per-channel input quantization.
+
+    Affine, as the paper's activations: scale = (max - min) / 255, zero point =
+    floor(-min / scale + 0.5), with min <= 0 <= max so that 0 stays exact. `dynamic` takes min and
+    max of each window and channel on the fly; otherwise they are calibrated per channel on
+    training batches. Plain float ops, so it traces, exports and compiles with either backend."""
+
+    levels = 255
+
+    def __init__(self, channels: int = 2, dynamic: bool = False):
+        super().__init__()
+        self.dynamic = dynamic
+        self.register_buffer("low", torch.full((channels,), float("inf")))
+        self.register_buffer("high", torch.full((channels,), float("-inf")))
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        self.low.copy_(torch.minimum(self.low, x.amin(dim=(0, 2))))
+        self.high.copy_(torch.maximum(self.high, x.amax(dim=(0, 2))))
+
+    def _round(self, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        low, high = low.clamp(max=0.0), high.clamp(min=0.0)
+        scale = ((high - low) / self.levels).clamp(min=1e-8)
+        zero_point = torch.floor(-low / scale + 0.5)
+        q = torch.clamp(torch.round(x / scale) + zero_point, 0, self.levels)
+        return (q - zero_point) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic:
+            return self._round(x, x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True))
+        return self._round(x, self.low.view(1, -1, 1), self.high.view(1, -1, 1))
+
+    def describe(self) -> dict[str, Any]:
+        return {"dynamic": self.dynamic, "low": self.low.tolist(), "high": self.high.tolist()}
+
+    @classmethod
+    def from_description(cls, values: dict[str, Any]) -> InputQuantizer:
+        quantizer = cls(len(values["low"]), bool(values["dynamic"]))
+        quantizer.low.copy_(torch.tensor(values["low"]))
+        quantizer.high.copy_(torch.tensor(values["high"]))
+        return quantizer
+
+
+class QuantizedModel(nn.Module):
+    """A quantized BP model: forward(x [B, 2, 1250]) -> [B, 2] in the fp32 model's units."""
+
+    def __init__(self, net: nn.Module, config: QuantConfig, input_quantizer: InputQuantizer | None,
+                 engine: str | None = None):  # fmt: skip
+        super().__init__()
+        self.net = net
+        self.input_quantizer = input_quantizer
+        self.config = config
+        self.engine = engine  # torch.backends.quantized engine the fx weights were packed for
+        self._compiled: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return self.net(x)
+
+    def compiled(self) -> nn.Module:
+        """The fastest runnable form: Inductor-compiled (freezing on) for pt2e, else itself."""
+        if self.config.backend != "pt2e" or not self.config.compile or self.config.mode == "fp32":
+            return self
+        if self._compiled is None:
+            self._compiled = torch.compile(self, options={"freezing": True})
+        return self._compiled
+
+    def size_bytes(self) -> tuple[int, str]:
+        """(bytes, kind): the saved state_dict as the paper measured it (fx, fp32), or the bytes
+        of the tensors the pt2e graph holds (int8 weights + fp32 rest), whose state_dict is not
+        a meaningful size."""
+        from bpfm.quant.measure import graph_tensor_bytes, state_dict_bytes
+
+        if self.config.backend == "pt2e" and self.config.mode != "fp32":
+            return graph_tensor_bytes(self.net), "int8_tensor_bytes"
+        return state_dict_bytes(self.net), "state_dict"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state = dict(state)
+        state["_compiled"] = None  # compiled code does not pickle
+        return state
+
+
+def _as_input(batch: Any) -> torch.Tensor:
+    x = batch["x"] if isinstance(batch, dict) else batch
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise BpfmError("quantize: calib_batches: expected tensors [batch, channels, samples]")
+    return x.detach().float().cpu()
+
+
+def quantize(model: nn.Module, config: QuantConfig,
+             calib_batches: Iterable[torch.Tensor | dict] | None = None) -> QuantizedModel:
+    """Quantize a copy of `model` (eval, CPU) as `config` says. `calib_batches`: input tensors
+    [B, 2, 1250] (or loader dicts with "x"), needed by static mode; at most
+    `config.calib_batches` of them are used."""
+    import copy
+
+    config.validate()
+    batches = [_as_input(b) for _, b in zip(range(config.calib_batches), calib_batches or ())]
+    if config.needs_calibration and not batches:
+        raise BpfmError("quantize: calib_batches: static quantization needs calibration data "
+                        "(training batches), got none")  # fmt: skip
+    model = copy.deepcopy(model).float().cpu().eval()
+    input_quantizer = _input_quantizer(config, batches)
+    if input_quantizer is not None:  # later layers calibrate on what they will see
+        batches = [input_quantizer(x) for x in batches]
+    example = batches[0][:2] if batches else torch.zeros(2, 2, 1250)
+    engine = None
+    if config.mode == "fp32":
+        net = model
+    elif config.backend == "fx":
+        from bpfm.quant import fx
+
+        net, engine = fx.quantize_fx(model, config, batches, example)
+    else:
+        from bpfm.quant import pt2e
+
+        net = pt2e.quantize_pt2e(model, config, batches, example)
+    log.info("quantized: %s (%d calibration batches)", config.name, len(batches))
+    return QuantizedModel(net, config, input_quantizer, engine).eval()
+
+
+def _input_quantizer(config: QuantConfig, batches: list[torch.Tensor]) -> InputQuantizer | None:
+    if not config.quantize_input or config.mode == "fp32":
+        return None
+    dynamic = config.mode == "dynamic"
+    channels = batches[0].shape[1] if batches else 2
+    quantizer = InputQuantizer(channels, dynamic=dynamic)
+    if not dynamic:
+        for x in batches:
+            quantizer.observe(x)
+    return quantizer
+
+
+def save_quantized(quantized: QuantizedModel, out: str | Path) -> Path:
+    """Write the model into folder `out`: `model.pt` (fx, fp32: the pickled module) or
+    `model.pt2` (pt2e: the exported program, config inside). Returns the file."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if quantized.config.backend == "pt2e" and quantized.config.mode != "fp32":
+        from bpfm.quant import pt2e
+
+        return pt2e.save(quantized, out / PT2E_FILE)
+    from bpfm.quant import fx
+
+    return fx.save(quantized, out / FX_FILE)
+
+
+def load_quantized(path: str | Path) -> QuantizedModel:
+    """A model written by `save_quantized` (its file, or the folder holding it). Loading
+    `model.pt` unpickles code: load only files you trust."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / name for name in (PT2E_FILE, FX_FILE) if (path / name).is_file()]
+        if not candidates:
+            raise BpfmError(f"{path}: no {PT2E_FILE} or {FX_FILE} (not a quantized model folder)")
+        path = candidates[0]
+    if not path.is_file():
+        raise BpfmError(f"{path}: no such file")
+    if path.suffix == ".pt2":
+        from bpfm.quant import pt2e
+
+        return pt2e.load(path)
+    from bpfm.quant import fx
+
+    return fx.load(path)
+
+
+def config_json(quantized: QuantizedModel) -> str:
+    """The config and input quantizer as JSON (stored inside a .pt2 archive)."""
+    quantizer = quantized.input_quantizer
+    return json.dumps({"config": quantized.config.to_dict(),
+                       "input_quantizer": quantizer.describe() if quantizer else None})  # fmt: skip
+
+
+def log_to_mlflow(quantized: QuantizedModel, name: str = "model", **kwargs: Any):
+    """Log a quantized model with `mlflow.pytorch.log_model` in the pickle format (MLflow's
+    default pt2 format cannot serialise torch.ao packed weights). Returns MLflow's ModelInfo;
+    reload with `mlflow.pytorch.load_model(info.model_uri)`."""
+    import mlflow.pytorch
+
+    from bpfm.quant.fx import ao_warnings_filtered
+
+    kwargs.setdefault("pip_requirements", [f"torch=={torch.__version__.split('+')[0]}"])
+    with ao_warnings_filtered():
+        return mlflow.pytorch.log_model(quantized, name=name, serialization_format="pickle",
+                                        **kwargs)  # fmt: skip
+
+
+__all__ = [
+    "BACKENDS",
+    "MODES",
+    "OBSERVERS",
+    "WEIGHTS",
+    "InputQuantizer",
+    "QuantConfig",
+    "QuantizedModel",
+    "load_quantized",
+    "log_to_mlflow",
+    "quantize",
+    "save_quantized",
+]

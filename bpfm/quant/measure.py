@@ -1,0 +1,109 @@
+"""Model size and CPU latency, measured the same way for every variant.
+
+Size: bytes of `torch.save(state_dict)` (the paper's measure; its "MB" are MiB = 2^20 bytes), or
+for a pt2e graph the bytes of the tensors it holds. Latency: median wall time of `runs` forward
+passes after `warmup` passes, at a fixed torch thread count; the models compared are run
+round-robin, so that load from other processes on a shared machine hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+MIB = 2**20
+
+
+class _ByteCounter(io.RawIOBase):
+    """A write-only stream that counts bytes (no copy of a large model in memory)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.size += len(data)
+        return len(data)
+
+
+def state_dict_bytes(module: nn.Module) -> int:
+    """Bytes of `torch.save(module.state_dict())` (packed int8 weights and their dtype/qparams
+    entries included, which `bpfm.model.checkpoint.state_dict_bytes` does not expect)."""
+    from bpfm.quant.fx import ao_warnings_filtered
+
+    counter = _ByteCounter()
+    with ao_warnings_filtered():
+        torch.save(module.state_dict(), counter)
+    return counter.size
+
+
+def graph_tensor_bytes(module: nn.Module) -> int:
+    """Bytes of every distinct tensor a module holds: parameters, buffers, and the constants a
+    GraphModule reads with get_attr (where pt2e keeps its int8 weights)."""
+    tensors: dict[tuple[int, int], int] = {}
+
+    def add(tensor: torch.Tensor) -> None:
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        tensors[key] = max(tensors.get(key, 0), tensor.numel() * tensor.element_size())
+
+    for tensor in [*module.parameters(), *module.buffers()]:
+        add(tensor)
+    for sub in module.modules():
+        graph = getattr(sub, "graph", None)
+        for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
+            if node.op == "get_attr":
+                value = _attr(sub, node.target)
+                if isinstance(value, torch.Tensor):
+                    add(value)
+    return sum(tensors.values())
+
+
+def _attr(module: nn.Module, target: str):
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@torch.inference_mode()
+def latency_ms(models: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+               batch_sizes: Sequence[int] = (1, 64), *, runs: int = 20, warmup: int = 3,
+               threads: int = 1, seed: int = 0) -> dict[str, dict[int, float]]:  # fmt: skip
+    """{model name: {batch size: median ms}} over `runs` timed forward passes of random windows
+    [B, 2, 1250], the models interleaved, after `warmup` untimed passes each (the first pass of a
+    compiled model compiles it)."""
+    generator = torch.Generator().manual_seed(seed)
+    result: dict[str, dict[int, float]] = {name: {} for name in models}
+    with fixed_threads(threads):
+        for batch in batch_sizes:
+            x = torch.randn(batch, 2, 1250, generator=generator)
+            for model in models.values():
+                for _ in range(warmup):
+                    model(x)
+            times: dict[str, list[float]] = {name: [] for name in models}
+            for _ in range(runs):
+                for name, model in models.items():
+                    start = time.perf_counter()
+                    model(x)
+                    times[name].append(time.perf_counter() - start)
+            for name, values in times.items():
+                result[name][batch] = statistics.median(values) * 1000.0
+    return result

@@ -1,0 +1,132 @@
+"""The `pt2e` backend: torchao export quantization with `X86InductorQuantizer`.
+
+The model is exported (batch dimension dynamic), annotated, calibrated and converted into a
+reference graph of quantize/dequantize ops around fp32 ops with int8 weight constants. That graph
+is slow in eager mode; `torch.compile` with Inductor freezing turns the Q/DQ patterns into int8
+kernels (`QuantizedModel.compiled()`). Static mode uses the same activation observers as `fx`
+(quint8 affine) and int8 symmetric weights; dynamic mode quantizes activations on the fly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bpfm.errors import BpfmError
+
+MAX_BATCH = 1 << 16
+
+
+@contextlib.contextmanager
+def _quiet_torchao_import() -> Iterator[None]:
+    """torchao logs a warning per CUDA extension it cannot load on CPU-only torch (harmless)."""
+    logger = logging.getLogger("torchao")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def quantizer_for(config):
+    """An X86InductorQuantizer whose global config has the observer and weight scheme asked for."""
+    with _quiet_torchao_import():
+        from torchao.quantization.pt2e import (
+            HistogramObserver,
+            MinMaxObserver,
+            MovingAverageMinMaxObserver,
+            PerChannelMinMaxObserver,
+            PlaceholderObserver,
+        )
+        from torchao.quantization.pt2e.quantizer import QuantizationSpec
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            QuantizationConfig,
+            X86InductorQuantizer,
+        )
+
+    from bpfm.quant.fx import activation_max
+
+    eps = {"eps": 2**-12}  # as torchao's default x86 config
+    dynamic = config.mode == "dynamic"
+    if dynamic:
+        observer = PlaceholderObserver
+    else:
+        observer = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
+                    "histogram": HistogramObserver}[config.observer]  # fmt: skip
+    activation = QuantizationSpec(
+        dtype=torch.uint8, quant_min=0, quant_max=255 if dynamic else activation_max("x86"),
+        qscheme=torch.per_tensor_affine, is_dynamic=dynamic,
+        observer_or_fake_quant_ctr=observer.with_args(**eps),
+    )  # fmt: skip
+    per_channel = config.weights == "per_channel"
+    weight = QuantizationSpec(
+        dtype=torch.int8, quant_min=-128, quant_max=127,
+        qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
+        ch_axis=0 if per_channel else None, is_dynamic=False,
+        observer_or_fake_quant_ctr=(PerChannelMinMaxObserver if per_channel
+                                    else MinMaxObserver).with_args(**eps),
+    )  # fmt: skip
+    return X86InductorQuantizer().set_global(
+        QuantizationConfig(activation, activation, weight, None, False)
+    )
+
+
+def export(module: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    try:
+        return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    except Exception as err:  # a model torch.export cannot capture
+        raise BpfmError(f"quantize: model: torch.export failed ({_first_line(err)})") from None
+
+
+@torch.no_grad()
+def quantize_pt2e(model: nn.Module, config, batches: list[torch.Tensor],
+                  example: torch.Tensor) -> nn.Module:  # fmt: skip
+    """The converted (reference Q/DQ) GraphModule of a model in eval mode on CPU."""
+    with _quiet_torchao_import():
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    prepared = prepare_pt2e(export(model, example).module(), quantizer_for(config))
+    for x in batches if config.mode == "static" else ():
+        prepared(x)
+    return convert_pt2e(prepared)
+
+
+def save(quantized, path: Path) -> Path:
+    """torch.export.save of the converted graph; the config rides along as an extra file."""
+    from bpfm.quant import CONFIG_EXTRA, config_json
+
+    program = export(quantized.net, torch.zeros(2, 2, 1250))
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.export.save(program, tmp, extra_files={CONFIG_EXTRA: config_json(quantized)})
+    tmp.replace(path)
+    return path
+
+
+def load(path: Path) -> nn.Module:
+    from bpfm.quant import CONFIG_EXTRA, InputQuantizer, QuantConfig, QuantizedModel
+
+    extra = {CONFIG_EXTRA: ""}
+    with _quiet_torchao_import():
+        import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
+    try:
+        program = torch.export.load(path, extra_files=extra)
+        values = json.loads(extra[CONFIG_EXTRA])
+    except Exception as err:  # torch.export.load raises a variety of errors for foreign files
+        raise BpfmError(f"{path}: not a bpfm quantized model ({_first_line(err)})") from None
+    described = values.get("input_quantizer")
+    quantizer = InputQuantizer.from_description(described) if described else None
+    return QuantizedModel(program.module(), QuantConfig.from_dict(values["config"]),
+                          quantizer).eval()  # fmt: skip
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

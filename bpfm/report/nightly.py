@@ -1,0 +1,172 @@
+"""The nightly regression run: the `nightly` profile through the grid (fixed seeds and data), every
+tracked metric of its trained and quantized models compared with a committed baseline
+(`bpfm.regression`), a regression report (md + JSON), and a `bpfm.kind=nightly` MLflow run.
+
+Each night is a fresh launch (its own Tune experiment name and grid run), and by default its data,
+backbone and Tune state live in a fresh folder under `--out`, so a change in synthesis, sharding or
+pretraining shows up too. `--reuse` keeps the profile's locations (a cluster's S3 URIs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bpfm import defaults, tracking
+from bpfm.errors import BpfmError
+from bpfm.regression import (
+    baseline_document,
+    compare,
+    load_baseline,
+    parse_tolerances,
+    render_markdown,
+)
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_BASELINE = REPO_ROOT / "pipelines" / "baselines" / "nightly.json"
+REPORT_FILES = ("regression.md", "regression.json", "current.json")
+
+
+@dataclass
+class NightlyConfig:
+    profile: str = "nightly"
+    baseline: Path = DEFAULT_BASELINE
+    update_baseline: bool = False
+    out: Path | None = None  # default <home>/nightly/<timestamp>
+    reuse: bool = False  # keep the profile's data / backbone / storage locations
+    grid_run: str | None = None  # compare this earlier launch instead of running the grid
+    gpus: str = "auto"
+
+
+def _value(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _entry(run) -> dict[str, Any]:
+    values = {k: _value(v) for k, v in run.data.metrics.items()}
+    values.update({k: run.data.tags[k] for k in tracking.GRADE_TAGS if k in run.data.tags})
+    return values
+
+
+def collect_entries(client, experiment_id: str, grid_run_id: str) -> dict[str, dict[str, Any]]:
+    """Every finished train and quant run of one grid launch, keyed `train/<cell>` and
+    `quant/<cell>/<variant>`: its final metrics (last values of per-epoch curves) and verdicts."""
+    entries: dict[str, dict[str, Any]] = {}
+    for run in tracking.runs_of(client, experiment_id, grid_run_id, "train"):
+        if run.info.status == "FINISHED":
+            entries[f"train/{run.data.tags[tracking.CELL]}"] = _entry(run)
+    quant = tracking.find_runs(client, experiment_id,
+                               {tracking.GRID_RUN: grid_run_id, tracking.KIND: "quant"})
+    for run in quant:
+        if run.info.status == "FINISHED":
+            key = f"quant/{run.data.tags[tracking.CELL]}/{run.data.tags[tracking.VARIANT]}"
+            entries[key] = _entry(run)
+    return entries
+
+
+def fresh_locations(profile, work: Path):
+    """The profile with its data, backbones and Tune storage under `work` (made anew)."""
+    data = dataclasses.replace(profile.data, uri=str(work / "shards"))
+    pretrain = profile.pretrain
+    if pretrain is not None:
+        checkpoint = str(work / "backbones" / Path(pretrain.checkpoint).name)
+        pretrain = dataclasses.replace(pretrain, checkpoint=checkpoint)
+    return dataclasses.replace(profile, data=data, pretrain=pretrain, storage=str(work / "ray"))
+
+
+def _run_grid(profile, config: NightlyConfig, stamp: str) -> dict[str, Any]:
+    from bpfm.tune import run_grid
+
+    result = run_grid(profile, name=f"nightly-{stamp}", gpus=config.gpus)
+    return {"grid_run_id": result["grid_run_id"], "experiment_id": result["experiment_id"],
+            "errors": result["errors"]}  # fmt: skip
+
+
+def _write_baseline(path: Path, entries, profile: str, stamp: str) -> None:
+    previous = load_baseline(path) if path.is_file() else None
+    document = baseline_document(entries, profile=profile, created=stamp, previous=previous)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
+    log.info("baseline %s rewritten: %d entries", path, len(entries))
+
+
+def _log_nightly_run(client, experiment_id: str, grid_run_id: str, out: Path,
+                     summary: dict[str, Any]) -> str:  # fmt: skip
+    run = client.create_run(
+        experiment_id, run_name="nightly",
+        tags={tracking.KIND: "nightly", tracking.GRID_RUN: grid_run_id,
+              "bpfm.nightly.status": summary["status"]},
+    )  # fmt: skip
+    run_id = run.info.run_id
+    client.log_param(run_id, "baseline", tracking.redact(summary["baseline"]))
+    for key in ("regressions", "improvements", "entries"):
+        client.log_metric(run_id, key, float(summary[key]))
+    for name in REPORT_FILES:
+        if (out / name).is_file():
+            client.log_artifact(run_id, str(out / name))
+    tracking.finish(client, run_id)
+    return run_id
+
+
+def run_nightly(config: NightlyConfig) -> dict[str, Any]:
+    """Run (or pick up) the nightly grid, compare it with the baseline, write and log the report.
+    `status` is pass, fail (a regression or a grid error) or baseline-updated."""
+    from bpfm.profiles import load_profile
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out = Path(config.out or defaults.home() / "nightly" / stamp)
+    out.mkdir(parents=True, exist_ok=True)
+    profile = load_profile(config.profile)
+    if not config.update_baseline:
+        baseline = load_baseline(config.baseline)  # fail before hours of training, not after
+    client = tracking.client()
+    if config.grid_run:
+        run = client.get_run(config.grid_run)
+        grid = {"grid_run_id": config.grid_run, "experiment_id": run.info.experiment_id,
+                "errors": []}  # fmt: skip
+    else:
+        if not config.reuse:
+            profile = fresh_locations(profile, out / "work")
+        grid = _run_grid(profile, config, stamp)
+    entries = collect_entries(client, grid["experiment_id"], grid["grid_run_id"])
+    if not entries:
+        raise BpfmError(f"grid run {grid['grid_run_id']}: no finished train runs to compare")
+    errors = list(grid["errors"])
+    summary: dict[str, Any] = {
+        "profile": profile.name, "grid_run_id": grid["grid_run_id"], "entries": len(entries),
+        "baseline": str(config.baseline), "errors": errors, "out": str(out),
+        "regressions": 0, "improvements": 0,
+    }  # fmt: skip
+    if config.update_baseline:
+        if errors:
+            raise BpfmError(f"grid run {grid['grid_run_id']}: {len(errors)} errors; the baseline "
+                            f"was not rewritten (first: {errors[0]})")
+        _write_baseline(config.baseline, entries, profile.name, stamp)
+        summary["status"] = "baseline-updated"
+        (out / "current.json").write_text(json.dumps(entries, indent=1, sort_keys=True))
+    else:
+        tolerances = parse_tolerances(baseline.get("tolerances") or {}, str(config.baseline))
+        comparison = compare(baseline["entries"], entries, tolerances)
+        report = render_markdown(comparison)
+        if errors:
+            report += "\n## Grid errors\n\n" + "\n".join(f"- {e}" for e in errors) + "\n"
+        (out / "regression.md").write_text(report)
+        document = {**comparison.to_dict(), "errors": errors, "grid_run_id": grid["grid_run_id"]}
+        (out / "regression.json").write_text(json.dumps(document, indent=1, default=str))
+        summary.update(
+            status="pass" if comparison.passed and not errors else "fail",
+            regressions=len(comparison.regressions),
+            improvements=len(comparison.improvements),
+            report=str(out / "regression.md"),
+        )
+    summary["nightly_run_id"] = _log_nightly_run(
+        client, grid["experiment_id"], grid["grid_run_id"], out, summary
+    )
+    return summary

@@ -1,0 +1,125 @@
+"""SimMIM pretraining: masking, loss, inputs (synthetic, EDF, npz) and the checkpoint it writes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bpfm.cli import main
+from bpfm.errors import BpfmError, DataError
+from bpfm.model import create_model, load_pretrained_backbone
+from bpfm.pretrain import PretrainConfig, load_windows, random_mask, read_edf, simmim_loss
+
+
+def write_edf(path, signals: np.ndarray, rate: int, labels: list[str]) -> None:
+    """A plain EDF: 1-second records, int16 samples, physical range +-500 uV."""
+    ns, total = signals.shape
+    records = total // rate
+    digital = np.clip(np.round(signals / 500.0 * 32767), -32768, 32767).astype("<i2")
+    head = f"{'0':<8}{'x':<80}{'x':<80}{'01.01.01':<8}{'00.00.00':<8}{256 * (ns + 1):<8}"
+    head += f"{'':<44}{records:<8}{'1':<8}{ns:<4}"
+    per_signal = [
+        [f"{label:<16}" for label in labels],
+        [f"{'':<80}"] * ns,
+        [f"{'uV':<8}"] * ns,
+        [f"{'-500':<8}"] * ns,
+        [f"{'500':<8}"] * ns,
+        [f"{'-32767':<8}"] * ns,
+        [f"{'32767':<8}"] * ns,
+        [f"{'':<80}"] * ns,
+        [f"{rate:<8}"] * ns,
+        [f"{'':<32}"] * ns,
+    ]
+    head += "".join("".join(field) for field in per_signal)
+    body = digital[:, : records * rate].reshape(ns, records, rate).transpose(1, 0, 2).tobytes()
+    path.write_bytes(head.encode("latin-1") + body)
+
+
+def test_random_mask_hides_three_quarters_per_sample():
+    mask = random_mask((5, 2, 19), 0.75, torch.Generator().manual_seed(0))
+    assert mask.shape == (5, 2, 19)
+    assert mask.view(5, -1).sum(dim=1).tolist() == [28] * 5  # round(0.75 * 38)
+    assert not torch.equal(mask[0], mask[1])
+
+
+def test_loss_weights_visible_tokens_by_alpha():
+    x = torch.zeros(1, 1, 128)
+    mask = torch.tensor([[[True, False]]])
+    pred = torch.zeros(1, 1, 2, 64)
+    pred[0, 0, 0] = 2.0  # masked token error: smooth-L1 of 2 = 1.5
+    pred[0, 0, 1] = 3.0  # visible token error: 2.5
+    assert simmim_loss(pred, x, mask, 0.1).item() == pytest.approx(1.5 + 0.25)
+
+
+def test_edf_reader_returns_physical_values_and_pretraining_uses_them(tmp_path):
+    rate = 250
+    t = np.arange(8 * rate) / rate
+    signals = np.stack([100 * np.sin(2 * np.pi * f * t) for f in (6, 10, 20)])
+    write_edf(tmp_path / "rec.edf", signals, rate, ["Fp1", "Fp2", "Cz"])
+    read = read_edf((tmp_path / "rec.edf").read_bytes(), "rec.edf")
+    assert [label for label, _, _ in read] == ["Fp1", "Fp2", "Cz"]
+    assert read[1][1] == 250.0
+    np.testing.assert_allclose(read[1][2], signals[1], atol=0.02)
+    windows = load_windows(PretrainConfig(out="-", eeg=str(tmp_path), channels=2, window=256))
+    assert windows.shape == (3, 2, 256)  # 8 s resampled to 125 Hz: 1000 samples -> 3 windows
+    np.testing.assert_allclose(windows.std(axis=-1), 1.0, rtol=1e-4)
+
+
+def test_npz_windows_and_bad_inputs(tmp_path):
+    np.savez(tmp_path / "w.npz", x=np.random.default_rng(0).normal(size=(6, 4, 512)))
+    assert load_windows(
+        PretrainConfig(out="-", eeg=str(tmp_path / "w.npz"), channels=3, window=448)
+    ).shape == (6, 3, 448)
+    with pytest.raises(DataError, match="need"):
+        load_windows(PretrainConfig(out="-", eeg=str(tmp_path / "w.npz"), channels=5, window=64))
+    (tmp_path / "junk.edf").write_bytes(b"garbage" * 50)
+    with pytest.raises(DataError, match="not an EDF file"):
+        load_windows(PretrainConfig(out="-", eeg=str(tmp_path / "junk.edf"), window=64))
+
+
+def test_pretraining_loss_falls_and_checkpoint_loads_as_backbone(tmp_path, capsys):
+    out = tmp_path / "pre.ckpt"
+    code = main(
+        [
+            "pretrain",
+            "--out",
+            str(out),
+            "--size",
+            "small",
+            "--synthetic",
+            "--steps",
+            "30",
+            "--channels",
+            "3",
+            "--window",
+            "384",
+            "--batch-size",
+            "4",
+            "--lr",
+            "2e-3",
+            "--log-every",
+            "10",
+            "--json",
+        ]
+    )
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["last_loss"] < 0.8 * result["first_loss"]
+    raw = torch.load(out, weights_only=True)
+    assert raw["state_dict"]["model_head.decoder_pred.weight"].shape == (64, 192)
+    assert raw["state_dict"]["model.patch_embed.patch_embed.proj.weight"].shape == (192, 1, 1, 64)
+    model = create_model("small")
+    report = load_pretrained_backbone(model, out)
+    assert report.skipped == ["model_head.decoder_pred.weight", "model_head.decoder_pred.bias"]
+    assert report.missing == ["head.fc.bias", "head.fc.weight"] and report.unexpected == []
+    assert torch.equal(model.encoder.mask_token, raw["state_dict"]["model.mask_token"])
+
+
+def test_pretrain_rejects_impossible_settings(tmp_path):
+    with pytest.raises(BpfmError, match="1..100 patches"):
+        from bpfm.pretrain import pretrain
+
+        pretrain(PretrainConfig(out=str(tmp_path / "x.ckpt"), window=32, steps=1))
