@@ -79,6 +79,12 @@ def storage_url(storage: str) -> str:
     return f"sqlite:///{path}"
 
 
+def shown_url(url: str) -> str:
+    """A storage URL fit for logs: credentials masked (sqlite paths pass unchanged, since the URL
+    parser would eat a slash of `sqlite:////abs/path`)."""
+    return url if url.startswith("sqlite:") else tracking.redact(url)
+
+
 @dataclass(frozen=True)
 class DefineByRun:
     """Optuna's define-by-run space (a class, not a closure: Tune pickles its searcher). The
@@ -275,7 +281,7 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
     storage = rdb_storage(url)
     study, finished = open_study(storage, study_name)
     remaining = config.trials - finished
-    log.info("study %s (%s): %d finished, %d to run", study_name, tracking.redact(url),
+    log.info("study %s (%s): %d finished, %d to run", study_name, shown_url(url),
              finished, max(remaining, 0))  # fmt: skip
     init_ray()
     gpu_count = cluster_gpus(gpus)
@@ -290,7 +296,7 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
     experiment = config.experiment or f"{profile.study}-search"
     experiment_id = tracking.ensure_experiment(client, experiment)
     study_run = _study_run(client, experiment_id, study_name,
-                           {**cell, "profile": profile.name, "storage": url,
+                           {**cell, "profile": profile.name, "storage": shown_url(url),
                             "trials": config.trials, "sampler_seed": config.seed})  # fmt: skip
     if remaining > 0:
         # Offset by the study's size: a resumed search must not replay the first suggestions.
@@ -320,7 +326,7 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if not complete:
         tracking.finish(client, study_run, "FAILED")
-        raise BpfmError(f"{tracking.redact(url)}: study {study_name}: no trial completed")
+        raise BpfmError(f"{shown_url(url)}: study {study_name}: no trial completed")
     recipe_path = Path(config.recipe_out or defaults.home() / "search" / study_name / "recipe.yaml")
     overrides = write_recipe(recipe_path, study, cell)
     client.log_artifact(study_run, str(recipe_path))
@@ -329,7 +335,7 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
     client.set_tag(study_run, "bpfm.search.best_trial", str(best.number))
     tracking.finish(client, study_run)
     return {
-        "study": study_name, "storage": tracking.redact(url), "trials": len(study.trials),
+        "study": study_name, "storage": shown_url(url), "trials": len(study.trials),
         "finished": finished, "complete": len(complete), "ran": max(remaining, 0),
         "best_trial": best.number, "best_val_mae": best.value, "recipe": str(recipe_path),
         "best": overrides, "study_run_id": study_run,

@@ -15,8 +15,10 @@ few batches more or fewer than each other when units differ in size.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from queue import Empty, Queue
 
 import numpy as np
 import pyarrow as pa
@@ -69,9 +71,50 @@ def _distributed() -> tuple[int, int]:
 
 
 def _signal(column: pa.ChunkedArray) -> np.ndarray:
-    """fixed_size_list<float32>[WINDOW] -> [n, WINDOW] float32, zero-copy where Arrow allows."""
+    """A signal column (fixed_size_list<float32>[WINDOW] or fixed_size_binary(4 * WINDOW)) as
+    [n, WINDOW] float32, zero-copy where Arrow allows."""
     array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if pa.types.is_fixed_size_binary(array.type):
+        data = array.buffers()[1]
+        return np.frombuffer(data, dtype="<f4", count=len(array) * WINDOW,
+                             offset=array.offset * 4 * WINDOW).reshape(-1, WINDOW)
     return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, WINDOW)
+
+
+def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Run `items` in a background thread, `depth` ahead: Parquet decoding releases the GIL, so
+    reading the next row group overlaps with shuffling and with the consumer's own work."""
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                queue.put((item, None))
+            queue.put((done, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            queue.put((done, err))
+
+    thread = threading.Thread(target=produce, daemon=True, name="bpfm-prefetch")
+    thread.start()
+    try:
+        while True:
+            item, error = queue.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                queue.get(timeout=0.05)
+            except Empty:
+                pass
 
 
 def normalize_windows(x: np.ndarray) -> np.ndarray:
@@ -136,7 +179,7 @@ class ShardDataset(IterableDataset):
             units = [units[i] for i in order]
         mine = units[consumer::consumers]
         rng = np.random.default_rng([self.seed, self.epoch, consumer])
-        chunks = self._read(mine)
+        chunks = _prefetch(self._read(mine))
         batches = self._shuffled(chunks, rng) if self.shuffle else self._in_order(chunks)
         for batch in batches:
             yield self._to_torch(batch)

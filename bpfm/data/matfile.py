@@ -19,6 +19,9 @@ from h5py import h5a, h5d, h5r, h5s, h5t
 
 HEADER_BYTES = 512
 REFS_GROUP = "#refs#"
+_CLASS_VALUES = {name: np.array(name) for name in (b"double", b"char")}
+_ONE_U8 = np.array(1, dtype=np.uint8)
+_TWO_I32 = np.array(2, dtype=np.int32)
 
 
 def matlab_header(created: datetime | None = None) -> bytes:
@@ -60,13 +63,6 @@ def set_struct(group: h5py.Group, field_names: Sequence[str]) -> None:
     group.attrs.create("MATLAB_fields", names, dtype=vlen)
 
 
-def write_double(group: h5py.Group, name: str, data: np.ndarray, **kwargs) -> h5py.Dataset:
-    """A MATLAB double array; `data` is already in HDF5 (reversed-dimension) order."""
-    ds = group.create_dataset(name, data=np.asarray(data, dtype=np.float64), **kwargs)
-    set_matlab_class(ds, "double")
-    return ds
-
-
 def ref_array(refs: Sequence[h5r.Reference]) -> np.ndarray:
     data = np.empty(len(refs), dtype=h5py.ref_dtype)
     data[:] = list(refs)
@@ -93,7 +89,8 @@ class RefWriter:
         self._existing = REFS_GROUP in f
         self._group = f.require_group(REFS_GROUP)
         self._gid = self._group.id
-        self._types = {}
+        self._types: dict[np.dtype, h5t.TypeID] = {}
+        self._spaces: dict[tuple[int, ...], h5s.SpaceID] = {}
         self._scalar_space = h5s.create(h5s.SCALAR)
         if "a" not in self._group:
             empty = self._group.create_dataset("a", data=np.zeros(2, dtype=np.uint64))
@@ -113,22 +110,26 @@ class RefWriter:
             if not self._existing or letters not in self._group:
                 return letters.encode("ascii")
 
+    def _type(self, dtype: np.dtype) -> h5t.TypeID:
+        if dtype not in self._types:
+            self._types[dtype] = h5t.py_create(dtype)
+        return self._types[dtype]
+
+    def _space(self, shape: tuple[int, ...]) -> h5s.SpaceID:
+        if shape not in self._spaces:
+            self._spaces[shape] = h5s.create_simple(shape)
+        return self._spaces[shape]
+
     def _attr(self, dsid: h5d.DatasetID, name: bytes, value: np.ndarray) -> None:
-        key = value.dtype
-        if key not in self._types:
-            self._types[key] = h5t.py_create(key)
-        attr = h5a.create(dsid, name, self._types[key], self._scalar_space)
-        attr.write(np.ascontiguousarray(value))
+        attr = h5a.create(dsid, name, self._type(value.dtype), self._scalar_space)
+        attr.write(value)
 
     def _dataset(self, data: np.ndarray, matlab_class: bytes) -> h5d.DatasetID:
         data = np.ascontiguousarray(data)
-        key = data.dtype
-        if key not in self._types:
-            self._types[key] = h5t.py_create(key)
-        space = h5s.create_simple(data.shape)
-        dsid = h5d.create(self._gid, self._next_name(), self._types[key], space)
+        dsid = h5d.create(self._gid, self._next_name(), self._type(data.dtype),
+                          self._space(data.shape))
         dsid.write(h5s.ALL, h5s.ALL, data)
-        self._attr(dsid, b"MATLAB_class", np.array(matlab_class))
+        self._attr(dsid, b"MATLAB_class", _CLASS_VALUES[matlab_class])
         return dsid
 
     def double(self, data: np.ndarray | float) -> h5r.Reference:
@@ -143,11 +144,11 @@ class RefWriter:
         """A referenced 1 x L char array; '' or None becomes MATLAB's empty char (0 x 0)."""
         if not text:
             dsid = self._dataset(np.zeros(2, dtype=np.uint64), b"char")
-            self._attr(dsid, b"MATLAB_empty", np.array(1, dtype=np.uint8))
+            self._attr(dsid, b"MATLAB_empty", _ONE_U8)
         else:
             codes = np.frombuffer(text.encode("utf-16-le"), dtype=np.uint16).reshape(-1, 1)
             dsid = self._dataset(codes, b"char")
-            self._attr(dsid, b"MATLAB_int_decode", np.array(2, dtype=np.int32))
+            self._attr(dsid, b"MATLAB_int_decode", _TWO_I32)
         return h5r.create(dsid, b".", h5r.OBJECT)
 
 

@@ -384,11 +384,14 @@ def write_shards(
     include_abp: bool = True,
     drop_invalid: bool = False,
     workers: int | None = None,
+    signals: str = "list",
 ) -> dict:
     """Convert PulseDB files (or folders of *_Subset.mat) into a published shard set.
 
-    Files convert in parallel processes; the manifest is written last. Returns the manifest
-    (with `"up_to_date": True` when an identical conversion had already been published)."""
+    Files convert in parallel processes (by default only when the input is large enough to pay
+    for starting them); the manifest is written last. Returns the manifest, with
+    `"up_to_date": True` when an identical conversion had already been published.
+    `signals`: see ShardOptions."""
     out_uri = str(out_uri)
     files = find_inputs(inputs)
     start = time.monotonic()
@@ -396,10 +399,8 @@ def write_shards(
     if workers is None:  # starting processes costs seconds: only worth it for large inputs
         large = sum(s["size"] for s in sources) >= PARALLEL_MIN_BYTES
         workers = min(len(files), multiprocessing.cpu_count()) if large else 1
-    options = {"include_abp": include_abp, "drop_invalid": drop_invalid,
-               "row_group_size": ROW_GROUP_SIZE, "rows_per_part": ROWS_PER_PART,
-               "compression": "zstd"}
-    key = _conversion_key(sources, options)
+    options = ShardOptions(include_abp, drop_invalid, signals)
+    key = _conversion_key(sources, options.as_dict())
     generation = f"gen-{key[:16]}"
     current = _read_manifest(out_uri)
     if current is not None and current.get("key") == key:
@@ -407,8 +408,7 @@ def write_shards(
         return {**current, "up_to_date": True}
     generation_uri = storage.join(out_uri, generation)
     storage.delete_dir(generation_uri)  # leftovers of a killed run with the same inputs
-    task_options = {"generation": generation, "include_abp": include_abp,
-                    "drop_invalid": drop_invalid}
+    task_options = {"generation": generation, "options": options}
     try:
         results = _run_conversions(sources, out_uri, task_options, workers)
     except BaseException:
@@ -427,7 +427,7 @@ def write_shards(
 
 
 def _manifest(key: str, generation: str, sources: list[dict], results: list[dict],
-              options: dict) -> dict:
+              options: ShardOptions) -> dict:
     from bpfm import __version__
 
     partitions: dict[str, dict[str, int]] = {}
@@ -445,8 +445,8 @@ def _manifest(key: str, generation: str, sources: list[dict], results: list[dict
     return {
         "format": "bpfm-shards", "schema_version": SCHEMA_VERSION, "key": key,
         "generation": generation, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "bpfm_version": __version__, "options": options,
-        "schema": {f.name: str(f.type) for f in schema_for(options["include_abp"])},
+        "bpfm_version": __version__, "options": options.as_dict(),
+        "schema": {f.name: str(f.type) for f in options.schema},
         "rows": sum(p["rows"] for p in parts), "bytes": sum(p["bytes"] for p in parts),
         "partitions": partitions, "dropped": dropped, "sources": sources, "parts": parts,
     }
@@ -493,8 +493,8 @@ class ShardSet:
                 ) -> pads.Dataset:
         """A pyarrow dataset over exactly the manifest's parts, with `source`/`subset` columns."""
         paths = [self.part_path(p) for p in self.parts(source, subsets)]
-        include_abp = self.manifest["options"]["include_abp"]
-        schema = pa.unify_schemas([schema_for(include_abp), PARTITIONING])
+        options = ShardOptions.from_dict(self.manifest["options"])
+        schema = pa.unify_schemas([options.schema, PARTITIONING])
         with storage.storage_errors(self.uri):
             return pads.dataset(
                 paths, schema=schema, format="parquet", filesystem=self.filesystem,

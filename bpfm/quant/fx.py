@@ -12,6 +12,7 @@ warnings, only around this backend's calls.
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import io
 import pickle
 import warnings
@@ -160,6 +161,32 @@ def load(path: Path) -> nn.Module:
     if not isinstance(module, QuantizedModel):
         raise BpfmError(f"{path}: holds a {type(module).__name__}, not a bpfm quantized model")
     return module.eval()
+
+
+def _rebuild_quantized_conv(cls: type, state: tuple) -> nn.Module:
+    """What the quantized conv's own __deepcopy__ does: a Module shell, then its __setstate__."""
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    module.__setstate__(state)
+    return module
+
+
+def _reduce_quantized_conv(module: nn.Module):
+    return _rebuild_quantized_conv, (type(module), module.__getstate__())
+
+
+def _register_conv_pickling() -> None:
+    """torch.ao's quantized convs define __getstate__/__setstate__ for TorchScript only: plain
+    pickle (torch.save of a whole model, MLflow's pickle format) restores them without a Module
+    shell and fails on load. Registering a reducer for exactly those classes makes them pickle."""
+    from torch.ao.nn import quantized
+
+    for name in ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+                 "ConvTranspose3d"):  # fmt: skip
+        copyreg.pickle(getattr(quantized, name), _reduce_quantized_conv)
+
+
+_register_conv_pickling()
 
 
 def _first_line(err: BaseException) -> str:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BASELINE = REPO_ROOT / "pipelines" / "baselines" / "nightly.json"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours remote tracebacks
 REPORT_FILES = ("regression.md", "regression.json", "current.json")
 
 
@@ -138,7 +140,7 @@ def run_nightly(config: NightlyConfig) -> dict[str, Any]:
     entries = collect_entries(client, grid["experiment_id"], grid["grid_run_id"])
     if not entries:
         raise BpfmError(f"grid run {grid['grid_run_id']}: no finished train runs to compare")
-    errors = list(grid["errors"])
+    errors = [ANSI.sub("", error) for error in grid["errors"]]
     summary: dict[str, Any] = {
         "profile": profile.name, "grid_run_id": grid["grid_run_id"], "entries": len(entries),
         "baseline": str(config.baseline), "errors": errors, "out": str(out),

@@ -23,8 +23,9 @@ PARENT_TAG = "mlflow.parentRunId"
 AXES = ("source", "protocol", "size", "freeze", "epochs", "init", "seed")
 QUANT_PARAMS = ("mode", "observer", "weights", "backend")
 STRING_TAGS = ("sbp_bhs_grade", "dbp_bhs_grade", "sbp_aami", "dbp_aami", "aami")
-# Kinds whose runs are trained models the tables compare (a search trial is one too).
-MODEL_KINDS = ("train", "nightly", "search")
+# Runs the tables compare: trained grid cells (search trials stopped early carry no test metrics;
+# nightly runs hold only the comparison).
+MODEL_KINDS = ("train",)
 
 
 @dataclass(frozen=True)

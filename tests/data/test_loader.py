@@ -43,6 +43,19 @@ def test_loader_round_trip_equals_the_mat_file(train_view, train_subset_file):
     assert [len(b["y"]) for b in batches[:-1]] == [16] * (len(batches) - 1)
 
 
+def test_bytes_signal_encoding_loads_the_same_values(train_subset_file, train_view, tmp_path):
+    from bpfm.data.shards import write_shards
+
+    manifest = write_shards([train_subset_file], str(tmp_path / "b"), signals="bytes")
+    assert manifest["schema"]["ecg"] == "fixed_size_binary[5000]"
+    view = View(open_shards(str(tmp_path / "b")), "mimic", ("train",), "all")
+    listed = _all(ShardDataset(train_view, batch_size=50, shuffle=False, with_meta=True))[1]
+    packed = _all(ShardDataset(view, batch_size=50, shuffle=False, with_meta=True))[1]
+    assert [b["segment_id"] for b in packed] == [b["segment_id"] for b in listed]
+    for a, b in zip(packed, listed, strict=True):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
+
+
 def test_drop_last_and_normalize(train_view):
     dataset = ShardDataset(train_view, batch_size=10, shuffle=True, normalize=True,
                            drop_last=True)

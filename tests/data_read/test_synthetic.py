@@ -182,3 +182,40 @@ def test_signals_are_scaled_and_labels_match_abp(small_subsets):
 def test_bad_config_is_a_user_error(tmp_path):
     with pytest.raises(BpfmError, match="subjects must be >= 3"):
         write_synthetic_pulsedb(tmp_path, SynthConfig(subjects=2))
+
+
+def test_column_and_row_waveforms_read_alike(subj_wins_copy):
+    with open_pulsedb(subj_wins_copy) as pulse:
+        before = next(pulse.iter_batches())
+    raw = int(before.segment_index[0])
+    with h5py.File(subj_wins_copy, "r+") as f:
+        column = f[f["Subj_Wins/ECG_F"][0, raw]][()].reshape(1250, 1)
+        f["Subj_Wins/ECG_F"][0, raw] = _column_ref(f, column)
+        assert f[f["Subj_Wins/ECG_F"][0, raw]].shape == (1250, 1)
+    with open_pulsedb(subj_wins_copy) as pulse:
+        after = next(pulse.iter_batches())
+    np.testing.assert_array_equal(after.ecg, before.ecg)
+
+
+def _column_ref(f, column):
+    """A (1250, 1)-shaped referenced waveform (MATLAB 1 x 1250 row), as some files store it."""
+    ds = f["#refs#"].create_dataset("column_ecg", data=column)
+    ds.attrs["MATLAB_class"] = np.bytes_("double")
+    return ds.ref
+
+
+def test_one_segment_subj_wins_stores_fields_inline(tmp_path):
+    path = tmp_path / "p000042.mat"
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        group = f.create_group("Subj_Wins")
+        for name in ("ECG_F", "PPG_F"):
+            group[name] = rng.random((1, 1250))
+        group["ABP_Raw"] = 80 + 40 * rng.random((1, 1250))
+        group["SegSBP"], group["SegDBP"] = np.array([[121.0]]), np.array([[79.0]])
+        group["SubjectID"] = np.frombuffer("p000042".encode("utf-16-le"), np.uint16)[:, None]
+    with open_pulsedb(path) as pulse:
+        batch = next(pulse.iter_batches())
+    assert pulse.n_segments == 1 and batch.subject == ["p000042"] and batch.source == ["mimic"]
+    assert (batch.sbp[0], batch.dbp[0]) == (121.0, 79.0)
+    assert batch.ecg.shape == (1, 1250)

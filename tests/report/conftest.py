@@ -45,11 +45,12 @@ def planted_store(tmp_path_factory, mlflow_db_template) -> tuple[str, dict[str, 
     return uri, plant_study(uri, root / "artifacts")
 
 
-def write_profile(path: Path, *, data: str, storage: Path, **overrides) -> Path:
-    """A grid profile with one small cell trained for a couple of optimizer steps."""
+def write_profile(path: Path, *, data: str | dict, storage: Path, **overrides) -> Path:
+    """A grid profile with one small cell trained for a couple of optimizer steps; `data` is a
+    shard set URI or the profile's whole `data` mapping."""
     profile = {
         "study": "report-test",
-        "data": {"uri": data},
+        "data": data if isinstance(data, dict) else {"uri": data},
         "storage": str(storage),
         "axes": {"size": ["small"], "freeze": ["unfrozen"], "epochs": [2], "init": ["xavier"],
                  "source": ["mimic"], "protocol": ["paper"], "seed": [42]},

@@ -56,7 +56,8 @@ def test_an_interrupted_search_resumes_from_its_storage(tmp_path, tracking_uri, 
     profile = load_profile(str(path))
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     recipe = tmp_path / "recipe.yaml"
-    config = SearchConfig(cell=CELL, trials=2, study="s", storage=storage, recipe_out=str(recipe))
+    config = SearchConfig(cell=CELL, trials=2, study="s", storage=storage, recipe_out=str(recipe),
+                          max_concurrent=2)
     first = run_search(profile, config)
     assert (first["ran"], first["finished"]) == (2, 2)
 
