@@ -74,8 +74,11 @@ def build_input(workdir: Path, segments: int) -> Path:
 
 
 def phase_convert(input_file: str, shards: str, signals: str) -> dict:
+    import shutil
+
     from bpfm.data.shards import write_shards
 
+    shutil.rmtree(shards, ignore_errors=True)  # measure a conversion, not an up-to-date no-op
     size = Path(input_file).stat().st_size
     start = time.perf_counter()
     manifest = write_shards([input_file], shards, signals=signals)
@@ -106,23 +109,38 @@ def phase_naive(input_file: str, limit: int) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
-def phase_loader(shards: str, epochs: int) -> dict:
-    from bpfm.data.loader import ShardDataset
+def _epochs(epochs: int, run_epoch) -> dict:
+    """segments/s of the first epoch (cold: fresh memory, page faults) and of the later ones."""
+    rates = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        count = run_epoch(epoch)
+        rates.append(count / (time.perf_counter() - start))
+    later = rates[1:] or rates
+    median = float(sorted(later)[len(later) // 2])
+    return {"segments": count, "first_per_s": rates[0], "per_s": median,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def _view(shards: str):
     from bpfm.data.shards import open_shards
     from bpfm.data.splits import View
 
-    shard_set = open_shards(shards)
-    view = View(shard_set, "mimic", ("train",), "all")
+    return View(open_shards(shards), "mimic", ("train",), "all")
+
+
+def phase_loader(shards: str, epochs: int) -> dict:
+    from bpfm.data.loader import ShardDataset
+
+    view = _view(shards)
     rss_before = peak_rss_mb()
     dataset = ShardDataset(view, batch_size=BATCH, shuffle=True, seed=0)
-    count, start = 0, time.perf_counter()
-    for epoch in range(epochs):
+
+    def run_epoch(epoch: int) -> int:
         dataset.set_epoch(epoch)
-        for batch in dataset:
-            count += len(batch["y"])
-    seconds = time.perf_counter() - start
-    return {"segments": count, "seconds": seconds, "per_s": count / seconds,
-            "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss_before}
+        return sum(len(batch["y"]) for batch in dataset)
+
+    return {**_epochs(epochs, run_epoch), "rss_after_imports_mb": rss_before}
 
 
 def phase_memory(shards: str, epochs: int) -> dict:
@@ -131,25 +149,20 @@ def phase_memory(shards: str, epochs: int) -> dict:
     import torch
 
     from bpfm.data.loader import ShardDataset
-    from bpfm.data.shards import open_shards
-    from bpfm.data.splits import View
 
-    shard_set = open_shards(shards)
-    view = View(shard_set, "mimic", ("train",), "all")
-    batches = list(ShardDataset(view, batch_size=4096, shuffle=False))
+    batches = list(ShardDataset(_view(shards), batch_size=4096, shuffle=False))
     x = np.concatenate([b["x"].numpy() for b in batches])
     y = np.concatenate([b["y"].numpy() for b in batches])
     del batches
-    count, start = 0, time.perf_counter()
-    for epoch in range(epochs):
+
+    def run_epoch(epoch: int) -> int:
         order = np.random.default_rng(epoch).permutation(len(x))
         for begin in range(0, len(order), BATCH):
             index = order[begin:begin + BATCH]
             torch.from_numpy(x[index]), torch.from_numpy(y[index])
-            count += len(index)
-    seconds = time.perf_counter() - start
-    return {"segments": count, "seconds": seconds, "per_s": count / seconds,
-            "peak_rss_mb": peak_rss_mb(), "in_memory_mb": x.nbytes / 1e6}
+        return len(order)
+
+    return {**_epochs(epochs, run_epoch), "in_memory_mb": x.nbytes / 1e6}
 
 
 def run_phase(*args: str) -> dict:
@@ -165,7 +178,7 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=20480)
     parser.add_argument("--naive-limit", type=int, default=3000,
                         help="segments the naive reader reads (it is slow)")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--signals", default="list", choices=("list", "bytes"),
                         help="shard signal encoding (see bpfm.data.shards.ShardOptions)")
@@ -195,12 +208,15 @@ def main() -> None:
           f"peak RSS {convert['peak_rss_mb']:.0f} MB)   target >= 50 MB/s")
     for label, result in (("(a) naive h5py per segment", naive), ("(b) bpfm ShardDataset", loader),
                           ("(c) in-memory float32", memory)):
-        print(f"{label:28s} {result['per_s']:>10.0f} segments/s   peak RSS "
+        first = f"(first epoch {result['first_per_s']:.0f})" if "first_per_s" in result else ""
+        print(f"{label:28s} {result['per_s']:>8.0f} segments/s {first:22s} peak RSS "
               f"{result['peak_rss_mb']:.0f} MB")
     print(f"loader RSS after imports (torch, pyarrow): {loader['rss_after_imports_mb']:.0f} MB   "
           "target: loader RSS < 1 GB")
-    print(f"b/a = {loader['per_s'] / naive['per_s']:.1f}   target >= 20")
-    print(f"b/c = {loader['per_s'] / memory['per_s']:.2f}   target >= 0.3")
+    print(f"b/a = {loader['per_s'] / naive['per_s']:.1f} (first epoch "
+          f"{loader['first_per_s'] / naive['per_s']:.1f})   target >= 20")
+    print(f"b/c = {loader['per_s'] / memory['per_s']:.2f} (first epochs "
+          f"{loader['first_per_s'] / memory['first_per_s']:.2f})   target >= 0.3")
 
 
 if __name__ == "__main__":

@@ -58,11 +58,10 @@ def model_dir_payload(
     val_predictions: Predictions,
     *,
     batch_size: int,
-    device,
 ) -> tuple[dict[str, Any], Predictions]:
     """(metrics.json payload without training history, test predictions) for the model as it
     is now. The MASE baseline is the train view's mean, `meta["target_mean"]`."""
-    test_pred = predict(model, split.test, meta, batch_size=batch_size, device=device)
+    test_pred = predict(model, split.test, meta, batch_size=batch_size)
     baseline = meta["target_mean"]
     payload = {
         "test": compute_metrics(test_pred.target, test_pred.estimate, test_pred.subject, baseline),
@@ -121,9 +120,7 @@ def evaluate(
     checked = type(config).from_dict({**config.to_dict(), **overrides}).validate()
     target_device = resolve_device(device)
     split = open_split(checked.data, checked.source, checked.protocol, checked.split_seed)
-    predictions = predict(
-        model.to(target_device), split.test, meta, batch_size=batch_size, device=target_device
-    )
+    predictions = predict(model.to(target_device), split.test, meta, batch_size=batch_size)
     metrics = compute_metrics(
         predictions.target, predictions.estimate, predictions.subject, meta.get("target_mean")
     )

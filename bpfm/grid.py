@@ -18,7 +18,6 @@ from bpfm.profiles import AXES, Profile
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Cell:
     """One point of the grid: one trained model, one MLflow run."""
@@ -61,27 +60,41 @@ class TrialPlan:
     @property
     def id(self) -> str:
         epochs = "+".join(str(e) for e in self.report_epochs)
-        return f"{self.size}-{self.freeze}-e{epochs}-{self.init}-{self.source}-{self.protocol}-s{self.seed}"
+        return (
+            f"{self.size}-{self.freeze}-e{epochs}-{self.init}-{self.source}-{self.protocol}"
+            f"-s{self.seed}"
+        )
 
     def cells(self) -> list[Cell]:
         return [self.cell(e) for e in self.report_epochs]
 
     def cell(self, epochs: int) -> Cell:
-        return Cell(self.size, self.freeze, epochs, self.init, self.source, self.protocol, self.seed)
+        return Cell(
+            self.size, self.freeze, epochs, self.init, self.source, self.protocol, self.seed
+        )
 
     def tune_config(self) -> dict[str, Any]:
         """The trial's entry in Tune's search space (plain values only)."""
         return {
-            "size": self.size, "freeze": self.freeze, "init": self.init, "source": self.source,
-            "protocol": self.protocol, "seed": self.seed, "epochs": self.epochs,
+            "size": self.size,
+            "freeze": self.freeze,
+            "init": self.init,
+            "source": self.source,
+            "protocol": self.protocol,
+            "seed": self.seed,
+            "epochs": self.epochs,
             "report_epochs": list(self.report_epochs),
         }
 
 
 def trial_from_config(config: dict[str, Any]) -> TrialPlan:
     return TrialPlan(
-        size=config["size"], freeze=config["freeze"], init=config["init"],
-        source=config["source"], protocol=config["protocol"], seed=int(config["seed"]),
+        size=config["size"],
+        freeze=config["freeze"],
+        init=config["init"],
+        source=config["source"],
+        protocol=config["protocol"],
+        seed=int(config["seed"]),
         report_epochs=tuple(int(e) for e in config.get("report_epochs") or [config["epochs"]]),
     )
 
@@ -139,13 +152,18 @@ def dry_run(profile: Profile, train: dict[str, Any], cluster_gpus: float | None 
     for trial in plan.trials:
         spec = profile.resources_for(trial.size)
         resources = (
-            spec.on_cluster(cluster_gpus) if cluster_gpus is not None
+            spec.on_cluster(cluster_gpus)
+            if cluster_gpus is not None
             else {"cpu": spec.cpu, "gpu": spec.gpu}
         )
-        trials.append({
-            "trial": trial.id, "cells": [c.id for c in trial.cells()],
-            "epochs": trial.epochs, "resources": resources,
-        })
+        trials.append(
+            {
+                "trial": trial.id,
+                "cells": [c.id for c in trial.cells()],
+                "epochs": trial.epochs,
+                "resources": resources,
+            }
+        )
     return {
         "profile": profile.name,
         "study": profile.study,
@@ -179,6 +197,7 @@ def format_dry_run(plan: dict) -> str:
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A plain fixed-width table: the grid's summary on stdout."""
+
     def show(value: Any) -> str:
         if isinstance(value, float):
             return f"{value:.3f}"
@@ -207,8 +226,10 @@ def ensure_data(profile: Profile) -> str:
     if storage.exists(storage.join(uri, MANIFEST)):
         return uri
     if profile.data.synthesize is None:
-        raise BpfmError(f"{profile.path}: data.uri: {uri} has no {MANIFEST} (shard PulseDB "
-                        "first: pipelines/shard.py or `bpfm data shard`)")
+        raise BpfmError(
+            f"{profile.path}: data.uri: {uri} has no {MANIFEST} (shard PulseDB "
+            "first: pipelines/shard.py or `bpfm data shard`)"
+        )
     from bpfm.data.synth import SynthConfig, write_synthetic_pulsedb
 
     log.info("stage 0: synthesizing PulseDB and sharding it to %s", uri)
@@ -218,9 +239,18 @@ def ensure_data(profile: Profile) -> str:
     return uri
 
 
-def quantize_cell(*, tracking_uri: str, experiment_id: str, grid_run_id: str, study: str,
-                  cell: str, cell_run_id: str, variant: str, options: dict[str, Any],
-                  data: str) -> dict[str, Any]:
+def quantize_cell(
+    *,
+    tracking_uri: str,
+    experiment_id: str,
+    grid_run_id: str,
+    study: str,
+    cell: str,
+    cell_run_id: str,
+    variant: str,
+    options: dict[str, Any],
+    data: str,
+) -> dict[str, Any]:
     """Stage 2, one (trained model, variant): a run nested under the cell's run with the full
     metrics, size and latency, and the quantized model. A finished variant is not redone."""
     import tempfile
@@ -229,12 +259,25 @@ def quantize_cell(*, tracking_uri: str, experiment_id: str, grid_run_id: str, st
     from bpfm.quantize import QuantConfig, run_quantization
 
     client = tracking.client(tracking_uri)
-    params = tracking.safe_params({**options, "variant": variant},
-                                  [*QuantConfig.__dataclass_fields__, "variant"])
-    tags = {tracking.KIND: "quant", tracking.CELL: cell, tracking.VARIANT: variant,
-            tracking.STUDY: study, tracking.GRID_RUN: grid_run_id}
-    run_id, done = tracking.child_run(client, experiment_id, cell_run_id, key=f"{cell}/{variant}",
-                                      name=variant, tags=tags, params=params)
+    params = tracking.safe_params(
+        {**options, "variant": variant}, [*QuantConfig.__dataclass_fields__, "variant"]
+    )
+    tags = {
+        tracking.KIND: "quant",
+        tracking.CELL: cell,
+        tracking.VARIANT: variant,
+        tracking.STUDY: study,
+        tracking.GRID_RUN: grid_run_id,
+    }
+    run_id, done = tracking.child_run(
+        client,
+        experiment_id,
+        cell_run_id,
+        key=f"{cell}/{variant}",
+        name=variant,
+        tags=tags,
+        params=params,
+    )
     if done:
         return {"cell": cell, "variant": variant, "run_id": run_id, "skipped": True}
     try:
@@ -242,8 +285,9 @@ def quantize_cell(*, tracking_uri: str, experiment_id: str, grid_run_id: str, st
             model_dir = tracking.download_model_dir(client, cell_run_id, tmp)
             out = Path(tmp) / "quantized"
             result = run_quantization(model_dir, QuantConfig(**options), data=data, out=str(out))
-            tracking.log_results(client, run_id, _flat_metrics(result),
-                                 extra=tracking.QUANT_METRICS)
+            tracking.log_results(
+                client, run_id, _flat_metrics(result), extra=tracking.QUANT_METRICS
+            )
             if out.is_dir():
                 client.log_artifacts(run_id, str(out), "quantized")
     except BaseException:
@@ -288,15 +332,35 @@ def register_best(client, tracking_uri: str, study: str, cell_runs: list) -> dic
         with tempfile.TemporaryDirectory(prefix="bpfm-best-") as tmp:
             model, _, _ = load_trained(tracking.download_model_dir(client, run.info.run_id, tmp))
             name = f"{study}-{source}"
-            registered[source] = tracking.register_best(client, tracking_uri, run.info.run_id,
-                                                        model, name)
+            registered[source] = tracking.register_best(
+                client, tracking_uri, run.info.run_id, model, name
+            )
     return registered
 
 
-TRAIN_COLUMNS = ["cell", "sbp_mae", "dbp_mae", "sbp_sd", "dbp_sd", "sbp_r2", "dbp_r2",
-                 "sbp_bhs_grade", "dbp_bhs_grade", "aami"]
-QUANT_COLUMNS = ["cell", "variant", "size_mib", "latency_ms_b1", "latency_ms_b64", "sbp_mae",
-                 "dbp_mae", "sbp_r2", "dbp_r2"]
+TRAIN_COLUMNS = [
+    "cell",
+    "sbp_mae",
+    "dbp_mae",
+    "sbp_sd",
+    "dbp_sd",
+    "sbp_r2",
+    "dbp_r2",
+    "sbp_bhs_grade",
+    "dbp_bhs_grade",
+    "aami",
+]
+QUANT_COLUMNS = [
+    "cell",
+    "variant",
+    "size_mib",
+    "latency_ms_b1",
+    "latency_ms_b64",
+    "sbp_mae",
+    "dbp_mae",
+    "sbp_r2",
+    "dbp_r2",
+]
 
 
 def summarize(client, experiment_id: str, grid_run_id: str) -> dict[str, list[dict[str, Any]]]:
@@ -310,12 +374,19 @@ def summarize(client, experiment_id: str, grid_run_id: str) -> dict[str, list[di
         out.update(cell=run.data.tags.get(tracking.CELL), run_id=run.info.run_id)
         return out
 
-    train = sorted((row(r, TRAIN_COLUMNS) for r in launch_cells(client, experiment_id,
-                                                                 grid_run_id)),
-                   key=lambda r: r["cell"] or "")
-    quant_runs = tracking.find_runs(client, experiment_id,
-                                    {tracking.GRID_RUN: grid_run_id, tracking.KIND: "quant"})
-    quant = sorted((row(r, QUANT_COLUMNS) | {"variant": r.data.tags.get(tracking.VARIANT)}
-                    for r in quant_runs if r.info.status == "FINISHED"),
-                   key=lambda r: (r["cell"] or "", r["variant"] or ""))
+    train = sorted(
+        (row(r, TRAIN_COLUMNS) for r in launch_cells(client, experiment_id, grid_run_id)),
+        key=lambda r: r["cell"] or "",
+    )
+    quant_runs = tracking.find_runs(
+        client, experiment_id, {tracking.GRID_RUN: grid_run_id, tracking.KIND: "quant"}
+    )
+    quant = sorted(
+        (
+            row(r, QUANT_COLUMNS) | {"variant": r.data.tags.get(tracking.VARIANT)}
+            for r in quant_runs
+            if r.info.status == "FINISHED"
+        ),
+        key=lambda r: (r["cell"] or "", r["variant"] or ""),
+    )
     return {"cells": train, "quantized": quant}

@@ -66,12 +66,26 @@ def check_batch(x: torch.Tensor, where: str = "input") -> None:
         raise BpfmError(f"{where}: x: contains NaN or infinite samples")
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto` (CUDA when present), `cpu`, `cuda[:N]`; CUDA asked for but absent is an error."""
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BpfmError(f"device: {device!r} requested but CUDA is not available")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise BpfmError(f"device: unknown device {device!r} (auto, cpu, cuda[:N])") from None
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's tensors live (CPU for a model without any, e.g. some quantized ones)."""
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 @torch.inference_mode()
@@ -81,13 +95,17 @@ def predict_arrays(
     meta: dict[str, Any],
     *,
     batch_size: int = 256,
-    device: str = "cpu",
 ) -> np.ndarray:
-    """Estimates in mmHg [N, 2] for windows x [N, 2, 1250] already in memory."""
+    """Estimates in mmHg [N, 2] for windows x [N, 2, 1250] already in memory (as stored in the
+    shards: the input normalising in `meta` is applied here), on the model's device."""
+    from bpfm.data.loader import normalize_windows
+
     x = torch.as_tensor(x, dtype=torch.float32)
     check_batch(x)
+    if meta.get("normalize_inputs"):
+        x = torch.from_numpy(normalize_windows(x.numpy().copy()))
     model.eval()
-    target_device = resolve_device(device)
+    target_device = model_device(model)
     scale, shift = target_scaling(meta)
     outputs = [
         model(x[i : i + batch_size].to(target_device)).float().cpu().numpy()
@@ -114,12 +132,12 @@ def predict(
     meta: dict[str, Any],
     *,
     batch_size: int = 256,
-    device: str | torch.device = "cpu",
     num_workers: int = 0,
 ) -> Predictions:
-    """Estimates for every segment of a data view (`bpfm.data.splits.View`), in view order.
-    `meta` is the model's meta (from `load_trained` or `fit`): target scaling, input normalising."""
-    target_device = resolve_device(device) if isinstance(device, str) else device
+    """Estimates for every segment of a data view (`bpfm.data.splits.View`), in view order, on
+    the model's device. `meta` is the model's meta (from `load_trained` or `fit`): target
+    scaling and input normalising."""
+    target_device = model_device(model)
     scale, shift = target_scaling(meta)
     model.eval()
     segment_ids: list[str] = []

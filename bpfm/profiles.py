@@ -32,8 +32,17 @@ AXIS_CHOICES: dict[str, tuple[str, ...]] = {
     "protocol": ("paper", "calbased", "calfree", "aami"),
 }
 TOP_LEVEL = (
-    "study", "description", "data", "storage", "axes", "train", "pretrain", "resources", "tune",
-    "quantize", "tracking",
+    "study",
+    "description",
+    "data",
+    "storage",
+    "axes",
+    "train",
+    "pretrain",
+    "resources",
+    "tune",
+    "quantize",
+    "tracking",
 )
 _ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
@@ -169,9 +178,7 @@ def load_profile(name_or_path: str) -> Profile:
     if not isinstance(quantize, dict) or not all(isinstance(v, dict) for v in quantize.values()):
         raise _fail(path, "quantize", "must map variant names to QuantConfig fields")
     try:
-        resources = {
-            size: Resources(**spec) for size, spec in (raw.get("resources") or {}).items()
-        }
+        resources = {size: Resources(**spec) for size, spec in (raw.get("resources") or {}).items()}
         tune = TuneSpec(**(raw.get("tune") or {}))
         pretrain_spec = PretrainSpec(**pretrain) if pretrain else None
         data_spec = DataSpec(

@@ -260,7 +260,10 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
 
 
 def baseline_document(
-    entries: Mapping[str, Mapping[str, Any]], *, profile: str, created: str,
+    entries: Mapping[str, Mapping[str, Any]],
+    *,
+    profile: str,
+    created: str,
     previous: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A new baseline from a run's entries, keeping the previous file's tolerance overrides."""

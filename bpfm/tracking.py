@@ -35,11 +35,18 @@ PARENT = "mlflow.parentRunId"
 
 TARGETS = ("sbp", "dbp")
 FINAL_METRICS = tuple(
-    f"{t}_{m}" for t in TARGETS
+    f"{t}_{m}"
+    for t in TARGETS
     for m in ("mae", "me", "sd", "rmse", "r2", "mase", "bhs5", "bhs10", "bhs15")
 )
-EXTRA_METRICS = ("sbp_mae_ci_low", "sbp_mae_ci_high", "dbp_mae_ci_low", "dbp_mae_ci_high", "n",
-                 "n_subjects")
+EXTRA_METRICS = (
+    "sbp_mae_ci_low",
+    "sbp_mae_ci_high",
+    "dbp_mae_ci_low",
+    "dbp_mae_ci_high",
+    "n",
+    "n_subjects",
+)
 EPOCH_METRICS = ("train_loss", "val_mae")
 QUANT_METRICS = ("size_mib", "latency_ms_b1", "latency_ms_b64")
 GRADE_TAGS = ("sbp_bhs_grade", "dbp_bhs_grade", "aami", "sbp_aami", "dbp_aami")
@@ -112,27 +119,51 @@ def ensure_experiment(mlflow_client, name: str) -> str:
 
 def find_runs(mlflow_client, experiment_id: str, tags: Mapping[str, str]) -> list:
     filters = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    return list(mlflow_client.search_runs([experiment_id], filter_string=filters,
-                                          order_by=["attributes.start_time DESC"]))
+    return list(
+        mlflow_client.search_runs(
+            [experiment_id], filter_string=filters, order_by=["attributes.start_time DESC"]
+        )
+    )
 
 
-def start_grid_run(mlflow_client, experiment_id: str, *, name: str, tags: Mapping[str, str],
-                   params: Mapping[str, Any], resume: bool) -> str:
+def start_grid_run(
+    mlflow_client,
+    experiment_id: str,
+    *,
+    name: str,
+    tags: Mapping[str, str],
+    params: Mapping[str, Any],
+    resume: bool,
+) -> str:
     """The parent run of a grid launch; a resumed launch continues its earlier parent run."""
     if resume and tags.get(TUNE_PATH):
-        previous = find_runs(mlflow_client, experiment_id, {KIND: tags[KIND], TUNE_PATH: tags[TUNE_PATH]})
+        same_launch = {KIND: tags[KIND], TUNE_PATH: tags[TUNE_PATH]}
+        previous = find_runs(mlflow_client, experiment_id, same_launch)
         if previous:
             run_id = previous[0].info.run_id
             mlflow_client.update_run(run_id, status="RUNNING")
             return run_id
-    run = mlflow_client.create_run(experiment_id, run_name=name,
-                                   tags={k: redact(v) for k, v in tags.items()})
-    _log(mlflow_client, run.info.run_id, params={k: redact(_param_text(v)) for k, v in params.items()})
+    run = mlflow_client.create_run(
+        experiment_id, run_name=name, tags={k: redact(v) for k, v in tags.items()}
+    )
+    _log(
+        mlflow_client,
+        run.info.run_id,
+        params={k: redact(_param_text(v)) for k, v in params.items()},
+    )
     return run.info.run_id
 
 
-def child_run(mlflow_client, experiment_id: str, parent_run_id: str, *, key: str, name: str,
-              tags: Mapping[str, str], params: Mapping[str, str]) -> tuple[str, bool]:
+def child_run(
+    mlflow_client,
+    experiment_id: str,
+    parent_run_id: str,
+    *,
+    key: str,
+    name: str,
+    tags: Mapping[str, str],
+    params: Mapping[str, str],
+) -> tuple[str, bool]:
     """The child run for `key` under the parent, created once; returns (run id, finished)."""
     found = find_runs(mlflow_client, experiment_id, {PARENT: parent_run_id, KEY: key})
     if found:
@@ -144,9 +175,15 @@ def child_run(mlflow_client, experiment_id: str, parent_run_id: str, *, key: str
     return run.info.run_id, False
 
 
-def _log(mlflow_client, run_id: str, *, metrics: Mapping[str, float] | None = None,
-         params: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None,
-         step: int = 0) -> None:
+def _log(
+    mlflow_client,
+    run_id: str,
+    *,
+    metrics: Mapping[str, float] | None = None,
+    params: Mapping[str, str] | None = None,
+    tags: Mapping[str, str] | None = None,
+    step: int = 0,
+) -> None:
     import time
 
     from mlflow.entities import Metric, Param, RunTag
@@ -173,8 +210,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def log_results(mlflow_client, run_id: str, metrics: Mapping[str, Any], *,
-                extra: Iterable[str] = ()) -> None:
+def log_results(
+    mlflow_client, run_id: str, metrics: Mapping[str, Any], *, extra: Iterable[str] = ()
+) -> None:
     """Final test metrics (mmHg, BHS %) and the clinical verdicts as tags."""
     names = (*FINAL_METRICS, *EXTRA_METRICS, *extra)
     numbers = {k: metrics[k] for k in names if _is_number(metrics.get(k))}
@@ -262,25 +300,31 @@ def finish(mlflow_client, run_id: str, status: str = "FINISHED") -> None:
     mlflow_client.set_terminated(run_id, status=status)
 
 
-def log_torch_model(tracking_uri: str, run_id: str, model, name: str,
-                    registered_name: str | None = None) -> str:
+def log_torch_model(
+    tracking_uri: str, run_id: str, model, name: str, registered_name: str | None = None
+) -> str:
     """Log a torch model as an MLflow model of the run (pickle: INT8 torch.ao models cannot be
     exported as pt2); returns its model URI."""
-    import mlflow
     import torch
+
+    import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     torch_pin = f"torch=={torch.__version__.split('+')[0]}"
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
-            model, name=name, serialization_format="pickle", pip_requirements=[torch_pin],
+            model,
+            name=name,
+            serialization_format="pickle",
+            pip_requirements=[torch_pin],
             registered_model_name=registered_name,
         )
     return info.model_uri
 
 
-def register_best(mlflow_client, tracking_uri: str, run_id: str, model, name: str,
-                  alias: str = MODEL_ALIAS) -> str:
+def register_best(
+    mlflow_client, tracking_uri: str, run_id: str, model, name: str, alias: str = MODEL_ALIAS
+) -> str:
     """Register a cell's model under `name` and point `alias` at the new version."""
     log_torch_model(tracking_uri, run_id, model, "model", registered_name=name)
     versions = mlflow_client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")

@@ -4,7 +4,10 @@ Plain PyTorch, no Ray: per-epoch callbacks receive an `EpochReport`, which is ho
 reports to Ray Tune. Recipe defaults are the paper's (MSE, Adam lr 1e-4, no weight decay, seed
 42, fixed epochs) except that targets are standardised with the train view's mean/SD (the head
 predicts z-scores and starts at 0, i.e. the train mean); `standardize_targets=False` replays the
-paper's raw-mmHg training.
+paper's raw-mmHg training. Inputs are z-scored per window and channel by default
+(`normalize_inputs`): PulseDB's ECG_F / PPG_F are min-max scaled to [0, 1], and on that scale
+a short run stays at the mean predictor (measured on synthetic data: MASE 0.99 after 3 epochs vs
+0.65 with z-scored windows); `normalize_inputs=False` is the paper's input.
 
 Every epoch ends with a full checkpoint (`out/checkpoints/epoch-NNNN/state.pt`: model,
 optimiser, scheduler, torch/CUDA/numpy/python RNG states, epoch, history, best val), and the
@@ -101,7 +104,7 @@ class TrainConfig:
     loss: str = "mse"
     huber_delta: float = 1.0  # in loss units (z-scores when standardised)
     standardize_targets: bool = True
-    normalize_inputs: bool = False  # the loader's per-window input normalising
+    normalize_inputs: bool = True  # z-score each window and channel (see module doc)
     seed: int = 42  # init, dropout, shuffling
     split_seed: int = 42  # the split, kept apart so seeds vary the model, not the test set
     device: str = "auto"  # cuda when present
@@ -255,10 +258,6 @@ def _loss_fn(config: TrainConfig) -> nn.Module:
     return nn.HuberLoss(delta=config.huber_delta) if config.loss == "huber" else nn.MSELoss()
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
 def _train_loader(config: TrainConfig, view, epoch: int):
     from torch.utils.data import DataLoader
 
@@ -268,9 +267,10 @@ def _train_loader(config: TrainConfig, view, epoch: int):
         view,
         batch_size=config.batch_size,
         shuffle=True,
-        seed=_epoch_seed(config.seed, epoch),
+        seed=config.seed,
         normalize=config.normalize_inputs,
     )
+    dataset.set_epoch(epoch)  # the shuffle depends on (seed, epoch) only: resumable
     return DataLoader(dataset, batch_size=None, num_workers=config.num_workers)
 
 
@@ -378,10 +378,10 @@ def save_train_state(out: Path, epoch: int, state: dict[str, Any], *, keep: int)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     earlier = [p for e, p in _epoch_dirs(out) if e < epoch]
-    for _, stale in [(e, p) for e, p in _epoch_dirs(out) if e > epoch]:
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in earlier[: max(len(earlier) - (keep - 1), 0)]:
-        shutil.rmtree(stale, ignore_errors=True)
+    stale = earlier[: max(len(earlier) - (keep - 1), 0)]
+    stale += [p for e, p in _epoch_dirs(out) if e > epoch]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
     return final
 
 
@@ -455,7 +455,7 @@ def fit(
     write_json(out / "config.json", config.to_dict())
     log.info("%s: train %d / val %d / test %d segments; %s", config.data, summary["n_train"],
              summary["n_val"], summary["n_test"], split.label)  # fmt: skip
-    eval_kw = {"batch_size": config.eval_batch_size, "device": device}
+    eval_kw = {"batch_size": config.eval_batch_size}
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         stats = _train_epoch(config, model, split.train, epoch, optimizer, scheduler, meta, device)
         val_pred = predict(model, split.val, meta, **eval_kw)

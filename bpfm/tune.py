@@ -74,8 +74,14 @@ class CellLogger:
     metrics, model, predictions and plots. A cell already FINISHED (by an earlier attempt of the
     trial or an earlier launch) is left as it is."""
 
-    def __init__(self, ctx: TrialContext, trial: TrialPlan, config: dict[str, Any],
-                 train_values: dict[str, Any], trial_id: str):
+    def __init__(
+        self,
+        ctx: TrialContext,
+        trial: TrialPlan,
+        config: dict[str, Any],
+        train_values: dict[str, Any],
+        trial_id: str,
+    ):
         self.client = tracking.client(ctx.tracking_uri)
         self.cells = {c.epochs: c for c in trial.cells()}
         self.runs: dict[int, str] = {}
@@ -135,10 +141,15 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
                       "val_mae": epoch_report.val_mae}  # fmt: skip
             cells.on_epoch(epoch, values)
             if epoch in cells.cells and epoch_report.model_dir is not None:
-                model_dir = train.out if epoch == train.epochs else None
-                cells.finish_cell(epoch, Path(model_dir or Path(train.out) / f"epoch-{epoch}"))
-            metrics = {**values, **{k: v for k, v in epoch_report.metrics.items()
-                                    if k.startswith("test_") and _is_scalar(v)}}
+                cells.finish_cell(epoch, _model_dir(train.out, epoch))
+            metrics = {
+                **values,
+                **{
+                    k: v
+                    for k, v in epoch_report.metrics.items()
+                    if k.startswith("test_") and _is_scalar(v)
+                },
+            }
             if epoch % ctx.checkpoint_every == 0 or epoch == train.epochs:
                 checkpoint = tune.Checkpoint.from_directory(str(epoch_report.checkpoint_dir))
                 tune.report(metrics, checkpoint=checkpoint)
@@ -159,11 +170,18 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
                 log.info("trial %s resumes from %s", trial_id, resume_dir)
                 fit(train, callbacks=[report], resume_from=resume_dir)
         for epochs in cells.cells:  # cells whose report an earlier attempt lost
-            model_dir = Path(train.out) if epochs == train.epochs else Path(train.out) / f"epoch-{epochs}"
+            model_dir = _model_dir(train.out, epochs)
             if (model_dir / "metrics.json").is_file():
                 cells.finish_cell(epochs, model_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _model_dir(out: str | Path, epoch: int) -> Path:
+    """The model dir fit wrote for `epoch`: `out/epoch-<N>/` when it was a report epoch, else
+    `out/` itself (the final epoch)."""
+    prefix = Path(out) / f"epoch-{epoch}"
+    return prefix if prefix.is_dir() else Path(out)
 
 
 def _is_scalar(value: Any) -> bool:
@@ -182,6 +200,7 @@ def cluster_gpus(policy: str = "auto") -> float:
 
 def trial_resources(profile: Profile, gpus: float):
     """Resources per trial from its size; GPU requests dropped on a cluster without GPUs."""
+
     def for_config(config: dict[str, Any]) -> tune.PlacementGroupFactory:
         wanted = profile.resources_for(config["size"]).on_cluster(gpus)
         bundle = {"CPU": wanted["cpu"], **({"GPU": wanted["gpu"]} if "gpu" in wanted else {})}
@@ -201,8 +220,9 @@ def search_space(axes: dict[str, tuple], share_prefix: bool) -> dict[str, Any]:
     if share_prefix:
         space.update(epochs=epochs[-1], report_epochs=epochs)
     else:
-        space.update(epochs=tune.grid_search(epochs) if len(epochs) > 1 else epochs[0],
-                     report_epochs=[])
+        space.update(
+            epochs=tune.grid_search(epochs) if len(epochs) > 1 else epochs[0], report_epochs=[]
+        )
     return space
 
 
@@ -214,9 +234,17 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def make_tuner(trainable, *, param_space: dict[str, Any] | None, storage: str, name: str,
-               resources, max_failures: int, max_concurrent: int = 0,
-               tune_config: dict[str, Any] | None = None) -> tune.Tuner:
+def make_tuner(
+    trainable,
+    *,
+    param_space: dict[str, Any] | None,
+    storage: str,
+    name: str,
+    resources,
+    max_failures: int,
+    max_concurrent: int = 0,
+    tune_config: dict[str, Any] | None = None,
+) -> tune.Tuner:
     """A Tuner for `storage/name`: restored when that experiment exists (finished trials are not
     run again, errored ones resume from their last checkpoint), else created."""
     from bpfm.storage import join
@@ -266,8 +294,9 @@ def ensure_pretrained(profile: Profile, sizes: list[str], gpus: float) -> dict[s
     from bpfm.storage import exists
 
     if profile.pretrain is None:
-        raise BpfmError(f"{profile.path}: pretrain: the grid has pretrained cells but no "
-                        "pretrain.checkpoint")
+        raise BpfmError(
+            f"{profile.path}: pretrain: the grid has pretrained cells but no pretrain.checkpoint"
+        )
     checkpoints, pending = {}, []
     for size in sizes:
         uri = profile.pretrain.checkpoint_for(size)
@@ -306,8 +335,14 @@ def run_quantization_tasks(jobs: list[dict[str, Any]], cpus: float = 1.0) -> lis
     return results
 
 
-def run_grid(profile: Profile, *, recipe: dict[str, Any] | None = None, name: str | None = None,
-             gpus: str = "auto", quant_cpus: float = 1.0) -> dict[str, Any]:
+def run_grid(
+    profile: Profile,
+    *,
+    recipe: dict[str, Any] | None = None,
+    name: str | None = None,
+    gpus: str = "auto",
+    quant_cpus: float = 1.0,
+) -> dict[str, Any]:
     """The study as one job. Stage 0: data and backbones; stage 1: Tune over the grid (resumed
     when `storage/name` exists); stage 2: every trained model through every quantization variant;
     stage 3: the summary, read back from MLflow."""
@@ -337,8 +372,14 @@ def run_grid(profile: Profile, *, recipe: dict[str, Any] | None = None, name: st
                 "epoch_prefix_sharing": plan.share_prefix, "recipe": recipe or {},
                 "quantize_variants": list(profile.quantize)},
     )  # fmt: skip
-    log.info("stage 1: %d cells in %d trials -> %s (MLflow %s, run %s)", len(plan.cells),
-             len(plan.trials), path, tracking.redact(uri), grid_run)
+    log.info(
+        "stage 1: %d cells in %d trials -> %s (MLflow %s, run %s)",
+        len(plan.cells),
+        len(plan.trials),
+        path,
+        tracking.redact(uri),
+        grid_run,
+    )
     fault = os.environ.get(FAULT_ENV)
     ctx = TrialContext(
         data=data, train=train, tracking_uri=uri, experiment_id=experiment_id,

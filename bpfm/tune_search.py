@@ -241,12 +241,19 @@ def write_recipe(path: Path, study: optuna.Study, cell: dict[str, Any]) -> dict[
     overrides = recipe_overrides(best.params)
     document = {
         "train": overrides,
-        "search": {"study": study.study_name, "trial": best.number, "val_mae": best.value,
-                   "cell": dict(cell), "trials": len(study.trials)},  # fmt: skip
+        "search": {
+            "study": study.study_name,
+            "trial": best.number,
+            "val_mae": best.value,
+            "cell": dict(cell),
+            "trials": len(study.trials),
+        },  # fmt: skip
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"# bpfm search: best of study {study.study_name} (trial {best.number}, "
-              f"val_mae {best.value:.3f} mmHg). Use: pipelines/grid.py --recipe {path.name}\n")
+    header = (
+        f"# bpfm search: best of study {study.study_name} (trial {best.number}, "
+        f"val_mae {best.value:.3f} mmHg). Use: pipelines/grid.py --recipe {path.name}\n"
+    )
     path.write_text(header + yaml.safe_dump(document, sort_keys=False))
     return overrides
 
@@ -258,8 +265,11 @@ def _study_run(client, experiment_id: str, study: str, params: dict[str, Any]) -
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(experiment_id, run_name=study,
-                            tags={tracking.KIND: "search", ROLE: "study", STUDY_NAME: study})
+    run = client.create_run(
+        experiment_id,
+        run_name=study,
+        tags={tracking.KIND: "search", ROLE: "study", STUDY_NAME: study},
+    )
     for key, value in tracking.safe_params(params, params).items():
         client.log_param(run.info.run_id, key, value)
     return run.info.run_id

@@ -11,8 +11,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="PulseDB files, Parquet shards, object storage")
     commands = parser.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
 
-    synth = commands.add_parser("synth", help="write a synthetic PulseDB release (Subset, "
-                                "Subj_Wins and Info files)")
+    synth = commands.add_parser(
+        "synth", help="write a synthetic PulseDB release (Subset, Subj_Wins and Info files)"
+    )
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--subjects", type=int, default=None, help="subjects per source")
     synth.add_argument("--segments-per-subject", type=int, default=None)
@@ -20,16 +21,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_flag(synth)
     synth.set_defaults(func=run_synth)
 
-    shard = commands.add_parser("shard", help="convert PulseDB files to Parquet shards "
-                                "(a folder or s3://bucket/prefix)")
-    shard.add_argument("inputs", nargs="+", metavar="INPUT",
-                       help="*_Subset.mat or Subj_Wins files, or folders holding *_Subset.mat")
+    shard = commands.add_parser(
+        "shard", help="convert PulseDB files to Parquet shards (a folder or s3://bucket/prefix)"
+    )
+    shard.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="*_Subset.mat or Subj_Wins files, or folders holding *_Subset.mat",
+    )
     shard.add_argument("--out", required=True, metavar="URI", help="folder or s3:// URI")
     shard.add_argument("--no-abp", action="store_true", help="leave the ABP column empty")
-    shard.add_argument("--drop-invalid", action="store_true",
-                       help="drop (and count) rows with bad values instead of failing")
-    shard.add_argument("--workers", type=int, default=None,
-                       help="parallel conversion processes (default: one per file, up to CPUs)")
+    shard.add_argument(
+        "--drop-invalid",
+        action="store_true",
+        help="drop (and count) rows with bad values instead of failing",
+    )
+    shard.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="parallel conversion processes (default: one per file, up to CPUs)",
+    )
     add_json_flag(shard)
     shard.set_defaults(func=run_shard)
 
@@ -38,8 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_flag(inspect)
     inspect.set_defaults(func=run_inspect)
 
-    subsets = commands.add_parser("subsets", help="build a Subset file from Subj_Wins files and "
-                                  "an Info file (PulseDB's Generate_Subsets.m)")
+    subsets = commands.add_parser(
+        "subsets",
+        help="build a Subset file from Subj_Wins files and "
+        "an Info file (PulseDB's Generate_Subsets.m)",
+    )
     subsets.add_argument("--segments", required=True, help="folder of Subj_Wins files")
     subsets.add_argument("--info", required=True, help="Info file (Subj_Name, Subj_SegIDX)")
     subsets.add_argument("--out", required=True, help="Subset file to write")
@@ -52,17 +68,23 @@ def run_synth(args: argparse.Namespace) -> int:
 
     from bpfm.data.synth import SynthConfig, write_synthetic_pulsedb
 
-    overrides = {"subjects": args.subjects, "segments_per_subject": args.segments_per_subject,
-                 "seed": args.seed}
+    overrides = {
+        "subjects": args.subjects,
+        "segments_per_subject": args.segments_per_subject,
+        "seed": args.seed,
+    }
     config = replace(SynthConfig(), **{k: v for k, v in overrides.items() if v is not None})
     result = write_synthetic_pulsedb(args.out, config)
-    print_result({
-        "out": str(args.out),
-        "subset_files": [str(p) for p in result.subset_files],
-        "segment_files": len(result.segment_files),
-        "info_files": len(result.info_files),
-        "segments": dict(result.segments),
-    }, args.json)
+    print_result(
+        {
+            "out": str(args.out),
+            "subset_files": [str(p) for p in result.subset_files],
+            "segment_files": len(result.segment_files),
+            "info_files": len(result.info_files),
+            "segments": dict(result.segments),
+        },
+        args.json,
+    )
     return 0
 
 
@@ -73,8 +95,13 @@ def run_shard(args: argparse.Namespace) -> int:
         from bpfm.errors import BpfmError
 
         raise BpfmError(f"--workers: must be >= 1, got {args.workers}")
-    manifest = write_shards(args.inputs, args.out, include_abp=not args.no_abp,
-                            drop_invalid=args.drop_invalid, workers=args.workers)
+    manifest = write_shards(
+        args.inputs,
+        args.out,
+        include_abp=not args.no_abp,
+        drop_invalid=args.drop_invalid,
+        workers=args.workers,
+    )
     result = {
         "uri": args.out,
         "up_to_date": manifest["up_to_date"],
@@ -82,9 +109,11 @@ def run_shard(args: argparse.Namespace) -> int:
         "rows": manifest["rows"],
         "bytes": manifest["bytes"],
         "parts": len(manifest["parts"]),
-        "partitions": {f"{source}/{subset}": rows
-                       for source, by_subset in manifest["partitions"].items()
-                       for subset, rows in by_subset.items()},
+        "partitions": {
+            f"{source}/{subset}": rows
+            for source, by_subset in manifest["partitions"].items()
+            for subset, rows in by_subset.items()
+        },
         "dropped": manifest["dropped"],
     }
     print_result(result, args.json)
@@ -100,9 +129,11 @@ def run_inspect(args: argparse.Namespace) -> int:
         return 0
     summary = {k: v for k, v in info.items() if k != "partitions"}
     summary["partitions"] = {
-        name: (f"{p['rows']} rows, {p['subjects']} subjects, "
-               f"SBP {p['sbp_mean']:.1f} +- {p['sbp_sd']:.1f}, "
-               f"DBP {p['dbp_mean']:.1f} +- {p['dbp_sd']:.1f} mmHg")
+        name: (
+            f"{p['rows']} rows, {p['subjects']} subjects, "
+            f"SBP {p['sbp_mean']:.1f} +- {p['sbp_sd']:.1f}, "
+            f"DBP {p['dbp_mean']:.1f} +- {p['dbp_sd']:.1f} mmHg"
+        )
         for name, p in info["partitions"].items()
     }
     print_result(summary, False)

@@ -22,19 +22,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", required=True,
-                        help="profile name (demo, paper, nightly) or a YAML file")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list cells, trials and resources; run nothing")
-    parser.add_argument("--recipe", help="YAML/JSON of TrainConfig overrides for every cell "
-                        "(e.g. the recipe `bpfm search` writes)")
-    parser.add_argument("--name", help="Tune experiment name (default: the profile's study); "
-                        "the same name resumes, a new one starts over")
+    parser.add_argument(
+        "--profile", required=True, help="profile name (demo, paper, nightly) or a YAML file"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list cells, trials and resources; run nothing"
+    )
+    parser.add_argument(
+        "--recipe",
+        help="YAML/JSON of TrainConfig overrides for every cell "
+        "(e.g. the recipe `bpfm search` writes)",
+    )
+    parser.add_argument(
+        "--name",
+        help="Tune experiment name (default: the profile's study); "
+        "the same name resumes, a new one starts over",
+    )
     parser.add_argument("--data", help="override the profile's shard set URI")
     parser.add_argument("--storage", help="override the profile's Tune storage (folder or s3://)")
-    parser.add_argument("--gpus", default="auto", choices=("auto", "always", "never"),
-                        help="auto: use GPUs when the cluster has some now; always: request "
-                        "them anyway (autoscaling GPU workers); never: CPUs only")
+    parser.add_argument(
+        "--gpus",
+        default="auto",
+        choices=("auto", "always", "never"),
+        help="auto: use GPUs when the cluster has some now; always: request "
+        "them anyway (autoscaling GPU workers); never: CPUs only",
+    )
     add_json_flag(parser)
 
 
@@ -43,7 +55,8 @@ def load_profile_from_args(args: argparse.Namespace):
 
     profile = load_profile(args.profile)
     if args.data:
-        profile = dataclasses.replace(profile, data=dataclasses.replace(profile.data, uri=args.data))
+        data = dataclasses.replace(profile.data, uri=args.data)
+        profile = dataclasses.replace(profile, data=data)
     if args.storage:
         profile = dataclasses.replace(profile, storage=args.storage)
     recipe = load_recipe(args.recipe) if args.recipe else {}
@@ -65,9 +78,11 @@ def handle(args: argparse.Namespace) -> int:
     from bpfm.tune import run_grid
 
     result = run_grid(profile, recipe=recipe, name=args.name, gpus=args.gpus)
-    print(f"\n{result['n_cells']} cells ({result['n_trials']} trials) of profile "
-          f"{result['profile']}; MLflow experiment {result['study']}, grid run "
-          f"{result['grid_run_id']}")
+    print(
+        f"\n{result['n_cells']} cells ({result['n_trials']} trials) of profile "
+        f"{result['profile']}; MLflow experiment {result['study']}, grid run "
+        f"{result['grid_run_id']}"
+    )
     print(grid.format_table(result["cells"], grid.TRAIN_COLUMNS))
     if result["quantized"]:
         print()

@@ -19,18 +19,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "metric with the baseline JSON using direction-aware tolerances, write regression.md and "
         "regression.json, and exit 1 on a regression. --update-baseline rewrites the baseline.",
     )
-    parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE,
-                        help="baseline JSON (default: pipelines/baselines/nightly.json)")
-    parser.add_argument("--update-baseline", action="store_true",
-                        help="rewrite the baseline from this run instead of comparing")
-    parser.add_argument("--out", type=Path,
-                        help="report folder (default: .bpfm/nightly/<UTC time>)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=DEFAULT_BASELINE,
+        help="baseline JSON (default: pipelines/baselines/nightly.json)",
+    )
+    parser.add_argument(
+        "--update-baseline",
+        action="store_true",
+        help="rewrite the baseline from this run instead of comparing",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="report folder (default: .bpfm/nightly/<UTC time>)"
+    )
     parser.add_argument("--profile", default="nightly", help="grid profile (default: nightly)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="keep the profile's data, backbone and Tune storage locations "
-                        "(default: make them anew under --out/work)")
-    parser.add_argument("--grid-run", metavar="RUN_ID",
-                        help="compare this finished grid run instead of running the grid")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the profile's data, backbone and Tune storage locations "
+        "(default: make them anew under --out/work)",
+    )
+    parser.add_argument(
+        "--grid-run",
+        metavar="RUN_ID",
+        help="compare this finished grid run instead of running the grid",
+    )
     parser.add_argument("--gpus", default="auto", choices=("auto", "always", "never"))
     add_json_flag(parser)
     parser.set_defaults(func=handle)
@@ -46,9 +60,11 @@ def handle(args: argparse.Namespace) -> int:
     if args.json:
         print_result(result, True)
     else:
-        print(f"nightly {result['status']}: {result['entries']} entries, "
-              f"{result['regressions']} regressions, {result['improvements']} improvements; "
-              f"grid run {result['grid_run_id']}")
+        print(
+            f"nightly {result['status']}: {result['entries']} entries, "
+            f"{result['regressions']} regressions, {result['improvements']} improvements; "
+            f"grid run {result['grid_run_id']}"
+        )
         for error in result["errors"]:
             print(f"error: {error}")
         if "report" in result:

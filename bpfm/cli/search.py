@@ -18,28 +18,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "an MLflow run (bpfm.kind=search); the best trial is written as a recipe file for "
         "`bpfm grid --recipe FILE`.",
     )
-    parser.add_argument("--profile", default="demo",
-                        help="profile giving data, backbone, recipe and resources (default demo)")
+    parser.add_argument(
+        "--profile",
+        default="demo",
+        help="profile giving data, backbone, recipe and resources (default demo)",
+    )
     parser.add_argument("--size", default="small")
     parser.add_argument("--freeze", default="unfrozen", choices=("frozen", "unfrozen"))
     parser.add_argument("--init", default="pretrained", choices=("pretrained", "xavier"))
     parser.add_argument("--source", help="default: the profile's first source")
     parser.add_argument("--protocol", help="default: the profile's first protocol")
     parser.add_argument("--seed", type=int, help="training seed (default: the profile's first)")
-    parser.add_argument("--epochs", type=int, help="epochs per trial, ASHA's max_t "
-                        "(default: the profile's largest)")
+    parser.add_argument(
+        "--epochs", type=int, help="epochs per trial, ASHA's max_t (default: the profile's largest)"
+    )
     parser.add_argument("--trials", type=int, default=20, help="total trials of the study")
     parser.add_argument("--study", help="Optuna study name (default: search-<cell id>)")
-    parser.add_argument("--storage", help="Optuna storage: database URL or sqlite file "
-                        "(default: .bpfm/search/optuna.db)")
+    parser.add_argument(
+        "--storage",
+        help="Optuna storage: database URL or sqlite file (default: .bpfm/search/optuna.db)",
+    )
     parser.add_argument("--experiment", help="MLflow experiment (default: <study>-search)")
-    parser.add_argument("--recipe-out", help="recipe file to write "
-                        "(default: .bpfm/search/<study>/recipe.yaml)")
+    parser.add_argument(
+        "--recipe-out", help="recipe file to write (default: .bpfm/search/<study>/recipe.yaml)"
+    )
     parser.add_argument("--sampler-seed", type=int, default=42, help="TPE sampler seed")
-    parser.add_argument("--max-concurrent", type=int, default=1,
-                        help="trials at once (TPE learns most from sequential trials)")
-    parser.add_argument("--grace-period", type=int, default=1,
-                        help="ASHA: epochs every trial gets before it may be stopped")
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=1,
+        help="trials at once (TPE learns most from sequential trials)",
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        default=1,
+        help="ASHA: epochs every trial gets before it may be stopped",
+    )
     parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor")
     parser.add_argument("--data", help="override the profile's shard set URI")
     parser.add_argument("--gpus", default="auto", choices=("auto", "always", "never"))
@@ -68,8 +83,9 @@ def handle(args: argparse.Namespace) -> int:
     }  # fmt: skip
     for axis in ("size", "source", "protocol"):
         if cell[axis] not in AXIS_CHOICES[axis]:
-            raise BpfmError(f"search: --{axis}: unknown {cell[axis]!r} "
-                            f"(one of {', '.join(AXIS_CHOICES[axis])})")
+            raise BpfmError(
+                f"search: --{axis}: unknown {cell[axis]!r} (one of {', '.join(AXIS_CHOICES[axis])})"
+            )
     if args.trials < 1 or cell["epochs"] < 1:
         raise BpfmError("search: --trials/--epochs: must be >= 1")
     config = SearchConfig(
@@ -82,8 +98,10 @@ def handle(args: argparse.Namespace) -> int:
     if args.json:
         print_result(result, True)
     else:
-        print(f"study {result['study']}: {result['complete']} complete of {result['trials']} "
-              f"trials ({result['ran']} run now); best trial {result['best_trial']} "
-              f"val_mae {result['best_val_mae']:.3f} mmHg")
+        print(
+            f"study {result['study']}: {result['complete']} complete of {result['trials']} "
+            f"trials ({result['ran']} run now); best trial {result['best_trial']} "
+            f"val_mae {result['best_val_mae']:.3f} mmHg"
+        )
         print(f"recipe: {result['recipe']}  (use: bpfm grid --profile P --recipe FILE)")
     return 0

@@ -83,7 +83,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="train on raw mmHg targets (the paper's recipe) instead of z-scores",
     )
-    train.add_argument("--normalize-inputs", action="store_true")
+    train.add_argument(
+        "--raw-inputs",
+        action="store_true",
+        help="feed PulseDB's [0, 1] windows as they are (the paper) instead of z-scored windows",
+    )
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--split-seed", type=int, default=42)
     train.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -132,7 +136,7 @@ def _config_from_args(args: argparse.Namespace):
         warmup_epochs=args.warmup_epochs,
         loss=args.loss,
         standardize_targets=not args.raw_targets,
-        normalize_inputs=args.normalize_inputs,
+        normalize_inputs=not args.raw_inputs,
         seed=args.seed,
         split_seed=args.split_seed,
         device=args.device,

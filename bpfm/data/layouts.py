@@ -28,7 +28,14 @@ SUBSET_REQUIRED = ("Signals", "SBP", "DBP", "Subject")
 SUBSET_OPTIONAL_NUMERIC = ("Age", "Height", "Weight", "BMI")
 SUBJ_WINS_REQUIRED = ("ECG_F", "PPG_F", "ABP_Raw", "SegSBP", "SegDBP")
 SUBJ_WINS_USED = (
-    *SUBJ_WINS_REQUIRED, "SubjectID", "Gender", "Age", "Height", "Weight", "BMI", "IncludeFlag",
+    *SUBJ_WINS_REQUIRED,
+    "SubjectID",
+    "Gender",
+    "Age",
+    "Height",
+    "Weight",
+    "BMI",
+    "IncludeFlag",
 )
 
 
@@ -88,7 +95,8 @@ class SubsetLayout:
         signals = group["Signals"]
         if signals.ndim != 3 or signals.shape[:2] != (WINDOW, 3):
             raise DataError(
-                path, "Subset/Signals",
+                path,
+                "Subset/Signals",
                 f"shape {signals.shape}, expected (1250, 3, N) (MATLAB N x 3 x 1250)",
             )
         if signals.dtype.kind not in "fiu":
@@ -197,8 +205,9 @@ class SubjWinsLayout:
                     raise DataError(self.path, field, f"dtype {ds.dtype}, expected references")
                 length = _vector_length(self.path, field, ds)
                 if length != self.n:
-                    raise DataError(self.path, field, f"{length} values, ECG_F has {self.n} "
-                                    "segments")
+                    raise DataError(
+                        self.path, field, f"{length} values, ECG_F has {self.n} segments"
+                    )
                 elements = read_refs(ds)
             self._elements[name] = elements
         return self._elements[name]
@@ -207,8 +216,12 @@ class SubjWinsLayout:
         field = f"Subj_Wins/{name}"
         refs, addresses = self._field_elements(name)
         try:
-            return reader(self._h5.id, refs[rows], *args,
-                          addresses=None if addresses is None else addresses[rows])
+            return reader(
+                self._h5.id,
+                refs[rows],
+                *args,
+                addresses=None if addresses is None else addresses[rows],
+            )
         except RefShapeError as exc:
             row = int(rows[exc.index])
             raise DataError(

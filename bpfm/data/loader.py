@@ -23,6 +23,7 @@ from queue import Empty, Queue
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -32,6 +33,7 @@ from bpfm.data.shards import WINDOW
 from bpfm.data.splits import View
 
 EPS = 1e-6
+CHUNK_ROWS = 1024  # granularity of the shuffle pool (zero-copy slices of a row group)
 
 
 @dataclass(frozen=True)
@@ -44,23 +46,24 @@ class _Unit:
 
 @dataclass
 class _Chunk:
-    x: np.ndarray  # [n, 2, WINDOW] float32
+    """Rows of one unit: signals as zero-copy views over Arrow memory; `order` lists the rows
+    of the view (after its row mask) not yet emitted, in emission order."""
+
+    ecg: np.ndarray  # [n, WINDOW] float32
+    ppg: np.ndarray
     y: np.ndarray  # [n, 2] float32
     meta: dict[str, np.ndarray]  # object arrays of str, with_meta only
+    order: np.ndarray
+    done: int = 0
 
-    def __len__(self) -> int:
-        return len(self.y)
+    @property
+    def left(self) -> int:
+        return len(self.order) - self.done
 
-    def take(self, index: np.ndarray | slice) -> _Chunk:
-        return _Chunk(self.x[index], self.y[index], {k: v[index] for k, v in self.meta.items()})
-
-    @staticmethod
-    def concat(chunks: list[_Chunk]) -> _Chunk:
-        if len(chunks) == 1:
-            return chunks[0]
-        meta = {k: np.concatenate([c.meta[k] for c in chunks]) for k in chunks[0].meta}
-        return _Chunk(np.concatenate([c.x for c in chunks]),
-                      np.concatenate([c.y for c in chunks]), meta)
+    def pop(self, k: int) -> np.ndarray:
+        rows = self.order[self.done:self.done + k]
+        self.done += k
+        return rows
 
 
 def _distributed() -> tuple[int, int]:
@@ -76,8 +79,9 @@ def _signal(column: pa.ChunkedArray) -> np.ndarray:
     array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if pa.types.is_fixed_size_binary(array.type):
         data = array.buffers()[1]
-        return np.frombuffer(data, dtype="<f4", count=len(array) * WINDOW,
-                             offset=array.offset * 4 * WINDOW).reshape(-1, WINDOW)
+        return np.frombuffer(
+            data, dtype="<f4", count=len(array) * WINDOW, offset=array.offset * 4 * WINDOW
+        ).reshape(-1, WINDOW)
     return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, WINDOW)
 
 
@@ -130,9 +134,18 @@ class ShardDataset(IterableDataset):
     """Batches `{"x": [B, 2, 1250] (ECG, PPG), "y": [B, 2] (SBP, DBP)}` float32 from a View
     (plus `segment_id` and `subject` lists with `with_meta`)."""
 
-    def __init__(self, view: View, *, batch_size: int, shuffle: bool, seed: int = 42,
-                 shuffle_buffer: int = 8192, normalize: bool = False, with_meta: bool = False,
-                 drop_last: bool = False):
+    def __init__(
+        self,
+        view: View,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 42,
+        shuffle_buffer: int = 8192,
+        normalize: bool = False,
+        with_meta: bool = False,
+        drop_last: bool = False,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.view = view
@@ -159,8 +172,11 @@ class ShardDataset(IterableDataset):
     def units(self, consumers: int = 1) -> list[_Unit]:
         """All units in a fixed order; row groups are cut into slices until each of
         `consumers` can get at least one."""
-        groups = [(p, g, size) for p, part in enumerate(self._parts)
-                  for g, size in enumerate(part["row_groups"])]
+        groups = [
+            (p, g, size)
+            for p, part in enumerate(self._parts)
+            for g, size in enumerate(part["row_groups"])
+        ]
         pieces = math.ceil(consumers / len(groups)) if groups else 1
         units = []
         for p, g, size in groups:
@@ -180,86 +196,92 @@ class ShardDataset(IterableDataset):
         mine = units[consumer::consumers]
         rng = np.random.default_rng([self.seed, self.epoch, consumer])
         chunks = _prefetch(self._read(mine))
-        batches = self._shuffled(chunks, rng) if self.shuffle else self._in_order(chunks)
-        for batch in batches:
-            yield self._to_torch(batch)
+        yield from self._shuffled(chunks, rng) if self.shuffle else self._in_order(chunks)
 
     def _read(self, units: list[_Unit]) -> Iterator[_Chunk]:
         shards = self.view.shards
+        local = isinstance(shards.filesystem, pafs.LocalFileSystem)
         open_part, handle = None, None
         for unit in units:
             with storage.storage_errors(shards.uri):
                 if unit.part != open_part:
                     path = shards.part_path(self._parts[unit.part])
-                    handle = pq.ParquetFile(shards.filesystem.open_input_file(path),
-                                            pre_buffer=True)
+                    # local: memory-mapped, no read copy; object stores: coalesced range reads
+                    handle = (pq.ParquetFile(path, memory_map=True) if local else
+                              pq.ParquetFile(shards.filesystem.open_input_file(path),
+                                             pre_buffer=True))
                     open_part = unit.part
                 table = handle.read_row_group(unit.row_group, columns=self.columns)
-            if unit.stop - unit.start != table.num_rows:
-                table = table.slice(unit.start, unit.stop - unit.start)
-            chunk = self._chunk(table)
-            if len(chunk):
-                yield chunk
+            table = table.slice(unit.start, unit.stop - unit.start)
+            for start in range(0, table.num_rows, CHUNK_ROWS):
+                chunk = self._chunk(table.slice(start, CHUNK_ROWS))
+                if chunk.left:
+                    yield chunk
 
     def _chunk(self, table: pa.Table) -> _Chunk:
         mask = self.view.row_mask(table)
-        keep = None if mask is None else np.flatnonzero(mask)
-        n = table.num_rows if keep is None else len(keep)
-        x = np.empty((n, 2, WINDOW), dtype=np.float32)
-        for channel, name in enumerate(("ecg", "ppg")):
-            signal = _signal(table[name])
-            x[:, channel] = signal if keep is None else signal[keep]
+        order = np.arange(table.num_rows) if mask is None else np.flatnonzero(mask)
         y = np.stack([table["sbp"].to_numpy(), table["dbp"].to_numpy()], axis=1)
-        y = y.astype(np.float32, copy=False) if keep is None else y[keep].astype(np.float32)
-        if self.normalize:
-            normalize_windows(x)
         meta = {}
         if self.with_meta:
             for name in ("segment_id", "subject"):
-                values = np.asarray(table[name].to_pylist(), dtype=object)
-                meta[name] = values if keep is None else values[keep]
-        return _Chunk(x, y, meta)
+                meta[name] = np.asarray(table[name].to_pylist(), dtype=object)
+        return _Chunk(_signal(table["ecg"]), _signal(table["ppg"]), y.astype(np.float32),
+                      meta, order)
 
-    def _in_order(self, chunks: Iterator[_Chunk]) -> Iterator[_Chunk]:
-        carry: list[_Chunk] = []
+    def _in_order(self, chunks: Iterator[_Chunk]) -> Iterator[dict]:
+        picks: list[tuple[_Chunk, np.ndarray]] = []
+        size = 0
         for chunk in chunks:
-            data = _Chunk.concat([*carry, chunk])
-            full = len(data) // self.batch_size * self.batch_size
-            for start in range(0, full, self.batch_size):
-                yield data.take(slice(start, start + self.batch_size))
-            carry = [data.take(slice(full, None))] if full < len(data) else []
-        yield from self._tail(carry)
+            while chunk.left:
+                rows = chunk.pop(self.batch_size - size)
+                picks.append((chunk, rows))
+                size += len(rows)
+                if size == self.batch_size:
+                    yield self._batch(picks, size)
+                    picks, size = [], 0
+        if size and not self.drop_last:
+            yield self._batch(picks, size)
 
-    def _shuffled(self, chunks: Iterator[_Chunk], rng: np.random.Generator) -> Iterator[_Chunk]:
-        """Fill the buffer, permute, emit all but half a buffer (which mixes with what follows)."""
-        buffer: list[_Chunk] = []
-        rows = 0
-        for chunk in chunks:
-            buffer.append(chunk)
-            rows += len(chunk)
-            if rows < self.shuffle_buffer:
-                continue
-            data = _Chunk.concat(buffer).take(rng.permutation(rows))
-            emit = (rows - self.shuffle_buffer // 2) // self.batch_size * self.batch_size
-            for start in range(0, emit, self.batch_size):
-                yield data.take(slice(start, start + self.batch_size))
-            buffer, rows = [data.take(slice(emit, None))], rows - emit
-        if rows:
-            data = _Chunk.concat(buffer).take(rng.permutation(rows))
-            full = rows // self.batch_size * self.batch_size
-            for start in range(0, full, self.batch_size):
-                yield data.take(slice(start, start + self.batch_size))
-            yield from self._tail([data.take(slice(full, None))] if full < rows else [])
+    def _shuffled(self, chunks: Iterator[_Chunk], rng: np.random.Generator) -> Iterator[dict]:
+        """A shuffle buffer: each batch draws rows uniformly without replacement from all rows
+        pooled so far, and the pool is topped up to `shuffle_buffer` rows from the stream. Each
+        row is copied once, straight from Arrow memory into its batch."""
+        pool: list[_Chunk] = []
+        pooled, more = 0, True
+        while True:
+            while more and pooled < self.shuffle_buffer:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    more = False
+                    break
+                chunk.order = rng.permutation(chunk.order)
+                pool.append(chunk)
+                pooled += chunk.left
+            size = min(self.batch_size, pooled)
+            if size == 0 or (size < self.batch_size and self.drop_last):
+                return
+            counts = rng.multivariate_hypergeometric([c.left for c in pool], size)
+            picks = [(c, c.pop(int(k))) for c, k in zip(pool, counts, strict=True) if k]
+            pool = [c for c in pool if c.left]
+            pooled -= size
+            yield self._batch(picks, size)
 
-    def _tail(self, carry: list[_Chunk]) -> Iterator[_Chunk]:
-        if carry and not self.drop_last and len(carry[0]):
-            yield carry[0]
-
-    def _to_torch(self, batch: _Chunk) -> dict:
-        out = {"x": torch.from_numpy(np.ascontiguousarray(batch.x)),
-               "y": torch.from_numpy(np.ascontiguousarray(batch.y))}
-        for name, values in batch.meta.items():
-            out[name] = values.tolist()
+    def _batch(self, picks: list[tuple[_Chunk, np.ndarray]], size: int) -> dict:
+        x = np.empty((size, 2, WINDOW), dtype=np.float32)
+        y = np.empty((size, 2), dtype=np.float32)
+        at = 0
+        for chunk, rows in picks:
+            end = at + len(rows)
+            x[at:end, 0] = chunk.ecg[rows]
+            x[at:end, 1] = chunk.ppg[rows]
+            y[at:end] = chunk.y[rows]
+            at = end
+        if self.normalize:
+            normalize_windows(x)
+        out = {"x": torch.from_numpy(x), "y": torch.from_numpy(y)}
+        for name in picks[0][0].meta:
+            out[name] = [v for chunk, rows in picks for v in chunk.meta[name][rows].tolist()]
         return out
 
 

@@ -69,8 +69,9 @@ def ref_array(refs: Sequence[h5r.Reference]) -> np.ndarray:
     return data
 
 
-def write_refs(group: h5py.Group, name: str, refs: Sequence[h5r.Reference],
-               matlab_class: str | None = "cell") -> h5py.Dataset:
+def write_refs(
+    group: h5py.Group, name: str, refs: Sequence[h5r.Reference], matlab_class: str | None = "cell"
+) -> h5py.Dataset:
     """A MATLAB N x 1 cell array, or (matlab_class None) a field of a 1 x N struct array:
     object references, HDF5 shape (1, N)."""
     ds = group.create_dataset(name, data=ref_array(refs).reshape(1, -1))
@@ -126,8 +127,9 @@ class RefWriter:
 
     def _dataset(self, data: np.ndarray, matlab_class: bytes) -> h5d.DatasetID:
         data = np.ascontiguousarray(data)
-        dsid = h5d.create(self._gid, self._next_name(), self._type(data.dtype),
-                          self._space(data.shape))
+        dsid = h5d.create(
+            self._gid, self._next_name(), self._type(data.dtype), self._space(data.shape)
+        )
         dsid.write(h5s.ALL, h5s.ALL, data)
         self._attr(dsid, b"MATLAB_class", _CLASS_VALUES[matlab_class])
         return dsid
@@ -164,8 +166,7 @@ def is_ref_dataset(ds: h5py.Dataset) -> bool:
     return h5py.check_ref_dtype(ds.dtype) is not None
 
 
-def read_refs(ds: h5py.Dataset, a: int = 0, b: int | None = None
-              ) -> tuple[np.ndarray, np.ndarray]:
+def read_refs(ds: h5py.Dataset, a: int = 0, b: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Elements [a, b) of a (1, N), (N, 1) or (N,) reference dataset: the references and their
     object addresses (equal address = the same referenced dataset, decoded once)."""
     long_axis = int(np.argmax(ds.shape))
@@ -213,16 +214,18 @@ def _decode_char(dsid: h5d.DatasetID) -> str | None:
     return buf.T.tobytes().decode("utf-16-le")
 
 
-def read_chars(fid: h5py.h5f.FileID, refs: np.ndarray, addresses: np.ndarray | None = None
-               ) -> list[str | None]:
+def read_chars(
+    fid: h5py.h5f.FileID, refs: np.ndarray, addresses: np.ndarray | None = None
+) -> list[str | None]:
     """Decode referenced MATLAB char arrays (uint16 codes); an empty char array gives None."""
     unique, inverse = _unique(refs, addresses)
     values = [_decode_char(_deref(fid, ref)) for ref in unique]
     return [values[i] for i in inverse]
 
 
-def read_doubles(fid: h5py.h5f.FileID, refs: np.ndarray, size: int,
-                 addresses: np.ndarray | None = None) -> np.ndarray:
+def read_doubles(
+    fid: h5py.h5f.FileID, refs: np.ndarray, size: int, addresses: np.ndarray | None = None
+) -> np.ndarray:
     """Referenced numeric arrays of `size` values each, as float64 rows (n, size).
 
     An empty element reads as NaN when `size == 1`; any other mismatch raises RefShapeError."""

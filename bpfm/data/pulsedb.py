@@ -22,8 +22,15 @@ from bpfm.data.subsets import generate_subsets
 from bpfm.errors import DataError
 
 __all__ = [
-    "SAMPLE_RATE", "WINDOW", "BP_RANGE", "REASONS", "SegmentBatch", "PulseDBFile",
-    "open_pulsedb", "split_subject", "generate_subsets",
+    "SAMPLE_RATE",
+    "WINDOW",
+    "BP_RANGE",
+    "REASONS",
+    "SegmentBatch",
+    "PulseDBFile",
+    "open_pulsedb",
+    "split_subject",
+    "generate_subsets",
 ]
 
 log = logging.getLogger(__name__)
@@ -32,8 +39,14 @@ SAMPLE_RATE = 125
 BP_RANGE = (20.0, 300.0)
 SOURCE_DIGITS = {"0": "mimic", "1": "vitaldb"}
 REASONS = (
-    "empty_subject", "nonfinite_ecg", "nonfinite_ppg", "nonfinite_sbp", "nonfinite_dbp",
-    "sbp_out_of_range", "dbp_out_of_range", "sbp_not_above_dbp",
+    "empty_subject",
+    "nonfinite_ecg",
+    "nonfinite_ppg",
+    "nonfinite_sbp",
+    "nonfinite_dbp",
+    "sbp_out_of_range",
+    "dbp_out_of_range",
+    "sbp_not_above_dbp",
 )
 
 
@@ -117,7 +130,8 @@ class PulseDBFile:
             else:
                 found = ", ".join(sorted(self._h5)) or "nothing"
                 raise DataError(
-                    self.path, "Subset",
+                    self.path,
+                    "Subset",
                     f"missing group (not a PulseDB Subset or Subj_Wins file; found: {found})",
                 )
         except BaseException:
@@ -125,11 +139,21 @@ class PulseDBFile:
             raise
         self._dropped: dict[str, int] = {}
         self._fields = (
-            {"subject": "Subset/Subject", "ecg": "Subset/Signals", "ppg": "Subset/Signals",
-             "sbp": "Subset/SBP", "dbp": "Subset/DBP"}
-            if self.kind == "subset" else
-            {"subject": "Subj_Wins/SubjectID", "ecg": "Subj_Wins/ECG_F",
-             "ppg": "Subj_Wins/PPG_F", "sbp": "Subj_Wins/SegSBP", "dbp": "Subj_Wins/SegDBP"}
+            {
+                "subject": "Subset/Subject",
+                "ecg": "Subset/Signals",
+                "ppg": "Subset/Signals",
+                "sbp": "Subset/SBP",
+                "dbp": "Subset/DBP",
+            }
+            if self.kind == "subset"
+            else {
+                "subject": "Subj_Wins/SubjectID",
+                "ecg": "Subj_Wins/ECG_F",
+                "ppg": "Subj_Wins/PPG_F",
+                "sbp": "Subj_Wins/SegSBP",
+                "dbp": "Subj_Wins/SegDBP",
+            }
         )
         log.info("%s: PulseDB %s file, %d segments", self.path, self.kind, self.n_segments)
 
@@ -157,8 +181,9 @@ class PulseDBFile:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def iter_batches(self, chunk_size: int = 1024, drop_invalid: bool = False
-                     ) -> Iterator[SegmentBatch]:
+    def iter_batches(
+        self, chunk_size: int = 1024, drop_invalid: bool = False
+    ) -> Iterator[SegmentBatch]:
         """Validated batches of at most `chunk_size` segments, in file order.
 
         Memory is bounded by `chunk_size` whatever the file size. `segment_index` counts every
@@ -181,7 +206,10 @@ class PulseDBFile:
                 ecg, ppg, abp = layout.signals(a, b)
                 n = b - a
                 yield _RawRows(
-                    rows=np.arange(a, b), ecg=ecg, ppg=ppg, abp=abp,
+                    rows=np.arange(a, b),
+                    ecg=ecg,
+                    ppg=ppg,
+                    abp=abp,
                     sbp=layout.vector("SBP", a, b),
                     dbp=layout.vector("DBP", a, b),
                     age=_float32(layout.vector("Age", a, b), n),
@@ -193,7 +221,7 @@ class PulseDBFile:
                 )
             return
         for a in range(0, len(layout.included), chunk_size):
-            rows = layout.included[a:a + chunk_size]
+            rows = layout.included[a : a + chunk_size]
             n = len(rows)
             names = layout.chars("SubjectID", rows) or [self.path.stem] * n
             yield _RawRows(
@@ -246,8 +274,7 @@ class PulseDBFile:
         }[reason]
         return DataError(self.path, self._fields[key], f"row {row}: {problem}")
 
-    def _validated(self, raw: _RawRows, seen: dict[str, int], drop_invalid: bool
-                   ) -> SegmentBatch:
+    def _validated(self, raw: _RawRows, seen: dict[str, int], drop_invalid: bool) -> SegmentBatch:
         reasons = self._row_reasons(raw)
         bad = np.flatnonzero(reasons >= 0)
         if len(bad) and not drop_invalid:
@@ -271,12 +298,19 @@ class PulseDBFile:
         else:
             subject, source = names, [self._source] * len(names)
         return SegmentBatch(
-            ecg=raw.ecg[keep], ppg=raw.ppg[keep],
+            ecg=raw.ecg[keep],
+            ppg=raw.ppg[keep],
             abp=None if raw.abp is None else raw.abp[keep],
-            sbp=raw.sbp[keep].astype(np.float32), dbp=raw.dbp[keep].astype(np.float32),
-            age=raw.age[keep], height=raw.height[keep], weight=raw.weight[keep],
-            bmi=raw.bmi[keep], gender=gender,
-            subject=subject, source=source, segment_index=index[keep],
+            sbp=raw.sbp[keep].astype(np.float32),
+            dbp=raw.dbp[keep].astype(np.float32),
+            age=raw.age[keep],
+            height=raw.height[keep],
+            weight=raw.weight[keep],
+            bmi=raw.bmi[keep],
+            gender=gender,
+            subject=subject,
+            source=source,
+            segment_index=index[keep],
         )
 
 

@@ -93,14 +93,21 @@ class ShardOptions:
         return _schema(signal, self.include_abp)
 
     @property
-    def compression(self) -> dict[str, str]:
-        signal = "zstd" if self.signals == "list" else "none"
-        return {f.name: signal if f.name in SIGNAL_COLUMNS else "zstd" for f in self.schema}
+    def compression(self) -> str | dict[str, str]:
+        """zstd everywhere, except for "bytes" signals (a dict: keys are leaf column paths)."""
+        if self.signals == "list":
+            return "zstd"
+        return {f.name: "none" if f.name in SIGNAL_COLUMNS else "zstd" for f in self.schema}
 
     def as_dict(self) -> dict:
-        return {"include_abp": self.include_abp, "drop_invalid": self.drop_invalid,
-                "signals": self.signals, "row_group_size": ROW_GROUP_SIZE,
-                "rows_per_part": ROWS_PER_PART, "compression": self.compression}
+        return {
+            "include_abp": self.include_abp,
+            "drop_invalid": self.drop_invalid,
+            "signals": self.signals,
+            "row_group_size": ROW_GROUP_SIZE,
+            "rows_per_part": ROWS_PER_PART,
+            "compression": self.compression,
+        }
 
     @classmethod
     def from_dict(cls, options: dict) -> ShardOptions:
@@ -136,8 +143,9 @@ def _batch_table(batch, subset: str, rows: np.ndarray, options: ShardOptions) ->
     def signal(values: np.ndarray) -> pa.Array:
         flat = np.ascontiguousarray(values[rows], dtype="<f4").reshape(-1)
         if options.signals == "bytes":
-            return pa.FixedSizeBinaryArray.from_buffers(SIGNAL_BYTES, len(rows),
-                                                        [None, pa.py_buffer(flat)])
+            return pa.FixedSizeBinaryArray.from_buffers(
+                SIGNAL_BYTES, len(rows), [None, pa.py_buffer(flat)]
+            )
         return pa.FixedSizeListArray.from_arrays(pa.array(flat), type=SIGNAL_LIST)
 
     def optional(values: np.ndarray) -> pa.Array:
@@ -155,7 +163,10 @@ def _batch_table(batch, subset: str, rows: np.ndarray, options: ShardOptions) ->
         *([signal(abp)] if options.include_abp else []),
         pa.array(batch.sbp[rows], pa.float32()),
         pa.array(batch.dbp[rows], pa.float32()),
-        optional(batch.age), optional(batch.height), optional(batch.weight), optional(batch.bmi),
+        optional(batch.age),
+        optional(batch.height),
+        optional(batch.weight),
+        optional(batch.bmi),
         pa.array([batch.gender[i] or None for i in rows], pa.string()),
     ]
     return pa.Table.from_arrays(columns, schema=options.schema)
@@ -199,12 +210,15 @@ class _PartitionWriter:
             name = f"part-{self.next_part:05d}.parquet"
             self._sink = storage.open_hashed_output(self.fs, f"{self.folder}/{name}")
             self._writer = pq.ParquetWriter(
-                self._sink, self.options.schema, compression=self.options.compression,
+                self._sink,
+                self.options.schema,
+                compression=self.options.compression,
                 use_dictionary=["subject", "gender"],
                 write_statistics=["segment_id", "subject", "sbp", "dbp"],
             )
-            self.parts.append({"path": f"{self.relative}/{name}", "source": self.source,
-                               "subset": self.subset})
+            self.parts.append(
+                {"path": f"{self.relative}/{name}", "source": self.source, "subset": self.subset}
+            )
             self.next_part += 1
         self._writer.write_table(group, row_group_size=n)
         self._groups.append(n)
@@ -216,8 +230,12 @@ class _PartitionWriter:
             return
         self._writer.close()
         self._sink.close()
-        self.parts[-1].update(rows=sum(self._groups), row_groups=self._groups,
-                              bytes=self._sink.size, sha256=self._sink.hexdigest())
+        self.parts[-1].update(
+            rows=sum(self._groups),
+            row_groups=self._groups,
+            bytes=self._sink.size,
+            sha256=self._sink.hexdigest(),
+        )
         self._writer, self._sink, self._groups = None, None, []
 
 
@@ -247,8 +265,7 @@ def convert_file(
             raise DataError(input_path, "Subset", "empty subset: no segments")
         log.info("%s: converting %d segments -> %s (subset=%s)", input_path, total, out_uri, subset)
         done, last_log = 0, start
-        for batch in pulse.iter_batches(chunk_size=chunk_size,
-                                        drop_invalid=options.drop_invalid):
+        for batch in pulse.iter_batches(chunk_size=chunk_size, drop_invalid=options.drop_invalid):
             if should_stop is not None and should_stop():
                 raise BpfmError(f"{input_path}: conversion cancelled")
             sources = np.asarray(batch.source)
@@ -256,16 +273,20 @@ def convert_file(
                 if source not in writers:
                     relative = f"{generation}/source={source}/subset={subset}"
                     writers[source] = _PartitionWriter(
-                        fs, f"{root}/{relative}", relative, first_part, str(source), subset,
-                        options)
+                        fs, f"{root}/{relative}", relative, first_part, str(source), subset, options
+                    )
                 table = _batch_table(batch, subset, np.flatnonzero(sources == source), options)
                 with storage.storage_errors(out_uri):
                     writers[source].add(table)
             done = int(batch.segment_index.size) + done
             if time.monotonic() - last_log > 10:
                 last_log = time.monotonic()
-                log.info("%s: %d segments written (%.0f%%)", Path(input_path).name, done,
-                         100 * done / max(total, 1))
+                log.info(
+                    "%s: %d segments written (%.0f%%)",
+                    Path(input_path).name,
+                    done,
+                    100 * done / max(total, 1),
+                )
         with storage.storage_errors(out_uri):
             parts = [part for w in writers.values() for part in w.close()]
         dropped = pulse.dropped
@@ -273,10 +294,24 @@ def convert_file(
     if rows == 0 and not options.drop_invalid:
         raise DataError(input_path, "Subset", "empty subset: no segments")
     seconds = time.monotonic() - start
-    log.info("%s: %d rows in %d parts, %d dropped, %.1f s", Path(input_path).name, rows,
-             len(parts), sum(dropped.values()), seconds)
-    return {"file": str(input_path), "subset": subset, "kind": pulse.kind, "segments": total,
-            "rows": rows, "dropped": dropped, "parts": parts, "seconds": seconds}
+    log.info(
+        "%s: %d rows in %d parts, %d dropped, %.1f s",
+        Path(input_path).name,
+        rows,
+        len(parts),
+        sum(dropped.values()),
+        seconds,
+    )
+    return {
+        "file": str(input_path),
+        "subset": subset,
+        "kind": pulse.kind,
+        "segments": total,
+        "rows": rows,
+        "dropped": dropped,
+        "parts": parts,
+        "seconds": seconds,
+    }
 
 
 # Worker-process plumbing: errors cross the process boundary as plain dicts (DataError takes
@@ -287,8 +322,9 @@ _ABORT = None
 def _init_worker(abort, level: int) -> None:
     global _ABORT
     _ABORT = abort
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s[%(process)d]: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(name)s[%(process)d]: %(message)s", datefmt="%H:%M:%S"
+    )
 
 
 def _convert_task(path: str, out_uri: str, options: dict) -> dict:
@@ -307,8 +343,11 @@ def _raise_task_error(error: dict) -> None:
 
 
 def _conversion_key(sources: list[dict], options: dict) -> str:
-    described = {"schema_version": SCHEMA_VERSION, "options": options,
-                 "sources": sorted((s["subset"], s["sha256"]) for s in sources)}
+    described = {
+        "schema_version": SCHEMA_VERSION,
+        "options": options,
+        "sources": sorted((s["subset"], s["sha256"]) for s in sources),
+    }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
@@ -326,27 +365,46 @@ def _describe_sources(files: list[Path], workers: int) -> list[dict]:
         if kind == "subset" and name in names:
             raise DataError(path, "input", f"subset name '{name}' also comes from {names[name]}")
         names[name] = path
-        sources.append({"path": str(path), "name": path.name, "size": path.stat().st_size,
-                        "sha256": digest, "kind": kind, "subset": name, "segments": n})
+        sources.append(
+            {
+                "path": str(path),
+                "name": path.name,
+                "size": path.stat().st_size,
+                "sha256": digest,
+                "kind": kind,
+                "subset": name,
+                "segments": n,
+            }
+        )
     offset: dict[str, int] = {}
     for source in sources:
         source["first_part"] = offset.get(source["subset"], 0)
         offset[source["subset"]] = source["first_part"] + math.ceil(
-            source["segments"] / ROWS_PER_PART)
+            source["segments"] / ROWS_PER_PART
+        )
     return sources
 
 
 def _run_conversions(sources: list[dict], out_uri: str, options: dict, workers: int) -> list:
     if workers <= 1 or len(sources) == 1:
-        return [convert_file(s["path"], out_uri, first_part=s["first_part"], **options)
-                for s in sources]
+        return [
+            convert_file(s["path"], out_uri, first_part=s["first_part"], **options) for s in sources
+        ]
     context = multiprocessing.get_context("spawn")  # the caller may hold threads (torch, Ray)
     abort = context.Event()
     level = logging.getLogger().getEffectiveLevel()
-    with ProcessPoolExecutor(min(workers, len(sources)), mp_context=context,
-                             initializer=_init_worker, initargs=(abort, level)) as pool:
-        futures = [pool.submit(_convert_task, s["path"], out_uri,
-                               {**options, "first_part": s["first_part"]}) for s in sources]
+    with ProcessPoolExecutor(
+        min(workers, len(sources)),
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(abort, level),
+    ) as pool:
+        futures = [
+            pool.submit(
+                _convert_task, s["path"], out_uri, {**options, "first_part": s["first_part"]}
+            )
+            for s in sources
+        ]
         try:
             pending = set(futures)
             while pending:
@@ -415,19 +473,25 @@ def write_shards(
         storage.delete_dir(generation_uri)
         raise
     manifest = _manifest(key, generation, sources, results, options)
-    storage.publish_bytes(storage.join(out_uri, MANIFEST),
-                          json.dumps(manifest, indent=1).encode())
+    storage.publish_bytes(storage.join(out_uri, MANIFEST), json.dumps(manifest, indent=1).encode())
     _garbage_collect(out_uri, keep=generation)
     seconds = time.monotonic() - start
     megabytes = sum(s["size"] for s in sources) / 1e6
-    log.info("%s: published %d rows in %d parts (%.0f MB of input in %.1f s, %.0f MB/s)",
-             out_uri, manifest["rows"], len(manifest["parts"]), megabytes, seconds,
-             megabytes / max(seconds, 1e-9))
+    log.info(
+        "%s: published %d rows in %d parts (%.0f MB of input in %.1f s, %.0f MB/s)",
+        out_uri,
+        manifest["rows"],
+        len(manifest["parts"]),
+        megabytes,
+        seconds,
+        megabytes / max(seconds, 1e-9),
+    )
     return {**manifest, "up_to_date": False}
 
 
-def _manifest(key: str, generation: str, sources: list[dict], results: list[dict],
-              options: ShardOptions) -> dict:
+def _manifest(
+    key: str, generation: str, sources: list[dict], results: list[dict], options: ShardOptions
+) -> dict:
     from bpfm import __version__
 
     partitions: dict[str, dict[str, int]] = {}
@@ -443,12 +507,20 @@ def _manifest(key: str, generation: str, sources: list[dict], results: list[dict
             by_subset = partitions.setdefault(part["source"], {})
             by_subset[part["subset"]] = by_subset.get(part["subset"], 0) + part["rows"]
     return {
-        "format": "bpfm-shards", "schema_version": SCHEMA_VERSION, "key": key,
-        "generation": generation, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "bpfm_version": __version__, "options": options.as_dict(),
+        "format": "bpfm-shards",
+        "schema_version": SCHEMA_VERSION,
+        "key": key,
+        "generation": generation,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "bpfm_version": __version__,
+        "options": options.as_dict(),
         "schema": {f.name: str(f.type) for f in options.schema},
-        "rows": sum(p["rows"] for p in parts), "bytes": sum(p["bytes"] for p in parts),
-        "partitions": partitions, "dropped": dropped, "sources": sources, "parts": parts,
+        "rows": sum(p["rows"] for p in parts),
+        "bytes": sum(p["bytes"] for p in parts),
+        "partitions": partitions,
+        "dropped": dropped,
+        "sources": sources,
+        "parts": parts,
     }
 
 
@@ -482,22 +554,29 @@ class ShardSet:
         return self.manifest["partitions"].get(source, {}).get(subset, 0)
 
     def parts(self, source: str | None = None, subsets: Sequence[str] | None = None) -> list[dict]:
-        return [p for p in self.manifest["parts"]
-                if (source is None or p["source"] == source)
-                and (subsets is None or p["subset"] in subsets)]
+        return [
+            p
+            for p in self.manifest["parts"]
+            if (source is None or p["source"] == source)
+            and (subsets is None or p["subset"] in subsets)
+        ]
 
     def part_path(self, part: dict) -> str:
         return f"{self.root}/{part['path']}"
 
-    def dataset(self, source: str | None = None, subsets: Sequence[str] | None = None
-                ) -> pads.Dataset:
+    def dataset(
+        self, source: str | None = None, subsets: Sequence[str] | None = None
+    ) -> pads.Dataset:
         """A pyarrow dataset over exactly the manifest's parts, with `source`/`subset` columns."""
         paths = [self.part_path(p) for p in self.parts(source, subsets)]
         options = ShardOptions.from_dict(self.manifest["options"])
         schema = pa.unify_schemas([options.schema, PARTITIONING])
         with storage.storage_errors(self.uri):
             return pads.dataset(
-                paths, schema=schema, format="parquet", filesystem=self.filesystem,
+                paths,
+                schema=schema,
+                format="parquet",
+                filesystem=self.filesystem,
                 partitioning=pads.partitioning(PARTITIONING, flavor="hive"),
                 partition_base_dir=f"{self.root}/{self.manifest['generation']}",
             )
@@ -510,11 +589,15 @@ def open_shards(uri: str | ShardSet) -> ShardSet:
     uri = str(uri)
     manifest = _read_manifest(uri)
     if manifest is None:
-        raise BpfmError(f"{uri}: no {MANIFEST}: not a bpfm shard set, or its conversion "
-                        "did not finish (run `bpfm data shard` again)")
+        raise BpfmError(
+            f"{uri}: no {MANIFEST}: not a bpfm shard set, or its conversion "
+            "did not finish (run `bpfm data shard` again)"
+        )
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise BpfmError(f"{uri}: {MANIFEST}: schema_version {manifest.get('schema_version')} "
-                        f"is not supported (expected {SCHEMA_VERSION})")
+        raise BpfmError(
+            f"{uri}: {MANIFEST}: schema_version {manifest.get('schema_version')} "
+            f"is not supported (expected {SCHEMA_VERSION})"
+        )
     return ShardSet(uri, manifest)
 
 
@@ -532,19 +615,26 @@ def inspect_shards(uri: str) -> dict:
     for source in shards.sources():
         for subset in shards.subsets(source):
             with storage.storage_errors(shards.uri):
-                table = shards.dataset(source, [subset]).to_table(
-                    columns=["subject", "sbp", "dbp"])
+                table = shards.dataset(source, [subset]).to_table(columns=["subject", "sbp", "dbp"])
             sbp, dbp = _stats(table["sbp"]), _stats(table["dbp"])
             partitions[f"{source}/{subset}"] = {
                 "rows": table.num_rows,
                 "subjects": len(pc.unique(table["subject"])),
-                "sbp_mean": sbp[0], "sbp_sd": sbp[1], "dbp_mean": dbp[0], "dbp_sd": dbp[1],
+                "sbp_mean": sbp[0],
+                "sbp_sd": sbp[1],
+                "dbp_mean": dbp[0],
+                "dbp_sd": dbp[1],
             }
     manifest = shards.manifest
     return {
-        "uri": shards.uri, "schema_version": manifest["schema_version"],
-        "generation": manifest["generation"], "created": manifest["created"],
-        "rows": manifest["rows"], "bytes": manifest["bytes"], "parts": len(manifest["parts"]),
+        "uri": shards.uri,
+        "schema_version": manifest["schema_version"],
+        "generation": manifest["generation"],
+        "created": manifest["created"],
+        "rows": manifest["rows"],
+        "bytes": manifest["bytes"],
+        "parts": len(manifest["parts"]),
         "sources": [s["name"] for s in manifest["sources"]],
-        "dropped": manifest["dropped"], "partitions": partitions,
+        "dropped": manifest["dropped"],
+        "partitions": partitions,
     }

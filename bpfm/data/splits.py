@@ -144,8 +144,10 @@ def _family(subsets: list[str]) -> str | None:
 
 
 def _segment_split(shards, source, subsets, seed, protocol, what: str) -> Split:
-    views = {name: View(shards, source, subsets, name, seed, band=band)
-             for name, band in SEGMENT_BANDS.items()}
+    views = {
+        name: View(shards, source, subsets, name, seed, band=band)
+        for name, band in SEGMENT_BANDS.items()
+    }
     label = f"{protocol}: {what} segments 80/10/10 by seeded hash, subjects leak across splits"
     return Split(protocol, source, label=label, subject_disjoint=False, **views)
 
@@ -154,12 +156,16 @@ def _subject_split(shards, source, subsets, seed, protocol, what: str) -> Split:
     ranked = rank_subjects(seed, _subjects_of(shards, source, subsets))
     n_test = _count(len(ranked), TEST_FRACTION)
     n_val = min(_count(len(ranked), VAL_FRACTION), len(ranked) - n_test - 1)
-    test, val = ranked[:n_test], ranked[n_test:n_test + n_val]
-    train = ranked[n_test + n_val:]
-    views = {name: View(shards, source, subsets, name, seed, subjects=frozenset(group))
-             for name, group in (("train", train), ("val", val), ("test", test))}
-    label = (f"{protocol}: {what} split by subject 80/10/10 "
-             f"({len(train)}/{len(val)}/{len(test)} subjects, subject-disjoint test)")
+    test, val = ranked[:n_test], ranked[n_test : n_test + n_val]
+    train = ranked[n_test + n_val :]
+    views = {
+        name: View(shards, source, subsets, name, seed, subjects=frozenset(group))
+        for name, group in (("train", train), ("val", val), ("test", test))
+    }
+    label = (
+        f"{protocol}: {what} split by subject 80/10/10 "
+        f"({len(train)}/{len(val)}/{len(test)} subjects, subject-disjoint test)"
+    )
     return Split(protocol, source, label=label, subject_disjoint=True, **views)
 
 
@@ -171,17 +177,25 @@ def _pulsedb_split(shards, source, prefix, seed, protocol) -> Split:
     test_subset = f"{prefix}{TEST_SUBSET[protocol]}"
     test = View(shards, source, (test_subset,), "test", seed)
     seen = protocol == "calbased"
-    label = (f"{protocol}: train/val from {prefix}train (val = {len(val)} of {len(ranked)} "
-             f"subjects), test {test_subset}"
-             + (" (same subjects as train: calibration-based, subjects leak by design)" if seen
-                else " (subjects unseen in training)"))
+    label = (
+        f"{protocol}: train/val from {prefix}train (val = {len(val)} of {len(ranked)} "
+        f"subjects), test {test_subset}"
+        + (
+            " (same subjects as train: calibration-based, subjects leak by design)"
+            if seen
+            else " (subjects unseen in training)"
+        )
+    )
     if protocol == "aami":
         label += "; AAMI criteria need >= 85 test subjects"
     return Split(
-        protocol, source,
+        protocol,
+        source,
         train=View(shards, source, train_subsets, "train", seed, subjects=train),
         val=View(shards, source, train_subsets, "val", seed, subjects=val),
-        test=test, label=label, subject_disjoint=not seen,
+        test=test,
+        label=label,
+        subject_disjoint=not seen,
     )
 
 
@@ -192,14 +206,18 @@ def make_split(shards: ShardSet | str, source: str, protocol: str, seed: int = 4
         raise BpfmError(f"protocol '{protocol}' unknown (choose one of {', '.join(PROTOCOLS)})")
     subsets = shards.subsets(source)
     if not subsets:
-        raise BpfmError(f"{shards.uri}: source '{source}' has no shards "
-                        f"(sources present: {', '.join(shards.sources()) or 'none'})")
+        raise BpfmError(
+            f"{shards.uri}: source '{source}' has no shards "
+            f"(sources present: {', '.join(shards.sources()) or 'none'})"
+        )
     prefix = _family(subsets)
-    if prefix is not None and (protocol == "paper" or
-                               f"{prefix}{TEST_SUBSET[protocol]}" in subsets):
+    if prefix is not None and (
+        protocol == "paper" or f"{prefix}{TEST_SUBSET[protocol]}" in subsets
+    ):
         if protocol == "paper":
-            return _segment_split(shards, source, (f"{prefix}train",), seed, protocol,
-                                  f"{prefix}train")
+            return _segment_split(
+                shards, source, (f"{prefix}train",), seed, protocol, f"{prefix}train"
+            )
         return _pulsedb_split(shards, source, prefix, seed, protocol)
     # The whole dataset on its own: the Train subset when the test subset is absent, else every
     # (non-PulseDB) subset of this source.

@@ -60,8 +60,9 @@ class SynthConfig:
         if self.subjects < 3:
             raise BpfmError(f"synth: subjects must be >= 3 per source, got {self.subjects}")
         if self.segments_per_subject < 2:
-            raise BpfmError("synth: segments_per_subject must be >= 2, got "
-                            f"{self.segments_per_subject}")
+            raise BpfmError(
+                f"synth: segments_per_subject must be >= 2, got {self.segments_per_subject}"
+            )
         unknown = set(self.sources) - set(SOURCES)
         if unknown or not self.sources:
             raise BpfmError(f"synth: sources must be among {sorted(SOURCES)}, got {self.sources}")
@@ -79,14 +80,14 @@ class SynthResult:
 class SynthSubject:
     """One synthetic subject; `iter_subjects` fills in what it renders (the ground truth)."""
 
-    name: str          # pXXXXXX + source digit
-    group: str         # "train" (Train + CalBased_Test), "calfree" or "aami"
-    traits: dict       # scalar physiology for SegmentParams and demographics
+    name: str  # pXXXXXX + source digit
+    group: str  # "train" (Train + CalBased_Test), "calfree" or "aami"
+    traits: dict  # scalar physiology for SegmentParams and demographics
     source: str
     source_index: int
-    k: int             # index within its source: with source_index and seed, its generator
-    rendered: Rendered | None = None      # all Subj_Wins segments, in order
-    include: np.ndarray | None = None     # IncludeFlag per Subj_Wins segment
+    k: int  # index within its source: with source_index and seed, its generator
+    rendered: Rendered | None = None  # all Subj_Wins segments, in order
+    include: np.ndarray | None = None  # IncludeFlag per Subj_Wins segment
     parts: dict[str, np.ndarray] = field(default_factory=dict)  # subset -> raw indices
 
 
@@ -105,31 +106,44 @@ def _subjects(config: SynthConfig, source_index: int, source: str) -> list[Synth
     height = np.where(male, rng.normal(172, 7, n), rng.normal(159, 6, n))
     bmi = np.clip(rng.normal(24, 4, n), 16, 45)
     weight = bmi * (height / 100) ** 2
-    sbp0 = np.where(aami, rng.normal(135, 26, n),
-                    rng.normal(sbp_ms[0], sbp_ms[1], n) + 0.3 * (age - age_ms[0]))
+    sbp0 = np.where(
+        aami, rng.normal(135, 26, n), rng.normal(sbp_ms[0], sbp_ms[1], n) + 0.3 * (age - age_ms[0])
+    )
     sbp0 = np.clip(sbp0, 85, 200)
     dbp0 = dbp_ms[0] + 0.4 * (sbp0 - sbp_ms[0]) + rng.normal(0, dbp_ms[1] * 0.6, n)
     dbp0 = np.clip(dbp0, 40, np.minimum(110, sbp0 - 25))
     traits = {
-        "sbp0": sbp0, "dbp0": dbp0, "bp_sd": np.where(aami, rng.uniform(10, 16, n),
-                                                       rng.uniform(5, 11, n)),
+        "sbp0": sbp0,
+        "dbp0": dbp0,
+        "bp_sd": np.where(aami, rng.uniform(10, 16, n), rng.uniform(5, 11, n)),
         "hr0": np.clip(rng.normal(78, 10, n), 50, 115),
         "pwv0": 5.5 * (1 + 0.006 * (age - 50)) * rng.lognormal(0, 0.05, n),
         "path_abp": 0.36 * height / 100 * rng.lognormal(0, 0.03, n),
         "path_ppg": 0.5 * height / 100 * rng.lognormal(0, 0.03, n),
-        "pep0": rng.normal(0.09, 0.01, n), "ppg_rise0": np.clip(rng.normal(0.17, 0.02, n),
-                                                                 0.11, 0.25),
-        "notch0": rng.uniform(0.05, 0.18, n), "ppg_gain": rng.lognormal(0, 0.3, n),
-        "resp_hz": rng.uniform(0.2, 0.35, n), "resp_mmhg": rng.uniform(1, 5, n),
-        "ecg_noise": rng.uniform(0.01, 0.06, n), "ppg_noise": rng.uniform(0.005, 0.03, n),
+        "pep0": rng.normal(0.09, 0.01, n),
+        "ppg_rise0": np.clip(rng.normal(0.17, 0.02, n), 0.11, 0.25),
+        "notch0": rng.uniform(0.05, 0.18, n),
+        "ppg_gain": rng.lognormal(0, 0.3, n),
+        "resp_hz": rng.uniform(0.2, 0.35, n),
+        "resp_mmhg": rng.uniform(1, 5, n),
+        "ecg_noise": rng.uniform(0.01, 0.06, n),
+        "ppg_noise": rng.uniform(0.005, 0.03, n),
         "wander": rng.uniform(0.05, 0.4, n),
-        "age": age, "gender": np.where(male, "M", "F"), "height": height.round(1),
-        "weight": weight.round(1), "bmi": bmi.round(2),
+        "age": age,
+        "gender": np.where(male, "M", "F"),
+        "height": height.round(1),
+        "weight": weight.round(1),
+        "bmi": bmi.round(2),
     }
     return [
-        SynthSubject(name=f"p{ids[i]:06d}{digit}", group=groups[i], source=source,
-                 traits={key: value[i] for key, value in traits.items()},
-                 source_index=source_index, k=i)
+        SynthSubject(
+            name=f"p{ids[i]:06d}{digit}",
+            group=groups[i],
+            source=source,
+            traits={key: value[i] for key, value in traits.items()},
+            source_index=source_index,
+            k=i,
+        )
         for i in range(n)
     ]
 
@@ -146,9 +160,23 @@ def _segment_params(subject: SynthSubject, n: int, rng: np.random.Generator) -> 
     dbp = np.clip(tr["dbp0"] + 0.55 * dev + rng.normal(0, 2.5, n), 35, 140)
     dbp = np.minimum(dbp, sbp - 18)
     hr = np.clip(tr["hr0"] + 0.15 * dev + rng.normal(0, 2.5, n), 45, 140)
-    const = {key: np.full(n, float(tr[key])) for key in (
-        "pwv0", "path_abp", "path_ppg", "pep0", "ppg_rise0", "notch0", "ppg_gain", "resp_hz",
-        "resp_mmhg", "ecg_noise", "ppg_noise", "wander")}
+    const = {
+        key: np.full(n, float(tr[key]))
+        for key in (
+            "pwv0",
+            "path_abp",
+            "path_ppg",
+            "pep0",
+            "ppg_rise0",
+            "notch0",
+            "ppg_gain",
+            "resp_hz",
+            "resp_mmhg",
+            "ecg_noise",
+            "ppg_noise",
+            "wander",
+        )
+    }
     return SegmentParams(sbp=sbp, dbp=dbp, hr=hr, **const)
 
 
@@ -157,21 +185,42 @@ def _write_subj_wins(path: Path, subject: SynthSubject, rendered, include: np.nd
     to one shared dataset each, which MATLAB reads like distinct ones and writes much faster."""
     tr = subject.traits
     body = SOURCES[subject.source][6]
-    fields = ["SubjectID", "CaseID", "SegmentID", "IncludeFlag", "ECG_F", "PPG_F", "ABP_Raw",
-              "SegSBP", "SegDBP", "Age", "Gender"] + (["Height", "Weight", "BMI"] if body else [])
+    fields = [
+        "SubjectID",
+        "CaseID",
+        "SegmentID",
+        "IncludeFlag",
+        "ECG_F",
+        "PPG_F",
+        "ABP_Raw",
+        "SegSBP",
+        "SegDBP",
+        "Age",
+        "Gender",
+    ] + (["Height", "Weight", "BMI"] if body else [])
     n = len(include)
     with create_matfile(path) as f:
         refs = RefWriter(f)
-        shared = {"SubjectID": refs.char(subject.name[:7]), "CaseID": refs.double(1.0),
-                  "Age": refs.double(tr["age"]), "Gender": refs.char(str(tr["gender"]))}
+        shared = {
+            "SubjectID": refs.char(subject.name[:7]),
+            "CaseID": refs.double(1.0),
+            "Age": refs.double(tr["age"]),
+            "Gender": refs.char(str(tr["gender"])),
+        }
         if body:
-            shared.update(Height=refs.double(tr["height"]), Weight=refs.double(tr["weight"]),
-                          BMI=refs.double(tr["bmi"]))
+            shared.update(
+                Height=refs.double(tr["height"]),
+                Weight=refs.double(tr["weight"]),
+                BMI=refs.double(tr["bmi"]),
+            )
         columns = {name: [shared[name]] * n for name in shared}
         columns["SegmentID"] = [refs.double(j + 1.0) for j in range(n)]
         columns["IncludeFlag"] = [refs.double(float(flag)) for flag in include]
-        for name, data in (("ECG_F", rendered.ecg_f), ("PPG_F", rendered.ppg_f),
-                           ("ABP_Raw", rendered.abp_raw)):
+        for name, data in (
+            ("ECG_F", rendered.ecg_f),
+            ("PPG_F", rendered.ppg_f),
+            ("ABP_Raw", rendered.abp_raw),
+        ):
             columns[name] = [refs.double(row) for row in data]
         columns["SegSBP"] = [refs.double(v) for v in rendered.sbp]
         columns["SegDBP"] = [refs.double(v) for v in rendered.dbp]
@@ -189,8 +238,9 @@ def _write_info(path: Path, rows: list[tuple[str, int]]) -> None:
         group = f.create_group(path.stem)
         set_struct(group, ["Subj_Name", "Subj_SegIDX"])
         write_refs(group, "Subj_Name", [name_refs[name] for name, _ in rows], matlab_class=None)
-        write_refs(group, "Subj_SegIDX", [refs.double(float(k)) for _, k in rows],
-                   matlab_class=None)
+        write_refs(
+            group, "Subj_SegIDX", [refs.double(float(k)) for _, k in rows], matlab_class=None
+        )
 
 
 def _sizes(group: str, n: int, config: SynthConfig) -> dict[str, int]:
@@ -204,8 +254,13 @@ def _sizes(group: str, n: int, config: SynthConfig) -> dict[str, int]:
     return {"AAMI_Test": n_test, "AAMI_Cal": n - n_test}
 
 
-def _assign(subject: SynthSubject, usable: np.ndarray, sbp: np.ndarray, config: SynthConfig,
-            rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _assign(
+    subject: SynthSubject,
+    usable: np.ndarray,
+    sbp: np.ndarray,
+    config: SynthConfig,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
     """Raw Subj_Wins indices (0-based, ascending) of this subject's segments per subset."""
     n = len(usable)
     sizes = _sizes(subject.group, n, config)
@@ -223,13 +278,16 @@ def _assign(subject: SynthSubject, usable: np.ndarray, sbp: np.ndarray, config: 
 def _append_direct(writer: SubsetWriter, subject: SynthSubject, rendered, rows: np.ndarray) -> None:
     tr = subject.traits
     n = len(rows)
-    signals = np.stack([rendered.ecg_f[rows], rendered.ppg_f[rows], rendered.abp_raw[rows]],
-                       axis=1)
-    values = {"SBP": rendered.sbp[rows], "DBP": rendered.dbp[rows],
-              "Age": np.full(n, float(tr["age"]))}
+    signals = np.stack([rendered.ecg_f[rows], rendered.ppg_f[rows], rendered.abp_raw[rows]], axis=1)
+    values = {
+        "SBP": rendered.sbp[rows],
+        "DBP": rendered.dbp[rows],
+        "Age": np.full(n, float(tr["age"])),
+    }
     if SOURCES[subject.source][6]:
-        values.update({name: np.full(n, float(tr[name.lower()]))
-                       for name in ("Height", "Weight", "BMI")})
+        values.update(
+            {name: np.full(n, float(tr[name.lower()])) for name in ("Height", "Weight", "BMI")}
+        )
     writer.append(subject.name, signals, values, [str(tr["gender"])] * n)
 
 
@@ -237,8 +295,7 @@ def iter_subjects(config: SynthConfig) -> Iterator[SynthSubject]:
     """Every subject of the release with its rendered segments, sorted by name (the order
     generate_subsets gives a Subset file). Deterministic: this is what the files hold."""
     config.validate()
-    subjects = [s for i, source in enumerate(config.sources)
-                for s in _subjects(config, i, source)]
+    subjects = [s for i, source in enumerate(config.sources) for s in _subjects(config, i, source)]
     n_usable = config.segments_per_subject
     n_total = n_usable + round(config.excluded_fraction * n_usable)
     for subject in sorted(subjects, key=lambda s: s.name):
@@ -251,8 +308,7 @@ def iter_subjects(config: SynthConfig) -> Iterator[SynthSubject]:
         yield replace(subject, rendered=rendered, include=include, parts=parts)
 
 
-def write_synthetic_pulsedb(out_dir: str | Path, config: SynthConfig | None = None
-                            ) -> SynthResult:
+def write_synthetic_pulsedb(out_dir: str | Path, config: SynthConfig | None = None) -> SynthResult:
     """Write Subj_Wins, Info and (via generate_subsets) Subset files under `out_dir`.
 
     With `config.segment_files=False` only the Subset files are written, straight from the
@@ -262,20 +318,29 @@ def write_synthetic_pulsedb(out_dir: str | Path, config: SynthConfig | None = No
     out_dir = Path(out_dir)
     result = SynthResult()
     n_subjects = config.subjects * len(config.sources)
-    groups = [s.group for i, source in enumerate(config.sources)
-              for s in _subjects(config, i, source)]
+    groups = [
+        s.group for i, source in enumerate(config.sources) for s in _subjects(config, i, source)
+    ]
     for name in SUBSET_NAMES:
-        result.segments[name] = sum(_sizes(group, config.segments_per_subject, config).get(name, 0)
-                                    for group in groups)
+        result.segments[name] = sum(
+            _sizes(group, config.segments_per_subject, config).get(name, 0) for group in groups
+        )
     subset_dir = out_dir / "Subset_Files"
     subset_dir.mkdir(parents=True, exist_ok=True)
     info_rows: dict[str, list[tuple[str, int]]] = {name: [] for name in SUBSET_NAMES}
     with ExitStack() as stack:
-        writers = {} if config.segment_files else {
-            name: SubsetWriter(stack.enter_context(create_matfile(
-                subset_dir / f"{name}_Subset.mat")), result.segments[name], config.compression)
-            for name in SUBSET_NAMES
-        }
+        writers = (
+            {}
+            if config.segment_files
+            else {
+                name: SubsetWriter(
+                    stack.enter_context(create_matfile(subset_dir / f"{name}_Subset.mat")),
+                    result.segments[name],
+                    config.compression,
+                )
+                for name in SUBSET_NAMES
+            }
+        )
         for i, subject in enumerate(iter_subjects(config)):
             if config.segment_files:
                 folder = out_dir / "Segment_Files" / SOURCES[subject.source][1]
@@ -299,7 +364,12 @@ def write_synthetic_pulsedb(out_dir: str | Path, config: SynthConfig | None = No
         info = info_dir / f"{name}_Info.mat"
         _write_info(info, info_rows[name])
         result.info_files.append(info)
-        result.subset_files.append(generate_subsets(
-            out_dir / "Segment_Files", info, subset_dir / f"{name}_Subset.mat",
-            compression=config.compression))
+        result.subset_files.append(
+            generate_subsets(
+                out_dir / "Segment_Files",
+                info,
+                subset_dir / f"{name}_Subset.mat",
+                compression=config.compression,
+            )
+        )
     return result

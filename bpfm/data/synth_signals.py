@@ -29,8 +29,12 @@ _PPG_SOS = signal.cheby2(4, 20, [0.5, 8.0], btype="bandpass", fs=FS, output="sos
 _QRS_MS = 300
 _QRS = sum(
     amp * np.exp(-(((np.arange(-_QRS_MS, _QRS_MS + 1) / 1000 - offset) / width) ** 2))
-    for offset, amp, width in ((-0.16, 0.12, 0.025), (-0.03, -0.10, 0.010), (0.0, 1.0, 0.011),
-                               (0.03, -0.22, 0.012))
+    for offset, amp, width in (
+        (-0.16, 0.12, 0.025),
+        (-0.03, -0.10, 0.010),
+        (0.0, 1.0, 0.011),
+        (0.03, -0.22, 0.012),
+    )
 ).astype(np.float32)
 _QRS[[0, -1]] = 0.0
 
@@ -39,30 +43,30 @@ _QRS[[0, -1]] = 0.0
 class SegmentParams:
     """One row per segment: its target BP and heart rate, and its subject's physiology."""
 
-    sbp: np.ndarray          # mmHg, segment target
-    dbp: np.ndarray          # mmHg
-    hr: np.ndarray           # beats / min
-    pwv0: np.ndarray         # m/s at MAP 90 mmHg (arterial stiffness)
-    path_abp: np.ndarray     # m, heart to arterial line
-    path_ppg: np.ndarray     # m, heart to finger
-    pep0: np.ndarray         # s, pre-ejection period at 70 bpm
-    ppg_rise0: np.ndarray    # s, PPG foot-to-peak time at SBP 120
-    notch0: np.ndarray       # dicrotic wave height (fraction of pulse) at SBP 120
-    ppg_gain: np.ndarray     # PPG pulse amplitude per mmHg of pulse pressure
-    resp_hz: np.ndarray      # respiration rate
-    resp_mmhg: np.ndarray    # respiratory SBP swing
-    ecg_noise: np.ndarray    # ECG noise sd (R-peak = 1)
-    ppg_noise: np.ndarray    # PPG noise sd (PPG pulse of 40 mmHg PP * gain)
-    wander: np.ndarray       # baseline wander amplitude, same units
+    sbp: np.ndarray  # mmHg, segment target
+    dbp: np.ndarray  # mmHg
+    hr: np.ndarray  # beats / min
+    pwv0: np.ndarray  # m/s at MAP 90 mmHg (arterial stiffness)
+    path_abp: np.ndarray  # m, heart to arterial line
+    path_ppg: np.ndarray  # m, heart to finger
+    pep0: np.ndarray  # s, pre-ejection period at 70 bpm
+    ppg_rise0: np.ndarray  # s, PPG foot-to-peak time at SBP 120
+    notch0: np.ndarray  # dicrotic wave height (fraction of pulse) at SBP 120
+    ppg_gain: np.ndarray  # PPG pulse amplitude per mmHg of pulse pressure
+    resp_hz: np.ndarray  # respiration rate
+    resp_mmhg: np.ndarray  # respiratory SBP swing
+    ecg_noise: np.ndarray  # ECG noise sd (R-peak = 1)
+    ppg_noise: np.ndarray  # PPG noise sd (PPG pulse of 40 mmHg PP * gain)
+    wander: np.ndarray  # baseline wander amplitude, same units
 
 
 @dataclass
 class Rendered:
-    ecg_f: np.ndarray   # (n, 1250) in [0, 1]
-    ppg_f: np.ndarray   # (n, 1250) in [0, 1]
+    ecg_f: np.ndarray  # (n, 1250) in [0, 1]
+    ppg_f: np.ndarray  # (n, 1250) in [0, 1]
     abp_raw: np.ndarray  # (n, 1250) mmHg
-    sbp: np.ndarray     # (n,) mean of in-window systolic peaks
-    dbp: np.ndarray     # (n,) mean of in-window diastolic feet
+    sbp: np.ndarray  # (n,) mean of in-window systolic peaks
+    dbp: np.ndarray  # (n,) mean of in-window diastolic feet
 
 
 def _last_event(events: np.ndarray, times: np.ndarray) -> np.ndarray:
@@ -74,8 +78,15 @@ def _last_event(events: np.ndarray, times: np.ndarray) -> np.ndarray:
     return idx.reshape(n, -1) - (np.arange(n) * beats)[:, None]
 
 
-def _pulse(tau: np.ndarray, rise: np.ndarray, period: np.ndarray, notch_t: np.ndarray,
-           notch: np.ndarray, decay: float, sharpness: float) -> np.ndarray:
+def _pulse(
+    tau: np.ndarray,
+    rise: np.ndarray,
+    period: np.ndarray,
+    notch_t: np.ndarray,
+    notch: np.ndarray,
+    decay: float,
+    sharpness: float,
+) -> np.ndarray:
     """A beat's normalised pressure/volume pulse: 0 at the foot, 1 at `rise`, back to 0 at
     `period`, with a dicrotic wave of height `notch` at `notch_t`. float32 throughout."""
     up = 0.5 * (1.0 - np.cos(np.float32(np.pi) * np.minimum(tau / rise, 1.0)))
@@ -85,8 +96,9 @@ def _pulse(tau: np.ndarray, rise: np.ndarray, period: np.ndarray, notch_t: np.nd
     return np.where(tau < rise, up, fall)
 
 
-def _wander(rng: np.random.Generator, n: int, t: np.ndarray, amplitude: np.ndarray,
-            low: float, high: float) -> np.ndarray:
+def _wander(
+    rng: np.random.Generator, n: int, t: np.ndarray, amplitude: np.ndarray, low: float, high: float
+) -> np.ndarray:
     out = np.zeros((n, len(t)), dtype=np.float32)
     for _ in range(2):
         freq = rng.uniform(low, high, (n, 1)).astype(np.float32)
@@ -108,21 +120,23 @@ def render_segments(p: SegmentParams, rng: np.random.Generator) -> Rendered:
     k = np.arange(beats)
     resp_phase = rng.uniform(0, 2 * np.pi, (n, 1))
     approx = k[None, :] * rr_mean[:, None]
-    rr = rr_mean[:, None] * (1 + 0.03 * np.sin(2 * np.pi * p.resp_hz[:, None] * approx
-                                                + resp_phase)
-                             + 0.015 * rng.standard_normal((n, beats)))
+    rr = rr_mean[:, None] * (
+        1
+        + 0.03 * np.sin(2 * np.pi * p.resp_hz[:, None] * approx + resp_phase)
+        + 0.015 * rng.standard_normal((n, beats))
+    )
     start = t[0] - 1.5 - rr_mean * rng.uniform(0, 1, n)
     r_peaks = start[:, None] + np.cumsum(rr, axis=1) - rr[:, :1]
 
     resp = np.sin(2 * np.pi * p.resp_hz[:, None] * r_peaks + resp_phase)
     sbp_k = p.sbp[:, None] + p.resp_mmhg[:, None] * resp + 1.5 * rng.standard_normal((n, beats))
-    dbp_k = p.dbp[:, None] + 0.4 * p.resp_mmhg[:, None] * resp \
-        + 1.0 * rng.standard_normal((n, beats))
+    dbp_k = (
+        p.dbp[:, None] + 0.4 * p.resp_mmhg[:, None] * resp + 1.0 * rng.standard_normal((n, beats))
+    )
     dbp_k = np.minimum(dbp_k, sbp_k - 10.0)
     map_k = dbp_k + (sbp_k - dbp_k) / 3
     pwv = p.pwv0[:, None] * np.exp(0.02 * (map_k - 90.0))
-    pep = (p.pep0 - 0.0005 * (p.hr - 70.0))[:, None] \
-        - 0.0002 * (sbp_k - p.sbp[:, None])
+    pep = (p.pep0 - 0.0005 * (p.hr - 70.0))[:, None] - 0.0002 * (sbp_k - p.sbp[:, None])
     foot_abp = r_peaks + pep + p.path_abp[:, None] / pwv
     foot_ppg = r_peaks + pep + p.path_ppg[:, None] / pwv
     lvet = np.clip(0.37 - 0.0016 * (60.0 / rr - 70.0), 0.2, 0.45)
@@ -158,25 +172,35 @@ def render_segments(p: SegmentParams, rng: np.random.Generator) -> Rendered:
     notch_ppg = np.clip(p.notch0[:, None] * (1 - 0.008 * (sbp_k - 120.0)), 0.0, 0.3)
     notch_t_ppg = np.minimum(lvet + 0.06, 0.85 * period_ppg)
     amplitude = p.ppg_gain[:, None] * (sbp_k - dbp_k) / (1 + 0.015 * (map_k - 90.0))
-    ppg = take(amplitude) * _pulse(t32 - take(foot_ppg), take(rise_ppg), take(period_ppg),
-                                   take(notch_t_ppg), take(notch_ppg), 0.15, 1.1)
+    ppg = take(amplitude) * _pulse(
+        t32 - take(foot_ppg),
+        take(rise_ppg),
+        take(period_ppg),
+        take(notch_t_ppg),
+        take(notch_ppg),
+        0.15,
+        1.1,
+    )
     ppg_scale = 40.0 * p.ppg_gain
     ppg += _wander(rng, n, t32, p.wander * ppg_scale, 0.05, 0.35)
-    ppg += (p.ppg_noise * ppg_scale).astype(np.float32)[:, None] \
-        * rng.standard_normal((n, SPAN), dtype=np.float32)
+    ppg += (p.ppg_noise * ppg_scale).astype(np.float32)[:, None] * rng.standard_normal(
+        (n, SPAN), dtype=np.float32
+    )
 
     # ECG: the P-QRS complexes of the previous and next R-peaks (they overlap), the previous T.
     i = _last_event(r_peaks, t)
     tau = t32 - take(r_peaks)
-    tau_next = t32 - np.take_along_axis(r_peaks.astype(np.float32),
-                                        np.minimum(i + 1, beats - 1), axis=1)
+    tau_next = t32 - np.take_along_axis(
+        r_peaks.astype(np.float32), np.minimum(i + 1, beats - 1), axis=1
+    )
     # The table is zero at both ends, so clipping the index silences times outside it.
     ecg = _QRS[np.clip(np.rint(tau * 1000).astype(np.int32) + _QRS_MS, 0, 2 * _QRS_MS)]
     ecg += _QRS[np.clip(np.rint(tau_next * 1000).astype(np.int32) + _QRS_MS, 0, 2 * _QRS_MS)]
     ecg += 0.3 * np.exp(-np.square((tau - take(0.28 * np.sqrt(rr))) / np.float32(0.05)))
     ecg += _wander(rng, n, t32, p.wander, 0.1, 0.4)
-    ecg += p.ecg_noise.astype(np.float32)[:, None] \
-        * rng.standard_normal((n, SPAN), dtype=np.float32)
+    ecg += p.ecg_noise.astype(np.float32)[:, None] * rng.standard_normal(
+        (n, SPAN), dtype=np.float32
+    )
 
     window = slice(PAD, PAD + WINDOW)
     ecg_f = _minmax(signal.sosfiltfilt(_ECG_SOS, ecg, axis=1)[:, window])

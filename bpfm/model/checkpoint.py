@@ -88,35 +88,27 @@ def _is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
-def _storage(uri: str):
-    try:
-        from bpfm.storage import filesystem_for
-    except ImportError as err:
-        raise BpfmError(f"{uri}: remote checkpoints need bpfm.storage ({err})") from None
-    return filesystem_for(uri)
-
-
 def read_bytes(uri: str | Path) -> bytes:
+    """A local file, or any URI `bpfm.storage` understands (s3://)."""
     uri = str(uri)
+    if _is_remote(uri):
+        from bpfm import storage
+
+        return storage.read_bytes(uri)
     try:
-        if _is_remote(uri):
-            fs, path = _storage(uri)
-            with fs.open_input_stream(path) as stream:
-                return stream.read()
         return Path(uri.removeprefix("file://")).read_bytes()
-    except BpfmError:
-        raise
-    except (OSError, ValueError) as err:
-        raise BpfmError(f"{uri}: cannot read checkpoint ({err})") from None
+    except OSError as err:
+        raise BpfmError(f"{uri}: cannot read checkpoint ({err.strerror or err})") from None
 
 
 def write_bytes_atomic(uri: str | Path, data: bytes) -> None:
-    """Local files go through a temporary file + rename, so readers never see half a file."""
+    """Local files go through a temporary file + rename, so readers never see half a file;
+    remote URIs go through `bpfm.storage` (an S3 object appears whole or not at all)."""
     uri = str(uri)
     if _is_remote(uri):
-        fs, path = _storage(uri)
-        with fs.open_output_stream(path) as stream:  # an S3 object appears whole or not at all
-            stream.write(data)
+        from bpfm import storage
+
+        storage.publish_bytes(uri, data)
         return
     path = Path(uri.removeprefix("file://"))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,9 @@ class QuantConfig:
     observer: str = "minmax"  # activation observer of static mode
     weights: str = "per_channel"  # int8 symmetric weights, one scale per output channel or tensor
     backend: str = "fx"
-    calib_batches: int = 8  # training batches observed by static mode (and a static input quantizer)
+    calib_batches: int = (
+        8  # training batches observed by static mode (and a static input quantizer)
+    )
     quantize_input: bool = False  # round ECG and PPG to 8 bits, one scale per channel (the paper)
     compile: bool = True  # pt2e: latency measured on the Inductor-compiled graph
 
@@ -178,8 +180,11 @@ def _as_input(batch: Any) -> torch.Tensor:
     return x.detach().float().cpu()
 
 
-def quantize(model: nn.Module, config: QuantConfig,
-             calib_batches: Iterable[torch.Tensor | dict] | None = None) -> QuantizedModel:
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    calib_batches: Iterable[torch.Tensor | dict] | None = None,
+) -> QuantizedModel:
     """Quantize a copy of `model` (eval, CPU) as `config` says. `calib_batches`: input tensors
     [B, 2, 1250] (or loader dicts with "x"), needed by static mode; at most
     `config.calib_batches` of them are used."""

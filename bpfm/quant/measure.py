@@ -46,16 +46,15 @@ def state_dict_bytes(module: nn.Module) -> int:
 
 
 def graph_tensor_bytes(module: nn.Module) -> int:
-    """Bytes of every distinct tensor a module holds: parameters, buffers, and the constants a
-    GraphModule reads with get_attr (where pt2e keeps its int8 weights)."""
+    """Bytes of the distinct tensors a GraphModule's graphs read with get_attr: parameters,
+    buffers and constants (where pt2e keeps its int8 weights), but not the fp32 originals that
+    conversion leaves attached and the graph no longer uses."""
     tensors: dict[tuple[int, int], int] = {}
 
     def add(tensor: torch.Tensor) -> None:
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
         tensors[key] = max(tensors.get(key, 0), tensor.numel() * tensor.element_size())
 
-    for tensor in [*module.parameters(), *module.buffers()]:
-        add(tensor)
     for sub in module.modules():
         graph = getattr(sub, "graph", None)
         for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():

@@ -91,12 +91,15 @@ def quantize_pt2e(model: nn.Module, config, batches: list[torch.Tensor],
                   example: torch.Tensor) -> nn.Module:  # fmt: skip
     """The converted (reference Q/DQ) GraphModule of a model in eval mode on CPU."""
     with _quiet_torchao_import():
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     prepared = prepare_pt2e(export(model, example).module(), quantizer_for(config))
-    for x in batches if config.mode == "static" else ():
+    # Dynamic mode has nothing to calibrate, but one pass runs every observer once (the weight
+    # observers then do not warn that they were never run).
+    for x in batches if config.mode == "static" else [example]:
         prepared(x)
-    return convert_pt2e(prepared)
+    return allow_exported_model_train_eval(convert_pt2e(prepared))
 
 
 def save(quantized, path: Path) -> Path:
@@ -104,7 +107,7 @@ def save(quantized, path: Path) -> Path:
     from bpfm.quant import CONFIG_EXTRA, config_json
 
     program = export(quantized.net, torch.zeros(2, 2, 1250))
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".tmp-{path.name}")  # torch.export.save wants the .pt2 suffix
     torch.export.save(program, tmp, extra_files={CONFIG_EXTRA: config_json(quantized)})
     tmp.replace(path)
     return path
@@ -121,9 +124,12 @@ def load(path: Path) -> nn.Module:
         values = json.loads(extra[CONFIG_EXTRA])
     except Exception as err:  # torch.export.load raises a variety of errors for foreign files
         raise BpfmError(f"{path}: not a bpfm quantized model ({_first_line(err)})") from None
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+
     described = values.get("input_quantizer")
     quantizer = InputQuantizer.from_description(described) if described else None
-    return QuantizedModel(program.module(), QuantConfig.from_dict(values["config"]),
+    net = allow_exported_model_train_eval(program.module())
+    return QuantizedModel(net, QuantConfig.from_dict(values["config"]),
                           quantizer).eval()  # fmt: skip
 
 

@@ -64,8 +64,9 @@ def collect_entries(client, experiment_id: str, grid_run_id: str) -> dict[str, d
     for run in tracking.runs_of(client, experiment_id, grid_run_id, "train"):
         if run.info.status == "FINISHED":
             entries[f"train/{run.data.tags[tracking.CELL]}"] = _entry(run)
-    quant = tracking.find_runs(client, experiment_id,
-                               {tracking.GRID_RUN: grid_run_id, tracking.KIND: "quant"})
+    quant = tracking.find_runs(
+        client, experiment_id, {tracking.GRID_RUN: grid_run_id, tracking.KIND: "quant"}
+    )
     for run in quant:
         if run.info.status == "FINISHED":
             key = f"quant/{run.data.tags[tracking.CELL]}/{run.data.tags[tracking.VARIANT]}"
@@ -148,8 +149,10 @@ def run_nightly(config: NightlyConfig) -> dict[str, Any]:
     }  # fmt: skip
     if config.update_baseline:
         if errors:
-            raise BpfmError(f"grid run {grid['grid_run_id']}: {len(errors)} errors; the baseline "
-                            f"was not rewritten (first: {errors[0]})")
+            raise BpfmError(
+                f"grid run {grid['grid_run_id']}: {len(errors)} errors; the baseline "
+                f"was not rewritten (first: {errors[0]})"
+            )
         _write_baseline(config.baseline, entries, profile.name, stamp)
         summary["status"] = "baseline-updated"
         (out / "current.json").write_text(json.dumps(entries, indent=1, sort_keys=True))

@@ -88,4 +88,3 @@ def attach_demographics(
             frame[column] = None
     log.info("demographics: %s", status)
     return frame, status
-

@@ -149,11 +149,16 @@ def table3(quant: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
 
 def table4(quant: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
     """Table IV-like: saved size in MiB per model size and variant, reduction factor against fp32,
-    CPU latency at batch 1 and 64 (medians over the trials of that size)."""
+    CPU latency at batch 1 and 64 (medians over the trials of that size). Without an fp32 variant
+    run, the fp32 row comes from the trial's own size."""
     if quant.empty:
         return pd.DataFrame()
     frame = quant.join(_fp32_reference(quant, train), on="parent_run_id")
     frame["variant"] = frame.apply(_variant, axis=1)
+    if not (frame["mode"] == "fp32").any():
+        trials = train[train["run_id"].isin(frame["parent_run_id"])]
+        fp32 = trials.reindex(columns=["size", "size_mib"]).assign(variant="fp32")
+        frame = pd.concat([fp32.assign(fp32_size_mib=fp32["size_mib"]), frame], ignore_index=True)
     frame["reduction_factor"] = frame["fp32_size_mib"] / frame["size_mib"]
     metrics = ["size_mib", "reduction_factor", "latency_ms_b1", "latency_ms_b64"]
     frame = frame.reindex(columns=["size", "variant", *metrics])

@@ -144,3 +144,18 @@ def test_init_xavier_follows_the_paper_scheme():
     ratio = enc.blocks[7].mlp.fc2.weight.abs().max() / bound
     assert 0.95 / math.sqrt(16) < ratio <= 1 / math.sqrt(16)  # sqrt(2 * layer_id), layer_id 8
     assert model.head.fc.weight.std() < 0.025 and torch.equal(model.head.fc.bias, torch.zeros(2))
+
+
+def test_s3_round_trip_and_backbone_from_s3(s3_env):
+    uri = f"s3://{s3_env.bucket}/models/small/model.safetensors"
+    model = create_model("small").eval()
+    save_model(uri, model, {"note": "s3"})
+    loaded, meta = load_model(uri)
+    assert meta["note"] == "s3"
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(X), model(X))
+    fresh = create_model("small")
+    assert load_pretrained_backbone(fresh, uri).missing == []
+    assert torch.equal(fresh.encoder.mask_token, model.encoder.mask_token)
+    with pytest.raises(BpfmError, match="not found"):
+        load_pretrained_backbone(fresh, f"s3://{s3_env.bucket}/models/none.ckpt")

@@ -68,13 +68,21 @@ def test_edf_reader_returns_physical_values_and_pretraining_uses_them(tmp_path):
     np.testing.assert_allclose(windows.std(axis=-1), 1.0, rtol=1e-4)
 
 
-def test_npz_windows_and_bad_inputs(tmp_path):
+def test_npz_and_parquet_windows_and_bad_inputs(tmp_path):
     np.savez(tmp_path / "w.npz", x=np.random.default_rng(0).normal(size=(6, 4, 512)))
     assert load_windows(
         PretrainConfig(out="-", eeg=str(tmp_path / "w.npz"), channels=3, window=448)
     ).shape == (6, 3, 448)
     with pytest.raises(DataError, match="need"):
         load_windows(PretrainConfig(out="-", eeg=str(tmp_path / "w.npz"), channels=5, window=64))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = np.random.default_rng(1).normal(size=(5, 2, 128)).tolist()
+    pq.write_table(pa.table({"x": rows}), tmp_path / "w.parquet")
+    assert load_windows(
+        PretrainConfig(out="-", eeg=str(tmp_path / "w.parquet"), channels=2, window=128)
+    ).shape == (5, 2, 128)
     (tmp_path / "junk.edf").write_bytes(b"garbage" * 50)
     with pytest.raises(DataError, match="not an EDF file"):
         load_windows(PretrainConfig(out="-", eeg=str(tmp_path / "junk.edf"), window=64))

@@ -1,4 +1,4 @@
-"""cluster/, mlflow/ and the Dockerfile, checked without a cloud, a Kubernetes or a Docker engine."""
+"""cluster/, mlflow/ and the Dockerfile, checked without a cloud, Kubernetes or Docker engine."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def _check_cluster_spec(spec: dict) -> None:
     groups = spec["workerGroupSpecs"]
     assert groups, "no worker group"
     for group in groups:
-        assert {"groupName", "rayStartParams", "template", "minReplicas", "maxReplicas"} <= set(group)
+        required = {"groupName", "rayStartParams", "template", "minReplicas", "maxReplicas"}
+        assert required <= set(group)
         limits = _containers(group["template"])[0]["resources"]["limits"]
         assert int(limits["nvidia.com/gpu"]) >= 1
 

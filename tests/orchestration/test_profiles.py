@@ -58,7 +58,8 @@ def test_profile_strings_expand_home_and_environment(monkeypatch, tmp_path):
     profile = load_profile("demo")
     assert profile.data.uri == str(tmp_path / "demo" / "shards")
     assert profile.storage == "s3://bucket/results"
-    assert profile.pretrain.checkpoint_for("small") == str(tmp_path / "backbones/cerebro-small.ckpt")
+    expected = tmp_path / "backbones" / "cerebro-small.ckpt"
+    assert profile.pretrain.checkpoint_for("small") == str(expected)
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,9 @@ def test_leaderboard_from_the_grid_store(nightly, tmp_path):
         assert row["bhs"] == f"{tags['dbp_bhs_grade']}/{tags['sbp_bhs_grade']}"
         assert row["sbp_mae"] == pytest.approx(run.data.metrics["sbp_mae"])
     assert len(pd.read_csv(tmp_path / "table3.csv")) == 2
+    table4 = pd.read_csv(tmp_path / "table4.csv").set_index("variant")
+    assert table4.loc["fp32", "size_mib"] == pytest.approx(13.7, abs=0.3)  # from the artifact
+    assert table4.loc["dynamic (per_channel)", "reduction_factor"] > 2
     groups = pd.read_csv(tmp_path / "subgroups.csv", keep_default_na=False)
     mimic_ages = set(groups[(groups["source"] == "mimic") & (groups["group"] == "age band")]
                      ["subgroup"])  # fmt: skip

@@ -103,3 +103,11 @@ def test_recipe_file_has_the_format_the_grid_reads(tmp_path):
     assert load_recipe(path) == {"lr": 2e-4, "weight_decay": 1e-3, "head": "mlp",
                                  "head_hidden": [64, 64], "head_dropout": 0.2,
                                  "warmup_epochs": 1}  # fmt: skip
+
+
+def test_a_bad_cell_is_a_one_line_error(capsys):
+    from bpfm.cli import main
+
+    assert main(["search", "--profile", "tiny", "--source", "nowhere"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--source" in err[0] and "nowhere" in err[0]

@@ -56,7 +56,8 @@ def _healthy(uri: str) -> bool:
         return False
 
 
-def start_mlflow_server(workdir: str | Path, s3_server=None, prefix: str = "mlflow") -> MLflowServer:
+def start_mlflow_server(workdir: str | Path, s3_server=None, prefix: str = "mlflow"
+                        ) -> MLflowServer:
     """Start the tracking server; with an S3 server, artifacts go to s3://<bucket>/<prefix>."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -91,4 +92,6 @@ def start_mlflow_server(workdir: str | Path, s3_server=None, prefix: str = "mlfl
             return server
         time.sleep(0.5)
     server.stop()
-    raise RuntimeError(f"mlflow server not ready after {READY_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
+    raise RuntimeError(
+        f"mlflow server not ready after {READY_TIMEOUT_S:.0f} s:\n{server.log_tail()}"
+    )

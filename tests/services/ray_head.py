@@ -69,7 +69,8 @@ class RayHead:
 
 
 def _ready(url: str, token: str) -> bool:
-    request = urllib.request.Request(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    headers = {"Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(f"{url}/api/jobs/", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=3) as response:
             return response.status == 200

@@ -26,7 +26,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_small_beats_the_mean_predictor_on_synthetic(learnable_shards, tmp_path):
     config = TrainConfig(
         data=learnable_shards, source="mimic", protocol="paper", size="small", epochs=3,
-        batch_size=32, normalize_inputs=True, drop_path=0.0, out=str(tmp_path / "run"),
+        batch_size=32, drop_path=0.0, out=str(tmp_path / "run"),
         device="cpu",
     )  # fmt: skip
     result = fit(config)
@@ -37,7 +37,7 @@ def test_small_beats_the_mean_predictor_on_synthetic(learnable_shards, tmp_path)
 def test_training_loss_falls_on_challenge2015(challenge2015_shards, tmp_path):
     config = TrainConfig(
         data=challenge2015_shards, source="other", protocol="paper", size="small", epochs=3,
-        batch_size=32, max_steps_per_epoch=6, normalize_inputs=True, drop_path=0.0,
+        batch_size=32, max_steps_per_epoch=6, drop_path=0.0,
         out=str(tmp_path / "run"), device="cpu",
     )  # fmt: skip
     losses = [h["train_loss"] for h in fit(config).history]

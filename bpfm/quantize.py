@@ -1,0 +1,191 @@
+"""Quantize a trained model dir and measure the variant against its fp32 model:
+`run_quantization(model_dir, QuantConfig(...), out=...)` (what `bpfm quantize` and the grid's
+stage 2 run). The quantization itself lives in `bpfm.quant` (one interface, `fx` and `pt2e`
+backends); this module adds the data, the clinical metrics, size and latency.
+
+For each variant: the full test metrics (`bpfm.metrics.compute_metrics`), the size in MiB
+(saved state_dict as the paper measured; for pt2e the bytes of the graph's tensors, see
+`size_kind`), CPU latency at batch 1 and 64 (median, fixed thread count), and the reduction
+factor, speed-ups and metric changes against fp32. Writes `out/quant.json` and the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bpfm.errors import BpfmError
+from bpfm.quant import (
+    BACKENDS,
+    MODES,
+    OBSERVERS,
+    WEIGHTS,
+    InputQuantizer,
+    QuantConfig,
+    QuantizedModel,
+    load_quantized,
+    log_to_mlflow,
+    quantize,
+    save_quantized,
+)
+from bpfm.quant.measure import MIB, latency_ms, state_dict_bytes
+
+__all__ = [
+    "BACKENDS",
+    "MODES",
+    "OBSERVERS",
+    "WEIGHTS",
+    "InputQuantizer",
+    "QuantConfig",
+    "QuantizedModel",
+    "calibration_batches",
+    "load_quantized",
+    "log_to_mlflow",
+    "quantize",
+    "run_quantization",
+    "save_quantized",
+]
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "quant.json"
+BATCH_SIZES = (1, 64)
+DELTA_KEYS = ("sbp_mae", "dbp_mae", "sbp_r2", "dbp_r2")
+
+
+def calibration_batches(view, count: int, *, batch_size: int = 64, seed: int = 42,
+                        normalize: bool = False) -> list[torch.Tensor]:  # fmt: skip
+    """The first `count` shuffled batches [B, 2, 1250] of a view (the training view)."""
+    from bpfm.data.loader import ShardDataset
+
+    dataset = ShardDataset(view, batch_size=batch_size, shuffle=True, seed=seed,
+                           normalize=normalize)  # fmt: skip
+    batches = []
+    for batch in dataset:
+        batches.append(batch["x"])
+        if len(batches) == count:
+            break
+    return batches
+
+
+def _test_metrics(model: nn.Module, split, meta: dict[str, Any], batch_size: int) -> dict:
+    from bpfm.metrics import compute_metrics
+    from bpfm.predict import predict
+
+    pred = predict(model, split.test, meta, batch_size=batch_size, device="cpu")
+    return compute_metrics(pred.target, pred.estimate, pred.subject, meta.get("target_mean"))
+
+
+def _runnable(quantized: QuantizedModel, batch_size: int) -> tuple[nn.Module, float | None]:
+    """(the module to evaluate and time, seconds spent compiling). A pt2e graph runs compiled:
+    its eager reference form is several times slower than fp32. It is compiled once for
+    dynamic batch sizes, here, so that the time is reported apart from the latency."""
+    runnable = quantized.compiled()
+    if runnable is quantized:
+        return quantized, None
+    start = time.perf_counter()
+    with torch.inference_mode():
+        runnable(torch.zeros(batch_size, 2, 1250))
+    return runnable, time.perf_counter() - start
+
+
+def run_quantization(
+    model_dir: str | Path,
+    config: QuantConfig,
+    *,
+    data: str | None = None,
+    source: str | None = None,
+    protocol: str | None = None,
+    out: str | Path,
+    threads: int = 1,
+    latency_runs: int = 20,
+    batch_size: int = 256,
+    calib_batch_size: int = 64,
+    baseline: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Quantize the model of `model_dir` (written by `bpfm.train.fit`), evaluate it on the test
+    view of its data (or of `data`/`source`/`protocol`), measure it against fp32, and write
+    `out/quant.json` plus the model (`out/model.pt` or `out/model.pt2`).
+
+    `latency_runs=0` skips latency. `baseline`: an earlier result of the same model dir (e.g. the
+    fp32 variant's) whose `fp32` block is reused instead of evaluating and timing fp32 again."""
+    from bpfm.evaluate import load_trained, open_split
+
+    config = config.validate()
+    if threads < 1 or latency_runs < 0:
+        raise BpfmError(f"quantize: threads/latency_runs: need threads >= 1 and runs >= 0, got "
+                        f"{threads}/{latency_runs}")  # fmt: skip
+    model, train_config, meta = load_trained(model_dir)
+    data, source = data or train_config.data, source or train_config.source
+    protocol = protocol or train_config.protocol
+    if not data:
+        raise BpfmError(f"{model_dir}: data: the model dir names no shard set; pass --data URI")
+    split = open_split(data, source, protocol, train_config.split_seed)
+    normalize = bool(meta.get("normalize_inputs"))
+    calib = []
+    if config.mode == "static":
+        calib = calibration_batches(split.train, config.calib_batches, batch_size=calib_batch_size,
+                                    seed=train_config.seed, normalize=normalize)  # fmt: skip
+        if not calib:
+            raise BpfmError(f"{data}: train view: no segments to calibrate static quantization on")
+
+    start = time.perf_counter()
+    quantized = quantize(model, config, calib)
+    quantize_s = time.perf_counter() - start
+    runnable, compile_s = _runnable(quantized, batch_size)
+    size, size_kind = quantized.size_bytes()
+    test = _test_metrics(runnable, split, meta, batch_size)
+
+    fp32 = dict(baseline["fp32"]) if baseline and "fp32" in baseline else None
+    models: dict[str, nn.Module] = {"quantized": runnable}
+    if fp32 is None:
+        fp32 = {"size_mib": state_dict_bytes(model) / MIB,
+                "test": _test_metrics(model, split, meta, batch_size)}  # fmt: skip
+        models["fp32"] = model
+    latency = latency_ms(models, BATCH_SIZES, runs=latency_runs, threads=threads) \
+        if latency_runs else {name: {} for name in models}  # fmt: skip
+    if "fp32" in models:
+        fp32.update({f"latency_ms_b{b}": latency["fp32"].get(b) for b in BATCH_SIZES})
+
+    result: dict[str, Any] = {
+        "variant": config.name, **config.to_dict(), "engine": quantized.engine,
+        "model_dir": str(model_dir), "data": data, "source": source, "protocol": protocol,
+        "split": split.label, "test": test, "fp32": fp32,
+        "size_mib": size / MIB, "size_kind": size_kind,
+        "reduction_factor": fp32["size_mib"] / (size / MIB),
+        "threads": threads, "latency_runs": latency_runs,
+        "quantize_s": quantize_s, "compile_s": compile_s,
+    }  # fmt: skip
+    for b in BATCH_SIZES:
+        ms, base = latency["quantized"].get(b), fp32.get(f"latency_ms_b{b}")
+        result[f"latency_ms_b{b}"] = ms
+        result[f"speedup_b{b}"] = base / ms if ms and base else None
+    for key in DELTA_KEYS:
+        result[f"delta_{key}"] = _delta(test.get(key), fp32["test"].get(key))
+
+    out = Path(out)
+    result["model_file"] = str(save_quantized(quantized, out))
+    from bpfm.predict import write_json
+
+    write_json(out / RESULT_FILE, result)
+    log.info("%s: %.2f MiB (x%.2f smaller), MAE SBP %.2f / DBP %.2f mmHg, b64 %s ms", config.name,
+             result["size_mib"], result["reduction_factor"], test["sbp_mae"], test["dbp_mae"],
+             _fmt(result["latency_ms_b64"]))  # fmt: skip
+    return result
+
+
+def _delta(value: Any, reference: Any) -> float | None:
+    if value is None or reference is None:
+        return None
+    return float(np.float64(value) - np.float64(reference))
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"

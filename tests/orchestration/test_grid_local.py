@@ -1,0 +1,172 @@
+"""The grid on local Ray with the real services: SeaweedFS S3 as Tune storage and MLflow artifact
+store, a real MLflow server. One Ray instance for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bpfm import tracking
+from bpfm.profiles import load_profile
+from tests.orchestration.conftest import (
+    BASE_PROFILE,
+    local_ray,
+    result_lines,
+    trial_states,
+    write_profile,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def grid_env(s3_server, mlflow_server, tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    env = {**s3_server.env(), "MLFLOW_TRACKING_URI": mlflow_server.uri,
+           "BPFM_HOME": str(root / "home")}  # fmt: skip
+    with local_ray(env) as address:
+        yield SimpleNamespace(root=root, s3=s3_server, mlflow=mlflow_server, address=address,
+                              client=tracking.client(mlflow_server.uri))
+
+
+@pytest.fixture(scope="module")
+def first_grid(grid_env, synthetic_shards):
+    """2 trials (frozen / unfrozen), each reporting at epochs 1 and 2 = 4 cells, on S3."""
+    from bpfm.tune import run_grid
+
+    path = write_profile(
+        grid_env.root, "first", study="orch-first", data={"uri": synthetic_shards},
+        storage=f"s3://{grid_env.s3.bucket}/tune", tune={"max_failures": 1},
+        quantize={"dynamic": {"mode": "dynamic", "weights": "per_channel"}},
+    )  # fmt: skip
+    return run_grid(load_profile(str(path)))
+
+
+def test_grid_trains_every_cell_once_and_tracks_it(first_grid, grid_env):
+    assert first_grid["errors"] == []
+    assert (first_grid["n_cells"], first_grid["n_trials"]) == (4, 2)
+    client = grid_env.client
+    experiment_id = first_grid["experiment_id"]
+    train = tracking.runs_of(client, experiment_id, first_grid["grid_run_id"], "train")
+    assert sorted(r.data.tags[tracking.CELL] for r in train) == sorted(
+        f"small-{f}-e{e}-xavier-mimic-paper-s42" for f in ("frozen", "unfrozen") for e in (1, 2)
+    )
+    for run in train:
+        params = run.data.params
+        assert run.info.status == "FINISHED"
+        assert run.data.tags[tracking.CELL] == (
+            f"{params['size']}-{params['freeze']}-e{params['epochs']}-{params['init']}-"
+            f"{params['source']}-{params['protocol']}-s{params['seed']}"
+        )
+        assert params["lr"] == "0.001" and params["max_steps_per_epoch"] == "1"
+        assert {"sbp_mae", "dbp_r2", "sbp_bhs5", "val_mae", "train_loss"} <= set(run.data.metrics)
+        assert run.data.tags["aami"] in {"pass", "fail", "not_assessable"}
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_mae")]
+        assert steps == list(range(1, int(params["epochs"]) + 1))
+    # the two cells of one trial share it: the 1-epoch model is the 2-epoch run at epoch 1
+    trials = {r.data.tags[tracking.TRIAL] for r in train}
+    assert len(trials) == 2
+
+
+def test_every_trained_model_is_quantized_in_a_nested_run(first_grid, grid_env):
+    client = grid_env.client
+    train = {r.info.run_id: r for r in tracking.runs_of(
+        client, first_grid["experiment_id"], first_grid["grid_run_id"], "train")}
+    quant = tracking.find_runs(client, first_grid["experiment_id"],
+                               {tracking.GRID_RUN: first_grid["grid_run_id"],
+                                tracking.KIND: "quant"})
+    assert len(quant) == 4 and len(first_grid["quantized"]) == 4
+    for run in quant:
+        assert run.data.tags[tracking.PARENT] in train
+        assert run.data.params["mode"] == "dynamic"
+        assert {"size_mib", "latency_ms_b1", "latency_ms_b64", "sbp_mae"} <= set(run.data.metrics)
+
+
+def test_artifacts_and_tune_state_land_in_s3(first_grid, grid_env):
+    s3 = grid_env.s3.client()
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=grid_env.s3.bucket) for o in page.get("Contents", [])]
+    names = {key.rsplit("/", 1)[-1] for key in keys if key.startswith("mlflow/")}
+    assert {"model.safetensors", "predictions.parquet", "bland_altman.png", "scatter.png"} <= names
+    assert any(k.startswith("mlflow/") and "/quantized/" in k for k in keys)
+    tune_keys = [k for k in keys if k.startswith("tune/orch-first/")]
+    assert any("experiment_state" in k for k in tune_keys)
+    assert any("/checkpoint_" in k for k in tune_keys)
+    version = grid_env.client.get_model_version_by_alias("orch-first-mimic", "best")
+    assert first_grid["registered"]["mimic"] == "models:/orch-first-mimic@best"
+    assert version.run_id in {c["run_id"] for c in first_grid["cells"]}
+
+
+def test_a_trial_that_fails_once_resumes_from_its_checkpoint(first_grid, grid_env,
+                                                             synthetic_shards, monkeypatch):
+    from bpfm.tune import FAULT_ENV, FAULT_MARKER_ENV, run_grid
+
+    markers = grid_env.root / "markers"
+    monkeypatch.setenv(FAULT_ENV, "1")
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(markers))
+    axes = {**BASE_PROFILE["axes"], "freeze": ["unfrozen"]}
+    path = write_profile(grid_env.root, "fault", study="orch-fault", axes=axes,
+                         data={"uri": synthetic_shards}, storage=str(grid_env.root / "tune"))
+    result = run_grid(load_profile(str(path)))
+    assert result["errors"] == []
+    assert len(list(markers.glob("*.fired"))) == 1  # the fault did fire, once
+    faulted = {c["cell"]: c for c in result["cells"]}
+    clean = {c["cell"]: c for c in first_grid["cells"]}
+    for cell, row in faulted.items():
+        for metric in ("sbp_mae", "dbp_mae", "sbp_r2", "dbp_sd"):
+            assert row[metric] == pytest.approx(clean[cell][metric], rel=1e-5), (cell, metric)
+    e2 = next(c for c in result["cells"] if "-e2-" in c["cell"])
+    steps = [m.step for m in grid_env.client.get_metric_history(e2["run_id"], "val_mae")]
+    assert steps == [1, 2]  # epoch 1 was not trained (nor logged) again after the fault
+
+
+def _driver(profile: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "pipelines/grid.py", "--profile", str(profile),
+                                 "--json"], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_a_killed_driver_resubmitted_resumes_without_rerunning_finished_cells(
+        grid_env, synthetic_shards):
+    storage = f"s3://{grid_env.s3.bucket}/resume"
+    path = write_profile(grid_env.root, "resume", study="orch-resume",
+                         data={"uri": synthetic_shards}, storage=storage,
+                         tune={"max_failures": 1, "max_concurrent_trials": 1})
+    experiment = f"{storage}/orch-resume"
+    env = {**os.environ, "RAY_ADDRESS": grid_env.address}
+    log = grid_env.root / "driver.log"
+    driver = _driver(path, env, log)
+    deadline = time.monotonic() + 300
+    try:
+        while not [t for t, s in trial_states(experiment).items() if s == "TERMINATED"]:
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finished = [t for t, s in trial_states(experiment).items() if s == "TERMINATED"]
+    reports = {t: result_lines(experiment, t) for t in finished}
+    assert all(n == 2 for n in reports.values())
+
+    rerun = subprocess.run([sys.executable, "pipelines/grid.py", "--profile", str(path), "--json"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    result = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert result["resumed"] is True and result["errors"] == []
+    assert set(trial_states(experiment).values()) == {"TERMINATED"}
+    assert {t: result_lines(experiment, t) for t in finished} == reports  # not run again
+    train = tracking.runs_of(grid_env.client, result["experiment_id"], result["grid_run_id"],
+                             "train")
+    cells = [r.data.tags[tracking.CELL] for r in train]
+    assert len(cells) == 4 == len(set(cells))  # one run per cell across both launches
