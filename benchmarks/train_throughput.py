@@ -88,30 +88,27 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def time_steps(model, x, y, train: bool, iters: int, warmup: int, autocast: bool) -> float:
-    """Median seconds per step."""
-    device = x.device
+def make_step(model, x, y, train: bool, autocast: bool):
+    """One training step (forward, backward, Adam) or one inference forward."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4) if train else None
-    model.train(train)
-    times = []
-    for i in range(warmup + iters):
-        start = _now(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            if train:
-                loss = F.mse_loss(model(x).float(), y)
-            else:
+
+    def step() -> None:
+        model.train(train)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            if not train:
                 with torch.no_grad():
                     model(x)
-        if train:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if i >= warmup:
-            times.append(_now(device) - start)
-    return statistics.median(times)
+                return
+            loss = F.mse_loss(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
 
 
 def bench_size(size, device, batch, iters, warmup, peak, autocast) -> dict:
+    """SDPA and explicit steps are interleaved, so both see the same load on a shared machine."""
     torch.manual_seed(0)
     model = create_model(size).to(device)
     explicit = with_explicit_attention(model)
@@ -119,16 +116,26 @@ def bench_size(size, device, batch, iters, warmup, peak, autocast) -> dict:
     y = torch.randn(batch, 2, device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         diff = (model.eval()(x).float() - explicit.eval()(x).float()).abs().max().item()
+    steps = {
+        (name, mode): make_step(variant, x, y, mode == "train", autocast)
+        for name, variant in (("sdpa", model), ("explicit", explicit))
+        for mode in ("train", "infer")
+    }
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    for i in range(warmup + iters):
+        for key, step in steps.items():
+            start = _now(device)
+            step()
+            if i >= warmup:
+                times[key].append(_now(device) - start)
     flops = forward_flops(size)
     row = {"size": size, "batch": batch, "max_abs_diff_sdpa_vs_explicit": diff}
-    for name, variant in (("sdpa", model), ("explicit", explicit)):
-        train_s = time_steps(variant, x, y, True, iters, warmup, autocast)
-        infer_s = time_steps(variant, x, y, False, iters, warmup, autocast)
-        row[f"{name}_train_samples_s"] = batch / train_s
-        row[f"{name}_infer_samples_s"] = batch / infer_s
-        row[f"{name}_train_gflop_s"] = 3 * flops * batch / train_s / 1e9
-        row[f"{name}_infer_gflop_s"] = flops * batch / infer_s / 1e9
-        row[f"{name}_train_share_of_peak"] = 3 * flops * batch / train_s / peak
+    for (name, mode), values in times.items():
+        seconds = statistics.median(values)
+        step_flops = (3 if mode == "train" else 1) * flops * batch
+        row[f"{name}_{mode}_samples_s"] = batch / seconds
+        row[f"{name}_{mode}_gflop_s"] = step_flops / seconds / 1e9
+        row[f"{name}_{mode}_share_of_peak"] = step_flops / seconds / peak
     row["train_speedup_sdpa_vs_explicit"] = (
         row["sdpa_train_samples_s"] / row["explicit_train_samples_s"]
     )

@@ -1,0 +1,55 @@
+"""Fixtures for the quantization tests: one briefly trained small model dir (trained once per
+session on the shared synthetic shards), loaded model, calibration and test batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_shards: str) -> Path:
+    """A `small` model trained for a few steps: weights no longer at their init, so that
+    quantization error shows in the metrics as it would on a real model."""
+    from bpfm.train import TrainConfig, fit
+
+    out = tmp_path_factory.mktemp("quant-model") / "model"
+    config = TrainConfig(data=synthetic_shards, source="mimic", protocol="paper", size="small",
+                         epochs=2, batch_size=32, max_steps_per_epoch=2, lr=1e-3, drop_path=0.0,
+                         eval_batch_size=64, out=str(out), device="cpu")  # fmt: skip
+    fit(config, resume=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(trained_model_dir: Path):
+    """(model, TrainConfig, meta) of the trained model dir."""
+    from bpfm.evaluate import load_trained
+
+    return load_trained(trained_model_dir)
+
+
+@pytest.fixture(scope="session")
+def split(trained):
+    from bpfm.evaluate import open_split
+
+    _, config, _ = trained
+    return open_split(config.data, config.source, config.protocol, config.split_seed)
+
+
+@pytest.fixture(scope="session")
+def calib_batches(split) -> list[torch.Tensor]:
+    from bpfm.quantize import calibration_batches
+
+    return calibration_batches(split.train, 2, batch_size=32)
+
+
+@pytest.fixture(scope="session")
+def test_windows(split) -> torch.Tensor:
+    """All windows of the test view as one batch (a few dozen)."""
+    from bpfm.data.loader import ShardDataset
+
+    batches = ShardDataset(split.test, batch_size=256, shuffle=False)
+    return torch.cat([b["x"] for b in batches])
