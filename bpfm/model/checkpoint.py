@@ -98,7 +98,7 @@ def read_bytes(uri: str | Path) -> bytes:
     try:
         return Path(uri.removeprefix("file://")).read_bytes()
     except OSError as err:
-        raise BpfmError(f"{uri}: cannot read checkpoint ({err.strerror or err})") from None
+        raise BpfmError(f"{uri}: cannot read ({err.strerror or err})") from None
 
 
 def write_bytes_atomic(uri: str | Path, data: bytes) -> None:
