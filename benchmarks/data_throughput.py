@@ -42,8 +42,9 @@ def build_input(workdir: Path, segments: int) -> Path:
     target = workdir / "input" / "Train_Subset.mat"
     if target.exists():
         return target
-    small = write_synthetic_pulsedb(workdir / "small",
-                                    SynthConfig(subjects=6, segments_per_subject=40, seed=1))
+    small = write_synthetic_pulsedb(
+        workdir / "small", SynthConfig(subjects=6, segments_per_subject=40, seed=1)
+    )
     train = next(p for p in small.subset_files if p.name == "Train_Subset.mat")
     blocks: dict[str, list] = {}
     with open_pulsedb(train) as pulse:
@@ -52,8 +53,17 @@ def build_input(workdir: Path, segments: int) -> Path:
                 if b.source[i] != "mimic":  # one source: the loader reads one view of it all
                     continue
                 blocks.setdefault(subject + "0", []).append(
-                    (np.stack([b.ecg[i], b.ppg[i], b.abp[i]]), b.sbp[i], b.dbp[i], b.age[i],
-                     b.height[i], b.weight[i], b.bmi[i], b.gender[i]))
+                    (
+                        np.stack([b.ecg[i], b.ppg[i], b.abp[i]]),
+                        b.sbp[i],
+                        b.dbp[i],
+                        b.age[i],
+                        b.height[i],
+                        b.weight[i],
+                        b.bmi[i],
+                        b.gender[i],
+                    )
+                )
     rows_per_tile = sum(len(rows) for rows in blocks.values())
     rng = np.random.default_rng(0)
     tiles = -(-segments // rows_per_tile)
@@ -63,9 +73,13 @@ def build_input(workdir: Path, segments: int) -> Path:
         for tile in range(tiles):
             for name, rows in blocks.items():
                 columns = list(zip(*rows, strict=True))
-                values = dict(zip(("SBP", "DBP", "Age", "Height", "Weight", "BMI"),
-                                  (np.asarray(c, dtype=np.float64) for c in columns[1:7]),
-                                  strict=True))
+                values = dict(
+                    zip(
+                        ("SBP", "DBP", "Age", "Height", "Weight", "BMI"),
+                        (np.asarray(c, dtype=np.float64) for c in columns[1:7]),
+                        strict=True,
+                    )
+                )
                 # fresh noise per tile, or repeated rows would compress unrealistically well
                 signals = np.stack(columns[0]).astype(np.float64)
                 signals += rng.normal(0, 1e-3, signals.shape)
@@ -83,9 +97,14 @@ def phase_convert(input_file: str, shards: str, signals: str) -> dict:
     start = time.perf_counter()
     manifest = write_shards([input_file], shards, signals=signals)
     seconds = time.perf_counter() - start
-    return {"rows": manifest["rows"], "input_mb": size / 1e6, "seconds": seconds,
-            "mb_per_s": size / 1e6 / seconds, "shard_mb": manifest["bytes"] / 1e6,
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "rows": manifest["rows"],
+        "input_mb": size / 1e6,
+        "seconds": seconds,
+        "mb_per_s": size / 1e6 / seconds,
+        "shard_mb": manifest["bytes"] / 1e6,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def phase_naive(input_file: str, limit: int) -> dict:
@@ -100,13 +119,17 @@ def phase_naive(input_file: str, limit: int) -> dict:
         start = time.perf_counter()
         for begin in range(0, len(order), BATCH):
             xs, ys = [], []
-            for i in order[begin:begin + BATCH]:
+            for i in order[begin : begin + BATCH]:
                 xs.append(torch.from_numpy(signals[:, 0:2, i].T.astype(np.float32)))
                 ys.append(torch.tensor([sbp[0, i], dbp[0, i]], dtype=torch.float32))
             torch.stack(xs), torch.stack(ys)
         seconds = time.perf_counter() - start
-    return {"segments": len(order), "seconds": seconds, "per_s": len(order) / seconds,
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "segments": len(order),
+        "seconds": seconds,
+        "per_s": len(order) / seconds,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def _epochs(epochs: int, run_epoch) -> dict:
@@ -118,8 +141,12 @@ def _epochs(epochs: int, run_epoch) -> dict:
         rates.append(count / (time.perf_counter() - start))
     later = rates[1:] or rates
     median = float(sorted(later)[len(later) // 2])
-    return {"segments": count, "first_per_s": rates[0], "per_s": median,
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "segments": count,
+        "first_per_s": rates[0],
+        "per_s": median,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def _view(shards: str):
@@ -158,7 +185,7 @@ def phase_memory(shards: str, epochs: int) -> dict:
     def run_epoch(epoch: int) -> int:
         order = np.random.default_rng(epoch).permutation(len(x))
         for begin in range(0, len(order), BATCH):
-            index = order[begin:begin + BATCH]
+            index = order[begin : begin + BATCH]
             torch.from_numpy(x[index]), torch.from_numpy(y[index])
         return len(order)
 
@@ -166,8 +193,9 @@ def phase_memory(shards: str, epochs: int) -> dict:
 
 
 def run_phase(*args: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--phase", *args], capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, __file__, "--phase", *args], capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         raise SystemExit(f"phase {args[0]} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -176,18 +204,27 @@ def run_phase(*args: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--segments", type=int, default=20480)
-    parser.add_argument("--naive-limit", type=int, default=3000,
-                        help="segments the naive reader reads (it is slow)")
+    parser.add_argument(
+        "--naive-limit", type=int, default=3000, help="segments the naive reader reads (it is slow)"
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--signals", default="list", choices=("list", "bytes"),
-                        help="shard signal encoding (see bpfm.data.shards.ShardOptions)")
+    parser.add_argument(
+        "--signals",
+        default="list",
+        choices=("list", "bytes"),
+        help="shard signal encoding (see bpfm.data.shards.ShardOptions)",
+    )
     parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
         name, *rest = args.phase
-        phases = {"convert": phase_convert, "naive": phase_naive, "loader": phase_loader,
-                  "memory": phase_memory}
+        phases = {
+            "convert": phase_convert,
+            "naive": phase_naive,
+            "loader": phase_loader,
+            "memory": phase_memory,
+        }
         rest = [int(r) if r.isdigit() else r for r in rest]
         print(json.dumps(phases[name](*rest)))
         return
@@ -195,28 +232,43 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bpfm-bench-"))
     start = time.perf_counter()
     input_file = build_input(workdir, args.segments)
-    print(f"input: {input_file} ({input_file.stat().st_size / 1e6:.0f} MB, built in "
-          f"{time.perf_counter() - start:.0f} s)")
+    print(
+        f"input: {input_file} ({input_file.stat().st_size / 1e6:.0f} MB, built in "
+        f"{time.perf_counter() - start:.0f} s)"
+    )
     shards = str(workdir / f"shards-{args.signals}")
     convert = run_phase("convert", str(input_file), shards, args.signals)
     naive = run_phase("naive", str(input_file), str(args.naive_limit))
     loader = run_phase("loader", shards, str(args.epochs))
     memory = run_phase("memory", shards, str(args.epochs))
     print(f"segments in Train subset: {convert['rows']}; shard signals: {args.signals}")
-    print(f"converter: {convert['input_mb']:.0f} MB in {convert['seconds']:.1f} s = "
-          f"{convert['mb_per_s']:.0f} MB/s of input (shards {convert['shard_mb']:.0f} MB, "
-          f"peak RSS {convert['peak_rss_mb']:.0f} MB)   target >= 50 MB/s")
-    for label, result in (("(a) naive h5py per segment", naive), ("(b) bpfm ShardDataset", loader),
-                          ("(c) in-memory float32", memory)):
+    print(
+        f"converter: {convert['input_mb']:.0f} MB in {convert['seconds']:.1f} s = "
+        f"{convert['mb_per_s']:.0f} MB/s of input (shards {convert['shard_mb']:.0f} MB, "
+        f"peak RSS {convert['peak_rss_mb']:.0f} MB)   target >= 50 MB/s"
+    )
+    for label, result in (
+        ("(a) naive h5py per segment", naive),
+        ("(b) bpfm ShardDataset", loader),
+        ("(c) in-memory float32", memory),
+    ):
         first = f"(first epoch {result['first_per_s']:.0f})" if "first_per_s" in result else ""
-        print(f"{label:28s} {result['per_s']:>8.0f} segments/s {first:22s} peak RSS "
-              f"{result['peak_rss_mb']:.0f} MB")
-    print(f"loader RSS after imports (torch, pyarrow): {loader['rss_after_imports_mb']:.0f} MB   "
-          "target: loader RSS < 1 GB")
-    print(f"b/a = {loader['per_s'] / naive['per_s']:.1f} (first epoch "
-          f"{loader['first_per_s'] / naive['per_s']:.1f})   target >= 20")
-    print(f"b/c = {loader['per_s'] / memory['per_s']:.2f} (first epochs "
-          f"{loader['first_per_s'] / memory['first_per_s']:.2f})   target >= 0.3")
+        print(
+            f"{label:28s} {result['per_s']:>8.0f} segments/s {first:22s} peak RSS "
+            f"{result['peak_rss_mb']:.0f} MB"
+        )
+    print(
+        f"loader RSS after imports (torch, pyarrow): {loader['rss_after_imports_mb']:.0f} MB   "
+        "target: loader RSS < 1 GB"
+    )
+    print(
+        f"b/a = {loader['per_s'] / naive['per_s']:.1f} (first epoch "
+        f"{loader['first_per_s'] / naive['per_s']:.1f})   target >= 20"
+    )
+    print(
+        f"b/c = {loader['per_s'] / memory['per_s']:.2f} (first epochs "
+        f"{loader['first_per_s'] / memory['first_per_s']:.2f})   target >= 0.3"
+    )
 
 
 if __name__ == "__main__":

@@ -17,3 +17,7 @@ class DataError(BpfmError):
         self.field = field
         self.problem = problem
         super().__init__(f"{self.file}: {field}: {problem}")
+
+    def __reduce__(self):
+        # Rebuild from the three parts so the error survives process pools and Ray tasks.
+        return (DataError, (self.file, self.field, self.problem))

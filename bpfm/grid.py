@@ -250,13 +250,14 @@ def quantize_cell(
     variant: str,
     options: dict[str, Any],
     data: str,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Stage 2, one (trained model, variant): a run nested under the cell's run with the full
     metrics, size and latency, and the quantized model. A finished variant is not redone."""
     import tempfile
 
     from bpfm import tracking
-    from bpfm.quantize import QuantConfig, run_quantization
+    from bpfm.quantize import QuantConfig, load_quantized, run_quantization
 
     client = tracking.client(tracking_uri)
     params = tracking.safe_params(
@@ -284,17 +285,23 @@ def quantize_cell(
         with tempfile.TemporaryDirectory(prefix="bpfm-quant-") as tmp:
             model_dir = tracking.download_model_dir(client, cell_run_id, tmp)
             out = Path(tmp) / "quantized"
-            result = run_quantization(model_dir, QuantConfig(**options), data=data, out=str(out))
-            tracking.log_results(
-                client, run_id, _flat_metrics(result), extra=tracking.QUANT_METRICS
-            )
-            if out.is_dir():
-                client.log_artifacts(run_id, str(out), "quantized")
+            config = QuantConfig(**options)
+            result = run_quantization(model_dir, config, data=data, out=str(out),
+                                      **(settings or {}))  # fmt: skip
+            extra = (*tracking.QUANT_METRICS, *QUANT_EXTRA_METRICS)
+            tracking.log_results(client, run_id, _flat_metrics(result), extra=extra)
+            client.log_artifacts(run_id, str(out), "quantized")
+            if config.backend == "fx" or config.mode == "fp32":  # pt2e graphs stay plain files
+                tracking.log_quantized_model(tracking_uri, run_id, load_quantized(out))
     except BaseException:
         tracking.finish(client, run_id, "FAILED")
         raise
     tracking.finish(client, run_id)
     return {"cell": cell, "variant": variant, "run_id": run_id, "skipped": False}
+
+
+QUANT_EXTRA_METRICS = ("reduction_factor", "speedup_b1", "speedup_b64", "delta_sbp_mae",
+                       "delta_dbp_mae", "delta_sbp_r2", "delta_dbp_r2")  # fmt: skip
 
 
 def _flat_metrics(result: dict[str, Any]) -> dict[str, Any]:

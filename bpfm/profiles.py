@@ -42,7 +42,7 @@ TOP_LEVEL = (
     "resources",
     "tune",
     "quantize",
-    "tracking",
+    "quantize_options",
 )
 _ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
@@ -98,6 +98,7 @@ class Profile:
     resources: dict[str, Resources]
     tune: TuneSpec
     quantize: dict[str, dict[str, Any]]  # variant name -> QuantConfig fields
+    quantize_options: dict[str, Any] = field(default_factory=dict)  # run_quantization kwargs
     description: str = ""
 
     def resources_for(self, size: str) -> Resources:
@@ -201,6 +202,7 @@ def load_profile(name_or_path: str) -> Profile:
         resources=resources,
         tune=tune,
         quantize=quantize,
+        quantize_options=dict(raw.get("quantize_options") or {}),
     )
 
 

@@ -31,6 +31,7 @@ VARIANT = "bpfm.variant"  # the quantization variant of a quant run
 KEY = "bpfm.key"  # unique per parent run: finds a child again when a trial or a launch resumes
 TUNE_PATH = "bpfm.tune_path"  # the Tune experiment a grid run belongs to
 GRID_RUN = "bpfm.grid_run"  # the grid launch's parent run, on every run below it
+NODE = "bpfm.node"  # the Ray node that trained a cell
 PARENT = "mlflow.parentRunId"
 
 TARGETS = ("sbp", "dbp")
@@ -320,6 +321,17 @@ def log_torch_model(
             registered_model_name=registered_name,
         )
     return info.model_uri
+
+
+def log_quantized_model(tracking_uri: str, run_id: str, quantized) -> str:
+    """The quantized model as an MLflow model of its run (pickle format: torch.ao INT8 modules
+    cannot be exported as pt2); returns its model URI."""
+    import mlflow
+    from bpfm.quantize import log_to_mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        return log_to_mlflow(quantized, name="quantized_model").model_uri
 
 
 def register_best(

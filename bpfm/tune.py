@@ -93,7 +93,8 @@ class CellLogger:
                 self.client, ctx.experiment_id, ctx.parent_run_id, key=cell.id, name=cell.id,
                 tags={tracking.KIND: ctx.kind, tracking.CELL: cell.id, tracking.TRIAL: trial.id,
                       tracking.STUDY: ctx.study, tracking.PROFILE: ctx.profile,
-                      tracking.GRID_RUN: ctx.parent_run_id, "bpfm.tune_trial_id": trial_id},
+                      tracking.GRID_RUN: ctx.parent_run_id, "bpfm.tune_trial_id": trial_id,
+                      tracking.NODE: ray.get_runtime_context().get_node_id()},
                 params=params,
             )  # fmt: skip
             self.runs[epochs] = run_id
@@ -403,7 +404,8 @@ def run_grid(
     jobs = [
         {"tracking_uri": uri, "experiment_id": experiment_id, "grid_run_id": grid_run,
          "study": profile.study, "cell": run.data.tags[tracking.CELL],
-         "cell_run_id": run.info.run_id, "variant": variant, "options": options, "data": data}
+         "cell_run_id": run.info.run_id, "variant": variant, "options": options, "data": data,
+         "settings": profile.quantize_options}
         for run in cells for variant, options in profile.quantize.items()
     ]  # fmt: skip
     log.info("stage 2: %d trained models x %d variants", len(cells), len(profile.quantize))

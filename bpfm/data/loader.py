@@ -61,8 +61,8 @@ class _Chunk:
         return len(self.order) - self.done
 
     def pop(self, k: int) -> np.ndarray:
-        rows = self.order[self.done:self.done + k]
-        self.done += k
+        rows = self.order[self.done : self.done + k]
+        self.done += len(rows)
         return rows
 
 
@@ -207,9 +207,13 @@ class ShardDataset(IterableDataset):
                 if unit.part != open_part:
                     path = shards.part_path(self._parts[unit.part])
                     # local: memory-mapped, no read copy; object stores: coalesced range reads
-                    handle = (pq.ParquetFile(path, memory_map=True) if local else
-                              pq.ParquetFile(shards.filesystem.open_input_file(path),
-                                             pre_buffer=True))
+                    handle = (
+                        pq.ParquetFile(path, memory_map=True)
+                        if local
+                        else pq.ParquetFile(
+                            shards.filesystem.open_input_file(path), pre_buffer=True
+                        )
+                    )
                     open_part = unit.part
                 table = handle.read_row_group(unit.row_group, columns=self.columns)
             table = table.slice(unit.start, unit.stop - unit.start)
@@ -226,8 +230,9 @@ class ShardDataset(IterableDataset):
         if self.with_meta:
             for name in ("segment_id", "subject"):
                 meta[name] = np.asarray(table[name].to_pylist(), dtype=object)
-        return _Chunk(_signal(table["ecg"]), _signal(table["ppg"]), y.astype(np.float32),
-                      meta, order)
+        return _Chunk(
+            _signal(table["ecg"]), _signal(table["ppg"]), y.astype(np.float32), meta, order
+        )
 
     def _in_order(self, chunks: Iterator[_Chunk]) -> Iterator[dict]:
         picks: list[tuple[_Chunk, np.ndarray]] = []

@@ -238,6 +238,18 @@ class _PartitionWriter:
         )
         self._writer, self._sink, self._groups = None, None, []
 
+    def abandon(self) -> None:
+        """Close an open part after a failure, ignoring errors. An object store would otherwise
+        finish the upload whenever the stream is garbage-collected, possibly after the caller
+        has deleted the generation folder."""
+        for closable in (self._writer, self._sink):
+            if closable is not None:
+                try:
+                    closable.close()
+                except Exception:  # the original error is the one worth reporting
+                    pass
+        self._writer, self._sink = None, None
+
 
 def convert_file(
     input_path: str | Path,
@@ -259,59 +271,62 @@ def convert_file(
     start = time.monotonic()
     fs, root = storage.filesystem_for(out_uri)
     writers: dict[str, _PartitionWriter] = {}
+
+    def writer(source: str, subset: str) -> _PartitionWriter:
+        if source not in writers:
+            relative = f"{generation}/source={source}/subset={subset}"
+            writers[source] = _PartitionWriter(
+                fs, f"{root}/{relative}", relative, first_part, source, subset, options
+            )
+        return writers[source]
+
     with open_pulsedb(input_path) as pulse:
-        subset, total = pulse.name, pulse.n_segments
-        if total == 0:
+        if pulse.n_segments == 0:
             raise DataError(input_path, "Subset", "empty subset: no segments")
-        log.info("%s: converting %d segments -> %s (subset=%s)", input_path, total, out_uri, subset)
-        done, last_log = 0, start
-        for batch in pulse.iter_batches(chunk_size=chunk_size, drop_invalid=options.drop_invalid):
-            if should_stop is not None and should_stop():
-                raise BpfmError(f"{input_path}: conversion cancelled")
-            sources = np.asarray(batch.source)
-            for source in np.unique(sources):
-                if source not in writers:
-                    relative = f"{generation}/source={source}/subset={subset}"
-                    writers[source] = _PartitionWriter(
-                        fs, f"{root}/{relative}", relative, first_part, str(source), subset, options
-                    )
-                table = _batch_table(batch, subset, np.flatnonzero(sources == source), options)
-                with storage.storage_errors(out_uri):
-                    writers[source].add(table)
-            done = int(batch.segment_index.size) + done
-            if time.monotonic() - last_log > 10:
-                last_log = time.monotonic()
-                log.info(
-                    "%s: %d segments written (%.0f%%)",
-                    Path(input_path).name,
-                    done,
-                    100 * done / max(total, 1),
-                )
-        with storage.storage_errors(out_uri):
-            parts = [part for w in writers.values() for part in w.close()]
-        dropped = pulse.dropped
+        log.info("%s: converting %d segments -> %s", input_path, pulse.n_segments, out_uri)
+        try:
+            _write_batches(pulse, writer, out_uri, options, chunk_size, should_stop)
+            with storage.storage_errors(out_uri):
+                parts = [part for w in writers.values() for part in w.close()]
+        except BaseException:
+            for open_writer in writers.values():
+                open_writer.abandon()
+            raise
     rows = sum(part["rows"] for part in parts)
     if rows == 0 and not options.drop_invalid:
         raise DataError(input_path, "Subset", "empty subset: no segments")
     seconds = time.monotonic() - start
-    log.info(
-        "%s: %d rows in %d parts, %d dropped, %.1f s",
-        Path(input_path).name,
-        rows,
-        len(parts),
-        sum(dropped.values()),
-        seconds,
-    )
+    log.info("%s: %d rows in %d parts, %d dropped, %.1f s", Path(input_path).name, rows,
+             len(parts), sum(pulse.dropped.values()), seconds)  # fmt: skip
     return {
         "file": str(input_path),
-        "subset": subset,
+        "subset": pulse.name,
         "kind": pulse.kind,
-        "segments": total,
+        "segments": pulse.n_segments,
         "rows": rows,
-        "dropped": dropped,
+        "dropped": pulse.dropped,
         "parts": parts,
         "seconds": seconds,
     }
+
+
+def _write_batches(pulse, writer, out_uri: str, options: ShardOptions, chunk_size: int,
+                   should_stop: Callable[[], bool] | None) -> None:  # fmt: skip
+    """Stream validated batches into the per-source partition writers, logging progress."""
+    done, last_log = 0, time.monotonic()
+    for batch in pulse.iter_batches(chunk_size=chunk_size, drop_invalid=options.drop_invalid):
+        if should_stop is not None and should_stop():
+            raise BpfmError(f"{pulse.path}: conversion cancelled")
+        sources = np.asarray(batch.source)
+        for source in np.unique(sources):
+            rows = np.flatnonzero(sources == source)
+            table = _batch_table(batch, pulse.name, rows, options)
+            with storage.storage_errors(out_uri):
+                writer(str(source), pulse.name).add(table)
+        done += len(batch)
+        if time.monotonic() - last_log > 10:
+            last_log = time.monotonic()
+            log.info("%s: %d of %d segments converted", pulse.path.name, done, pulse.n_segments)
 
 
 # Worker-process plumbing: errors cross the process boundary as plain dicts (DataError takes

@@ -148,12 +148,17 @@ class QuantizedModel(nn.Module):
             x = self.input_quantizer(x)
         return self.net(x)
 
-    def compiled(self) -> nn.Module:
-        """The fastest runnable form: Inductor-compiled (freezing on) for pt2e, else itself."""
+    def compiled(self, batch_sizes: tuple[int, ...] = (1, 64)) -> nn.Module:
+        """The fastest runnable form: for pt2e the Inductor-compiled graph (freezing on), one
+        per batch size, compiled lazily on first use (~20 s each on an idle machine, minutes on
+        a busy one); for fx and fp32 the model itself."""
         if self.config.backend != "pt2e" or not self.config.compile or self.config.mode == "fp32":
             return self
-        if self._compiled is None:
-            self._compiled = torch.compile(self, options={"freezing": True})
+        if self._compiled is None or self._compiled.batch_sizes != tuple(sorted(batch_sizes)):
+            from bpfm.quant.pt2e import CompiledModel
+
+            # kept out of the submodules: it wraps this module, and is neither saved nor sized
+            self.__dict__["_compiled"] = CompiledModel(self, batch_sizes)
         return self._compiled
 
     def size_bytes(self) -> tuple[int, str]:

@@ -120,6 +120,10 @@ def save(quantized, path: Path) -> Path:
 def load(path: Path) -> nn.Module:
     from bpfm.quant import CONFIG_EXTRA, InputQuantizer, QuantConfig, QuantizedModel
 
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # checked first: torch.export.load logs a traceback
+        raise BpfmError(f"{path}: not a bpfm quantized model (not a .pt2 zip archive)")
     extra = {CONFIG_EXTRA: ""}
     with _quiet_torchao_import():
         import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
@@ -135,6 +139,39 @@ def load(path: Path) -> nn.Module:
     net = allow_exported_model_train_eval(program.module())
     return QuantizedModel(net, QuantConfig.from_dict(values["config"]),
                           quantizer).eval()  # fmt: skip
+
+
+class CompiledModel(nn.Module):
+    """A quantized model compiled by Inductor with freezing (weights become constants, so the
+    int8 weight packing is folded and the Q/DQ patterns become int8 kernels), one graph per
+    batch size in `batch_sizes`. Other batch sizes run in chunks of the largest one, the last
+    chunk zero-padded, so nothing recompiles outside the freezing config: a graph compiled
+    without it keeps the weight packing, which Inductor cannot trace."""
+
+    def __init__(self, quantized: nn.Module, batch_sizes: tuple[int, ...] = (1, 64)):
+        super().__init__()
+        self.quantized = quantized
+        self.batch_sizes = tuple(sorted(set(batch_sizes)))
+        self.graph = torch.compile(quantized, dynamic=False)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.graph(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] in self.batch_sizes:
+            return self._run(x)
+        chunk = self.batch_sizes[-1]
+        outputs = []
+        for start in range(0, x.shape[0], chunk):
+            part = x[start : start + chunk]
+            size = part.shape[0]
+            if size < chunk:
+                part = torch.cat([part, part.new_zeros(chunk - size, *part.shape[1:])])
+            outputs.append(self._run(part)[:size])
+        return torch.cat(outputs)
 
 
 def _first_line(err: BaseException) -> str:

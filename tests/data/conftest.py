@@ -41,10 +41,16 @@ def read_mat(path: Path) -> dict[str, dict]:
         k = seen.get(name, 0)
         seen[name] = k + 1
         digit = name[-1]
-        subject, source = (name[:-1], {"0": "mimic", "1": "vitaldb"}[digit]) \
-            if digit in "01" else (name, "other")
+        subject, source = (
+            (name[:-1], {"0": "mimic", "1": "vitaldb"}[digit]) if digit in "01" else (name, "other")
+        )
         rows[f"{subset}/{subject}/{k}"] = {
-            "subject": subject, "source": source, "ecg": signals[i, 0], "ppg": signals[i, 1],
-            "abp": signals[i, 2], "sbp": sbp[i], "dbp": dbp[i],
+            "subject": subject,
+            "source": source,
+            "ecg": signals[i, 0],
+            "ppg": signals[i, 1],
+            "abp": signals[i, 2],
+            "sbp": sbp[i],
+            "dbp": dbp[i],
         }
     return rows

@@ -66,8 +66,9 @@ def test_signals_of_the_wrong_shape(capsys, editable_subset, tmp_path):
     _shard_fails(capsys, editable_subset, tmp_path / "out", "Subset/Signals")
 
 
-@pytest.mark.parametrize(("name", "value"), [("Signals", np.nan), ("Signals", np.inf),
-                                             ("SBP", np.nan), ("DBP", -np.inf)])
+@pytest.mark.parametrize(
+    ("name", "value"), [("Signals", np.nan), ("Signals", np.inf), ("SBP", np.nan), ("DBP", -np.inf)]
+)
 def test_nan_or_inf(capsys, editable_subset, tmp_path, name, value):
     with h5py.File(editable_subset, "r+") as f:
         if name == "Signals":
@@ -104,8 +105,12 @@ def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
     path = tmp_path / "Train_Subset.mat"
     path.write_bytes(b"\x00" * 4096)
     bpfm = Path(sys.executable).with_name("bpfm")
-    done = subprocess.run([str(bpfm), "data", "shard", str(path), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(bpfm), "data", "shard", str(path), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.count("bpfm: error:") == 1 and "Traceback" not in done.stderr
     assert str(path) in done.stderr and not (tmp_path / "o" / MANIFEST).exists()

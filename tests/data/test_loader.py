@@ -57,8 +57,7 @@ def test_bytes_signal_encoding_loads_the_same_values(train_subset_file, train_vi
 
 
 def test_drop_last_and_normalize(train_view):
-    dataset = ShardDataset(train_view, batch_size=10, shuffle=True, normalize=True,
-                           drop_last=True)
+    dataset = ShardDataset(train_view, batch_size=10, shuffle=True, normalize=True, drop_last=True)
     batches = list(dataset)
     assert len(batches) == view_size(train_view) // 10
     x = torch.cat([b["x"] for b in batches])
@@ -68,8 +67,9 @@ def test_drop_last_and_normalize(train_view):
 
 def test_shuffle_is_deterministic_per_seed_and_epoch(train_view):
     def order(seed, epoch):
-        dataset = ShardDataset(train_view, batch_size=8, shuffle=True, seed=seed,
-                               shuffle_buffer=32, with_meta=True)
+        dataset = ShardDataset(
+            train_view, batch_size=8, shuffle=True, seed=seed, shuffle_buffer=32, with_meta=True
+        )
         dataset.set_epoch(epoch)
         return _all(dataset)[0]
 

@@ -15,17 +15,27 @@ from bpfm.errors import BpfmError
 
 def _batches_by_id(view) -> dict[str, np.ndarray]:
     dataset = ShardDataset(view, batch_size=32, shuffle=False, with_meta=True)
-    return {i: np.concatenate([b["x"][k].numpy().ravel(), b["y"][k].numpy()])
-            for b in dataset for k, i in enumerate(b["segment_id"])}
+    return {
+        i: np.concatenate([b["x"][k].numpy().ravel(), b["y"][k].numpy()])
+        for b in dataset
+        for k, i in enumerate(b["segment_id"])
+    }
 
 
 def test_s3_round_trip_equals_local_shards(s3_env, synthetic_subset_files, synthetic_shards):
     uri = f"s3://{s3_env.bucket}/shards/pulsedb"
-    files = [p for p in synthetic_subset_files if p.name in ("Train_Subset.mat",
-                                                             "CalFree_Test_Subset.mat")]
+    files = [
+        p
+        for p in synthetic_subset_files
+        if p.name in ("Train_Subset.mat", "CalFree_Test_Subset.mat")
+    ]
     manifest = write_shards(files, uri)
-    keys = [o["Key"] for o in s3_env.client().list_objects_v2(
-        Bucket=s3_env.bucket, Prefix="shards/pulsedb/")["Contents"]]
+    keys = [
+        o["Key"]
+        for o in s3_env.client().list_objects_v2(Bucket=s3_env.bucket, Prefix="shards/pulsedb/")[
+            "Contents"
+        ]
+    ]
     assert "shards/pulsedb/" + MANIFEST in keys
     assert len(keys) == len(manifest["parts"]) + 1
     assert write_shards(files, uri)["up_to_date"] is True
@@ -51,7 +61,8 @@ def test_storage_helpers_on_s3(s3_env):
 
 @pytest.mark.parametrize("variable", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"])
 def test_wrong_credentials_give_one_clear_line_without_the_secret(
-        s3_env, synthetic_shards, monkeypatch, capsys, variable):
+    s3_env, synthetic_shards, monkeypatch, capsys, variable
+):
     uri = f"s3://{s3_env.bucket}/shards/other"
     wrong = "WrongSecretValue0123456789"
     monkeypatch.setenv(variable, wrong)

@@ -19,8 +19,9 @@ from bpfm.errors import BpfmError, DataError
 from tests.data.conftest import read_mat
 
 
-def _rows_by_id(uri: str, columns=("segment_id", "subject", "ecg", "ppg", "abp", "sbp", "dbp",
-                                   "source")) -> dict[str, dict]:
+def _rows_by_id(
+    uri: str, columns=("segment_id", "subject", "ecg", "ppg", "abp", "sbp", "dbp", "source")
+) -> dict[str, dict]:
     table = open_shards(uri).dataset().to_table(columns=list(columns))
     return {row["segment_id"]: row for row in table.to_pylist()}
 
@@ -38,8 +39,9 @@ def test_synthetic_round_trip_equals_the_mat_files(synthetic_subset_files, synth
         for name in ("ecg", "ppg", "abp"):
             np.testing.assert_array_equal(np.float32(row[name]), want[name].astype(np.float32))
         assert row["sbp"] == np.float32(want["sbp"]) and row["dbp"] == np.float32(want["dbp"])
-    counts = {f"{s}/{sub}": n for s, by in shards.manifest["partitions"].items()
-              for sub, n in by.items()}
+    counts = {
+        f"{s}/{sub}": n for s, by in shards.manifest["partitions"].items() for sub, n in by.items()
+    }
     assert sum(counts.values()) == len(expected) == shards.manifest["rows"]
     assert {"mimic/train", "vitaldb/train", "mimic/calfree_test"} <= set(counts)
 
@@ -51,8 +53,9 @@ def test_parts_follow_schema_v1_with_zstd_and_hive_layout(synthetic_shards):
         meta = pq.ParquetFile(shards.part_path(part)).metadata
         assert meta.schema.to_arrow_schema().equals(SCHEMA)
         assert meta.row_group(0).column(2).compression == "ZSTD"
-        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == \
-            part["row_groups"]
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == part[
+            "row_groups"
+        ]
 
 
 def test_manifest_records_sources_parts_and_checksums(synthetic_subset_files, synthetic_shards):
@@ -72,7 +75,8 @@ def test_manifest_records_sources_parts_and_checksums(synthetic_subset_files, sy
 
 
 def test_challenge2015_shards_689_windows_26_subjects_with_the_files_labels(
-        challenge2015_file, tmp_path):
+    challenge2015_file, tmp_path
+):
     manifest = write_shards([challenge2015_file], str(tmp_path / "c"))
     assert manifest["rows"] == 689
     assert manifest["partitions"] == {"other": {"challenge2015_sample": 689}}
@@ -147,7 +151,8 @@ def test_no_abp_drops_the_abp_column(editable_subset, tmp_path):
 
 
 def test_failure_in_a_worker_process_names_the_file_and_publishes_nothing(
-        synthetic_subset_files, editable_subset, tmp_path):
+    synthetic_subset_files, editable_subset, tmp_path
+):
     with h5py.File(editable_subset, "r+") as f:
         f["Subset/Signals"][5, 0, 2] = np.inf
     good = next(p for p in synthetic_subset_files if p.name == "CalFree_Test_Subset.mat")
@@ -173,12 +178,15 @@ shards.write_shards(sys.argv[2:], sys.argv[1], workers=1)
 
 
 def test_a_conversion_killed_midway_leaves_nothing_visible_and_a_rerun_completes(
-        synthetic_subset_files, challenge2015_file, tmp_path):
+    synthetic_subset_files, challenge2015_file, tmp_path
+):
     out = tmp_path / "s"
     files = [str(p) for p in synthetic_subset_files[:2]]
     old = write_shards(files, str(out))
-    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_FIRST_PART, str(out),
-                             *files, str(challenge2015_file)], capture_output=True)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_AFTER_FIRST_PART, str(out), *files, str(challenge2015_file)],
+        capture_output=True,
+    )
     assert killed.returncode == -9
     written = [p for p in out.rglob("*.parquet") if old["generation"] not in str(p)]
     assert written, "the kill came after the first part was written"

@@ -38,8 +38,9 @@ def test_unit_hash_is_uniform_and_seeded():
 @pytest.mark.parametrize("source", ["mimic", "vitaldb"])
 def test_pulsedb_protocols_per_source(synthetic_shards, source):
     shards = open_shards(synthetic_shards)
-    train_subjects = _subjects(make_split(shards, source, "calbased").train) | \
-        _subjects(make_split(shards, source, "calbased").val)
+    train_subjects = _subjects(make_split(shards, source, "calbased").train) | _subjects(
+        make_split(shards, source, "calbased").val
+    )
     for protocol in PROTOCOLS:
         split = make_split(shards, source, protocol)
         parts = {split.train.source, split.val.source, split.test.source}

@@ -27,6 +27,7 @@ BASE_PROFILE = {
     "resources": {"small": {"cpu": 1}},
     "tune": {"max_failures": 1},
     "quantize": {},
+    "quantize_options": {"latency_runs": 1},
 }  # fmt: skip
 
 
@@ -59,6 +60,44 @@ def local_ray(env: dict[str, str], num_cpus: int = 2) -> Iterator[str]:
         yield context.address_info["gcs_address"]
     finally:
         ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        reset_auth_token_state()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def two_node_ray(env: dict[str, str]) -> Iterator[list[str]]:
+    """A head and a worker node (1 CPU each) on this host, the driver connected to the head.
+    Yields the two node ids."""
+    import ray
+    from ray._private.authentication_test_utils import reset_auth_token_state
+    from ray.cluster_utils import Cluster
+
+    from tests.services.s3 import free_ports
+
+    temp_dir = Path(f"/tmp/ray-{secrets.token_hex(3)}")
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), **env}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    reset_auth_token_state()
+    cluster = None
+    try:
+        node_args = {"num_cpus": 1, "num_gpus": 0, "temp_dir": str(temp_dir)}
+        cluster = Cluster(initialize_head=True, head_node_args={
+            **node_args, "include_dashboard": False,
+            "dashboard_agent_listen_port": free_ports(1)[0]})
+        cluster.add_node(**node_args)
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        yield [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -31,7 +31,6 @@ def tracking_uri(tmp_path: Path, mlflow_db_template: Path, monkeypatch: pytest.M
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("BPFM_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     return uri
 
 
@@ -43,6 +42,27 @@ def planted_store(tmp_path_factory, mlflow_db_template) -> tuple[str, dict[str, 
     shutil.copyfile(mlflow_db_template, root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     return uri, plant_study(uri, root / "artifacts")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """Local Ray for one module (auth off), shut down after it so that other modules can start
+    their own. Ray caches its auth mode when imported: reset it, as Ray's own tests do."""
+    import ray
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    from bpfm.tune import init_ray
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        env.delenv("RAY_ADDRESS", raising=False)
+        reset_auth_token_state()
+        init_ray(num_cpus=2, log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    reset_auth_token_state()
 
 
 def write_profile(path: Path, *, data: str | dict, storage: Path, **overrides) -> Path:
@@ -58,6 +78,7 @@ def write_profile(path: Path, *, data: str | dict, storage: Path, **overrides) -
                   "keep_checkpoints": 1},
         "resources": {"small": {"cpu": 1}},
         "tune": {"max_failures": 0},
+        "quantize_options": {"latency_runs": 1},
     }  # fmt: skip
     profile.update(overrides)
     path.write_text(yaml.safe_dump(profile))

@@ -21,7 +21,7 @@ STUDY = "report-nightly-test"
 
 
 @pytest.fixture(scope="module")
-def nightly(tmp_path_factory, mlflow_db_template, challenge2015_file) -> dict:
+def nightly(tmp_path_factory, mlflow_db_template, challenge2015_file, local_ray) -> dict:
     """One nightly launch of a two-cell profile (mimic from synthetic data, `other` from the
     challenge2015 sample) that writes the baseline."""
     root = tmp_path_factory.mktemp("nightly")

@@ -51,7 +51,9 @@ def test_the_space_stays_inside_its_bounds_and_returns_the_cell():
 
 
 @pytest.mark.slow
-def test_an_interrupted_search_resumes_from_its_storage(tmp_path, tracking_uri, synthetic_shards):
+def test_an_interrupted_search_resumes_from_its_storage(
+    tmp_path, tracking_uri, synthetic_shards, local_ray
+):
     path = write_profile(tmp_path / "search.yaml", data=synthetic_shards, storage=tmp_path / "ray")
     profile = load_profile(str(path))
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
