@@ -2,9 +2,10 @@
 tracked metric of its trained and quantized models compared with a committed baseline
 (`bpfm.regression`), a regression report (md + JSON), and a `bpfm.kind=nightly` MLflow run.
 
-Each night is a fresh launch (its own Tune experiment name and grid run), and by default its data,
+Each night is a fresh launch (its own Tune experiment name and grid run). On one machine its data,
 backbone and Tune state live in a fresh folder under `--out`, so a change in synthesis, sharding or
-pretraining shows up too. `--reuse` keeps the profile's locations (a cluster's S3 URIs)."""
+pretraining shows up too; on a cluster (RAY_ADDRESS set) or with `--reuse` the profile's locations
+stay (S3 URIs every node can read)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -135,7 +137,7 @@ def run_nightly(config: NightlyConfig) -> dict[str, Any]:
         grid = {"grid_run_id": config.grid_run, "experiment_id": run.info.experiment_id,
                 "errors": []}  # fmt: skip
     else:
-        if not config.reuse:
+        if not (config.reuse or os.environ.get("RAY_ADDRESS")):
             profile = fresh_locations(profile, out / "work")
         grid = _run_grid(profile, config, stamp)
     entries = collect_entries(client, grid["experiment_id"], grid["grid_run_id"])

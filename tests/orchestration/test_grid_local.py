@@ -158,7 +158,7 @@ def test_a_killed_driver_resubmitted_resumes_without_rerunning_finished_cells(
         driver.wait()
     finished = [t for t, s in trial_states(experiment).items() if s == "TERMINATED"]
     reports = {t: result_lines(experiment, t) for t in finished}
-    assert all(n == 1 for n in reports.values())
+    assert len(finished) == 1 and all(n == 1 for n in reports.values())  # killed mid-grid
 
     rerun = subprocess.run([sys.executable, "pipelines/grid.py", "--profile", str(path), "--json"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -171,3 +171,32 @@ def test_a_killed_driver_resubmitted_resumes_without_rerunning_finished_cells(
                              "train")
     cells = [r.data.tags[tracking.CELL] for r in train]
     assert len(cells) == 2 == len(set(cells))  # one run per cell across both launches
+
+
+def test_shard_job_converts_each_s3_file_once_and_publishes_one_manifest(
+        grid_env, synthetic_subset_files, synthetic_shards):
+    from bpfm.data.shards import open_shards
+    from bpfm.storage import list_dir
+    from pipelines.shard import shard_with_ray
+
+    bucket = grid_env.s3.bucket
+    s3 = grid_env.s3.client()
+    for path in synthetic_subset_files:
+        s3.upload_file(str(path), bucket, f"raw/{path.name}")
+    out = f"s3://{bucket}/shards-ray"
+    first = shard_with_ray([f"s3://{bucket}/raw"], out)
+    reference = open_shards(synthetic_shards).manifest  # bpfm data shard of the same files
+    assert first["files_converted"] == len(synthetic_subset_files) and not first["up_to_date"]
+    assert first["key"] == reference["key"]  # same inputs and options: the same shard set
+    assert first["partitions"] == reference["partitions"]
+    assert open_shards(out).dataset().count_rows() == reference["rows"]
+
+    again = shard_with_ray([f"s3://{bucket}/raw"], out)
+    assert again["files_skipped"] == len(synthetic_subset_files) and again["up_to_date"]
+
+    part = next(p for p in first["parts"] if "subset=train" in p["path"])
+    s3.delete_object(Bucket=bucket, Key=f"shards-ray/{part['path']}")
+    repaired = shard_with_ray([f"s3://{bucket}/raw"], out)
+    assert repaired["files_converted"] == 1  # only the file that lost a part
+    assert open_shards(out).dataset().count_rows() == reference["rows"]
+    assert [n for n in list_dir(out) if n.startswith("gen-")] == [first["generation"]]

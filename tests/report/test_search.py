@@ -91,7 +91,8 @@ def test_an_interrupted_search_resumes_from_its_storage(
     TrainConfig.from_dict({**profile.train, **overrides, "data": "x"}).validate()
 
 
-def test_recipe_file_has_the_format_the_grid_reads(tmp_path):
+def test_recipe_file_has_the_format_the_grid_reads(tmp_path, capsys):
+    from bpfm.cli import main
     from bpfm.tune_search import write_recipe
 
     study = optuna.create_study()
@@ -105,6 +106,8 @@ def test_recipe_file_has_the_format_the_grid_reads(tmp_path):
     assert load_recipe(path) == {"lr": 2e-4, "weight_decay": 1e-3, "head": "mlp",
                                  "head_hidden": [64, 64], "head_dropout": 0.2,
                                  "warmup_epochs": 1}  # fmt: skip
+    assert main(["grid", "--profile", "tiny", "--recipe", str(path), "--dry-run"]) == 0
+    assert "cells" in capsys.readouterr().out
 
 
 def test_a_bad_cell_is_a_one_line_error(capsys):
