@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/orchestration.py [--trials 16] [--work-s 1.0] [--no-bpfm]
 
 1. bare Tune: N trials that each do `--work-s` seconds of single-threaded torch work and report
-   once, on local Ray with 2 CPUs (2 trials at a time). Overhead per trial =
+   once, on local Ray with 2 CPUs (2 trials at a time), with a new actor per trial (Tune's
+   default) and with actors reused (what bpfm uses). Overhead per trial =
    (wall x concurrency - sum of trial work) / N.
 2. bpfm's trainable: N one-epoch cells of the `small` model (one optimizer step, evaluation,
    model dir, MLflow logging, Tune checkpoint) through `run_grid`'s stage 1, against the same N
@@ -46,13 +47,15 @@ def bare_trainable(config: dict) -> None:
     tune.report({"work_s": busy(config["work_s"])})
 
 
-def bare_tune(trials: int, work_s: float, storage: Path) -> dict:
+def bare_tune(trials: int, work_s: float, storage: Path, reuse_actors: bool) -> dict:
     from ray import tune
 
     tuner = tune.Tuner(
         tune.with_resources(bare_trainable, {"cpu": 1}),
         param_space={"i": tune.grid_search(list(range(trials))), "work_s": work_s},
-        run_config=tune.RunConfig(name="bare", storage_path=str(storage), verbose=0),
+        tune_config=tune.TuneConfig(reuse_actors=reuse_actors),
+        run_config=tune.RunConfig(name=f"bare-{reuse_actors}", storage_path=str(storage),
+                                  verbose=0),
     )
     start = time.perf_counter()
     results = tuner.fit()
@@ -173,7 +176,9 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=ray_temp)
         report["ray_init_s"] = round(time.perf_counter() - start, 2)
         try:
-            report["bare_tune"] = bare_tune(args.trials, args.work_s, folder / "bare")
+            for reuse in (False, True):
+                key = f"bare_tune_{'reused_actors' if reuse else 'new_actor_per_trial'}"
+                report[key] = bare_tune(args.trials, args.work_s, folder / "bare", reuse)
             if data is not None:
                 report["bpfm_trainable"] = bpfm_tune(data, args.trials, folder)
         finally:

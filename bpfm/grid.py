@@ -239,7 +239,7 @@ def ensure_data(profile: Profile) -> str:
     return uri
 
 
-def quantize_cell(
+def quantize_model(
     *,
     tracking_uri: str,
     experiment_id: str,
@@ -247,57 +247,71 @@ def quantize_cell(
     study: str,
     cell: str,
     cell_run_id: str,
-    variant: str,
-    options: dict[str, Any],
+    variants: dict[str, dict[str, Any]],
     data: str,
     settings: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Stage 2, one (trained model, variant): a run nested under the cell's run with the full
-    metrics, size and latency, and the quantized model. A finished variant is not redone."""
+) -> list[dict[str, Any]]:
+    """Stage 2 for one trained model: every variant in a run nested under the cell's run, with
+    the full metrics, size, latency and the quantized model. The model is fetched once and its
+    fp32 numbers measured once; a finished variant is not redone, a failed one does not stop the
+    others (its entry carries the error)."""
     import tempfile
 
     from bpfm import tracking
-    from bpfm.quantize import QuantConfig, load_quantized, run_quantization
 
     client = tracking.client(tracking_uri)
-    params = tracking.safe_params(
-        {**options, "variant": variant}, [*QuantConfig.__dataclass_fields__, "variant"]
-    )
-    tags = {
-        tracking.KIND: "quant",
-        tracking.CELL: cell,
-        tracking.VARIANT: variant,
-        tracking.STUDY: study,
-        tracking.GRID_RUN: grid_run_id,
-    }
-    run_id, done = tracking.child_run(
-        client,
-        experiment_id,
-        cell_run_id,
-        key=f"{cell}/{variant}",
-        name=variant,
-        tags=tags,
-        params=params,
-    )
-    if done:
-        return {"cell": cell, "variant": variant, "run_id": run_id, "skipped": True}
-    try:
-        with tempfile.TemporaryDirectory(prefix="bpfm-quant-") as tmp:
-            model_dir = tracking.download_model_dir(client, cell_run_id, tmp)
-            out = Path(tmp) / "quantized"
-            config = QuantConfig(**options)
-            result = run_quantization(model_dir, config, data=data, out=str(out),
-                                      **(settings or {}))  # fmt: skip
-            extra = (*tracking.QUANT_METRICS, *QUANT_EXTRA_METRICS)
-            tracking.log_results(client, run_id, _flat_metrics(result), extra=extra)
-            client.log_artifacts(run_id, str(out), "quantized")
-            if config.backend == "fx" or config.mode == "fp32":  # pt2e graphs stay plain files
-                tracking.log_quantized_model(tracking_uri, run_id, load_quantized(out))
-    except BaseException:
-        tracking.finish(client, run_id, "FAILED")
-        raise
-    tracking.finish(client, run_id)
-    return {"cell": cell, "variant": variant, "run_id": run_id, "skipped": False}
+    tags = {tracking.KIND: "quant", tracking.CELL: cell, tracking.STUDY: study,
+            tracking.GRID_RUN: grid_run_id}  # fmt: skip
+    results: list[dict[str, Any]] = []
+    baseline: dict[str, Any] | None = None
+    with tempfile.TemporaryDirectory(prefix="bpfm-quant-") as tmp:
+        model_dir = None
+        for variant, options in variants.items():
+            entry = {"cell": cell, "variant": variant}
+            run_id, done = tracking.child_run(
+                client, experiment_id, cell_run_id, key=f"{cell}/{variant}", name=variant,
+                tags={**tags, tracking.VARIANT: variant}, params=_quant_params(variant, options),
+            )  # fmt: skip
+            if done:
+                results.append({**entry, "run_id": run_id, "skipped": True})
+                continue
+            try:
+                model_dir = model_dir or tracking.download_model_dir(client, cell_run_id, tmp)
+                out = Path(tmp) / variant
+                result = _quantize_variant(tracking_uri, client, run_id, model_dir, out, options,
+                                           data, {**(settings or {}), "baseline": baseline})
+                baseline = baseline or {"fp32": result["fp32"]}
+            except Exception as err:  # reported per variant: the others go on
+                tracking.finish(client, run_id, "FAILED")
+                log.error("quantization %s/%s failed: %s", cell, variant, err)
+                results.append({**entry, "run_id": run_id, "error": f"{type(err).__name__}: {err}"})
+                continue
+            tracking.finish(client, run_id)
+            results.append({**entry, "run_id": run_id, "skipped": False})
+    return results
+
+
+def _quant_params(variant: str, options: dict[str, Any]) -> dict[str, str]:
+    from bpfm import tracking
+    from bpfm.quantize import QuantConfig
+
+    fields = QuantConfig(**options).to_dict()  # every field, defaults included
+    return tracking.safe_params({**fields, "variant": variant}, [*fields, "variant"])
+
+
+def _quantize_variant(tracking_uri: str, client, run_id: str, model_dir: Path, out: Path,
+                      options: dict[str, Any], data: str, settings: dict[str, Any]) -> dict:
+    from bpfm import tracking
+    from bpfm.quantize import QuantConfig, load_quantized, run_quantization
+
+    config = QuantConfig(**options)
+    result = run_quantization(model_dir, config, data=data, out=str(out), **settings)
+    extra = (*tracking.QUANT_METRICS, *QUANT_EXTRA_METRICS)
+    tracking.log_results(client, run_id, _flat_metrics(result), extra=extra)
+    client.log_artifacts(run_id, str(out), "quantized")
+    if config.backend == "fx" or config.mode == "fp32":  # pt2e graphs stay plain files
+        tracking.log_quantized_model(tracking_uri, run_id, load_quantized(out))
+    return result
 
 
 QUANT_EXTRA_METRICS = ("reduction_factor", "speedup_b1", "speedup_b64", "delta_sbp_mae",

@@ -95,9 +95,10 @@ def predict_arrays(
     meta: dict[str, Any],
     *,
     batch_size: int = 256,
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
-    """Estimates in mmHg [N, 2] for windows x [N, 2, 1250] already in memory (as stored in the
-    shards: the input normalising in `meta` is applied here), on the model's device."""
+    """Estimates in mmHg [N, 2] for windows x [N, 2, 1250] already in memory, as stored in the
+    shards (the input normalising in `meta` is applied here)."""
     from bpfm.data.loader import normalize_windows
 
     x = torch.as_tensor(x, dtype=torch.float32)
@@ -105,7 +106,7 @@ def predict_arrays(
     if meta.get("normalize_inputs"):
         x = torch.from_numpy(normalize_windows(x.numpy().copy()))
     model.eval()
-    target_device = model_device(model)
+    target_device = model_device(model) if device is None else resolve_device(device)
     scale, shift = target_scaling(meta)
     outputs = [
         model(x[i : i + batch_size].to(target_device)).float().cpu().numpy()
@@ -132,12 +133,13 @@ def predict(
     meta: dict[str, Any],
     *,
     batch_size: int = 256,
+    device: str | torch.device | None = None,
     num_workers: int = 0,
 ) -> Predictions:
-    """Estimates for every segment of a data view (`bpfm.data.splits.View`), in view order, on
-    the model's device. `meta` is the model's meta (from `load_trained` or `fit`): target
-    scaling and input normalising."""
-    target_device = model_device(model)
+    """Estimates for every segment of a data view (`bpfm.data.splits.View`), in view order.
+    `meta` is the model's meta (from `load_trained` or `fit`): target scaling and input
+    normalising. Inputs go to `device` (default: where the model is); the model is not moved."""
+    target_device = model_device(model) if device is None else resolve_device(device)
     scale, shift = target_scaling(meta)
     model.eval()
     segment_ids: list[str] = []

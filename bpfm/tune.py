@@ -265,6 +265,7 @@ def make_tuner(
     )
     config = tune.TuneConfig(
         metric="val_mae", mode="min", max_concurrent_trials=max_concurrent or None,
+        reuse_actors=True,  # a new actor per trial costs seconds of process start and imports
         trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname,
         **(tune_config or {}),
     )  # fmt: skip
@@ -315,24 +316,25 @@ def ensure_pretrained(profile: Profile, sizes: list[str], gpus: float) -> dict[s
 
 
 @ray.remote
-def _quantize_task(job: dict[str, Any]) -> dict[str, Any]:
-    from bpfm.grid import quantize_cell
+def _quantize_task(job: dict[str, Any]) -> list[dict[str, Any]]:
+    from bpfm.grid import quantize_model
 
-    return quantize_cell(**job)
+    return quantize_model(**job)
 
 
 def run_quantization_tasks(jobs: list[dict[str, Any]], cpus: float = 1.0) -> list[dict[str, Any]]:
-    """Stage 2: one Ray task per (trained model, variant); failures are reported, not raised,
-    so one broken variant does not hide the others."""
+    """Stage 2: one Ray task per trained model, running its variants; failures are reported,
+    not raised, so one broken model or variant does not hide the others."""
     refs = [_quantize_task.options(num_cpus=cpus).remote(job) for job in jobs]
     results = []
     for job, ref in zip(jobs, refs, strict=True):
         try:
-            results.append(ray.get(ref))
+            results.extend(ray.get(ref))
         except Exception as err:  # a task's error arrives wrapped; keep its message
             message = _last_line(err)
-            log.error("quantization %s/%s failed: %s", job["cell"], job["variant"], message)
-            results.append({"cell": job["cell"], "variant": job["variant"], "error": message})
+            log.error("quantization of %s failed: %s", job["cell"], message)
+            results.extend({"cell": job["cell"], "variant": v, "error": message}
+                           for v in job["variants"])  # fmt: skip
     return results
 
 
@@ -404,12 +406,12 @@ def run_grid(
     jobs = [
         {"tracking_uri": uri, "experiment_id": experiment_id, "grid_run_id": grid_run,
          "study": profile.study, "cell": run.data.tags[tracking.CELL],
-         "cell_run_id": run.info.run_id, "variant": variant, "options": options, "data": data,
+         "cell_run_id": run.info.run_id, "variants": profile.quantize, "data": data,
          "settings": profile.quantize_options}
-        for run in cells for variant, options in profile.quantize.items()
+        for run in cells
     ]  # fmt: skip
     log.info("stage 2: %d trained models x %d variants", len(cells), len(profile.quantize))
-    quantized = run_quantization_tasks(jobs, cpus=quant_cpus)
+    quantized = run_quantization_tasks(jobs, cpus=quant_cpus) if profile.quantize else []
     errors += [f"{q['cell']}/{q['variant']}: {q['error']}" for q in quantized if "error" in q]
 
     registered = grid.register_best(client, uri, profile.study, cells)

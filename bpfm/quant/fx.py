@@ -1,9 +1,10 @@
 """The `fx` backend: torch.ao FX graph mode quantization, as the paper's code.
 
 Dynamic mode is the paper's best trade-off: a global QConfig with a dynamic quint8 placeholder
-for activations and qint8 symmetric weights, so every nn.Linear becomes a dynamic int8 Linear.
-Static mode observes the activations into every Linear (quint8 affine) on calibration batches.
-In both, the rest (patch-embedding Conv2d, LayerNorm, attention, GELU) stays fp32.
+for activations and qint8 symmetric weights, so every nn.Linear becomes a dynamic int8 Linear
+(the patch Conv2d stays fp32: torch.ao has no dynamic conv). Static mode observes activations
+(quint8 affine) on calibration batches and quantizes every op the x86 backend supports (Linear,
+Conv2d, LayerNorm, add); attention and GELU stay fp32.
 
 torch.ao is deprecated and warns on every call; `ao_warnings_filtered` silences exactly those
 warnings, only around this backend's calls.
@@ -118,12 +119,8 @@ def quantize_fx(model: nn.Module, config, batches: list[torch.Tensor],
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     engine = select_engine()
-    # Linear layers only (99.7 % of the weights), as X86InductorQuantizer does in pt2e. With a
-    # global static QConfig, torch.ao also quantizes the input, the patch-embedding output and
-    # the residual stream into every LayerNorm with per-tensor 7-bit qparams: on a briefly
-    # trained small model that moved outputs by ~1 mmHg on average, against ~0.1 mmHg with
-    # Linears only. `quantize_input` rounds the input per channel instead, as the paper does.
-    mapping = QConfigMapping().set_object_type(nn.Linear, qconfig(config, engine))
+    # One global QConfig, as the paper: torch.ao quantizes every op its x86 backend supports.
+    mapping = QConfigMapping().set_global(qconfig(config, engine))
     with ao_warnings_filtered(), quantized_engine(engine):
         try:
             prepared = prepare_fx(model, mapping, (example,))

@@ -40,16 +40,19 @@ def split(trained):
 
 
 @pytest.fixture(scope="session")
-def calib_batches(split) -> list[torch.Tensor]:
+def calib_batches(trained, split) -> list[torch.Tensor]:
+    """Two training batches, normalised as the model was trained (as `run_quantization` does)."""
     from bpfm.quantize import calibration_batches
 
-    return calibration_batches(split.train, 2, batch_size=32)
+    normalize = bool(trained[2].get("normalize_inputs"))
+    return calibration_batches(split.train, 2, batch_size=32, normalize=normalize)
 
 
 @pytest.fixture(scope="session")
-def test_windows(split) -> torch.Tensor:
-    """All windows of the test view as one batch (a few dozen)."""
+def test_windows(trained, split) -> torch.Tensor:
+    """All windows of the test view as one batch (a few), as `predict` feeds them."""
     from bpfm.data.loader import ShardDataset
 
-    batches = ShardDataset(split.test, batch_size=256, shuffle=False)
+    normalize = bool(trained[2].get("normalize_inputs"))
+    batches = ShardDataset(split.test, batch_size=256, shuffle=False, normalize=normalize)
     return torch.cat([b["x"] for b in batches])
