@@ -10,8 +10,9 @@ a short run stays at the mean predictor (measured on synthetic data: MASE 0.99 a
 0.65 with z-scored windows); `normalize_inputs=False` is the paper's input.
 
 Every epoch ends with a full checkpoint (`out/checkpoints/epoch-NNNN/state.pt`: model,
-optimiser, scheduler, torch/CUDA/numpy/python RNG states, epoch, history, best val), and the
-loader's shuffle is seeded per (seed, epoch), so a resumed run equals an uninterrupted one.
+optimiser, scheduler, torch/CUDA/numpy/python RNG states, epoch, history, best val; see
+`bpfm.train_state`), and the loader's shuffle is seeded per (seed, epoch), so a resumed run
+equals an uninterrupted one.
 Epoch-prefix reporting: with a schedule that does not depend on the total epochs, the model at
 epoch N of a longer run *is* the N-epoch model, so `report_epochs=(100, 200)` writes
 `out/epoch-100/` on the way to 200. A total-dependent schedule (cosine) cannot do that, and asking
@@ -22,9 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -54,6 +52,15 @@ from bpfm.predict import (
     write_json,
     write_model_dir,
 )
+from bpfm.train_state import (
+    check_resumable,
+    latest_checkpoint,
+    load_train_state,
+    restore_train_state,
+    save_train_state,
+    seed_everything,
+    train_state,
+)
 
 __all__ = [
     "EpochReport",
@@ -75,10 +82,6 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")  # both after an optional linear warm-up
 TOTAL_DEPENDENT_SCHEDULES = ("cosine",)
 LOSSES = ("mse", "huber")
-# Fields that may change between a checkpoint and the run resuming it (epochs only when the
-# schedule does not depend on it); any other difference means another experiment.
-RESUMABLE_CHANGES = {"data", "epochs", "report_epochs", "out", "device", "num_workers",
-                     "eval_batch_size", "keep_checkpoints"}  # fmt: skip
 
 
 @dataclass
@@ -314,91 +317,6 @@ def _steps_per_epoch(config: TrainConfig, n_train: int) -> int:
     return min(steps, config.max_steps_per_epoch) if config.max_steps_per_epoch else steps
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig, source: Path) -> None:
-    current = config.to_dict()
-    allowed = set(RESUMABLE_CHANGES)
-    if config.schedule in TOTAL_DEPENDENT_SCHEDULES:
-        allowed.discard("epochs")
-    for key, value in saved.items():
-        if key not in allowed and current.get(key) != value:
-            raise BpfmError(
-                f"{source}: config.{key}: the checkpoint was trained with {value!r}, this run asks "
-                f"for {current.get(key)!r}; use another --out or turn resume off"
-            )
-
-
-# ---------------------------------------------------------------- train-state checkpoints
-
-STATE_FILE = "state.pt"
-
-
-def rng_state() -> dict[str, Any]:
-    """torch (CPU and CUDA), numpy and python RNG states, in types `weights_only` loading takes."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-
-
-def _epoch_dirs(out: Path) -> list[tuple[int, Path]]:
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    dirs = [(int(p.name.removeprefix("epoch-")), p) for p in root.glob("epoch-[0-9]*")]
-    return sorted((e, p) for e, p in dirs if (p / STATE_FILE).is_file())
-
-
-def latest_checkpoint(out: str | Path) -> Path | None:
-    """out/checkpoints/epoch-NNNN of the last completed epoch, or None."""
-    dirs = _epoch_dirs(Path(out))
-    return dirs[-1][1] if dirs else None
-
-
-def save_train_state(out: Path, epoch: int, state: dict[str, Any], *, keep: int) -> Path:
-    """Write out/checkpoints/epoch-NNNN/state.pt atomically (temp dir + rename) and keep the
-    last `keep` epochs; later epochs of an abandoned trajectory are removed too."""
-    root = out / "checkpoints"
-    final = root / f"epoch-{epoch:04d}"
-    tmp = root / f".tmp-epoch-{epoch:04d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(state, tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    earlier = [p for e, p in _epoch_dirs(out) if e < epoch]
-    stale = earlier[: max(len(earlier) - (keep - 1), 0)]
-    stale += [p for e, p in _epoch_dirs(out) if e > epoch]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return final
-
-
-def load_train_state(path: str | Path) -> dict[str, Any]:
-    """A checkpoint dir (or its state.pt) -> the saved state; one-line errors if unreadable."""
-    path = Path(path)
-    file = path / STATE_FILE if path.is_dir() else path
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise BpfmError(f"{file}: checkpoint not found") from None
-    except Exception as err:  # zip, unpickling and truncation errors share no base class
-        raise BpfmError(
-            f"{file}: corrupt or unreadable checkpoint ({type(err).__name__})"
-        ) from None
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -424,9 +342,7 @@ def fit(
     meta = {**_target_meta(config, mean, std), "source": config.source,
             "protocol": config.protocol, "split": split.label}  # fmt: skip
 
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    random.seed(config.seed)
+    seed_everything(config.seed)
     model = build_model(config).to(device)
     optimizer = _make_optimizer(config, model)
     steps_per_epoch = _steps_per_epoch(config, summary["n_train"])
@@ -437,12 +353,9 @@ def fit(
     checkpoint = Path(resume_from) if resume_from else (latest_checkpoint(out) if resume else None)
     if checkpoint is not None:
         saved = load_train_state(checkpoint)
-        _check_resumable(saved["config"], config, checkpoint)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"])
-        state = {k: saved[k] for k in ("epoch", "history", "best_val_mae", "best_epoch")}
+        check_resumable(saved["config"], config.to_dict(), checkpoint,
+                        total_dependent=config.schedule in TOTAL_DEPENDENT_SCHEDULES)  # fmt: skip
+        state = restore_train_state(saved, model, optimizer, scheduler)
         log.info("resuming %s after epoch %d (%s)", out, state["epoch"], checkpoint)
     if state["epoch"] > config.epochs:
         raise BpfmError(f"{checkpoint}: epoch: checkpoint is at epoch {state['epoch']}, "
@@ -487,14 +400,7 @@ def fit(
         checkpoint_dir = save_train_state(
             out,
             epoch,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
-                "config": config.to_dict(),
-                **state,
-            },  # fmt: skip
+            train_state(model, optimizer, scheduler, config.to_dict(), state),
             keep=config.keep_checkpoints,
         )
         report = EpochReport(epoch, stats["train_loss"], val_mae, checkpoint_dir, metrics,

@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help="model dir written by `bpfm train`")
     parser.add_argument("--data", help="shard set URI (default: the one the model trained on)")
     parser.add_argument("--source", help="mimic | vitaldb | other (default: the model's)")
-    parser.add_argument("--protocol", help="paper | calbased | calfree | aami (default: the model's)")
+    parser.add_argument("--protocol",
+                        help="paper | calbased | calfree | aami (default: the model's)")
     parser.add_argument("--mode", default="dynamic", help="dynamic | static | fp32")
     parser.add_argument("--observer", default="minmax",
                         help="static activations: minmax | moving_average | histogram")

@@ -12,6 +12,7 @@ trip it; `log_to_mlflow` logs an fx model in MLflow's pickle format (pt2 fails f
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterable
@@ -196,7 +197,7 @@ def quantize(
     import copy
 
     config.validate()
-    batches = [_as_input(b) for _, b in zip(range(config.calib_batches), calib_batches or ())]
+    batches = [_as_input(b) for b in itertools.islice(calib_batches or (), config.calib_batches)]
     if config.needs_calibration and not batches:
         raise BpfmError("quantize: calib_batches: static quantization needs calibration data "
                         "(training batches), got none")  # fmt: skip

@@ -118,9 +118,9 @@ def save(quantized, path: Path) -> Path:
 
 
 def load(path: Path) -> nn.Module:
-    from bpfm.quant import CONFIG_EXTRA, InputQuantizer, QuantConfig, QuantizedModel
-
     import zipfile
+
+    from bpfm.quant import CONFIG_EXTRA, InputQuantizer, QuantConfig, QuantizedModel
 
     if not zipfile.is_zipfile(path):  # checked first: torch.export.load logs a traceback
         raise BpfmError(f"{path}: not a bpfm quantized model (not a .pt2 zip archive)")
