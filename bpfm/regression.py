@@ -52,6 +52,8 @@ DEFAULT_TOLERANCES: tuple[tuple[str, Tolerance], ...] = (
     ("n", Tolerance("equal")),
     ("n_subjects", Tolerance("equal")),
     ("*_mae_ci_*", Tolerance("lower", abs=1.0, rel=0.10)),
+    ("delta_*_mae", Tolerance("lower", abs=0.5)),  # quantized minus fp32
+    ("delta_*_r2", Tolerance("higher", abs=0.02)),
     ("*_mase", Tolerance("lower", abs=0.05)),
     ("*_me", Tolerance("zero", abs=1.0)),
     ("*_mae", Tolerance("lower", abs=0.5, rel=0.05)),
@@ -64,7 +66,9 @@ DEFAULT_TOLERANCES: tuple[tuple[str, Tolerance], ...] = (
     ("val_mae", Tolerance("lower", abs=0.5, rel=0.05)),
     ("train_loss", Tolerance("lower", abs=0.05, rel=0.10)),
     ("size_mib", Tolerance("lower", rel=0.02)),
+    ("reduction_factor", Tolerance("higher", rel=0.02)),
     ("latency_ms_*", Tolerance("lower", rel=1.0)),
+    ("speedup_*", Tolerance("higher", rel=0.75)),  # a ratio of two noisy latencies
     ("*", Tolerance("either", abs=1e-6, rel=0.10)),
 )
 

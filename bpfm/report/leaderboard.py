@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 TABLE2_NOTE = (
     "FT = fine-tuned from the pretrained backbone, TFS = trained from scratch (Xavier). Metrics in "
-    "mmHg, averaged over seeds. BHS and AAMI read DBP/SBP when they differ (pass/fail: DBP passes, "
-    "SBP fails); AAMI needs >= 85 subjects, n/a below."
+    "mmHg, averaged over seeds (the latest finished run of each cell). BHS and AAMI read DBP/SBP "
+    "when they differ (pass/fail: DBP passes, SBP fails); AAMI needs >= 85 subjects, n/a below."
 )
 TABLE5_NOTE = (
     "Published numbers come from different splits; the protocol column says which split each "

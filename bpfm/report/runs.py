@@ -71,7 +71,8 @@ def run_row(run: Run, experiment: str) -> dict:
 
 
 def _latest_per_cell(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """A re-submitted grid may log a cell twice; the latest finished run stands for it."""
+    """A cell trained again (a later launch, a nightly run, another recipe) is represented by its
+    latest finished run."""
     if frame.empty:
         return frame
     keys = [k for k in keys if k in frame.columns]
@@ -105,7 +106,7 @@ def load_study(
         rows.extend(found)
     frame = pd.DataFrame(rows)
     train = frame[frame["kind"].isin(kinds)].copy()
-    train = _latest_per_cell(train, ["experiment", "kind", *AXES, "data", "head"])
+    train = _latest_per_cell(train, ["experiment", *AXES])
     quant = frame[frame["kind"] == "quant"].copy()
     quant = _attach_trial_axes(quant, train)
     quant = _latest_per_cell(quant, ["experiment", "parent_run_id", *QUANT_PARAMS])

@@ -1,0 +1,152 @@
+"""INT8 quantization against fp32, like the paper's Tables III and IV: size in MiB and reduction
+factor, CPU latency at batch 1 and 64 and speed-up, and the change of R^2 and MAE, for a model of
+each size trained briefly on synthetic data.
+
+Targets (issue 4): reduction >= 3.5 (small), >= 3.85 (medium, large) (paper 3.57 / 3.87 / 3.90);
+fx dynamic >= 2x faster than fp32 at batch 64, pt2e >= 4x; |delta R^2| <= 0.002.
+
+    .venv/bin/python benchmarks/quantization.py [--sizes small,medium] [--steps 40]
+        [--threads 1] [--runs 20] [--backends fx,pt2e] [--workdir DIR]
+
+Everything runs in a temporary folder (or --workdir): synthetic PulseDB (bpfm.data.synth),
+shards, `bpfm.train.fit` for --steps steps of 32 windows, then `run_quantization` per variant
+(metrics, size) and one interleaved latency measurement of all variants of a size (median of
+--runs, after warm-up, at --threads torch threads). pt2e variants are timed compiled (Inductor,
+freezing); their cold compile takes minutes on a busy 2-core machine and is reported apart.
+Latency on a shared machine is noisy: compare ratios from the same run, not absolute numbers.
+Prints tables, then one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+VARIANTS = {  # name -> QuantConfig fields
+    "fx-dynamic": {"mode": "dynamic", "weights": "per_channel", "backend": "fx"},
+    "fx-static": {"mode": "static", "observer": "minmax", "weights": "per_channel",
+                  "backend": "fx"},
+    "pt2e-dynamic": {"mode": "dynamic", "weights": "per_channel", "backend": "pt2e"},
+    "pt2e-static": {"mode": "static", "observer": "minmax", "weights": "per_channel",
+                    "backend": "pt2e"},
+}
+PAPER_RF = {"small": 3.57, "medium": 3.87, "large": 3.90}
+
+
+def prepare_data(workdir: Path, subjects: int) -> str:
+    from bpfm.data.shards import write_shards
+    from bpfm.data.synth import SynthConfig, write_synthetic_pulsedb
+
+    shards = workdir / "shards"
+    if not (shards / "_manifest.json").is_file():
+        synth = write_synthetic_pulsedb(
+            workdir / "pulsedb",
+            SynthConfig(subjects=subjects, segments_per_subject=24, seed=3, sources=("mimic",)),
+        )
+        write_shards([p for p in synth.subset_files if p.name.startswith("Train")], str(shards))
+    return str(shards)
+
+
+def train(data: str, size: str, steps: int, out: Path) -> Path:
+    from bpfm.train import TrainConfig, fit
+
+    if not (out / "metrics.json").is_file():
+        fit(TrainConfig(data=data, source="mimic", protocol="paper", size=size, epochs=1,
+                        batch_size=32, max_steps_per_epoch=steps, lr=3e-4, drop_path=0.0,
+                        eval_batch_size=64, device="cpu", out=str(out)), resume=False)
+    return out
+
+
+def bench_size(model_dir: Path, size: str, variants: dict, args, workdir: Path) -> dict:
+    import torch
+
+    from bpfm.evaluate import load_trained
+    from bpfm.quant import QuantConfig, load_quantized
+    from bpfm.quant.measure import latency_ms
+    from bpfm.quantize import run_quantization
+
+    results = {"fp32": run_quantization(model_dir, QuantConfig("fp32"), out=workdir / "fp32",
+                                        latency_runs=0)}  # fmt: skip
+    for name, fields in variants.items():
+        results[name] = run_quantization(model_dir, QuantConfig(**fields, calib_batches=8),
+                                         out=workdir / name, latency_runs=0,
+                                         baseline=results["fp32"])  # fmt: skip
+    model, _, _ = load_trained(model_dir)
+    runnable = {"fp32": model}
+    for name in variants:
+        runnable[name] = load_quantized(workdir / name).compiled()
+        with torch.inference_mode():  # compile (pt2e) outside the timing
+            for batch in (1, 64):
+                runnable[name](torch.zeros(batch, 2, 1250))
+    latency = latency_ms(runnable, (1, 64), runs=args.runs, threads=args.threads)
+    for name, result in results.items():
+        result["latency"] = latency[name]
+    return results
+
+
+def print_tables(size: str, results: dict, threads: int, runs: int) -> dict:
+    fp32 = results["fp32"]
+    base_lat = fp32["latency"]
+    rows = {}
+    print(f"\n## {size}: {fp32['test']['n']} test windows, threads={threads}, median of {runs}")
+    print("\nTable IV-like: size (MiB = 2^20 bytes) and reduction factor (paper: "
+          f"x{PAPER_RF.get(size, float('nan')):.2f})")  # fmt: skip
+    print("| variant | size MiB | size kind | reduction |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['size_mib']:.2f} | {r['size_kind']} | x{r['reduction_factor']:.2f} |")
+    print("\nLatency (ms) and speed-up against fp32 eager (noisy: shared machine)")
+    print("| variant | b1 ms | b64 ms | speed-up b1 | speed-up b64 | compile s |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        lat = r["latency"]
+        up1, up64 = base_lat[1] / lat[1], base_lat[64] / lat[64]
+        compile_s = f"{r['compile_s']:.0f}" if r.get("compile_s") else "-"
+        print(f"| {name} | {lat[1]:.1f} | {lat[64]:.1f} | x{up1:.2f} | x{up64:.2f} | {compile_s} |")
+        rows[name] = {"size_mib": r["size_mib"], "reduction_factor": r["reduction_factor"],
+                      "latency_ms_b1": lat[1], "latency_ms_b64": lat[64], "speedup_b1": up1,
+                      "speedup_b64": up64}  # fmt: skip
+    print("\nTable III-like: test R^2 and MAE (mmHg), change against fp32")
+    print("| variant | SBP R2 | DBP R2 | dR2 SBP | dR2 DBP | SBP MAE | DBP MAE | dMAE SBP | "
+          "dMAE DBP |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        t = r["test"]
+        print(f"| {name} | {t['sbp_r2']:.4f} | {t['dbp_r2']:.4f} | {r['delta_sbp_r2']:+.4f} | "
+              f"{r['delta_dbp_r2']:+.4f} | {t['sbp_mae']:.2f} | {t['dbp_mae']:.2f} | "
+              f"{r['delta_sbp_mae']:+.3f} | {r['delta_dbp_mae']:+.3f} |")  # fmt: skip
+        rows[name].update({k: r[k] for k in ("delta_sbp_r2", "delta_dbp_r2", "delta_sbp_mae",
+                                             "delta_dbp_mae")})  # fmt: skip
+        rows[name].update(sbp_r2=t["sbp_r2"], dbp_r2=t["dbp_r2"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="small")
+    parser.add_argument("--steps", type=int, default=40, help="training steps of 32 windows")
+    parser.add_argument("--subjects", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--backends", default="fx,pt2e")
+    parser.add_argument("--workdir", help="keep data, models and results here (reused)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    backends = set(args.backends.split(","))
+    variants = {k: v for k, v in VARIANTS.items() if v["backend"] in backends}
+    with tempfile.TemporaryDirectory(prefix="bpfm-quant-bench-") as tmp:
+        workdir = Path(args.workdir or tmp)
+        data = prepare_data(workdir, args.subjects)
+        summary = {"threads": args.threads, "runs": args.runs, "steps": args.steps}
+        for size in args.sizes.split(","):
+            model_dir = train(data, size, args.steps, workdir / f"model-{size}")
+            results = bench_size(model_dir, size, variants, args, workdir / f"quant-{size}")
+            summary[size] = print_tables(size, results, args.threads, args.runs)
+        print(json.dumps(summary, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
