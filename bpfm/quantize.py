@@ -27,6 +27,7 @@ from bpfm.quant import (
     MODES,
     OBSERVERS,
     WEIGHTS,
+    WINDOW_SHAPE,
     InputQuantizer,
     QuantConfig,
     QuantizedModel,
@@ -91,9 +92,14 @@ def _runnable(quantized: QuantizedModel) -> tuple[nn.Module, float | None]:
     if runnable is quantized:
         return quantized, None
     start = time.perf_counter()
-    with torch.inference_mode():
-        for batch in BATCH_SIZES:
-            runnable(torch.zeros(batch, 2, 1250))
+    try:
+        with torch.inference_mode():
+            for batch in BATCH_SIZES:
+                runnable(torch.zeros(batch, *WINDOW_SHAPE))
+    except Exception as err:  # Inductor needs a working C++ compiler; its errors vary
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BpfmError(f"quantize: compile: Inductor failed ({first}); pass --no-compile "
+                        "(QuantConfig compile=False) to run the slower eager graph") from None
     return runnable, time.perf_counter() - start
 
 

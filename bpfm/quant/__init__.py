@@ -34,6 +34,7 @@ BACKENDS = ("fx", "pt2e")
 FX_FILE = "model.pt"  # pickled QuantizedModel (torch.save)
 PT2E_FILE = "model.pt2"  # torch.export.save of the converted graph
 CONFIG_EXTRA = "bpfm_quant.json"  # the QuantConfig + input quantizer inside a .pt2 archive
+WINDOW_SHAPE = (2, 1250)  # (ECG, PPG) x 10 s at 125 Hz
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,8 @@ def quantize(
     input_quantizer = _input_quantizer(config, batches)
     if input_quantizer is not None:  # later layers calibrate on what they will see
         batches = [input_quantizer(x) for x in batches]
-    example = batches[0][:2] if batches else torch.zeros(2, 2, 1250)
+    # batch 2: torch.export would specialise a batch of 1 and refuse other sizes
+    example = torch.zeros(2, *(batches[0].shape[1:] if batches else WINDOW_SHAPE))
     engine = None
     if config.mode == "fp32":
         net = model
@@ -216,7 +218,7 @@ def quantize(
     else:
         from bpfm.quant import pt2e
 
-        net = pt2e.quantize_pt2e(model, config, batches, example)
+        net, engine = pt2e.quantize_pt2e(model, config, batches, example), pt2e.ENGINE
     log.info("quantized: %s (%d calibration batches)", config.name, len(batches))
     return QuantizedModel(net, config, input_quantizer, engine).eval()
 
@@ -278,6 +280,9 @@ def log_to_mlflow(quantized: QuantizedModel, name: str = "model", **kwargs: Any)
     """Log a quantized model with `mlflow.pytorch.log_model` in the pickle format (MLflow's
     default pt2 format cannot serialise torch.ao packed weights). Returns MLflow's ModelInfo;
     reload with `mlflow.pytorch.load_model(info.model_uri)`."""
+    if quantized.config.backend == "pt2e" and quantized.config.mode != "fp32":
+        raise BpfmError("quantize: mlflow: a pt2e model is an exported program; log its "
+                        "model.pt2 (save_quantized) as an artifact instead")  # fmt: skip
     import mlflow.pytorch
 
     from bpfm.quant.fx import ao_warnings_filtered

@@ -89,11 +89,13 @@ def latency_ms(models: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
     """{model name: {batch size: median ms}} over `runs` timed forward passes of random windows
     [B, 2, 1250], the models interleaved, after `warmup` untimed passes each (the first pass of a
     compiled model compiles it)."""
+    from bpfm.quant import WINDOW_SHAPE
+
     generator = torch.Generator().manual_seed(seed)
     result: dict[str, dict[int, float]] = {name: {} for name in models}
     with fixed_threads(threads):
         for batch in batch_sizes:
-            x = torch.randn(batch, 2, 1250, generator=generator)
+            x = torch.randn(batch, *WINDOW_SHAPE, generator=generator)
             for model in models.values():
                 for _ in range(warmup):
                     model(x)

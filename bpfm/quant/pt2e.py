@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from torch import nn
 from bpfm.errors import BpfmError
 
 MAX_BATCH = 1 << 16
+INDUCTOR_INT8_LOWERING = r"torch\._inductor\.mkldnn_lowerings"
+ENGINE = "x86_inductor"  # what runs the converted graph: Inductor's int8 (oneDNN) kernels
 
 
 @contextlib.contextmanager
@@ -108,9 +111,9 @@ def quantize_pt2e(model: nn.Module, config, batches: list[torch.Tensor],
 
 def save(quantized, path: Path) -> Path:
     """torch.export.save of the converted graph; the config rides along as an extra file."""
-    from bpfm.quant import CONFIG_EXTRA, config_json
+    from bpfm.quant import CONFIG_EXTRA, WINDOW_SHAPE, config_json
 
-    program = export(quantized.net, torch.zeros(2, 2, 1250))
+    program = export(quantized.net, torch.zeros(2, *WINDOW_SHAPE))
     tmp = path.with_name(f".tmp-{path.name}")  # torch.export.save wants the .pt2 suffix
     torch.export.save(program, tmp, extra_files={CONFIG_EXTRA: config_json(quantized)})
     tmp.replace(path)
@@ -137,8 +140,8 @@ def load(path: Path) -> nn.Module:
     described = values.get("input_quantizer")
     quantizer = InputQuantizer.from_description(described) if described else None
     net = allow_exported_model_train_eval(program.module())
-    return QuantizedModel(net, QuantConfig.from_dict(values["config"]),
-                          quantizer).eval()  # fmt: skip
+    return QuantizedModel(net, QuantConfig.from_dict(values["config"]), quantizer,
+                          ENGINE).eval()  # fmt: skip
 
 
 class CompiledModel(nn.Module):
@@ -157,7 +160,11 @@ class CompiledModel(nn.Module):
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(freezing=True):
+        with inductor_config.patch(freezing=True), warnings.catch_warnings():
+            # Inductor's own int8 lowering copies a tensor with torch.tensor() and warns about
+            # it, once per Linear, on every compile
+            warnings.filterwarnings("ignore", message="To copy construct from a tensor",
+                                    category=UserWarning, module=INDUCTOR_INT8_LOWERING)
             return self.graph(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,8 @@ def _last_json_line(text: str) -> dict:
     raise AssertionError(f"no JSON line in the job's output:\n{text[-3000:]}")
 
 
-def _read_tree(folder: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+def _read_tree(folder: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_job_submit_runs_the_grid_and_no_secret_leaks(tmp_path, s3_server, mlflow_server):
@@ -67,6 +67,7 @@ def test_job_submit_runs_the_grid_and_no_secret_leaks(tmp_path, s3_server, mlflo
     for secret in (s3_server.secret_key, head.token):
         encoded = secret.encode()
         assert encoded not in output.encode(), "secret in the job's output"
-        assert encoded not in ray_logs, "secret in Ray's session logs"
+        leaking = [name for name, data in ray_logs.items() if encoded in data]
+        assert not leaking, f"secret in Ray's session logs: {leaking}"
         assert encoded not in mlflow_db, "secret in the MLflow store"
         assert encoded not in stored, "secret in an S3 object"

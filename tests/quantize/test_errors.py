@@ -59,6 +59,14 @@ def test_a_file_that_is_not_a_model(tmp_path):
         load_quantized(empty)
 
 
+def test_pt2e_model_is_not_logged_as_a_pickle():
+    from bpfm.quant import QuantizedModel, log_to_mlflow
+
+    exported = QuantizedModel(torch.nn.Identity(), QuantConfig(backend="pt2e"), None)
+    with pytest.raises(BpfmError, match="log its model.pt2"):
+        log_to_mlflow(exported)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -12,12 +12,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bpfm.cli import main
+from bpfm.regression import baseline_document
 from bpfm.report.leaderboard import LeaderboardConfig, build_leaderboard
 from bpfm.report.nightly import NightlyConfig, run_nightly
 from tests.report.conftest import write_profile
 
 pytestmark = pytest.mark.slow
 STUDY = "report-nightly-test"
+NOISY_TIMINGS = {"latency_ms_*": {"direction": "ignore"}, "speedup_*": {"direction": "ignore"}}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,10 @@ def nightly(tmp_path_factory, mlflow_db_template, challenge2015_file, local_ray)
         env.setenv("BPFM_HOME", str(root / "home"))
         env.setenv("RAY_AUTH_MODE", "disabled")
         baseline = root / "baseline.json"
+        # Latency from one timed run on a shared 2-core machine is noise: the baseline says so,
+        # as a team running the nightly on shared CI runners would.
+        baseline.write_text(json.dumps(baseline_document(
+            {}, profile="test", created="", previous={"tolerances": NOISY_TIMINGS})))
         result = run_nightly(NightlyConfig(profile=str(profile), baseline=baseline,
                                            update_baseline=True, out=root / "first"))
         yield {"uri": uri, "root": root, "profile": profile, "baseline": baseline,
@@ -61,6 +67,7 @@ def test_first_run_writes_a_baseline_of_every_cell_and_variant(nightly):
         "train/small-unfrozen-e2-xavier-mimic-paper-s42",
         "train/small-unfrozen-e2-xavier-other-paper-s42",
     ]
+    assert json.loads(nightly["baseline"].read_text())["tolerances"] == NOISY_TIMINGS  # kept
     cell = entries["train/small-unfrozen-e2-xavier-other-paper-s42"]
     assert cell["sbp_bhs_grade"] in "ABCD" and cell["sbp_mae"] > 0 and "val_mae" in cell
     assert entries["quant/small-unfrozen-e2-xavier-mimic-paper-s42/dynamic_per_channel"]["size_mib"]
@@ -110,7 +117,8 @@ def test_leaderboard_from_the_grid_store(nightly, tmp_path):
     assert len(pd.read_csv(tmp_path / "table3.csv")) == 2
     table4 = pd.read_csv(tmp_path / "table4.csv").set_index("variant")
     assert table4.loc["fp32", "size_mib"] == pytest.approx(13.7, abs=0.3)  # from the artifact
-    assert table4.loc["dynamic (per_channel)", "reduction_factor"] > 2
+    dynamic = [v for v in table4.index if v.startswith("dynamic (per_channel")]
+    assert len(dynamic) == 1 and table4.loc[dynamic[0], "reduction_factor"] > 2
     groups = pd.read_csv(tmp_path / "subgroups.csv", keep_default_na=False)
     mimic_ages = set(groups[(groups["source"] == "mimic") & (groups["group"] == "age band")]
                      ["subgroup"])  # fmt: skip
