@@ -1,4 +1,5 @@
-"""The grid as data: cells (one trained model each), trials (what Tune runs), and the dry-run plan.
+"""The grid as data: cells (one trained model each), trials (what Tune runs), the dry-run plan,
+the summary tables, and stage 0's data (synthesized and sharded when a profile says how).
 
 Epoch-prefix sharing: when the learning-rate schedule does not depend on the total number of
 epochs, the 100-epoch model of a configuration is its 200-epoch run's state at epoch 100, so the
@@ -9,7 +10,6 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from bpfm.errors import BpfmError
@@ -211,7 +211,7 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(out)
 
 
-# ------------------------------------------------------------------- stages (Ray-free parts)
+# ----------------------------------------------------------------------------- stage 0: data
 
 
 def ensure_data(profile: Profile) -> str:
@@ -239,126 +239,6 @@ def ensure_data(profile: Profile) -> str:
     return uri
 
 
-def quantize_model(
-    *,
-    tracking_uri: str,
-    experiment_id: str,
-    grid_run_id: str,
-    study: str,
-    cell: str,
-    cell_run_id: str,
-    variants: dict[str, dict[str, Any]],
-    data: str,
-    settings: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Stage 2 for one trained model: every variant in a run nested under the cell's run, with
-    the full metrics, size, latency and the quantized model. The model is fetched once and its
-    fp32 numbers measured once; a finished variant is not redone, a failed one does not stop the
-    others (its entry carries the error)."""
-    import tempfile
-
-    from bpfm import tracking
-
-    client = tracking.client(tracking_uri)
-    tags = {tracking.KIND: "quant", tracking.CELL: cell, tracking.STUDY: study,
-            tracking.GRID_RUN: grid_run_id}  # fmt: skip
-    results: list[dict[str, Any]] = []
-    baseline: dict[str, Any] | None = None
-    with tempfile.TemporaryDirectory(prefix="bpfm-quant-") as tmp:
-        model_dir = None
-        for variant, options in variants.items():
-            entry = {"cell": cell, "variant": variant}
-            run_id, done = tracking.child_run(
-                client, experiment_id, cell_run_id, key=f"{cell}/{variant}", name=variant,
-                tags={**tags, tracking.VARIANT: variant}, params=_quant_params(variant, options),
-            )  # fmt: skip
-            if done:
-                results.append({**entry, "run_id": run_id, "skipped": True})
-                continue
-            try:
-                model_dir = model_dir or tracking.download_model_dir(client, cell_run_id, tmp)
-                out = Path(tmp) / variant
-                result = _quantize_variant(tracking_uri, client, run_id, model_dir, out, options,
-                                           data, {**(settings or {}), "baseline": baseline})
-                baseline = baseline or {"fp32": result["fp32"]}
-            except Exception as err:  # reported per variant: the others go on
-                tracking.finish(client, run_id, "FAILED")
-                log.error("quantization %s/%s failed: %s", cell, variant, err)
-                results.append({**entry, "run_id": run_id, "error": f"{type(err).__name__}: {err}"})
-                continue
-            tracking.finish(client, run_id)
-            results.append({**entry, "run_id": run_id, "skipped": False})
-    return results
-
-
-def _quant_params(variant: str, options: dict[str, Any]) -> dict[str, str]:
-    from bpfm import tracking
-    from bpfm.quantize import QuantConfig
-
-    fields = QuantConfig(**options).to_dict()  # every field, defaults included
-    return tracking.safe_params({**fields, "variant": variant}, [*fields, "variant"])
-
-
-def _quantize_variant(tracking_uri: str, client, run_id: str, model_dir: Path, out: Path,
-                      options: dict[str, Any], data: str, settings: dict[str, Any]) -> dict:
-    from bpfm import tracking
-    from bpfm.quantize import QuantConfig, load_quantized, run_quantization
-
-    config = QuantConfig(**options)
-    result = run_quantization(model_dir, config, data=data, out=str(out), **settings)
-    extra = (*tracking.QUANT_METRICS, *QUANT_EXTRA_METRICS)
-    tracking.log_results(client, run_id, _flat_metrics(result), extra=extra)
-    client.log_artifacts(run_id, str(out), "quantized")
-    if config.backend == "fx" or config.mode == "fp32":  # pt2e graphs stay plain files
-        tracking.log_quantized_model(tracking_uri, run_id, load_quantized(out))
-    return result
-
-
-QUANT_EXTRA_METRICS = ("reduction_factor", "speedup_b1", "speedup_b64", "delta_sbp_mae",
-                       "delta_dbp_mae", "delta_sbp_r2", "delta_dbp_r2")  # fmt: skip
-
-
-def _flat_metrics(result: dict[str, Any]) -> dict[str, Any]:
-    """run_quantization's numbers at the top level (its test metrics may be nested)."""
-    flat = dict(result)
-    for key in ("metrics", "test"):
-        if isinstance(result.get(key), dict):
-            flat.update(result[key])
-    return flat
-
-
-def launch_cells(client, experiment_id: str, grid_run_id: str) -> list:
-    """The finished train runs of one grid launch (also those an earlier attempt finished)."""
-    from bpfm import tracking
-
-    runs = tracking.runs_of(client, experiment_id, grid_run_id, "train")
-    return [r for r in runs if r.info.status == "FINISHED"]
-
-
-def register_best(client, tracking_uri: str, study: str, cell_runs: list) -> dict[str, str]:
-    """Per source, the cell with the lowest final validation MAE, registered as
-    `<study>-<source>` with the alias `best` (selection never looks at test metrics)."""
-    import tempfile
-
-    from bpfm import tracking
-    from bpfm.evaluate import load_trained
-
-    best: dict[str, Any] = {}
-    for run in cell_runs:
-        source, val = run.data.params.get("source"), run.data.metrics.get("val_mae")
-        if source and val is not None and (source not in best or val < best[source][0]):
-            best[source] = (val, run)
-    registered = {}
-    for source, (_, run) in sorted(best.items()):
-        with tempfile.TemporaryDirectory(prefix="bpfm-best-") as tmp:
-            model, _, _ = load_trained(tracking.download_model_dir(client, run.info.run_id, tmp))
-            name = f"{study}-{source}"
-            registered[source] = tracking.register_best(
-                client, tracking_uri, run.info.run_id, model, name
-            )
-    return registered
-
-
 TRAIN_COLUMNS = [
     "cell",
     "sbp_mae",
@@ -382,32 +262,3 @@ QUANT_COLUMNS = [
     "sbp_r2",
     "dbp_r2",
 ]
-
-
-def summarize(client, experiment_id: str, grid_run_id: str) -> dict[str, list[dict[str, Any]]]:
-    """Stage 3: one row per trained cell and one per quantized variant, read back from MLflow
-    (so a resumed launch lists what earlier attempts finished too)."""
-    from bpfm import tracking
-
-    def row(run, columns: list[str]) -> dict[str, Any]:
-        values = {**run.data.params, **run.data.metrics, **run.data.tags}
-        out = {c: values.get(c) for c in columns}
-        out.update(cell=run.data.tags.get(tracking.CELL), run_id=run.info.run_id)
-        return out
-
-    train = sorted(
-        (row(r, TRAIN_COLUMNS) for r in launch_cells(client, experiment_id, grid_run_id)),
-        key=lambda r: r["cell"] or "",
-    )
-    quant_runs = tracking.find_runs(
-        client, experiment_id, {tracking.GRID_RUN: grid_run_id, tracking.KIND: "quant"}
-    )
-    quant = sorted(
-        (
-            row(r, QUANT_COLUMNS) | {"variant": r.data.tags.get(tracking.VARIANT)}
-            for r in quant_runs
-            if r.info.status == "FINISHED"
-        ),
-        key=lambda r: (r["cell"] or "", r["variant"] or ""),
-    )
-    return {"cells": train, "quantized": quant}

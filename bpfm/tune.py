@@ -8,11 +8,12 @@ experiment and the grid's parent run), so MLflow holds every model even when the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ from ray import tune
 
 from bpfm import tracking
 from bpfm.errors import BpfmError
-from bpfm.grid import Cell, TrialPlan, trial_from_config
+from bpfm.grid import trial_from_config
 from bpfm.profiles import Profile
+from bpfm.stages import CellLogger, TrialContext, model_dir_for, train_config
 
 log = logging.getLogger(__name__)
 
@@ -34,88 +36,6 @@ FAULT_MARKER_ENV = "BPFM_FAULT_MARKER_DIR"
 
 class InjectedFault(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class TrialContext:
-    """What every trial of a launch shares (passed with `tune.with_parameters`)."""
-
-    data: str
-    train: dict[str, Any]  # profile recipe + --recipe overrides
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    study: str
-    profile: str = ""
-    pretrained: dict[str, str] = field(default_factory=dict)  # size -> backbone checkpoint URI
-    kind: str = "train"  # MLflow bpfm.kind of the cell runs (REPORT's search uses "search")
-    checkpoint_every: int = 1
-    fault_after_epoch: int | None = None
-    fault_marker_dir: str | None = None
-
-
-def train_config(config: dict[str, Any], ctx: TrialContext, out: str | Path):
-    """The TrainConfig of one trial: the shared recipe, then this trial's axes and overrides."""
-    from bpfm.train import TrainConfig
-
-    values = {**ctx.train, **{k: v for k, v in config.items() if k != "trial"}}
-    values.update(data=ctx.data, out=str(out))
-    if values.get("init") == "pretrained" and not values.get("checkpoint"):
-        values["checkpoint"] = ctx.pretrained.get(values.get("size", "small"))
-    values["report_epochs"] = tuple(values.get("report_epochs") or ())
-    try:
-        return TrainConfig.from_dict(values).validate()
-    except TypeError as err:
-        raise BpfmError(f"train config: {err}") from None
-
-
-class CellLogger:
-    """MLflow runs of one trial's cells: per-epoch curves, then at each cell's epoch its test
-    metrics, model, predictions and plots. A cell already FINISHED (by an earlier attempt of the
-    trial or an earlier launch) is left as it is."""
-
-    def __init__(
-        self,
-        ctx: TrialContext,
-        trial: TrialPlan,
-        config: dict[str, Any],
-        train_values: dict[str, Any],
-        trial_id: str,
-    ):
-        self.client = tracking.client(ctx.tracking_uri)
-        self.cells = {c.epochs: c for c in trial.cells()}
-        self.runs: dict[int, str] = {}
-        self.finished: set[int] = set()
-        allowed = {*Cell.__dataclass_fields__, *train_values}
-        for epochs, cell in self.cells.items():
-            params = tracking.safe_params({**train_values, **cell.axes()}, allowed)
-            run_id, done = tracking.child_run(
-                self.client, ctx.experiment_id, ctx.parent_run_id, key=cell.id, name=cell.id,
-                tags={tracking.KIND: ctx.kind, tracking.CELL: cell.id, tracking.TRIAL: trial.id,
-                      tracking.STUDY: ctx.study, tracking.PROFILE: ctx.profile,
-                      tracking.GRID_RUN: ctx.parent_run_id, "bpfm.tune_trial_id": trial_id,
-                      tracking.NODE: ray.get_runtime_context().get_node_id()},
-                params=params,
-            )  # fmt: skip
-            self.runs[epochs] = run_id
-            if done:
-                self.finished.add(epochs)
-
-    def on_epoch(self, epoch: int, values: dict[str, Any]) -> None:
-        for epochs, run_id in self.runs.items():
-            if epochs >= epoch and epochs not in self.finished:
-                tracking.log_epoch(self.client, run_id, epoch, values)
-
-    def finish_cell(self, epochs: int, model_dir: Path) -> None:
-        from bpfm.evaluate import read_metrics
-
-        if epochs in self.finished or epochs not in self.runs:
-            return
-        run_id = self.runs[epochs]
-        tracking.log_results(self.client, run_id, read_metrics(model_dir).get("test", {}))
-        tracking.log_model_dir(self.client, run_id, model_dir)
-        tracking.finish(self.client, run_id)
-        self.finished.add(epochs)
 
 
 def _fault_marker(ctx: TrialContext, trial_id: str) -> Path | None:
@@ -133,7 +53,8 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
     work = Path(tempfile.mkdtemp(prefix="bpfm-trial-"))
     try:
         train = train_config(config, ctx, work / "out")
-        cells = CellLogger(ctx, trial, config, train.to_dict(), trial_id)
+        node = ray.get_runtime_context().get_node_id()
+        cells = CellLogger(ctx, trial, train.to_dict(), trial_id, node)
         marker = _fault_marker(ctx, trial_id)
 
         def report(epoch_report) -> None:
@@ -142,7 +63,7 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
                       "val_mae": epoch_report.val_mae}  # fmt: skip
             cells.on_epoch(epoch, values)
             if epoch in cells.cells and epoch_report.model_dir is not None:
-                cells.finish_cell(epoch, _model_dir(train.out, epoch))
+                cells.finish_cell(epoch, model_dir_for(train.out, epoch))
             metrics = {
                 **values,
                 **{
@@ -171,18 +92,11 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
                 log.info("trial %s resumes from %s", trial_id, resume_dir)
                 fit(train, callbacks=[report], resume_from=resume_dir)
         for epochs in cells.cells:  # cells whose report an earlier attempt lost
-            model_dir = _model_dir(train.out, epochs)
+            model_dir = model_dir_for(train.out, epochs)
             if (model_dir / "metrics.json").is_file():
                 cells.finish_cell(epochs, model_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _model_dir(out: str | Path, epoch: int) -> Path:
-    """The model dir fit wrote for `epoch`: `out/epoch-<N>/` when it was a report epoch, else
-    `out/` itself (the final epoch)."""
-    prefix = Path(out) / f"epoch-{epoch}"
-    return prefix if prefix.is_dir() else Path(out)
 
 
 def _is_scalar(value: Any) -> bool:
@@ -247,7 +161,8 @@ def make_tuner(
     tune_config: dict[str, Any] | None = None,
 ) -> tune.Tuner:
     """A Tuner for `storage/name`: restored when that experiment exists (finished trials are not
-    run again, errored ones resume from their last checkpoint), else created."""
+    run again, errored ones resume from their last checkpoint), else created. Run it inside
+    `credentials_kept_from_trials()` (the AWS variables of the driver would reach Ray's logs)."""
     from bpfm.storage import join
 
     storage = _absolute(storage)
@@ -270,6 +185,47 @@ def make_tuner(
         **(tune_config or {}),
     )  # fmt: skip
     return tune.Tuner(trainable, param_space=param_space, tune_config=config, run_config=run_config)
+
+
+# Ray Tune copies these from the driver's environment into every trial's runtime_env, which Ray
+# logs in plain text (runtime_env_agent.log) and keeps in its GCS.
+TUNE_PROPAGATED_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                           "AWS_SECURITY_TOKEN")  # fmt: skip
+_CREDENTIAL_FILE_KEYS = {"AWS_ACCESS_KEY_ID": "aws_access_key_id",
+                         "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
+                         "AWS_SESSION_TOKEN": "aws_session_token"}  # fmt: skip
+
+
+@contextlib.contextmanager
+def credentials_kept_from_trials() -> Iterator[None]:
+    """Move the driver's AWS credentials from its environment into a private credentials file
+    (AWS_SHARED_CREDENTIALS_FILE, which boto3 and pyarrow read) while Tune runs, so that Tune
+    cannot copy them into runtime_envs. Trials get theirs from their node: the environment
+    `ray start` (or a local `ray.init`, so enter this after `init_ray`) ran in, the pod's
+    secret, or the instance role."""
+    found = {k: os.environ[k] for k in TUNE_PROPAGATED_SECRETS if k in os.environ}
+    if "AWS_SECRET_ACCESS_KEY" not in found:
+        yield
+        return
+    saved_file = os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
+    with tempfile.TemporaryDirectory(prefix="bpfm-aws-") as folder:
+        path = Path(folder) / "credentials"
+        lines = [f"[{os.environ.get('AWS_PROFILE', 'default')}]"]
+        lines += [f"{_CREDENTIAL_FILE_KEYS[k]} = {v}" for k, v in found.items()
+                  if k in _CREDENTIAL_FILE_KEYS]  # fmt: skip
+        path.touch(mode=0o600)
+        path.write_text("\n".join(lines) + "\n")
+        for key in found:
+            del os.environ[key]
+        os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(path)
+        try:
+            yield
+        finally:
+            os.environ.update(found)
+            if saved_file is None:
+                os.environ.pop("AWS_SHARED_CREDENTIALS_FILE", None)
+            else:
+                os.environ["AWS_SHARED_CREDENTIALS_FILE"] = saved_file
 
 
 def init_ray(**kwargs: Any) -> None:
@@ -317,7 +273,7 @@ def ensure_pretrained(profile: Profile, sizes: list[str], gpus: float) -> dict[s
 
 @ray.remote
 def _quantize_task(job: dict[str, Any]) -> list[dict[str, Any]]:
-    from bpfm.grid import quantize_model
+    from bpfm.stages import quantize_model
 
     return quantize_model(**job)
 
@@ -349,12 +305,18 @@ def run_grid(
     """The study as one job. Stage 0: data and backbones; stage 1: Tune over the grid (resumed
     when `storage/name` exists); stage 2: every trained model through every quantization variant;
     stage 3: the summary, read back from MLflow."""
-    from bpfm import grid
+    init_ray()
+    with credentials_kept_from_trials():
+        return _run_stages(profile, recipe or {}, name or profile.study, gpus, quant_cpus)
+
+
+def _run_stages(profile: Profile, recipe: dict[str, Any], name: str, gpus: str,
+                quant_cpus: float) -> dict[str, Any]:
+    from bpfm import grid, stages
     from bpfm.storage import join
 
-    train = {**profile.train, **(recipe or {})}
+    train = {**profile.train, **recipe}
     plan = grid.plan_grid(profile, train)
-    init_ray()
     gpu_count = cluster_gpus(gpus)
     data = grid.ensure_data(profile)
     sizes = sorted({c.size for c in plan.cells if c.init == "pretrained"})
@@ -363,7 +325,6 @@ def run_grid(
     uri = tracking.configure()
     client = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(client, profile.study)
-    name = name or profile.study
     path = join(_absolute(profile.storage), name)
     resuming = tune.Tuner.can_restore(path)
     grid_run = tracking.start_grid_run(
@@ -372,7 +333,7 @@ def run_grid(
               tracking.PROFILE: profile.name, tracking.TUNE_PATH: path},
         params={"profile": profile.name, "data": data, "storage": path,
                 "n_cells": len(plan.cells), "n_trials": len(plan.trials),
-                "epoch_prefix_sharing": plan.share_prefix, "recipe": recipe or {},
+                "epoch_prefix_sharing": plan.share_prefix, "recipe": recipe,
                 "quantize_variants": list(profile.quantize)},
     )  # fmt: skip
     log.info(
@@ -402,7 +363,7 @@ def run_grid(
     results = tuner.fit()
     errors = [_last_line(r.error) for r in results if r.error is not None]
 
-    cells = grid.launch_cells(client, experiment_id, grid_run)
+    cells = stages.launch_cells(client, experiment_id, grid_run)
     jobs = [
         {"tracking_uri": uri, "experiment_id": experiment_id, "grid_run_id": grid_run,
          "study": profile.study, "cell": run.data.tags[tracking.CELL],
@@ -414,8 +375,8 @@ def run_grid(
     quantized = run_quantization_tasks(jobs, cpus=quant_cpus) if profile.quantize else []
     errors += [f"{q['cell']}/{q['variant']}: {q['error']}" for q in quantized if "error" in q]
 
-    registered = grid.register_best(client, uri, profile.study, cells)
-    summary = grid.summarize(client, experiment_id, grid_run)
+    registered = stages.register_best(client, uri, profile.study, cells)
+    summary = stages.summarize(client, experiment_id, grid_run)
     tracking.finish(client, grid_run, "FAILED" if errors else "FINISHED")
     return {
         "profile": profile.name, "study": profile.study, "experiment_id": experiment_id,

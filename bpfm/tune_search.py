@@ -174,7 +174,6 @@ class TrialRuns(tune.Callback):
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.study_run, self.study, self.ctx = study_run, study, ctx
         self.runs: dict[str, str] = {}
-        self.last: dict[str, dict[str, Any]] = {}
 
     def _client(self):
         return tracking.client(self.tracking_uri)
@@ -196,14 +195,16 @@ class TrialRuns(tune.Callback):
         run_id = self.runs.get(trial.trial_id)
         if run_id:
             tracking.log_epoch(self._client(), run_id, int(result["epoch"]), result)
-            self.last[trial.trial_id] = result
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         run_id = self.runs.pop(trial.trial_id, None)
         if run_id is None:
             return
-        result = self.last.pop(trial.trial_id, {})
+        result = trial.last_result or {}
         client = self._client()
+        if result.get("epoch"):
+            # ASHA may stop a trial on a result that on_trial_result never saw.
+            tracking.log_epoch(client, run_id, int(result["epoch"]), result)
         final = {k.removeprefix("test_"): v for k, v in result.items() if k.startswith("test_")}
         tracking.log_results(client, run_id, final)
         stopped = int(result.get("epoch", 0)) < int(trial.config["epochs"])

@@ -33,13 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"bpfm.cli.{name}")
-        except ModuleNotFoundError as err:  # DEV-ONLY: removed once every command module exists
-            if err.name != f"bpfm.cli.{name}":
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(f"bpfm.cli.{name}").register(subparsers)
     return parser
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from bpfm.cli import main
+
+sys.exit(main())
