@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo ui test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,10 +15,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The whole study in miniature: synthetic PulseDB, pretraining, the grid on local Ray, INT8
+# variants, summary; MLflow store in .bpfm/mlflow.db (`make ui` opens it).
 demo: install
-	$(BIN)/bpfm data synth --out .bpfm/pulsedb
-	$(BIN)/bpfm data shard .bpfm/pulsedb --out .bpfm/shards
-	$(BIN)/bpfm data inspect .bpfm/shards
+	$(BIN)/python pipelines/grid.py --profile demo
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.bpfm/mlflow.db --host 127.0.0.1
 
 test: install
 	$(BIN)/ruff check .
