@@ -43,9 +43,8 @@ class QuantConfig:
     observer: str = "minmax"  # activation observer of static mode
     weights: str = "per_channel"  # int8 symmetric weights, one scale per output channel or tensor
     backend: str = "fx"
-    calib_batches: int = (
-        8  # training batches observed by static mode (and a static input quantizer)
-    )
+    # training batches observed by static mode (and by a static input quantizer)
+    calib_batches: int = 8
     quantize_input: bool = False  # round ECG and PPG to 8 bits, one scale per channel (the paper)
     compile: bool = True  # pt2e: latency measured on the Inductor-compiled graph
 
@@ -142,7 +141,7 @@ class QuantizedModel(nn.Module):
         self.net = net
         self.input_quantizer = input_quantizer
         self.config = config
-        self.engine = engine  # torch.backends.quantized engine the fx weights were packed for
+        self.engine = engine  # fx: the torch.backends.quantized engine; pt2e: x86_inductor
         self._compiled: Any = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
