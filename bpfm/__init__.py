@@ -1,3 +1,3 @@
-"""bpfm: CEReBrO, an EEG foundation model, fine-tuned and quantized for blood pressure from ECG + PPG."""
+"""bpfm: CEReBrO, an EEG foundation model, fine-tuned and quantized for blood pressure."""
 
 __version__ = "0.1.0"
