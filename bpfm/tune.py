@@ -55,6 +55,9 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
         train = train_config(config, ctx, work / "out")
         node = ray.get_runtime_context().get_node_id()
         cells = CellLogger(ctx, trial, train.to_dict(), trial_id, node)
+        if cells.finished == set(cells.cells):  # a resumed launch: this trial's work is done
+            log.info("trial %s: every cell already finished in MLflow", trial_id)
+            return
         marker = _fault_marker(ctx, trial_id)
 
         def report(epoch_report) -> None:
