@@ -77,6 +77,7 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
             }
             if epoch % ctx.checkpoint_every == 0 or epoch == train.epochs:
                 checkpoint = tune.Checkpoint.from_directory(str(epoch_report.checkpoint_dir))
+                checkpoint.set_metadata({"epoch": epoch})
                 tune.report(metrics, checkpoint=checkpoint)
             else:
                 tune.report(metrics)
@@ -88,7 +89,9 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
         from bpfm.train import fit
 
         checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
+        saved_epoch = checkpoint.get_metadata().get("epoch") if checkpoint else None
+        if checkpoint is None or saved_epoch == train.epochs:
+            # a final state whose cells were not all logged holds no model dirs: train again
             fit(train, callbacks=[report], resume=False)
         else:
             with checkpoint.as_directory() as resume_dir:

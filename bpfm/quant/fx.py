@@ -28,19 +28,14 @@ from bpfm.errors import BpfmError
 # The torch.ao warnings, by the start of their messages (warnings matches from the start).
 AO_WARNINGS = (
     (DeprecationWarning, r"torch\.ao\.quantization is deprecated"),
-    (
-        UserWarning,
-        r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized "
-        r"tensor creation functions",
-    ),  # fmt: skip
+    (UserWarning, r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized "
+                  r"tensor creation functions"),  # fmt: skip
     (UserWarning, r"Please use quant_min and quant_max to specify the range for observers"),
 )
-# Engines in order of preference: x86 (fbgemm or onednn per op) on x86 CPUs, qnnpack on ARM.
-ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
-
-
 # torch's own unpickler of quantized tensors (`_rebuild_qtensor`) still reads TypedStorage.
 QTENSOR_LOAD_WARNING = (UserWarning, r"TypedStorage is deprecated")
+# Engines in order of preference: x86 (fbgemm or onednn per op) on x86 CPUs, qnnpack on ARM.
+ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
 
 
 @contextlib.contextmanager

@@ -133,7 +133,12 @@ def run_nightly(config: NightlyConfig) -> dict[str, Any]:
         baseline = load_baseline(config.baseline)  # fail before hours of training, not after
     client = tracking.client()
     if config.grid_run:
-        run = client.get_run(config.grid_run)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = client.get_run(config.grid_run)
+        except MlflowException:
+            raise BpfmError(f"--grid-run: {config.grid_run}: no such MLflow run") from None
         grid = {"grid_run_id": config.grid_run, "experiment_id": run.info.experiment_id,
                 "errors": []}  # fmt: skip
     else:

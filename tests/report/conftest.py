@@ -57,7 +57,9 @@ def local_ray():
         env.setenv("RAY_AUTH_MODE", "disabled")
         env.delenv("RAY_ADDRESS", raising=False)
         reset_auth_token_state()
-        init_ray(num_cpus=2, log_to_driver=False)
+        # address="local": a new instance even when `ray start` left a cluster on this host
+        # (ray.init() would join it).
+        init_ray(address="local", num_cpus=2, log_to_driver=False)
         try:
             yield
         finally:

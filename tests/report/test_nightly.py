@@ -124,3 +124,11 @@ def test_leaderboard_from_the_grid_store(nightly, tmp_path):
     other_ages = set(groups[(groups["source"] == "other") & (groups["group"] == "age band")]
                      ["subgroup"])  # fmt: skip
     assert other_ages == {"unknown"}  # challenge2015 records carry no age
+
+
+def test_an_unknown_grid_run_or_missing_baseline_is_a_one_line_error(nightly, tmp_path, capsys):
+    assert _nightly_cli({**nightly, "result": {"grid_run_id": "nosuchrun"}}, nightly["baseline"],
+                        tmp_path) == 2  # fmt: skip
+    assert _nightly_cli(nightly, tmp_path / "none.json", tmp_path) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "nosuchrun" in errors[0] and "--update-baseline" in errors[1]
