@@ -17,6 +17,7 @@ closed too. The best trial becomes a recipe file (TrainConfig overrides under `t
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,18 @@ class SearchConfig:
     reduction_factor: int = 2
     max_concurrent: int = 1
     space: SearchSpace = field(default_factory=SearchSpace)
+
+
+def start_ray() -> None:
+    """Ray for a search or nightly launch: the cluster RAY_ADDRESS names (`ray job submit` sets
+    it), else a new local instance. A bare `ray.init()` would join whatever cluster `ray start`
+    last left on this host, even a dead one, and hang."""
+    from bpfm.tune import init_ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        init_ray()
+    else:
+        init_ray(address="local")
 
 
 def storage_url(storage: str) -> str:
@@ -284,7 +297,7 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
 
     from bpfm import grid
     from bpfm.storage import join
-    from bpfm.tune import _absolute, cluster_gpus, ensure_pretrained, init_ray, trial_resources
+    from bpfm.tune import _absolute, cluster_gpus, ensure_pretrained, trial_resources
 
     cell = config.cell
     study_name = config.study or "search-" + grid.Cell(**cell).id
@@ -294,7 +307,7 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
     remaining = config.trials - finished
     log.info("study %s (%s): %d finished, %d to run", study_name, shown_url(url),
              finished, max(remaining, 0))  # fmt: skip
-    init_ray()
+    start_ray()
     gpu_count = cluster_gpus(gpus)
     data = grid.ensure_data(profile)
     checkpoint = None
