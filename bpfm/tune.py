@@ -235,13 +235,16 @@ def credentials_kept_from_trials() -> Iterator[None]:
 
 
 def init_ray(**kwargs: Any) -> None:
-    """Join the cluster named by RAY_ADDRESS (a `ray job submit` sets it), else start local Ray."""
+    """Join the cluster named by RAY_ADDRESS (a `ray job submit` sets it), else start a new local
+    Ray. A bare `ray.init()` would join whatever cluster `ray start` last left on this host, even
+    a dead one, and hang."""
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        kwargs.setdefault("address", "local")
         ray.init(include_dashboard=False, **kwargs)
 
 

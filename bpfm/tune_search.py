@@ -17,7 +17,6 @@ closed too. The best trial becomes a recipe file (TrainConfig overrides under `t
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -70,15 +69,10 @@ class SearchConfig:
 
 
 def start_ray() -> None:
-    """Ray for a search or nightly launch: the cluster RAY_ADDRESS names (`ray job submit` sets
-    it), else a new local instance. A bare `ray.init()` would join whatever cluster `ray start`
-    last left on this host, even a dead one, and hang."""
+    """Ray for a search or nightly launch (see `bpfm.tune.init_ray`)."""
     from bpfm.tune import init_ray
 
-    if os.environ.get("RAY_ADDRESS"):
-        init_ray()
-    else:
-        init_ray(address="local")
+    init_ray()
 
 
 def storage_url(storage: str) -> str:

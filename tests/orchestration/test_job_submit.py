@@ -51,6 +51,7 @@ def test_job_submit_runs_the_grid_and_no_secret_leaks(tmp_path, s3_server, mlflo
     finally:
         head.stop()
     output = submit.stdout + submit.stderr
+    (tmp_path / "job-output.log").write_text(output)
     assert submit.returncode == 0, output[-4000:]
     result = _last_json_line(submit.stdout)
     assert result["errors"] == [] and result["n_cells"] == 2

@@ -117,7 +117,10 @@ def _command(weed: str, workdir: Path, ports: dict[str, int], config: Path) -> l
         f"-dir={workdir / 'data'}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
-        "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=16",
+        # The session's one server takes every test's writes (checkpoints, shards, MLflow
+        # artifacts): volumes grow 7 at a time and fill at 64 MB, so a low -volume.max ends in
+        # "no writable volumes" (HTTP 500) late in the suite. Empty volumes cost a few bytes.
+        "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=512",
         "-volume.preStopSeconds=0",
         f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}",
         "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}",
