@@ -73,7 +73,9 @@ def test_nightly_schedule_submits_the_nightly_pipeline_with_the_token():
     assert len(doc["spec"]["schedule"].split()) == 5
     container = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:3] == ["ray", "job", "submit"]
-    assert container["command"][-1] == "pipelines/nightly.py"
+    entry = container["command"].index("--")
+    assert container["command"][entry + 1:] == [
+        "python", "pipelines/nightly.py", "--gpus", "never"]  # the baseline was made on CPU
     env = {e["name"]: e for e in container["env"]}
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "auth_token"
