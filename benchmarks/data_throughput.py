@@ -4,12 +4,13 @@ float32 copy (the limit); ratios b/a and b/c; the converter's MB/s of input.
 
 Targets (issue 2): b/a >= 20, b/c >= 0.3, loader RSS < 1 GB, converter >= 50 MB/s.
 
-    python benchmarks/data_throughput.py [--segments 20480] [--workdir DIR]
+    python benchmarks/data_throughput.py [--segments 20480] [--workdir DIR] [--signals list]
 
 The input is a synthetic Train_Subset.mat: the MIMIC rows of a small synthetic PulseDB release's
 Train subset, tiled (fresh subject ids and noise per tile) up to --segments rows, in PulseDB's
-v7.3 layout. Each
-phase runs in its own subprocess so that peak RSS values do not mix. Prints numbers; not a test.
+v7.3 layout. Shards are written as schema v2 (`--signals packed`, the default) unless
+`--signals` names a v1 encoding. Each phase runs in its own subprocess so that peak RSS values do
+not mix; every phase reads warm files (the page cache). Prints numbers; not a test.
 """
 
 from __future__ import annotations
@@ -211,9 +212,9 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument(
         "--signals",
-        default="list",
-        choices=("list", "bytes"),
-        help="shard signal encoding (see bpfm.data.shards.ShardOptions)",
+        default="packed",
+        choices=("packed", "list", "bytes"),
+        help="shard signal encoding: packed = schema v2, list = DESIGN's v1 (see ShardOptions)",
     )
     parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -95,7 +95,7 @@ def _convert_input(item: dict, out: str, generation: str, index: int, options: d
                     open(local, "wb") as dst:  # fmt: skip
                 while chunk := src.read(64 << 20):
                     dst.write(chunk)
-        (source,) = shards._describe_sources([local], 1)
+        (source,) = shards.describe_sources([local], 1)
         source.update(path=item["uri"], first_part=index * PARTS_PER_FILE)
         result = shards.convert_file(
             local, out, generation=generation, first_part=source["first_part"],
@@ -133,16 +133,16 @@ def shard_with_ray(inputs: list[str], out: str, *, include_abp: bool = True,
                             f"subset name '{source['subset']}' also comes from "
                             f"{names[source['subset']]}")  # fmt: skip
         names[source["subset"]] = source["path"]
-    key = shards._conversion_key(sources, options.as_dict())
-    current = shards._read_manifest(out)
+    key = shards.conversion_key(sources, options.as_dict())
+    current = shards.read_manifest(out)
     skipped = sum(d["skipped"] for d in done)
     counts = {"files_converted": len(done) - skipped, "files_skipped": skipped}
     if current is not None and current.get("key") == key:
         return {**current, **counts, "up_to_date": True}
-    manifest = shards._manifest(key, generation, sources, [d["result"] for d in done], options)
+    manifest = shards.build_manifest(key, generation, sources, [d["result"] for d in done], options)
     manifest_uri = storage.join(out, shards.MANIFEST)
     storage.publish_bytes(manifest_uri, json.dumps(manifest, indent=1).encode())
-    shards._garbage_collect(out, keep=generation)
+    shards.garbage_collect(out, keep=generation)
     log.info("%s: published %d rows in %d parts", out, manifest["rows"], len(manifest["parts"]))
     return {**manifest, **counts, "up_to_date": False}
 

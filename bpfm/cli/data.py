@@ -33,6 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shard.add_argument("--out", required=True, metavar="URI", help="folder or s3:// URI")
     shard.add_argument("--no-abp", action="store_true", help="leave the ABP column empty")
     shard.add_argument(
+        "--signals",
+        choices=("packed", "list", "bytes"),
+        default="packed",
+        help="signal encoding: packed = schema v2 (default), list = schema v1 (DESIGN section 3)",
+    )
+    shard.add_argument(
         "--drop-invalid",
         action="store_true",
         help="drop (and count) rows with bad values instead of failing",
@@ -101,6 +107,7 @@ def run_shard(args: argparse.Namespace) -> int:
         include_abp=not args.no_abp,
         drop_invalid=args.drop_invalid,
         workers=args.workers,
+        signals=args.signals,
     )
     result = {
         "uri": args.out,

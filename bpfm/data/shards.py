@@ -1,6 +1,7 @@
-"""PulseDB -> Parquet shards (schema v1, DESIGN section 3) in a folder or on s3://: the writer.
+"""PulseDB -> Parquet shards (schema v2, see `bpfm.data.shardset`) in a folder or on s3://.
 
-The format and the reading side live in `bpfm.data.shardset` (re-exported here).
+The format and the reading side live in `bpfm.data.shardset`, the manifest in
+`bpfm.data.manifest` (both re-exported here).
 
 Layout under the output URI:
     _manifest.json                                      written last: makes the set visible
@@ -15,16 +16,12 @@ identical re-run finds its key in the manifest and does nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -32,33 +29,47 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bpfm import storage
+from bpfm.data.manifest import build_manifest, conversion_key, describe_sources, garbage_collect
+from bpfm.data.parallel import run_conversions
 from bpfm.data.shardset import (
     MANIFEST,
     ROW_GROUP_SIZE,
     ROWS_PER_PART,
     SCHEMA,
+    SCHEMA_V1,
     SCHEMA_VERSION,
     SIGNAL_BYTES,
     SIGNAL_LIST,
+    SIGNAL_PAIR,
     WINDOW,
     ShardOptions,
     ShardSet,
-    _read_manifest,
     inspect_shards,
     open_shards,
+    read_manifest,
+    signal_array,
 )
 from bpfm.errors import BpfmError, DataError
 
-__all__ = [  # the reading side is re-exported: callers import it from here
+__all__ = [  # the reading side and the manifest helpers are re-exported: import them from here
     "MANIFEST",
+    "ROW_GROUP_SIZE",
     "SCHEMA",
+    "SCHEMA_V1",
+    "SCHEMA_VERSION",
     "WINDOW",
     "ShardOptions",
     "ShardSet",
+    "build_manifest",
+    "conversion_key",
     "convert_file",
+    "describe_sources",
     "find_inputs",
+    "garbage_collect",
     "inspect_shards",
     "open_shards",
+    "read_manifest",
+    "signal_array",
     "write_shards",
 ]
 
@@ -67,9 +78,6 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 1024
 PARALLEL_MIN_BYTES = 256 << 20
 DEFAULT_OPTIONS = ShardOptions()  # frozen, so one shared default is safe
-
-
-# ----------------------------------------------------------------------------------- writing
 
 
 def find_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -92,13 +100,15 @@ def find_inputs(inputs: Sequence[str | Path]) -> list[Path]:
 def _batch_table(batch, subset: str, rows: np.ndarray, options: ShardOptions) -> pa.Table:
     """Rows `rows` of a SegmentBatch as a table of `options.schema` (signals zero-copy)."""
 
+    def raw(values: np.ndarray, kind: pa.DataType) -> pa.Array:
+        flat = np.ascontiguousarray(values, dtype="<f4").reshape(-1)
+        return pa.FixedSizeBinaryArray.from_buffers(kind, len(rows), [None, pa.py_buffer(flat)])
+
     def signal(values: np.ndarray) -> pa.Array:
-        flat = np.ascontiguousarray(values[rows], dtype="<f4").reshape(-1)
-        if options.signals == "bytes":
-            return pa.FixedSizeBinaryArray.from_buffers(
-                SIGNAL_BYTES, len(rows), [None, pa.py_buffer(flat)]
-            )
-        return pa.FixedSizeListArray.from_arrays(pa.array(flat), type=SIGNAL_LIST)
+        if options.signals == "list":
+            flat = np.ascontiguousarray(values[rows], dtype="<f4").reshape(-1)
+            return pa.FixedSizeListArray.from_arrays(pa.array(flat), type=SIGNAL_LIST)
+        return raw(values[rows], SIGNAL_BYTES)
 
     def optional(values: np.ndarray) -> pa.Array:
         values = np.asarray(values[rows], dtype=np.float32)
@@ -110,8 +120,11 @@ def _batch_table(batch, subset: str, rows: np.ndarray, options: ShardOptions) ->
     columns = [
         pa.array(ids, pa.string()),
         pa.array(subjects, pa.string()),
-        signal(batch.ecg),
-        signal(batch.ppg),
+        *(
+            [raw(np.stack([batch.ecg[rows], batch.ppg[rows]], axis=1), SIGNAL_PAIR)]
+            if options.signals == "packed"
+            else [signal(batch.ecg), signal(batch.ppg)]
+        ),
         *([signal(abp)] if options.include_abp else []),
         pa.array(batch.sbp[rows], pa.float32()),
         pa.array(batch.dbp[rows], pa.float32()),
@@ -167,6 +180,7 @@ class _PartitionWriter:
                 compression=self.options.compression,
                 use_dictionary=["subject", "gender"],
                 write_statistics=["segment_id", "subject", "sbp", "dbp"],
+                **self.options.page_options,
             )
             self.parts.append(
                 {"path": f"{self.relative}/{name}", "source": self.source, "subset": self.subset}
@@ -281,122 +295,6 @@ def _write_batches(pulse, writer, out_uri: str, options: ShardOptions, chunk_siz
             log.info("%s: %d of %d segments converted", pulse.path.name, done, pulse.n_segments)
 
 
-# Worker-process plumbing: errors cross the process boundary as plain dicts (DataError takes
-# three arguments, so it does not survive pickling), and one shared event cancels the others.
-_ABORT = None
-
-
-def _init_worker(abort, level: int) -> None:
-    global _ABORT
-    _ABORT = abort
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(name)s[%(process)d]: %(message)s", datefmt="%H:%M:%S"
-    )
-
-
-def _convert_task(path: str, out_uri: str, options: dict) -> dict:
-    try:
-        return convert_file(path, out_uri, should_stop=_ABORT.is_set, **options)
-    except DataError as err:
-        return {"error": {"file": err.file, "field": err.field, "problem": err.problem}}
-    except BpfmError as err:
-        return {"error": {"message": str(err)}}
-
-
-def _raise_task_error(error: dict) -> None:
-    if "message" in error:
-        raise BpfmError(error["message"])
-    raise DataError(error["file"], error["field"], error["problem"])
-
-
-def _conversion_key(sources: list[dict], options: dict) -> str:
-    described = {
-        "schema_version": SCHEMA_VERSION,
-        "options": options,
-        "sources": sorted((s["subset"], s["sha256"]) for s in sources),
-    }
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
-
-
-def _describe_sources(files: list[Path], workers: int) -> list[dict]:
-    """Size, sha256 and partition name of every input; two inputs may not share a subset name
-    unless they are Subj_Wins files (their parts are numbered apart, see `first_part`)."""
-    from bpfm.data.pulsedb import open_pulsedb
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        digests = list(pool.map(storage.sha256_file, files))
-    sources, names = [], {}
-    for path, digest in zip(files, digests, strict=True):
-        with open_pulsedb(path) as pulse:
-            kind, name, n = pulse.kind, pulse.name, pulse.n_segments
-        if kind == "subset" and name in names:
-            raise DataError(path, "input", f"subset name '{name}' also comes from {names[name]}")
-        names[name] = path
-        sources.append(
-            {
-                "path": str(path),
-                "name": path.name,
-                "size": path.stat().st_size,
-                "sha256": digest,
-                "kind": kind,
-                "subset": name,
-                "segments": n,
-            }
-        )
-    offset: dict[str, int] = {}
-    for source in sources:
-        source["first_part"] = offset.get(source["subset"], 0)
-        offset[source["subset"]] = source["first_part"] + math.ceil(
-            source["segments"] / ROWS_PER_PART
-        )
-    return sources
-
-
-def _run_conversions(sources: list[dict], out_uri: str, options: dict, workers: int) -> list:
-    if workers <= 1 or len(sources) == 1:
-        return [
-            convert_file(s["path"], out_uri, first_part=s["first_part"], **options) for s in sources
-        ]
-    context = multiprocessing.get_context("spawn")  # the caller may hold threads (torch, Ray)
-    abort = context.Event()
-    level = logging.getLogger().getEffectiveLevel()
-    with ProcessPoolExecutor(
-        min(workers, len(sources)),
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(abort, level),
-    ) as pool:
-        futures = [
-            pool.submit(
-                _convert_task, s["path"], out_uri, {**options, "first_part": s["first_part"]}
-            )
-            for s in sources
-        ]
-        try:
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    result = future.result()
-                    if "error" in result:
-                        _raise_task_error(result["error"])
-        except BaseException:
-            abort.set()  # running conversions stop at their next chunk
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-    return [future.result() for future in futures]
-
-
-def _garbage_collect(out_uri: str, keep: str) -> None:
-    """Delete generations other than `keep` (earlier sets, killed conversions). Best effort."""
-    for name in storage.list_dir(out_uri):
-        if name.startswith("gen-") and name != keep:
-            try:
-                storage.delete_dir(storage.join(out_uri, name))
-            except BpfmError as err:
-                log.warning("could not delete stale %s: %s", name, err)
-
-
 def write_shards(
     inputs: Sequence[str | Path],
     out_uri: str,
@@ -404,7 +302,7 @@ def write_shards(
     include_abp: bool = True,
     drop_invalid: bool = False,
     workers: int | None = None,
-    signals: str = "list",
+    signals: str = "packed",
 ) -> dict:
     """Convert PulseDB files (or folders of *_Subset.mat) into a published shard set.
 
@@ -415,14 +313,14 @@ def write_shards(
     out_uri = str(out_uri)
     files = find_inputs(inputs)
     start = time.monotonic()
-    sources = _describe_sources(files, workers or multiprocessing.cpu_count())
+    sources = describe_sources(files, workers or multiprocessing.cpu_count())
     if workers is None:  # starting processes costs seconds: only worth it for large inputs
         large = sum(s["size"] for s in sources) >= PARALLEL_MIN_BYTES
         workers = min(len(files), multiprocessing.cpu_count()) if large else 1
     options = ShardOptions(include_abp, drop_invalid, signals)
-    key = _conversion_key(sources, options.as_dict())
+    key = conversion_key(sources, options.as_dict())
     generation = f"gen-{key[:16]}"
-    current = _read_manifest(out_uri)
+    current = read_manifest(out_uri)
     if current is not None and current.get("key") == key:
         log.info("%s: already up to date (%s)", out_uri, generation)
         return {**current, "up_to_date": True}
@@ -430,13 +328,13 @@ def write_shards(
     storage.delete_dir(generation_uri)  # leftovers of a killed run with the same inputs
     task_options = {"generation": generation, "options": options}
     try:
-        results = _run_conversions(sources, out_uri, task_options, workers)
+        results = run_conversions(convert_file, sources, out_uri, task_options, workers)
     except BaseException:
         storage.delete_dir(generation_uri)
         raise
-    manifest = _manifest(key, generation, sources, results, options)
+    manifest = build_manifest(key, generation, sources, results, options)
     storage.publish_bytes(storage.join(out_uri, MANIFEST), json.dumps(manifest, indent=1).encode())
-    _garbage_collect(out_uri, keep=generation)
+    garbage_collect(out_uri, keep=generation)
     seconds = time.monotonic() - start
     megabytes = sum(s["size"] for s in sources) / 1e6
     log.info(
@@ -449,38 +347,3 @@ def write_shards(
         megabytes / max(seconds, 1e-9),
     )
     return {**manifest, "up_to_date": False}
-
-
-def _manifest(
-    key: str, generation: str, sources: list[dict], results: list[dict], options: ShardOptions
-) -> dict:
-    from bpfm import __version__
-
-    partitions: dict[str, dict[str, int]] = {}
-    dropped: dict[str, int] = {}
-    parts = []
-    for source, result in zip(sources, results, strict=True):
-        source.update(rows=result["rows"], dropped=result["dropped"])
-        source.pop("first_part")
-        for reason, count in result["dropped"].items():
-            dropped[reason] = dropped.get(reason, 0) + count
-        for part in result["parts"]:
-            parts.append(part)
-            by_subset = partitions.setdefault(part["source"], {})
-            by_subset[part["subset"]] = by_subset.get(part["subset"], 0) + part["rows"]
-    return {
-        "format": "bpfm-shards",
-        "schema_version": SCHEMA_VERSION,
-        "key": key,
-        "generation": generation,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "bpfm_version": __version__,
-        "options": options.as_dict(),
-        "schema": {f.name: str(f.type) for f in options.schema},
-        "rows": sum(p["rows"] for p in parts),
-        "bytes": sum(p["bytes"] for p in parts),
-        "partitions": partitions,
-        "dropped": dropped,
-        "sources": sources,
-        "parts": parts,
-    }

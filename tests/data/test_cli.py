@@ -62,13 +62,19 @@ def test_synth_subsets_shard_inspect(capsys, tmp_path):
 
     assert main(["data", "inspect", str(out), "--json"]) == 0
     info = _json(capsys)
-    assert info["rows"] == shard["rows"] and info["schema_version"] == 1
+    assert info["rows"] == shard["rows"] and info["schema_version"] == 2
     train = {k: v for k, v in info["partitions"].items() if k.endswith("/train")}
     assert sum(p["rows"] for p in train.values()) == synth["segments"]["Train"]
 
     again = tmp_path / "again-shards"
     assert main(["data", "shard", str(rebuilt), "--out", str(again), "--json"]) == 0
     assert _json(capsys)["partitions"] == {k: v["rows"] for k, v in train.items()}
+
+    v1 = tmp_path / "v1-shards"
+    assert main(["data", "shard", str(rebuilt), "--out", str(v1), "--signals", "list"]) == 0
+    capsys.readouterr()
+    assert main(["data", "inspect", str(v1), "--json"]) == 0
+    assert _json(capsys)["schema_version"] == 1
 
     assert main(["data", "inspect", str(out)]) == 0
     human = capsys.readouterr().out

@@ -43,17 +43,34 @@ def test_loader_round_trip_equals_the_mat_file(train_view, train_subset_file):
     assert [len(b["y"]) for b in batches[:-1]] == [16] * (len(batches) - 1)
 
 
-def test_bytes_signal_encoding_loads_the_same_values(train_subset_file, train_view, tmp_path):
+def _assert_same_batches(got: list[dict], want: list[dict]) -> None:
+    assert [b["segment_id"] for b in got] == [b["segment_id"] for b in want]
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
+
+
+@pytest.mark.parametrize("signals", ["list", "bytes"])
+def test_schema_v1_shards_load_the_same_batches(train_subset_file, train_view, tmp_path, signals):
     from bpfm.data.shards import write_shards
 
-    manifest = write_shards([train_subset_file], str(tmp_path / "b"), signals="bytes")
-    assert manifest["schema"]["ecg"] == "fixed_size_binary[5000]"
-    view = View(open_shards(str(tmp_path / "b")), "mimic", ("train",), "all")
-    listed = _all(ShardDataset(train_view, batch_size=50, shuffle=False, with_meta=True))[1]
-    packed = _all(ShardDataset(view, batch_size=50, shuffle=False, with_meta=True))[1]
-    assert [b["segment_id"] for b in packed] == [b["segment_id"] for b in listed]
-    for a, b in zip(packed, listed, strict=True):
-        assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
+    manifest = write_shards([train_subset_file], str(tmp_path / "v1"), signals=signals)
+    assert manifest["schema_version"] == 1
+    view = View(open_shards(str(tmp_path / "v1")), "mimic", ("train",), "all")
+    for shuffle in (False, True):
+        _assert_same_batches(
+            _all(ShardDataset(view, batch_size=50, shuffle=shuffle, with_meta=True))[1],
+            _all(ShardDataset(train_view, batch_size=50, shuffle=shuffle, with_meta=True))[1],
+        )
+
+
+def test_pyarrow_decoding_loads_what_raw_pages_load(train_view, monkeypatch):
+    """Object stores, or parts whose pages are not raw, are decoded by pyarrow instead."""
+    raw = _all(ShardDataset(train_view, batch_size=50, shuffle=True, with_meta=True))[1]
+    calls = []
+    monkeypatch.setattr(loader, "map_raw_column", lambda *args: calls.append(args))
+    decoded = _all(ShardDataset(train_view, batch_size=50, shuffle=True, with_meta=True))[1]
+    assert calls
+    _assert_same_batches(decoded, raw)
 
 
 def test_drop_last_and_normalize(train_view):

@@ -14,19 +14,36 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bpfm.data.shards import MANIFEST, SCHEMA, inspect_shards, open_shards, write_shards
+from bpfm.data.shards import (
+    MANIFEST,
+    SCHEMA,
+    SCHEMA_V1,
+    inspect_shards,
+    open_shards,
+    signal_array,
+    write_shards,
+)
 from bpfm.errors import BpfmError, DataError
 from tests.data.conftest import read_mat
 
 
-def _rows_by_id(
-    uri: str, columns=("segment_id", "subject", "ecg", "ppg", "abp", "sbp", "dbp", "source")
-) -> dict[str, dict]:
-    table = open_shards(uri).dataset().to_table(columns=list(columns))
-    return {row["segment_id"]: row for row in table.to_pylist()}
+def _rows_by_id(uri: str) -> dict[str, dict]:
+    """segment_id -> row, signals decoded to float32 arrays (any schema version)."""
+    shards = open_shards(uri)
+    waves = [c for c in ("ecg_ppg", "ecg", "ppg", "abp") if c in shards.options.schema.names]
+    columns = ["segment_id", "subject", "sbp", "dbp", "source"]
+    table = shards.dataset().to_table(columns=waves + columns)
+    rows = table.select(columns).to_pylist()
+    signals = {name: signal_array(table[name]) for name in waves}
+    if "ecg_ppg" in signals:
+        signals["ecg"], signals["ppg"] = signals["ecg_ppg"][:, 0], signals.pop("ecg_ppg")[:, 1]
+    for i, row in enumerate(rows):
+        row.update({name: values[i] for name, values in signals.items()})
+    return {row["segment_id"]: row for row in rows}
 
 
 def test_synthetic_round_trip_equals_the_mat_files(synthetic_subset_files, synthetic_shards):
+    assert open_shards(synthetic_shards).manifest["schema_version"] == 2
     shards = open_shards(synthetic_shards)
     got = _rows_by_id(synthetic_shards)
     expected = {}
@@ -37,7 +54,7 @@ def test_synthetic_round_trip_equals_the_mat_files(synthetic_subset_files, synth
         row = got[segment_id]
         assert (row["subject"], row["source"]) == (want["subject"], want["source"])
         for name in ("ecg", "ppg", "abp"):
-            np.testing.assert_array_equal(np.float32(row[name]), want[name].astype(np.float32))
+            np.testing.assert_array_equal(row[name], want[name].astype(np.float32))
         assert row["sbp"] == np.float32(want["sbp"]) and row["dbp"] == np.float32(want["dbp"])
     counts = {
         f"{s}/{sub}": n for s, by in shards.manifest["partitions"].items() for sub, n in by.items()
@@ -46,13 +63,16 @@ def test_synthetic_round_trip_equals_the_mat_files(synthetic_subset_files, synth
     assert {"mimic/train", "vitaldb/train", "mimic/calfree_test"} <= set(counts)
 
 
-def test_parts_follow_schema_v1_with_zstd_and_hive_layout(synthetic_shards):
+def test_parts_follow_schema_v2_raw_signals_zstd_rest_and_hive_layout(synthetic_shards):
     shards = open_shards(synthetic_shards)
     for part in shards.manifest["parts"]:
         assert f"/source={part['source']}/subset={part['subset']}/part-" in part["path"]
         meta = pq.ParquetFile(shards.part_path(part)).metadata
         assert meta.schema.to_arrow_schema().equals(SCHEMA)
-        assert meta.row_group(0).column(2).compression == "ZSTD"
+        codecs = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i)
+                  .compression for i in range(meta.num_columns)}  # fmt: skip
+        assert codecs["ecg_ppg"] == codecs["abp"] == "UNCOMPRESSED"
+        assert codecs["sbp"] == codecs["subject"] == "ZSTD"
         assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == part[
             "row_groups"
         ]
@@ -62,7 +82,7 @@ def test_manifest_records_sources_parts_and_checksums(synthetic_subset_files, sy
     import hashlib
 
     manifest = open_shards(synthetic_shards).manifest
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2 and manifest["options"]["signals"] == "packed"
     by_name = {s["name"]: s for s in manifest["sources"]}
     for path in synthetic_subset_files:
         entry = by_name[path.name]
@@ -146,7 +166,7 @@ def test_no_abp_drops_the_abp_column(editable_subset, tmp_path):
     assert "abp" not in manifest["schema"]
     part = Path(tmp_path, "s", manifest["parts"][0]["path"])
     assert "abp" not in pq.ParquetFile(part).schema_arrow.names
-    table = open_shards(str(tmp_path / "s")).dataset().to_table(columns=["ecg", "sbp"])
+    table = open_shards(str(tmp_path / "s")).dataset().to_table(columns=["ecg_ppg", "sbp"])
     assert table.num_rows == manifest["rows"] > 0
 
 
@@ -195,3 +215,29 @@ def test_a_conversion_killed_midway_leaves_nothing_visible_and_a_rerun_completes
     new = write_shards([*files, challenge2015_file], str(out))
     assert new["rows"] == old["rows"] + 689
     assert {p.name for p in out.iterdir()} == {MANIFEST, new["generation"]}
+
+
+@pytest.mark.parametrize("signals", ["list", "bytes"])
+def test_schema_v1_shards_still_write_and_read(editable_subset, tmp_path, signals):
+    """DESIGN's v1 ("list": fixed_size_list<float32>, zstd) and the v1 "bytes" variant."""
+    out = str(tmp_path / signals)
+    manifest = write_shards([editable_subset], out, signals=signals)
+    assert manifest["schema_version"] == 1
+    meta = pq.ParquetFile(Path(out, manifest["parts"][0]["path"])).metadata
+    if signals == "list":
+        assert meta.schema.to_arrow_schema().equals(SCHEMA_V1)
+        assert meta.row_group(0).column(2).compression == "ZSTD"
+    got, expected = _rows_by_id(out), read_mat(editable_subset)
+    assert sorted(got) == sorted(expected)
+    for segment_id, want in expected.items():
+        for name in ("ecg", "ppg", "abp"):
+            np.testing.assert_array_equal(got[segment_id][name], want[name].astype(np.float32))
+
+
+def test_an_unknown_schema_version_is_refused(editable_subset, tmp_path):
+    out = tmp_path / "s"
+    write_shards([editable_subset], str(out))
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({**manifest, "schema_version": 3}))
+    with pytest.raises(BpfmError, match="schema_version 3 is not supported"):
+        open_shards(str(out))

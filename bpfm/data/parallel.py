@@ -1,0 +1,81 @@
+"""Converting several input files in parallel processes (`write_shards(workers=N)`).
+
+Errors cross the process boundary as plain dicts (DataError takes three arguments, so it does
+not survive pickling), and one shared event makes the other conversions stop at their next
+chunk when one fails."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+from bpfm.errors import BpfmError, DataError
+
+_ABORT = None  # the shared cancel event, set in each worker by `_init_worker`
+
+
+def _init_worker(abort, level: int) -> None:
+    global _ABORT
+    _ABORT = abort
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(name)s[%(process)d]: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def _convert_task(convert: Callable[..., dict], path: str, out_uri: str, options: dict) -> dict:
+    try:
+        return convert(path, out_uri, should_stop=_ABORT.is_set, **options)
+    except DataError as err:
+        return {"error": {"file": err.file, "field": err.field, "problem": err.problem}}
+    except BpfmError as err:
+        return {"error": {"message": str(err)}}
+
+
+def _raise_task_error(error: dict) -> None:
+    if "message" in error:
+        raise BpfmError(error["message"])
+    raise DataError(error["file"], error["field"], error["problem"])
+
+
+def run_conversions(
+    convert: Callable[..., dict], sources: list[dict], out_uri: str, options: dict, workers: int
+) -> list[dict]:
+    """`convert(path, out_uri, first_part=..., should_stop=..., **options)` for every source
+    (`describe_sources` entries), in up to `workers` processes; results in source order. The
+    first failure cancels the rest and is raised here."""
+    if workers <= 1 or len(sources) == 1:
+        return [convert(s["path"], out_uri, first_part=s["first_part"], **options) for s in sources]
+    context = multiprocessing.get_context("spawn")  # the caller may hold threads (torch, Ray)
+    abort = context.Event()
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(
+        min(workers, len(sources)),
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(abort, level),
+    ) as pool:
+        futures = [
+            pool.submit(
+                _convert_task,
+                convert,
+                s["path"],
+                out_uri,
+                {**options, "first_part": s["first_part"]},
+            )
+            for s in sources
+        ]
+        try:
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    result = future.result()
+                    if "error" in result:
+                        _raise_task_error(result["error"])
+        except BaseException:
+            abort.set()  # running conversions stop at their next chunk
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return [future.result() for future in futures]
