@@ -1,27 +1,41 @@
-"""Training and inference throughput of the CEReBrO BP model, SDPA vs the paper code's explicit
+"""Training and inference throughput of the CEReBrO BP model, against the paper code's explicit
 softmax(QK^T)V attention on the same weights.
 
     python benchmarks/train_throughput.py --sizes small,medium,large [--threads 2] [--json]
+    python benchmarks/train_throughput.py --variants model,explicit,sdpa,compiled   # CPU options
     python benchmarks/train_throughput.py --device cuda            # bf16 autocast, large, MFU
 
+Variants: `model` is bpfm's model as shipped (on CPU its `attention_core`, on CUDA SDPA);
+`explicit` swaps in the paper code's attention (tokens rearranged into sequences, scores
+materialised); `sdpa` forces the model's `F.scaled_dot_product_attention` branch on CPU too;
+`compiled` is `torch.compile(model)` (its compile time is reported apart, not in the steps).
+
 Model FLOPs are analytic (dense layers + attention, forward x3 for a training step; the
-convention behind the paper's 154/196/198 GFLOP/s figures). On CPU they are compared with the
-measured rate of a 2048x2048 float32 matmul; on CUDA with the GPU's dense bf16 peak.
-A training step is forward + backward + Adam step on MSE loss; the median step time is reported.
+convention behind the paper's 154/196/198 GFLOP/s figures); optimizer, norms and activations
+are not counted. On CPU they are compared with the rate of a 2048x2048 float32 matmul measured
+in the same loop as the steps (so both see the same load on a shared machine); on CUDA with the
+GPU's dense bf16 peak. A training step is forward + backward + Adam step on MSE loss (`fused`
+Adam by default, as `--adam plain` the per-parameter loop); the median step time is reported.
+On a shared machine whose load average exceeds its cores, two OpenMP threads spin against other
+processes (a 2-thread step then runs slower than a 1-thread one): compare with `--threads 1`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
 import statistics
 import time
 import types
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+import bpfm.model.cerebro as cerebro
 from bpfm.model import create_model, size_config
 from bpfm.model.cerebro import Attention
 
@@ -35,6 +49,8 @@ GPU_BF16_PEAK = {
     "L4": 121.0,
     "A10": 125.0,
 }
+VARIANTS = ("model", "explicit", "sdpa", "compiled")
+MATMUL_N = 2048
 
 
 def explicit_attention(self: Attention, x: torch.Tensor) -> torch.Tensor:
@@ -71,28 +87,49 @@ def forward_flops(size: str, channels: int = 2, samples: int = 1250) -> float:
     return float(total + 2 * d * 2)
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for _ in range(repeats + 1):
-        start = _now(device)
-        a @ b
-        times.append(_now(device) - start)
-    return 2 * n**3 / statistics.median(times[1:])
-
-
 def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
 
 
-def make_step(model, x, y, train: bool, autocast: bool):
-    """One training step (forward, backward, Adam) or one inference forward."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4) if train else None
+def matmul_step(device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
+    a = torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=dtype)
+    b = torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=dtype)
 
     def step() -> None:
+        a @ b
+
+    return step
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    step = matmul_step(device, dtype)
+    times = []
+    for _ in range(repeats + 1):
+        start = _now(device)
+        step()
+        times.append(_now(device) - start)
+    return 2 * MATMUL_N**3 / statistics.median(times[1:])
+
+
+@contextlib.contextmanager
+def forced_sdpa() -> Iterator[None]:
+    """Within the block, the model takes its SDPA branch on CPU too."""
+    saved = cerebro._use_sdpa
+    cerebro._use_sdpa = lambda x, axis: True
+    try:
+        yield
+    finally:
+        cerebro._use_sdpa = saved
+
+
+def make_step(model, x, y, train: bool, autocast: bool, adam: str, sdpa: bool = False):
+    """One training step (forward, backward, Adam) or one inference forward."""
+    params = model.parameters()
+    optimizer = torch.optim.Adam(params, lr=1e-4, fused=adam == "fused") if train else None
+
+    def run() -> None:
         model.train(train)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             if not train:
@@ -104,23 +141,49 @@ def make_step(model, x, y, train: bool, autocast: bool):
         loss.backward()
         optimizer.step()
 
+    def step() -> None:
+        with forced_sdpa() if sdpa else contextlib.nullcontext():
+            run()
+
     return step
 
 
-def bench_size(size, device, batch, iters, warmup, peak, autocast) -> dict:
-    """SDPA and explicit steps are interleaved, so both see the same load on a shared machine."""
+def build_variants(model, names, x, y, autocast, adam) -> tuple[dict, dict]:
+    """{(variant, mode): step} and extras (max abs diff to explicit, compile seconds)."""
+    variants, extras = {}, {}
+    explicit = with_explicit_attention(model)
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        reference = explicit.eval()(x).float()
+        extras["max_abs_diff_model_vs_explicit"] = (
+            (model.eval()(x).float() - reference).abs().max().item()
+        )
+    for name in names:
+        net = {"explicit": explicit}.get(name, model)
+        if name == "compiled":
+            net = copy.deepcopy(model)
+            compiled = torch.compile(net)
+            started = time.perf_counter()
+            make_step(compiled, x, y, True, autocast, adam)()  # compiles forward and backward
+            make_step(compiled, x, y, False, autocast, adam)()  # and the no-grad forward
+            extras["compile_s"] = time.perf_counter() - started
+            net = compiled
+        for mode in ("train", "infer"):
+            variants[(name, mode)] = make_step(
+                net, x, y, mode == "train", autocast, adam, sdpa=name == "sdpa"
+            )
+    return variants, extras
+
+
+def bench_size(size, device, batch, iters, warmup, peak, autocast, names, adam) -> dict:
+    """All variants' steps and (on CPU) the reference matmul are interleaved, so they see the
+    same load on a shared machine; the matmul's median sets this size's reference rate."""
     torch.manual_seed(0)
     model = create_model(size).to(device)
-    explicit = with_explicit_attention(model)
     x = torch.randn(batch, 2, 1250, device=device)
     y = torch.randn(batch, 2, device=device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        diff = (model.eval()(x).float() - explicit.eval()(x).float()).abs().max().item()
-    steps = {
-        (name, mode): make_step(variant, x, y, mode == "train", autocast)
-        for name, variant in (("sdpa", model), ("explicit", explicit))
-        for mode in ("train", "infer")
-    }
+    steps, row_extras = build_variants(model, names, x, y, autocast, adam)
+    if peak is None:
+        steps[("matmul", "ref")] = matmul_step(device, torch.float32)
     times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
     for i in range(warmup + iters):
         for key, step in steps.items():
@@ -128,17 +191,20 @@ def bench_size(size, device, batch, iters, warmup, peak, autocast) -> dict:
             step()
             if i >= warmup:
                 times[key].append(_now(device) - start)
+    if peak is None:
+        peak = 2 * MATMUL_N**3 / statistics.median(times.pop(("matmul", "ref")))
     flops = forward_flops(size)
-    row = {"size": size, "batch": batch, "max_abs_diff_sdpa_vs_explicit": diff}
+    row = {"size": size, "batch": batch, "reference_gflop_s": peak / 1e9, **row_extras}
     for (name, mode), values in times.items():
         seconds = statistics.median(values)
         step_flops = (3 if mode == "train" else 1) * flops * batch
         row[f"{name}_{mode}_samples_s"] = batch / seconds
         row[f"{name}_{mode}_gflop_s"] = step_flops / seconds / 1e9
         row[f"{name}_{mode}_share_of_peak"] = step_flops / seconds / peak
-    row["train_speedup_sdpa_vs_explicit"] = (
-        row["sdpa_train_samples_s"] / row["explicit_train_samples_s"]
-    )
+    if "explicit" in names:
+        row["train_speedup_vs_explicit"] = (
+            row["model_train_samples_s"] / row["explicit_train_samples_s"]
+        )
     return row
 
 
@@ -151,6 +217,22 @@ def gpu_peak(name: str, override: float | None) -> float:
     raise SystemExit(f"unknown GPU {name!r}: pass --peak-tflops (dense bf16)")
 
 
+def describe(row: dict, names: list[str], cuda: bool) -> str:
+    ref = "peak" if cuda else f"matmul {row['reference_gflop_s']:.0f} GFLOP/s"
+    parts = [f"{row['size']:>6} b{row['batch']} ({ref}):"]
+    for name in names:
+        parts.append(
+            f"{name} train {row[f'{name}_train_samples_s']:.1f}/s "
+            f"{row[f'{name}_train_gflop_s']:.1f} GFLOP/s "
+            f"{100 * row[f'{name}_train_share_of_peak']:.0f}%, "
+            f"infer {row[f'{name}_infer_samples_s']:.1f}/s |"
+        )
+    parts.append(f"max|diff| {row['max_abs_diff_model_vs_explicit']:.2e}")
+    if "compile_s" in row:
+        parts.append(f"compile {row['compile_s']:.0f} s")
+    return " ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -161,15 +243,21 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    parser.add_argument("--variants", default="model,explicit", help=f"from {', '.join(VARIANTS)}")
+    parser.add_argument("--adam", default="fused", choices=("fused", "plain"))
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU dense bf16 peak")
     parser.add_argument("--json", action="store_true", help="one JSON object as the last line")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    names = args.variants.split(",")
+    if set(names) - set(VARIANTS) or "model" not in names:
+        raise SystemExit(f"--variants: {args.variants!r}: model plus any of {', '.join(VARIANTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = (args.sizes or ("large" if cuda else "small")).split(",")
     batch = args.batch or (256 if cuda else 32)
+    peak = None
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         peak = gpu_peak(torch.cuda.get_device_name(), args.peak_tflops)
@@ -179,24 +267,16 @@ def main() -> None:
             "measured_bf16_matmul_tflops": matmul_rate(device, torch.bfloat16) / 1e12,
         }
     else:
-        peak = matmul_rate(device, torch.float32)
-        reference = {"threads": torch.get_num_threads(), "matmul_2048_f32_gflops": peak / 1e9}
+        reference = {"threads": torch.get_num_threads(), "adam": args.adam}
+    reference["load_avg_1m_before"] = os.getloadavg()[0]
     print(json.dumps(reference) if args.json else reference)
     rows = []
     for size in sizes:
-        row = bench_size(size, device, batch, args.iters, args.warmup, peak, autocast=cuda)
+        row = bench_size(size, device, batch, args.iters, args.warmup, peak, cuda, names, args.adam)
+        row["load_avg_1m_after"] = os.getloadavg()[0]
         rows.append(row)
         if not args.json:
-            print(
-                f"{size:>6} b{batch}: train {row['sdpa_train_samples_s']:.1f} samples/s "
-                f"({row['sdpa_train_gflop_s']:.1f} GFLOP/s, "
-                f"{100 * row['sdpa_train_share_of_peak']:.0f}% of {'peak' if cuda else 'matmul'}), "
-                f"infer {row['sdpa_infer_samples_s']:.1f}/s | explicit: train "
-                f"{row['explicit_train_samples_s']:.1f}/s "
-                f"({100 * row['explicit_train_share_of_peak']:.0f}%), "
-                f"infer {row['explicit_infer_samples_s']:.1f}/s | "
-                f"max|diff| {row['max_abs_diff_sdpa_vs_explicit']:.2e}"
-            )
+            print(describe(row, names, cuda), f"| load {row['load_avg_1m_after']:.2f}")
     if args.json:
         print(json.dumps({"device": args.device, **reference, "results": rows}))
 

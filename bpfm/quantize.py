@@ -36,7 +36,7 @@ from bpfm.quant import (
     quantize,
     save_quantized,
 )
-from bpfm.quant.measure import MIB, latency_ms, state_dict_bytes
+from bpfm.quant.measure import MIB, fixed_threads, latency_ms, state_dict_bytes
 
 __all__ = [
     "BACKENDS",
@@ -84,16 +84,17 @@ def _test_metrics(model: nn.Module, split, meta: dict[str, Any], batch_size: int
     return compute_metrics(pred.target, pred.estimate, pred.subject, meta.get("target_mean"))
 
 
-def _runnable(quantized: QuantizedModel) -> tuple[nn.Module, float | None]:
+def _runnable(quantized: QuantizedModel, threads: int) -> tuple[nn.Module, float | None]:
     """(the module to evaluate and time, seconds spent compiling). A pt2e graph runs compiled:
     its eager reference form is several times slower than fp32. Its graphs for the timed batch
-    sizes are compiled here, so that compile time is reported apart from latency."""
+    sizes are compiled here, at the thread count they are timed at (Inductor's kernels keep
+    the count they were compiled for), so that compile time is reported apart from latency."""
     runnable = quantized.compiled(BATCH_SIZES)
     if runnable is quantized:
         return quantized, None
     start = time.perf_counter()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), fixed_threads(threads):
             for batch in BATCH_SIZES:
                 runnable(torch.zeros(batch, *WINDOW_SHAPE))
     except Exception as err:  # Inductor needs a working C++ compiler; its errors vary
@@ -146,7 +147,7 @@ def run_quantization(
     start = time.perf_counter()
     quantized = quantize(model, config, calib)
     quantize_s = time.perf_counter() - start
-    runnable, compile_s = _runnable(quantized)
+    runnable, compile_s = _runnable(quantized, threads)
     size, size_kind = quantized.size_bytes()
     test = _test_metrics(runnable, split, meta, batch_size)
 

@@ -87,16 +87,20 @@ def _param_text(value: Any) -> str:
 
 
 def configure() -> str:
-    """Tracking URI for this process (env or embedded sqlite), with MLflow telemetry off."""
+    """Tracking URI for this process (env or embedded sqlite), with MLflow telemetry off and no
+    download progress bars (dozens of Ray tasks would interleave them in the job's output)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return defaults.tracking_uri()
 
 
 def client(uri: str | None = None):
+    """An MlflowClient for `uri` (default: this process's tracking URI), in a configured process."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri or configure())
+    default = configure()  # also in Ray workers, which get the URI passed in
+    return MlflowClient(tracking_uri=uri or default)
 
 
 def _artifact_root(uri: str, name: str) -> str | None:

@@ -239,9 +239,9 @@ def _target_meta(config: TrainConfig, mean: np.ndarray, std: np.ndarray) -> dict
 
 def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one kernel per step instead of one per parameter, ~5 % of a small-model CPU step
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
 def lr_factor(step: int, steps_per_epoch: int, config: TrainConfig) -> float:

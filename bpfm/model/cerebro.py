@@ -3,9 +3,12 @@ transformer blocks that alternate inter-channel (even blocks) and intra-channel 
 attention. Module and parameter names follow the official checkpoints (`research/cerebro.md` §5),
 so their `model.*` keys load with a one-line prefix change.
 
-Tokens are kept as [B, C, P, D] inside the blocks: LayerNorm, MLP and the qkv/proj Linears work on
-any leading shape, so only q/k/v are rearranged for attention and the token tensor itself never
-needs a transpose. All reshapes are view/permute/reshape, which torch.fx and torch.export trace.
+Tokens are kept as contiguous [B, C, P, D] inside the blocks: LayerNorm, MLP and the qkv/proj
+Linears work on any leading shape, so the token tensor itself never needs a transpose. Attention
+goes through `F.scaled_dot_product_attention` on accelerators and under symbolic tracing; on CPU
+`attention_core` computes the same softmax(q k^T / sqrt(e)) v on strided views of the qkv output,
+which is faster there for these short sequences. All reshapes are view/permute/reshape/einsum,
+which torch.fx, torch.export and torch.compile trace.
 """
 
 from __future__ import annotations
@@ -86,6 +89,49 @@ class DropPath(nn.Module):
         return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
 
 
+# Sequences up to this length attend by broadcast products instead of batched matmuls: the
+# inter-channel blocks of a 2-channel model attend over 2 tokens, where a [2, 2] matmul per
+# (sample, patch, head) costs far more in call overhead than its arithmetic.
+SHORT_SEQUENCE = 4
+# Beyond this length CPU attention goes through SDPA: as fast there, and its flash kernel never
+# materialises the [length, length] scores (EEG pretraining: up to 100 patches, 64 channels).
+LONG_SEQUENCE = 32
+
+
+def _use_sdpa(x: torch.Tensor, axis: int) -> bool:
+    """SDPA's fused kernels win on accelerators and for long sequences. On CPU its flash kernel
+    is slower than `attention_core` for 2- and 19-token sequences
+    (benchmarks/train_throughput.py). Symbolic tracing has no concrete device or shapes and
+    keeps the SDPA graph."""
+    if isinstance(x, torch.fx.Proxy) or x.device.type != "cpu":
+        return True
+    return x.shape[axis] > LONG_SEQUENCE
+
+
+def attention_core(qkv: torch.Tensor, heads: int, over_channels: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(e)) v from a qkv Linear's output [B, C, P, 3D] to [B, C, P, D],
+    across channels (`over_channels`) or across patches: the CPU path of `Attention`.
+
+    q, k and v stay strided views of `qkv` ([B, C, P, H, E]); no sequence-major copy of the
+    tokens is made, and short sequences avoid per-sequence matmul calls altogether."""
+    b, c, p, width = qkv.shape
+    d = width // 3
+    q, k, v = qkv.view(b, c, p, 3, heads, d // heads).unbind(3)
+    q = q * q.shape[-1] ** -0.5
+    axis = 1 if over_channels else 2
+    if q.shape[axis] <= SHORT_SEQUENCE:
+        # scores [.., i, j, ..]: query position i on `axis`, key position j next to it
+        weights = (q.unsqueeze(axis + 1) * k.unsqueeze(axis)).sum(-1).softmax(axis + 1)
+        out = (weights.unsqueeze(-1) * v.unsqueeze(axis)).sum(axis + 1)
+    elif over_channels:
+        weights = torch.einsum("bcphe,bkphe->bphck", q, k).softmax(-1)
+        out = torch.einsum("bphck,bkphe->bcphe", weights, v)
+    else:
+        weights = torch.einsum("bcphe,bckhe->bchpk", q, k).softmax(-1)
+        out = torch.einsum("bchpk,bckhe->bcphe", weights, v)
+    return out.reshape(b, c, p, d)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention along one axis of [B, C, P, D] tokens.
 
@@ -121,9 +167,10 @@ class Attention(nn.Module):
         return out.reshape(b, c, p, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.split_heads(x)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(self.merge_heads(out, x.shape))
+        if _use_sdpa(x, axis=1 if self.over_channels else 2):
+            q, k, v = self.split_heads(x)
+            return self.proj(self.merge_heads(F.scaled_dot_product_attention(q, k, v), x.shape))
+        return self.proj(attention_core(self.qkv(x), self.heads, self.over_channels))
 
 
 class Mlp(nn.Module):
@@ -160,7 +207,10 @@ class ConvPatch(nn.Module):
         self.proj = nn.Conv2d(1, dim, kernel_size=(1, patch_size), stride=(1, patch_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x.unsqueeze(1)).permute(0, 2, 3, 1)  # [B, C, T] -> [B, C, P, D]
+        # [B, C, T] -> [B, C, P, D]. Contiguous: the permuted conv output would otherwise pass
+        # its D-strided layout on through every residual add, and each LayerNorm and Linear
+        # would copy its input back to contiguous.
+        return self.proj(x.unsqueeze(1)).permute(0, 2, 3, 1).contiguous()
 
 
 class PatchEmbed(nn.Module):

@@ -1,9 +1,10 @@
 """Model size and CPU latency, measured the same way for every variant.
 
 Size: bytes of `torch.save(state_dict)` (the paper's measure; its "MB" are MiB = 2^20 bytes), or
-for a pt2e graph the bytes of the tensors it holds. Latency: median wall time of `runs` forward
-passes after `warmup` passes, at a fixed torch thread count; the models compared are run
-round-robin, so that load from other processes on a shared machine hits all of them alike.
+for a pt2e graph the bytes of the tensors it holds. Latency: median wall time (and thread CPU
+time) of `runs` forward passes after `warmup` passes, at a fixed torch thread count; the models
+compared are run round-robin, so that load from other processes on a shared machine hits all of
+them alike.
 """
 
 from __future__ import annotations
@@ -86,25 +87,39 @@ def fixed_threads(threads: int) -> Iterator[None]:
 def latency_ms(models: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
                batch_sizes: Sequence[int] = (1, 64), *, runs: int = 20, warmup: int = 3,
                threads: int = 1, seed: int = 0) -> dict[str, dict[int, float]]:  # fmt: skip
-    """{model name: {batch size: median ms}} over `runs` timed forward passes of random windows
-    [B, 2, 1250], the models interleaved, after `warmup` untimed passes each (the first pass of a
-    compiled model compiles it)."""
+    """{model name: {batch size: median wall ms}}; see `timings`."""
+    result = timings(models, batch_sizes, runs=runs, warmup=warmup, threads=threads, seed=seed)
+    return {name: {b: t["wall_ms"] for b, t in per.items()} for name, per in result.items()}
+
+
+@torch.inference_mode()
+def timings(models: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+            batch_sizes: Sequence[int] = (1, 64), *, runs: int = 20, warmup: int = 3,
+            threads: int = 1, seed: int = 0) -> dict[str, dict[int, dict[str, float]]]:  # fmt: skip
+    """{model name: {batch size: {"wall_ms", "cpu_ms"}}}: medians over `runs` timed forward
+    passes of random windows [B, 2, 1250], the models interleaved, after `warmup` untimed
+    passes each (the first pass of a compiled model compiles it). `cpu_ms` is the CPU time of
+    the calling thread, exact as a latency only at threads=1; on a shared machine it leaves
+    out the time other processes held the core, so its ratios are steadier than wall time's."""
     from bpfm.quant import WINDOW_SHAPE
 
     generator = torch.Generator().manual_seed(seed)
-    result: dict[str, dict[int, float]] = {name: {} for name in models}
+    result: dict[str, dict[int, dict[str, float]]] = {name: {} for name in models}
     with fixed_threads(threads):
         for batch in batch_sizes:
             x = torch.randn(batch, *WINDOW_SHAPE, generator=generator)
             for model in models.values():
                 for _ in range(warmup):
                     model(x)
-            times: dict[str, list[float]] = {name: [] for name in models}
+            wall: dict[str, list[float]] = {name: [] for name in models}
+            cpu: dict[str, list[float]] = {name: [] for name in models}
             for _ in range(runs):
                 for name, model in models.items():
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.thread_time()
                     model(x)
-                    times[name].append(time.perf_counter() - start)
-            for name, values in times.items():
-                result[name][batch] = statistics.median(values) * 1000.0
+                    cpu[name].append(time.thread_time() - start_cpu)
+                    wall[name].append(time.perf_counter() - start)
+            for name in models:
+                result[name][batch] = {"wall_ms": statistics.median(wall[name]) * 1000.0,
+                                       "cpu_ms": statistics.median(cpu[name]) * 1000.0}  # fmt: skip
     return result

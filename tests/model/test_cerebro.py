@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bpfm.errors import BpfmError
-from bpfm.model import apply_freeze, count_parameters, create_model
+from bpfm.model import apply_freeze, cerebro, count_parameters, create_model
 from bpfm.model.cerebro import CerebroConfig, CerebroEncoder
 
 PAPER = {
@@ -101,14 +101,54 @@ def explicit_attention(attn, x):
     return out.view(b, c, p, d)
 
 
+@pytest.fixture(params=["cpu_core", "sdpa"])
+def attention_path(request, monkeypatch):
+    """Both branches of `Attention`: `attention_core` (CPU) and SDPA (accelerators, tracing)."""
+    if request.param == "sdpa":
+        monkeypatch.setattr(cerebro, "_use_sdpa", lambda x, axis: True)
+    return request.param
+
+
+# (channels, patches): inter-channel attention over 2 (broadcast) and 6 (einsum) tokens,
+# intra-channel over 19 (einsum), 3 (broadcast) and 40 (SDPA on CPU too: a long sequence)
+SHAPES = [(2, 19), (6, 3), (2, 40)]
+
+
 @pytest.mark.parametrize("block", [0, 1])
-def test_sdpa_attention_equals_explicit_softmax(small_model, block):
+@pytest.mark.parametrize(("channels", "patches"), SHAPES)
+def test_attention_equals_explicit_softmax(small_model, attention_path, block, channels, patches):
     attn = small_model.encoder.blocks[block].attn
     assert attn.over_channels == (block == 0)
-    x = torch.randn(2, 3, 19, 192, dtype=torch.float64)
+    x = torch.randn(2, channels, patches, 192, dtype=torch.float64)
     attn = attn.double()
     with torch.no_grad():
         torch.testing.assert_close(attn(x), explicit_attention(attn, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("channels", "patches"), SHAPES)
+def test_cpu_attention_core_gradients_equal_sdpa(small_model, monkeypatch, channels, patches):
+    model = small_model.double().train()
+    x = torch.randn(2, channels, patches * 64, dtype=torch.float64)
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(0)  # the same drop-path draws on both branches
+        model(x).square().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if "attn" in n}
+
+    core = grads()
+    monkeypatch.setattr(cerebro, "_use_sdpa", lambda x, axis: True)
+    torch.testing.assert_close(core, grads(), rtol=1e-9, atol=1e-12)
+
+
+def test_tokens_stay_contiguous_through_the_blocks(small_model):
+    """A D-strided token layout makes every LayerNorm and Linear copy its input first."""
+    seen = []
+    for block in small_model.encoder.blocks:
+        block.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        small_model(torch.randn(2, 2, 1250))
+    assert seen == [True] * len(small_model.encoder.blocks)
 
 
 def test_inter_channel_block_mixes_channels_intra_block_does_not(small_model):

@@ -12,12 +12,12 @@ import torch
 from bpfm.quant import QuantConfig, load_quantized, quantize, save_quantized
 from bpfm.quant.measure import state_dict_bytes
 
+# the histogram observer runs in test_run's CLI test (fx) and in test_pt2e
 FX_VARIANTS = [
     QuantConfig("dynamic", weights="per_channel"),
     QuantConfig("dynamic", weights="per_tensor", quantize_input=True),
     QuantConfig("static", observer="minmax"),
-    QuantConfig("static", observer="moving_average", weights="per_tensor"),
-    QuantConfig("static", observer="histogram", quantize_input=True),
+    QuantConfig("static", observer="moving_average", weights="per_tensor", quantize_input=True),
 ]
 AO_WARNING_TEXTS = ("torch.ao.quantization is deprecated", "quantized tensor creation functions",
                     "reduce_range will be deprecated")  # fmt: skip
@@ -59,7 +59,8 @@ def test_fx_variant_stays_close_to_fp32_and_round_trips(
     assert kind == "state_dict"
     assert state_dict_bytes(model) / size >= 3.5  # paper: small 13.73 -> 3.85 MB, x3.57
 
-    qkv = dict(quantized.net.named_modules())["encoder.blocks.0.attn.qkv"].weight()
+    modules = dict(quantized.net.named_modules())
+    qkv = modules["encoder.blocks.0.attn.qkv"].weight()
     assert qkv.dtype == torch.qint8
     if config.weights == "per_channel":  # torch stores symmetric qparams as zero points 0
         assert qkv.q_per_channel_scales().numel() == qkv.shape[0]
@@ -68,9 +69,33 @@ def test_fx_variant_stays_close_to_fp32_and_round_trips(
         assert qkv.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric)
         assert qkv.q_zero_point() == 0
 
+    if config.mode == "static":  # the encoder's Linears only
+        linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        encoder_linears = [n for n in linears if n.startswith("encoder.")]
+        assert all(type(modules[n]) is torch.ao.nn.quantized.Linear for n in encoder_linears)
+        assert type(modules["head.fc"]) is torch.nn.Linear  # outputs keep full resolution
+        assert type(modules["encoder.norm"]) is torch.nn.LayerNorm  # residual stream in fp32
+        assert type(modules["encoder.patch_embed.patch_embed.proj"]) is torch.nn.Conv2d
+
     with torch.inference_mode():
         assert torch.equal(reloaded(test_windows), quantized(test_windows))
     assert reloaded.config == config
+
+
+def test_traceable_attention_computes_the_models_attention(trained, test_windows):
+    import copy
+
+    from bpfm.model.cerebro import Attention
+    from bpfm.quant.fx import AttentionCore, traceable
+
+    model, _, _ = trained
+    swapped = traceable(copy.deepcopy(model))
+    assert not any(isinstance(m, Attention) for m in swapped.modules())
+    cores = [m for m in swapped.modules() if isinstance(m, AttentionCore)]
+    assert len(cores) == sum(isinstance(m, Attention) for m in model.modules())
+    assert {c.over_channels for c in cores} == {True, False}  # both attention axes covered
+    with torch.inference_mode():
+        torch.testing.assert_close(swapped(test_windows), model(test_windows))
 
 
 def test_dynamic_fx_swaps_every_linear_and_keeps_the_model_untouched(trained):

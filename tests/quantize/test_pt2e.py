@@ -21,7 +21,7 @@ def test_pt2e_static_stays_close_to_fp32_and_round_trips(
 
     model, _, meta = trained
     config = QuantConfig("static", observer="histogram", backend="pt2e", quantize_input=True)
-    quantized = quantize(model, config, calib_batches)
+    quantized = quantize(model, config, calib_batches[:1])  # one batch: histograms are slow
     fp32 = predict(model, split.test, meta)
     estimate = predict(quantized, split.test, meta).estimate
     fp32_mae = np.abs(fp32.estimate - fp32.target).mean(axis=0)
