@@ -86,12 +86,21 @@ def _param_text(value: Any) -> str:
     return "None" if value is None else str(value)
 
 
+def _not_the_pickle_warning(record: logging.LogRecord) -> bool:
+    return "Pickle or CloudPickle" not in record.getMessage()
+
+
 def configure() -> str:
     """Tracking URI for this process (env or embedded sqlite), with MLflow telemetry off and no
-    download progress bars (dozens of Ray tasks would interleave them in the job's output)."""
+    download progress bars (dozens of Ray tasks would interleave them in the job's output).
+    MLflow's warning on every pickle-format model is dropped: pickle is deliberate here (torch.ao
+    INT8 modules cannot be exported as pt2) and mlflow/README.md says so once."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    pytorch_log = logging.getLogger("mlflow.pytorch")
+    if _not_the_pickle_warning not in pytorch_log.filters:
+        pytorch_log.addFilter(_not_the_pickle_warning)
     return defaults.tracking_uri()
 
 
