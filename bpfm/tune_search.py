@@ -68,13 +68,6 @@ class SearchConfig:
     space: SearchSpace = field(default_factory=SearchSpace)
 
 
-def start_ray() -> None:
-    """Ray for a search or nightly launch (see `bpfm.tune.init_ray`)."""
-    from bpfm.tune import init_ray
-
-    init_ray()
-
-
 def storage_url(storage: str) -> str:
     """A database URL for Optuna: URLs pass through, a file path becomes sqlite."""
     if not storage:
@@ -291,7 +284,7 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
 
     from bpfm import grid
     from bpfm.storage import join
-    from bpfm.tune import _absolute, cluster_gpus, ensure_pretrained, trial_resources
+    from bpfm.tune import _absolute, cluster_gpus, ensure_pretrained, init_ray, trial_resources
 
     cell = config.cell
     study_name = config.study or "search-" + grid.Cell(**cell).id
@@ -301,7 +294,7 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
     remaining = config.trials - finished
     log.info("study %s (%s): %d finished, %d to run", study_name, shown_url(url),
              finished, max(remaining, 0))  # fmt: skip
-    start_ray()
+    init_ray()
     gpu_count = cluster_gpus(gpus)
     data = grid.ensure_data(profile)
     checkpoint = None

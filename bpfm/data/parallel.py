@@ -1,8 +1,7 @@
 """Converting several input files in parallel processes (`write_shards(workers=N)`).
 
-Errors cross the process boundary as plain dicts (DataError takes three arguments, so it does
-not survive pickling), and one shared event makes the other conversions stop at their next
-chunk when one fails."""
+A worker's error reaches the caller as itself (DataError pickles, see `bpfm.errors`), and one
+shared event makes the other conversions stop at their next chunk when one fails."""
 
 from __future__ import annotations
 
@@ -10,8 +9,6 @@ import logging
 import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-from bpfm.errors import BpfmError, DataError
 
 _ABORT = None  # the shared cancel event, set in each worker by `_init_worker`
 
@@ -25,18 +22,7 @@ def _init_worker(abort, level: int) -> None:
 
 
 def _convert_task(convert: Callable[..., dict], path: str, out_uri: str, options: dict) -> dict:
-    try:
-        return convert(path, out_uri, should_stop=_ABORT.is_set, **options)
-    except DataError as err:
-        return {"error": {"file": err.file, "field": err.field, "problem": err.problem}}
-    except BpfmError as err:
-        return {"error": {"message": str(err)}}
-
-
-def _raise_task_error(error: dict) -> None:
-    if "message" in error:
-        raise BpfmError(error["message"])
-    raise DataError(error["file"], error["field"], error["problem"])
+    return convert(path, out_uri, should_stop=_ABORT.is_set, **options)
 
 
 def run_conversions(
@@ -71,9 +57,7 @@ def run_conversions(
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    result = future.result()
-                    if "error" in result:
-                        _raise_task_error(result["error"])
+                    future.result()  # raises the worker's error
         except BaseException:
             abort.set()  # running conversions stop at their next chunk
             pool.shutdown(wait=True, cancel_futures=True)

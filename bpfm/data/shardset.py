@@ -28,7 +28,6 @@ import pyarrow.dataset as pads
 from bpfm import storage
 from bpfm.errors import BpfmError
 
-SCHEMA_VERSION = 2  # what the writer produces by default
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "_manifest.json"
 WINDOW = 1250
@@ -39,6 +38,7 @@ SIGNAL_BYTES = pa.binary(4 * WINDOW)  # float32 little-endian [1250]
 SIGNAL_PAIR = pa.binary(2 * 4 * WINDOW)  # float32 little-endian [2, 1250]: ECG, PPG
 SIGNAL_COLUMNS = ("ecg_ppg", "ecg", "ppg", "abp")
 SIGNAL_ENCODINGS = {"packed": 2, "list": 1, "bytes": 1}  # ShardOptions.signals -> schema version
+SCHEMA_VERSION = SIGNAL_ENCODINGS["packed"]  # what the writer produces by default
 
 
 def _schema(signals: str, include_abp: bool) -> pa.Schema:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from bpfm.errors import BpfmError
-from bpfm.model.cerebro import attention_core
+from bpfm.model.cerebro import Attention, attention_core
 
 # The torch.ao warnings, by the start of their messages (warnings matches from the start).
 AO_WARNINGS = (
@@ -140,8 +140,6 @@ class TraceableAttention(nn.Module):
 
 def traceable(model: nn.Module) -> nn.Module:
     """`model` with each CEReBrO Attention swapped, in place, for a TraceableAttention."""
-    from bpfm.model.cerebro import Attention
-
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, Attention):

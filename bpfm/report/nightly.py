@@ -88,9 +88,7 @@ def fresh_locations(profile, work: Path):
 
 def _run_grid(profile, config: NightlyConfig, stamp: str) -> dict[str, Any]:
     from bpfm.tune import run_grid
-    from bpfm.tune_search import start_ray
 
-    start_ray()
     result = run_grid(profile, name=f"nightly-{stamp}", gpus=config.gpus)
     return {"grid_run_id": result["grid_run_id"], "experiment_id": result["experiment_id"],
             "errors": result["errors"]}  # fmt: skip

@@ -57,9 +57,7 @@ def local_ray():
         env.setenv("RAY_AUTH_MODE", "disabled")
         env.delenv("RAY_ADDRESS", raising=False)
         reset_auth_token_state()
-        # address="local": a new instance even when `ray start` left a cluster on this host
-        # (ray.init() would join it).
-        init_ray(address="local", num_cpus=2, log_to_driver=False)
+        init_ray(num_cpus=2, log_to_driver=False)  # a new local instance (RAY_ADDRESS unset)
         try:
             yield
         finally:
