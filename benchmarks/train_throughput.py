@@ -2,19 +2,24 @@
 softmax(QK^T)V attention on the same weights.
 
     python benchmarks/train_throughput.py --sizes small,medium,large [--threads 2] [--json]
-    python benchmarks/train_throughput.py --variants model,explicit,sdpa,compiled   # CPU options
+    python benchmarks/train_throughput.py --variants model,masked,explicit,sdpa,compiled  # CPU
     python benchmarks/train_throughput.py --device cuda            # bf16 autocast, large, MFU
 
-Variants: `model` is bpfm's model as shipped (on CPU its `attention_core`, on CUDA SDPA);
-`explicit` swaps in the paper code's attention (tokens rearranged into sequences, scores
+Variants: `model` is bpfm's model as shipped (on CPU its `attention_core`, and drop path running
+each residual branch on the kept samples only; on CUDA SDPA and the mask product); `masked` is
+the same with the paper code's drop path (every sample through every branch, times a 0/1
+mask); `explicit` swaps in the paper code's attention (tokens rearranged into sequences, scores
 materialised); `sdpa` forces the model's `F.scaled_dot_product_attention` branch on CPU too;
 `compiled` is `torch.compile(model)` (its compile time is reported apart, not in the steps).
 
 Model FLOPs are analytic (dense layers + attention, forward x3 for a training step; the
-convention behind the paper's 154/196/198 GFLOP/s figures); optimizer, norms and activations
-are not counted. On CPU they are compared with the rate of a 2048x2048 float32 matmul measured
-in the same loop as the steps (so both see the same load on a shared machine); on CUDA with the
-GPU's dense bf16 peak. A training step is forward + backward + Adam step on MSE loss (`fused`
+convention behind the paper's 154/196/198 GFLOP/s figures and behind MFU); optimizer, norms and
+activations are not counted. They are the same for every variant, so the GFLOP/s columns rank
+samples/s. Where drop path skips the dropped samples' branches (p = 0.2: a fifth of the blocks'
+work in expectation), the arithmetic actually executed is lower: `exec` reports that rate.
+On CPU the rates are compared with that of a 2048x2048 float32 matmul measured in the same loop
+as the steps (so both see the same load on a shared machine); on CUDA with the GPU's dense bf16
+peak. A training step is forward + backward + Adam step on MSE loss (`fused`
 Adam by default, as `--adam plain` the per-parameter loop); the median step time is reported.
 On a shared machine whose load average exceeds its cores, two OpenMP threads spin against other
 processes (a 2-thread step then runs slower than a 1-thread one): compare with `--threads 1`.
@@ -49,7 +54,8 @@ GPU_BF16_PEAK = {
     "L4": 121.0,
     "A10": 125.0,
 }
-VARIANTS = ("model", "explicit", "sdpa", "compiled")
+VARIANTS = ("model", "masked", "explicit", "sdpa", "compiled")
+DROP_PATH = 0.2  # create_model's default, the paper's
 MATMUL_N = 2048
 
 
@@ -74,17 +80,19 @@ def with_explicit_attention(model: torch.nn.Module) -> torch.nn.Module:
     return explicit
 
 
-def forward_flops(size: str, channels: int = 2, samples: int = 1250) -> float:
-    """Analytic forward FLOPs per sample (multiply-add = 2)."""
+def forward_flops(size: str, channels: int = 2, samples: int = 1250) -> tuple[float, float]:
+    """Analytic forward FLOPs per sample (multiply-add = 2): all, and those in the blocks'
+    residual branches (what drop path can skip)."""
     cfg = size_config(size)
     d, patches = cfg.dim, samples // cfg.patch_size
     tokens = channels * patches
     dense = 2 * (3 * d * d + d * d + 2 * cfg.mlp_ratio * d * d)  # qkv, proj, fc1 + fc2
-    total = tokens * 2 * cfg.patch_size * d  # patch embedding
+    branches = 0
     for i in range(cfg.depth):
         length = channels if i % 2 == 0 else patches
-        total += tokens * (dense + 4 * length * d)  # q k^T and weights @ v
-    return float(total + 2 * d * 2)
+        branches += tokens * (dense + 4 * length * d)  # q k^T and weights @ v
+    patch_embedding, head = tokens * 2 * cfg.patch_size * d, 2 * d * 2
+    return float(patch_embedding + branches + head), float(branches)
 
 
 def _now(device: torch.device) -> float:
@@ -114,17 +122,28 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> f
 
 
 @contextlib.contextmanager
-def forced_sdpa() -> Iterator[None]:
-    """Within the block, the model takes its SDPA branch on CPU too."""
-    saved = cerebro._use_sdpa
-    cerebro._use_sdpa = lambda x, axis: True
+def patched(name: str, replacement: Callable) -> Iterator[None]:
+    saved = getattr(cerebro, name)
+    setattr(cerebro, name, replacement)
     try:
         yield
     finally:
-        cerebro._use_sdpa = saved
+        setattr(cerebro, name, saved)
 
 
-def make_step(model, x, y, train: bool, autocast: bool, adam: str, sdpa: bool = False):
+# Within these, the model takes its SDPA branch on CPU too / drops paths by the mask product.
+PATCHES = {
+    "sdpa": ("_use_sdpa", lambda x, axis: True),
+    "masked": ("_picks_rows", lambda x: False),
+}
+
+
+def picks_rows(variant: str, device: torch.device) -> bool:
+    """Whether the variant's drop path skips the dropped samples' branches."""
+    return device.type == "cpu" and variant not in ("masked", "compiled")
+
+
+def make_step(model, x, y, train: bool, autocast: bool, adam: str, variant: str = "model"):
     """One training step (forward, backward, Adam) or one inference forward."""
     params = model.parameters()
     optimizer = torch.optim.Adam(params, lr=1e-4, fused=adam == "fused") if train else None
@@ -142,7 +161,7 @@ def make_step(model, x, y, train: bool, autocast: bool, adam: str, sdpa: bool = 
         optimizer.step()
 
     def step() -> None:
-        with forced_sdpa() if sdpa else contextlib.nullcontext():
+        with patched(*PATCHES[variant]) if variant in PATCHES else contextlib.nullcontext():
             run()
 
     return step
@@ -169,7 +188,7 @@ def build_variants(model, names, x, y, autocast, adam) -> tuple[dict, dict]:
             net = compiled
         for mode in ("train", "infer"):
             variants[(name, mode)] = make_step(
-                net, x, y, mode == "train", autocast, adam, sdpa=name == "sdpa"
+                net, x, y, mode == "train", autocast, adam, variant=name
             )
     return variants, extras
 
@@ -185,15 +204,17 @@ def bench_size(size, device, batch, iters, warmup, peak, autocast, names, adam) 
     if peak is None:
         steps[("matmul", "ref")] = matmul_step(device, torch.float32)
     times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    keys = list(steps)
     for i in range(warmup + iters):
-        for key, step in steps.items():
+        # rotated each round, so that no variant always runs after the cache-clearing matmul
+        for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
             start = _now(device)
-            step()
+            steps[key]()
             if i >= warmup:
                 times[key].append(_now(device) - start)
     if peak is None:
         peak = 2 * MATMUL_N**3 / statistics.median(times.pop(("matmul", "ref")))
-    flops = forward_flops(size)
+    flops, branch_flops = forward_flops(size)
     row = {"size": size, "batch": batch, "reference_gflop_s": peak / 1e9, **row_extras}
     for (name, mode), values in times.items():
         seconds = statistics.median(values)
@@ -201,6 +222,9 @@ def bench_size(size, device, batch, iters, warmup, peak, autocast, names, adam) 
         row[f"{name}_{mode}_samples_s"] = batch / seconds
         row[f"{name}_{mode}_gflop_s"] = step_flops / seconds / 1e9
         row[f"{name}_{mode}_share_of_peak"] = step_flops / seconds / peak
+        if mode == "train":
+            skipped = DROP_PATH * branch_flops if picks_rows(name, device) else 0.0
+            row[f"{name}_train_executed_gflop_s"] = 3 * (flops - skipped) * batch / seconds / 1e9
     if "explicit" in names:
         row["train_speedup_vs_explicit"] = (
             row["model_train_samples_s"] / row["explicit_train_samples_s"]
@@ -221,11 +245,12 @@ def describe(row: dict, names: list[str], cuda: bool) -> str:
     ref = "peak" if cuda else f"matmul {row['reference_gflop_s']:.0f} GFLOP/s"
     parts = [f"{row['size']:>6} b{row['batch']} ({ref}):"]
     for name in names:
+        model, executed = row[f"{name}_train_gflop_s"], row[f"{name}_train_executed_gflop_s"]
         parts.append(
             f"{name} train {row[f'{name}_train_samples_s']:.1f}/s "
-            f"{row[f'{name}_train_gflop_s']:.1f} GFLOP/s "
-            f"{100 * row[f'{name}_train_share_of_peak']:.0f}%, "
-            f"infer {row[f'{name}_infer_samples_s']:.1f}/s |"
+            f"{model:.1f} GFLOP/s {100 * row[f'{name}_train_share_of_peak']:.0f}%"
+            + (f" (exec {executed:.1f})" if executed != model else "")
+            + f", infer {row[f'{name}_infer_samples_s']:.1f}/s |"
         )
     parts.append(f"max|diff| {row['max_abs_diff_model_vs_explicit']:.2e}")
     if "compile_s" in row:
@@ -240,10 +265,12 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--batch", type=int, default=None, help="default 32 on CPU, 256 on CUDA")
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    parser.add_argument("--variants", default="model,explicit", help=f"from {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--variants", default="model,masked,explicit", help=f"from {', '.join(VARIANTS)}"
+    )
     parser.add_argument("--adam", default="fused", choices=("fused", "plain"))
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU dense bf16 peak")
     parser.add_argument("--json", action="store_true", help="one JSON object as the last line")

@@ -172,6 +172,50 @@ def test_drop_path_is_active_in_training_only(tiny_encoder):
         assert not torch.equal(tiny_encoder(x), tiny_encoder(x))
 
 
+def mask_product_drop_path(x, branch, p=0.5):
+    """The paper code's stochastic depth: the branch on every sample, times a per-sample mask."""
+    keep = x.new_empty(x.shape[0]).bernoulli_(1 - p).div_(1 - p)
+    return x + branch(x) * keep.view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_drop_path_on_kept_rows_equals_the_mask_product(small_model, seed):
+    """On CPU the branch runs on the kept samples only; outputs and every gradient match the
+    mask product of the same draw."""
+    block = small_model.encoder.blocks[1].train()
+    block.drop_path.p = 0.5
+    x = torch.randn(16, 2, 19, 192)
+
+    def branch(t):
+        return block.mlp(block.norm2(t))
+
+    def run(drop_path):
+        block.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(seed)
+        out = drop_path(leaf, branch)
+        out.square().sum().backward()
+        return out.detach(), [leaf.grad, *(p.grad for p in block.mlp.parameters())]
+
+    out, grads = run(block.drop_path)
+    expected, expected_grads = run(mask_product_drop_path)
+    assert 0 < (out != x).any(dim=(1, 2, 3)).sum() < len(x)  # some rows dropped, some kept
+    torch.testing.assert_close(out, expected)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        # weight gradients sum over fewer rows here: fp32 rounding, not a different result
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_drop_path_with_every_row_dropped_skips_the_branch():
+    drop_path = cerebro.DropPath(1.0 - 1e-12).train()
+    x = torch.randn(4, 2, 3, 8)
+
+    def branch(t):
+        raise AssertionError("branch ran although every row was dropped")
+
+    assert torch.equal(drop_path(x, branch), x)
+
+
 def test_fx_symbolic_trace_matches_eager(small_model):
     x = torch.randn(2, 2, 1250)
     with torch.no_grad():
