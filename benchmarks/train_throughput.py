@@ -32,6 +32,7 @@ import contextlib
 import copy
 import json
 import os
+import random
 import statistics
 import time
 import types
@@ -204,10 +205,10 @@ def bench_size(size, device, batch, iters, warmup, peak, autocast, names, adam) 
     if peak is None:
         steps[("matmul", "ref")] = matmul_step(device, torch.float32)
     times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
-    keys = list(steps)
+    shuffle = random.Random(0).sample
     for i in range(warmup + iters):
-        # rotated each round, so that no variant always runs after the cache-clearing matmul
-        for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
+        # a new order each round: no variant always runs right after another (or the matmul)
+        for key in shuffle(list(steps), len(steps)):
             start = _now(device)
             steps[key]()
             if i >= warmup:
