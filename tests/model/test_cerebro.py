@@ -179,7 +179,7 @@ def mask_product_drop_path(x, branch, p=0.5):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_drop_path_on_kept_rows_equals_the_mask_product(small_model, seed):
+def test_drop_path_on_kept_rows_equals_the_mask_product(small_model, seed, monkeypatch):
     """On CPU the branch runs on the kept samples only; outputs and every gradient match the
     mask product of the same draw."""
     block = small_model.encoder.blocks[1].train()
@@ -199,11 +199,16 @@ def test_drop_path_on_kept_rows_equals_the_mask_product(small_model, seed):
 
     out, grads = run(block.drop_path)
     expected, expected_grads = run(mask_product_drop_path)
+    with monkeypatch.context() as patch:  # the model's own mask path (CUDA, torch.compile)
+        patch.setattr(cerebro, "_picks_rows", lambda x: False)
+        masked, masked_grads = run(block.drop_path)
+    torch.testing.assert_close(masked, expected, rtol=0, atol=0)
     assert 0 < (out != x).any(dim=(1, 2, 3)).sum() < len(x)  # some rows dropped, some kept
     torch.testing.assert_close(out, expected)
-    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+    for grad, expected_grad, masked_grad in zip(grads, expected_grads, masked_grads, strict=True):
         # weight gradients sum over fewer rows here: fp32 rounding, not a different result
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(masked_grad, expected_grad, rtol=0, atol=0)
 
 
 def test_drop_path_with_every_row_dropped_skips_the_branch():
