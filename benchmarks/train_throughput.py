@@ -19,8 +19,8 @@ samples/s. Where drop path skips the dropped samples' branches (p = 0.2: a fifth
 work in expectation), the arithmetic actually executed is lower: `exec` reports that rate.
 On CPU the rates are compared with that of a 2048x2048 float32 matmul measured in the same loop
 as the steps (so both see the same load on a shared machine); on CUDA with the GPU's dense bf16
-peak. A training step is forward + backward + Adam step on MSE loss (`fused`
-Adam by default, as `--adam plain` the per-parameter loop); the median step time is reported.
+peak. A training step is forward + backward + Adam step on MSE loss (`fused` Adam by default,
+as `--adam plain` the per-parameter loop); the median step time is reported.
 On a shared machine whose load average exceeds its cores, two OpenMP threads spin against other
 processes (a 2-thread step then runs slower than a 1-thread one): compare with `--threads 1`.
 """
@@ -56,7 +56,6 @@ GPU_BF16_PEAK = {
     "A10": 125.0,
 }
 VARIANTS = ("model", "masked", "explicit", "sdpa", "compiled")
-DROP_PATH = 0.2  # create_model's default, the paper's
 MATMUL_N = 2048
 
 
@@ -223,9 +222,9 @@ def bench_size(size, device, batch, iters, warmup, peak, autocast, names, adam) 
         row[f"{name}_{mode}_samples_s"] = batch / seconds
         row[f"{name}_{mode}_gflop_s"] = step_flops / seconds / 1e9
         row[f"{name}_{mode}_share_of_peak"] = step_flops / seconds / peak
-        if mode == "train":
-            skipped = DROP_PATH * branch_flops if picks_rows(name, device) else 0.0
-            row[f"{name}_train_executed_gflop_s"] = 3 * (flops - skipped) * batch / seconds / 1e9
+        if mode == "train" and picks_rows(name, device):
+            executed = flops - model.spec["drop_path"] * branch_flops  # expected, per sample
+            row[f"{name}_train_executed_gflop_s"] = 3 * executed * batch / seconds / 1e9
     if "explicit" in names:
         row["train_speedup_vs_explicit"] = (
             row["model_train_samples_s"] / row["explicit_train_samples_s"]
@@ -246,11 +245,12 @@ def describe(row: dict, names: list[str], cuda: bool) -> str:
     ref = "peak" if cuda else f"matmul {row['reference_gflop_s']:.0f} GFLOP/s"
     parts = [f"{row['size']:>6} b{row['batch']} ({ref}):"]
     for name in names:
-        model, executed = row[f"{name}_train_gflop_s"], row[f"{name}_train_executed_gflop_s"]
+        executed = row.get(f"{name}_train_executed_gflop_s")
         parts.append(
             f"{name} train {row[f'{name}_train_samples_s']:.1f}/s "
-            f"{model:.1f} GFLOP/s {100 * row[f'{name}_train_share_of_peak']:.0f}%"
-            + (f" (exec {executed:.1f})" if executed != model else "")
+            f"{row[f'{name}_train_gflop_s']:.1f} GFLOP/s "
+            f"{100 * row[f'{name}_train_share_of_peak']:.0f}%"
+            + (f" (exec {executed:.1f})" if executed is not None else "")
             + f", infer {row[f'{name}_infer_samples_s']:.1f}/s |"
         )
     parts.append(f"max|diff| {row['max_abs_diff_model_vs_explicit']:.2e}")
