@@ -112,6 +112,7 @@ class TrainConfig:
     split_seed: int = 42  # the split, kept apart so seeds vary the model, not the test set
     device: str = "auto"  # cuda when present
     amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
+    compile: bool = False  # torch.compile the training steps (for GPUs; see compile_for_training)
     report_epochs: tuple[int, ...] = ()
     out: str = "runs/train"
     num_workers: int = 0
@@ -312,6 +313,17 @@ def _train_epoch(
             "steps": steps, "lr": optimizer.param_groups[0]["lr"]}  # fmt: skip
 
 
+def compile_for_training(model: nn.Module) -> nn.Module:
+    """`torch.compile` for the training steps. Static shapes: an epoch's smaller last batch
+    compiles a second graph once, where a dynamic batch dimension would make every compile
+    slower (7 s against 54 s for small through aot_eager on CPU) and the kernels generic. On an
+    H100 compiled training of large at batch 1024 runs 1.6x faster than eager
+    (benchmarks/train_throughput.py --device cuda); on CPU the eager model is faster (its drop
+    path skips the dropped samples, which a graph cannot). Evaluation stays eager, and
+    checkpoints hold the eager model's keys."""
+    return torch.compile(model, dynamic=False)
+
+
 def _steps_per_epoch(config: TrainConfig, n_train: int) -> int:
     steps = math.ceil(n_train / config.batch_size)
     return min(steps, config.max_steps_per_epoch) if config.max_steps_per_epoch else steps
@@ -368,9 +380,14 @@ def fit(
     write_json(out / "config.json", config.to_dict())
     log.info("%s: train %d / val %d / test %d segments; %s", config.data, summary["n_train"],
              summary["n_val"], summary["n_test"], split.label)  # fmt: skip
+    log.info("training %s (%s, %s) on %s%s%s", config.size, config.freeze, config.init, device,
+             " with bf16 autocast" if config.amp and device.type == "cuda" else "",
+             ", compiled" if config.compile else "")  # fmt: skip
+    step_model = compile_for_training(model) if config.compile else model
     eval_kw = {"batch_size": config.eval_batch_size}
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
-        stats = _train_epoch(config, model, split.train, epoch, optimizer, scheduler, meta, device)
+        stats = _train_epoch(config, step_model, split.train, epoch, optimizer, scheduler, meta,
+                             device)  # fmt: skip
         val_pred = predict(model, split.val, meta, **eval_kw)
         val_mae, val_sbp, val_dbp = mean_mae(val_pred)
         if val_mae < state["best_val_mae"]:

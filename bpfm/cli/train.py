@@ -92,6 +92,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--split-seed", type=int, default=42)
     train.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     train.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    train.add_argument(
+        "--compile", action="store_true", help="torch.compile the training steps (GPUs: ~1.6x)"
+    )
     train.add_argument("--num-workers", type=int, default=0)
     train.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (tiny runs)")
     train.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
@@ -141,6 +144,7 @@ def _config_from_args(args: argparse.Namespace):
         split_seed=args.split_seed,
         device=args.device,
         amp=not args.no_amp,
+        compile=args.compile,
         report_epochs=args.report_epochs,
         out=args.out or str(home() / "runs" / "train"),
         num_workers=args.num_workers,

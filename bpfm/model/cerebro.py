@@ -116,24 +116,25 @@ class DropPath(nn.Module):
 # inter-channel blocks of a 2-channel model attend over 2 tokens, where a [2, 2] matmul per
 # (sample, patch, head) costs far more in call overhead than its arithmetic.
 SHORT_SEQUENCE = 4
-# Beyond this length CPU attention goes through SDPA: as fast there, and its flash kernel never
-# materialises the [length, length] scores (EEG pretraining: up to 100 patches, 64 channels).
+# Beyond this length attention goes through SDPA: its fused kernels pay off there and never
+# materialise the [length, length] scores (EEG pretraining: up to 100 patches, 64 channels).
 LONG_SEQUENCE = 32
 
 
 def _use_sdpa(x: torch.Tensor, axis: int) -> bool:
-    """SDPA's fused kernels win on accelerators and for long sequences. On CPU its flash kernel
-    is slower than `attention_core` for 2- and 19-token sequences
-    (benchmarks/train_throughput.py). Symbolic tracing has no concrete device or shapes and
-    keeps the SDPA graph."""
-    if isinstance(x, torch.fx.Proxy) or x.device.type != "cpu":
+    """SDPA for long sequences only. For the 2- and 19-token sequences of ECG + PPG windows
+    `attention_core` is faster on CPU and on CUDA alike: on an H100, cuDNN's SDPA kernels for
+    the 2-token inter-channel attention took 41 % of a large bf16 training step
+    (benchmarks/train_throughput.py, variant `sdpa`). Symbolic tracing has no concrete shapes
+    and keeps the SDPA graph."""
+    if isinstance(x, torch.fx.Proxy):
         return True
     return x.shape[axis] > LONG_SEQUENCE
 
 
 def attention_core(qkv: torch.Tensor, heads: int, over_channels: bool) -> torch.Tensor:
     """softmax(q k^T / sqrt(e)) v from a qkv Linear's output [B, C, P, 3D] to [B, C, P, D],
-    across channels (`over_channels`) or across patches: the CPU path of `Attention`.
+    across channels (`over_channels`) or across patches: `Attention` for short sequences.
 
     q, k and v stay strided views of `qkv` ([B, C, P, H, E]); no sequence-major copy of the
     tokens is made, and short sequences avoid per-sequence matmul calls altogether."""

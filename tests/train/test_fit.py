@@ -77,6 +77,32 @@ def test_resume_equals_uninterrupted_and_prefix_dir_is_the_shorter_run(tiny_conf
     assert not all(torch.equal(prefix[k], a[k]) for k in prefix)
 
 
+def test_compiled_training_equals_eager_and_saves_the_eager_keys(
+    tiny_config, tmp_path, monkeypatch
+):
+    """`compile=True` trains through torch.compile. The aot_eager backend keeps the test fast:
+    inductor's C++ build takes minutes on two cores; the GPU speed-up is a benchmark's job."""
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compile_(m, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    eager = fit(tiny_config(out=str(tmp_path / "eager")))
+    assert not counters["stats"]["unique_graphs"]
+    compiled = fit(tiny_config(out=str(tmp_path / "compiled"), compile=True))
+    assert counters["stats"]["unique_graphs"] >= 1  # the steps went through dynamo
+
+    a = _weights(tmp_path / "eager" / "model.safetensors")
+    b = _weights(tmp_path / "compiled" / "model.safetensors")
+    assert a.keys() == b.keys()  # no `_orig_mod.` prefixes
+    for key in a:  # same draws; eager CPU drop path sums over fewer rows, hence the tolerance
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert [h["train_loss"] for h in compiled.history] == pytest.approx(
+        [h["train_loss"] for h in eager.history], rel=1e-5
+    )
+
+
 def test_model_dirs_predictions_and_evaluate(tiny_config, tmp_path):
     out = tmp_path / "run"
     result = fit(tiny_config(out=str(out), epochs=2, report_epochs=(1,)))

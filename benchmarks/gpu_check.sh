@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU checks, as one short script for one call of a lent GPU machine (its own python3 and
+# torch; bpfm runs from the source tree, without Ray, MLflow or Optuna):
+#   1. the large model's bf16 training throughput and MFU (benchmarks/train_throughput.py
+#      --device cuda): at batch 1024 eager, with SDPA forced, with the paper code's explicit
+#      attention and compiled; at 256 eager and compiled;
+#   2. bpfm data synth/shard, then `bpfm train` and `bpfm evaluate` on CUDA (device auto, bf16
+#      autocast), and `bpfm pretrain` on CUDA.
+# Each step is bounded and reported on its own, so one failure does not hide the others.
+#
+#   OUT=/tmp/gpu-check bash benchmarks/gpu_check.sh       # logs and JSON under $OUT
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-check}
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+work=$(mktemp -d)
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...: runs it, logs to $OUT/NAME.log, remembers a failure
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*"
+    local started=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 4 "$OUT/$name.log"
+    echo "== $name: rc $rc in $((SECONDS - started)) s"
+    [ $rc -eq 0 ] || failed+=("$name")
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+$PY -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+
+step bench_b1024 300 $PY benchmarks/train_throughput.py --device cuda --iters 10 --json
+step bench_b256 200 $PY benchmarks/train_throughput.py --device cuda --batch 256 --iters 20 \
+    --variants model,compiled --json
+step synth 60 $PY -m bpfm.cli data synth --out "$work/pulsedb" --subjects 12 \
+    --segments-per-subject 8
+step shard 60 $PY -m bpfm.cli data shard "$work/pulsedb" --out "$work/shards"
+step train 120 $PY -m bpfm.cli train --data "$work/shards" --source mimic --size small \
+    --epochs 3 --batch-size 16 --out "$work/run" --json
+step evaluate 60 $PY -m bpfm.cli evaluate --model "$work/run" --json
+step pretrain 60 $PY -m bpfm.cli pretrain --out "$work/backbone.ckpt" --size small --synthetic \
+    --steps 40 --json
+echo "== failed: ${failed[*]:-none}"
+[ ${#failed[@]} -eq 0 ]
