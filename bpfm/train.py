@@ -278,13 +278,18 @@ def _train_loader(config: TrainConfig, view, epoch: int):
     return DataLoader(dataset, batch_size=None, num_workers=config.num_workers)
 
 
+def _autocasts(config: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast: on CUDA only, unless turned off."""
+    return config.amp and device.type == "cuda"
+
+
 def _train_epoch(
     config, model, view, epoch, optimizer, scheduler, meta, device
 ) -> dict[str, float]:
     loss_fn = _loss_fn(config)
     scale = torch.tensor(meta["target_scale"], dtype=torch.float32, device=device)
     shift = torch.tensor(meta["target_shift"], dtype=torch.float32, device=device)
-    use_amp = config.amp and device.type == "cuda"
+    use_amp = _autocasts(config, device)
     model.train()
     total_loss, samples, steps = 0.0, 0, 0
     started = time.perf_counter()
@@ -381,7 +386,7 @@ def fit(
     log.info("%s: train %d / val %d / test %d segments; %s", config.data, summary["n_train"],
              summary["n_val"], summary["n_test"], split.label)  # fmt: skip
     log.info("training %s (%s, %s) on %s%s%s", config.size, config.freeze, config.init, device,
-             " with bf16 autocast" if config.amp and device.type == "cuda" else "",
+             " with bf16 autocast" if _autocasts(config, device) else "",
              ", compiled" if config.compile else "")  # fmt: skip
     step_model = compile_for_training(model) if config.compile else model
     eval_kw = {"batch_size": config.eval_batch_size}

@@ -1,4 +1,5 @@
-"""Fixtures for the training tests: shard sets to learn from and a tiny-run config factory."""
+"""Fixtures for the training tests: shard sets to learn from, a tiny-run config factory, and
+torch.compile through aot_eager."""
 
 from __future__ import annotations
 
@@ -57,3 +58,18 @@ def tiny_config(synthetic_shards: str, tmp_path: Path):
         return TrainConfig(**values)
 
     return make
+
+
+@pytest.fixture
+def aot_eager_compile(monkeypatch):
+    """torch.compile with the aot_eager backend (dynamo and AOT autograd, no codegen: inductor's
+    C++ build takes minutes on two cores; the GPU speed-up is a benchmark's job). Yields
+    dynamo's counters, cleared."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compile_(m, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    return counters

@@ -62,18 +62,11 @@ def test_train_and_evaluate_json(synthetic_shards, tmp_path, capsys):
     assert "calfree" in capsys.readouterr().out
 
 
-def test_train_compile_flag(synthetic_shards, tmp_path, capsys, monkeypatch):
-    """`--compile` reaches the training steps (aot_eager: see test_fit's compiled test)."""
-    import torch
-    from torch._dynamo.utils import counters
-
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: compile_(m, backend="aot_eager", **kw))
-    torch._dynamo.reset()
-    counters.clear()
+def test_train_compile_flag(synthetic_shards, tmp_path, aot_eager_compile):
+    """`--compile` reaches the training steps."""
     out = tmp_path / "run"
     assert main(_train_args(synthetic_shards, out, "--compile")) == 0
-    assert counters["stats"]["unique_graphs"] >= 1
+    assert aot_eager_compile["stats"]["unique_graphs"] >= 1
     assert json.loads((out / "config.json").read_text())["compile"] is True
 
 

@@ -78,16 +78,10 @@ def test_resume_equals_uninterrupted_and_prefix_dir_is_the_shorter_run(tiny_conf
 
 
 def test_compiled_training_equals_eager_and_saves_the_eager_keys(
-    tiny_config, tmp_path, monkeypatch
+    tiny_config, tmp_path, aot_eager_compile
 ):
-    """`compile=True` trains through torch.compile. The aot_eager backend keeps the test fast:
-    inductor's C++ build takes minutes on two cores; the GPU speed-up is a benchmark's job."""
-    from torch._dynamo.utils import counters
-
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: compile_(m, backend="aot_eager", **kw))
-    torch._dynamo.reset()
-    counters.clear()
+    """`compile=True` trains through torch.compile (aot_eager here)."""
+    counters = aot_eager_compile
     eager = fit(tiny_config(out=str(tmp_path / "eager")))
     assert not counters["stats"]["unique_graphs"]
     compiled = fit(tiny_config(out=str(tmp_path / "compiled"), compile=True))
