@@ -5,10 +5,13 @@
 #      --device cuda): at batch 1024 eager, with SDPA forced, with the paper code's explicit
 #      attention and compiled; at 256 eager and compiled;
 #   2. bpfm data synth/shard, then `bpfm train` and `bpfm evaluate` on CUDA (device auto, bf16
-#      autocast), and `bpfm pretrain` on CUDA.
+#      autocast), and `bpfm pretrain` on CUDA;
+#   3. with AUTOTUNE=1 only, the compiled variant again in max-autotune mode (Triton GEMM
+#      templates with fused epilogues; several minutes of compile, so not in the default run).
 # Each step is bounded and reported on its own, so one failure does not hide the others.
 #
 #   OUT=/tmp/gpu-check bash benchmarks/gpu_check.sh       # logs and JSON under $OUT
+#   AUTOTUNE=1 bash benchmarks/gpu_check.sh                # plus step 3 (about 10 min in all)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 PY=${PYTHON:-python3}
@@ -43,5 +46,9 @@ step train 120 $PY -m bpfm.cli train --data "$work/shards" --source mimic --size
 step evaluate 60 $PY -m bpfm.cli evaluate --model "$work/run" --json
 step pretrain 60 $PY -m bpfm.cli pretrain --out "$work/backbone.ckpt" --size small --synthetic \
     --steps 40 --json
+if [ "${AUTOTUNE:-0}" = 1 ]; then
+    step bench_autotune 300 $PY benchmarks/train_throughput.py --device cuda --iters 10 \
+        --variants model,compiled --compile-mode max-autotune-no-cudagraphs --json
+fi
 echo "== failed: ${failed[*]:-none}"
 [ ${#failed[@]} -eq 0 ]

@@ -10,8 +10,8 @@ on CPU drop path running each residual branch on the kept samples only, on CUDA 
 product); `masked` is the same with the paper code's drop path (every sample through every
 branch, times a 0/1 mask); `explicit` swaps in the paper code's attention (tokens rearranged
 into sequences, scores materialised); `sdpa` forces the model's `F.scaled_dot_product_attention`
-branch; `compiled` is `torch.compile(model)` (its compile time is reported apart, not in the
-steps).
+branch; `compiled` is `torch.compile(model)` in `--compile-mode` (its compile time is reported
+apart, not in the steps).
 
 Model FLOPs are analytic (dense layers + attention, forward x3 for a training step; the
 convention behind the paper's 154/196/198 GFLOP/s figures and behind MFU); optimizer, norms and
@@ -57,6 +57,9 @@ GPU_BF16_PEAK = {
     "A10": 125.0,
 }
 VARIANTS = ("model", "masked", "explicit", "sdpa", "compiled")
+# max-autotune benchmarks Triton GEMM templates that can fuse the bias, GELU and residual
+# epilogues (minutes of compile for large); reduce-overhead replays CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MATMUL_N = 2048
 
 
@@ -168,7 +171,7 @@ def make_step(model, x, y, train: bool, autocast: bool, adam: str, variant: str 
     return step
 
 
-def build_variants(model, names, x, y, autocast, adam) -> tuple[dict, dict]:
+def build_variants(model, names, x, y, autocast, adam, compile_mode=None) -> tuple[dict, dict]:
     """{(variant, mode): step} and extras (max abs diff to explicit, compile seconds)."""
     variants, extras = {}, {}
     explicit = with_explicit_attention(model)
@@ -181,7 +184,7 @@ def build_variants(model, names, x, y, autocast, adam) -> tuple[dict, dict]:
         net = {"explicit": explicit}.get(name, model)
         if name == "compiled":
             net = copy.deepcopy(model)
-            compiled = torch.compile(net)
+            compiled = torch.compile(net, mode=compile_mode)
             started = time.perf_counter()
             make_step(compiled, x, y, True, autocast, adam)()  # compiles forward and backward
             make_step(compiled, x, y, False, autocast, adam)()  # and the no-grad forward
@@ -194,14 +197,16 @@ def build_variants(model, names, x, y, autocast, adam) -> tuple[dict, dict]:
     return variants, extras
 
 
-def bench_size(size, device, batch, iters, warmup, peak, autocast, names, adam) -> dict:
+def bench_size(
+    size, device, batch, iters, warmup, peak, autocast, names, adam, compile_mode=None
+) -> dict:
     """All variants' steps and (on CPU) the reference matmul are interleaved, so they see the
     same load on a shared machine; the matmul's median sets this size's reference rate."""
     torch.manual_seed(0)
     model = create_model(size).to(device)
     x = torch.randn(batch, 2, 1250, device=device)
     y = torch.randn(batch, 2, device=device)
-    steps, row_extras = build_variants(model, names, x, y, autocast, adam)
+    steps, row_extras = build_variants(model, names, x, y, autocast, adam, compile_mode)
     if peak is None:
         steps[("matmul", "ref")] = matmul_step(device, torch.float32)
     times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
@@ -279,6 +284,12 @@ def main() -> None:
         "model,sdpa,explicit,compiled on CUDA)",
     )
     parser.add_argument("--adam", default="fused", choices=("fused", "plain"))
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=COMPILE_MODES,
+        help="torch.compile mode of the compiled variant (default: inductor's default)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU dense bf16 peak")
     parser.add_argument("--json", action="store_true", help="one JSON object as the last line")
     args = parser.parse_args()
@@ -305,11 +316,16 @@ def main() -> None:
         }
     else:
         reference = {"threads": torch.get_num_threads(), "adam": args.adam}
+    if "compiled" in names:
+        reference["compile_mode"] = args.compile_mode or "default"
     reference["load_avg_1m_before"] = os.getloadavg()[0]
     print(json.dumps(reference) if args.json else reference)
     rows = []
     for size in sizes:
-        row = bench_size(size, device, batch, args.iters, args.warmup, peak, cuda, names, args.adam)
+        row = bench_size(
+            size, device, batch, args.iters, args.warmup, peak, cuda, names, args.adam,
+            args.compile_mode,
+        )  # fmt: skip
         row["load_avg_1m_after"] = os.getloadavg()[0]
         rows.append(row)
         if not args.json:

@@ -44,13 +44,37 @@ def _fault_marker(ctx: TrialContext, trial_id: str) -> Path | None:
     return Path(ctx.fault_marker_dir) / f"{trial_id}.fired"
 
 
+TRIAL_WORK_PREFIX = "bpfm-trial-"
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def trial_work_dir() -> Path:
+    """A fresh scratch folder for one trial, named after its process. Folders of trial processes
+    that no longer run are removed first: a trial killed with its driver (Ray kills its actors)
+    never runs its cleanup and would leave its checkpoints in the node's temp folder."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{TRIAL_WORK_PREFIX}*-*"):
+        pid = folder.name.removeprefix(TRIAL_WORK_PREFIX).split("-")[0]
+        if pid.isdigit() and not _process_runs(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{TRIAL_WORK_PREFIX}{os.getpid()}-"))
+
+
 def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
     """Tune trainable: one trial = one configuration trained to its largest epoch count,
     reporting (and logging) each of its cells on the way."""
     tracking.configure()
     trial = trial_from_config(config)
     trial_id = tune.get_context().get_trial_id() or trial.id
-    work = Path(tempfile.mkdtemp(prefix="bpfm-trial-"))
+    work = trial_work_dir()
     try:
         train = train_config(config, ctx, work / "out")
         node = ray.get_runtime_context().get_node_id()
@@ -203,6 +227,26 @@ _CREDENTIAL_FILE_KEYS = {"AWS_ACCESS_KEY_ID": "aws_access_key_id",
 
 
 @contextlib.contextmanager
+def _private_file(text: str) -> Iterator[str]:
+    """A path to `text` readable by this user only. On Linux an anonymous in-memory file
+    (memfd): it dies with the process, so a killed driver leaves no credentials behind in /tmp
+    (a temporary directory's cleanup never runs on SIGKILL)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("bpfm-aws-credentials")
+        try:
+            os.write(fd, text.encode())
+            yield f"/proc/{os.getpid()}/fd/{fd}"  # reopens from the start, for any reader
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="bpfm-aws-") as folder:
+        path = Path(folder) / "credentials"
+        path.touch(mode=0o600)
+        path.write_text(text)
+        yield str(path)
+
+
+@contextlib.contextmanager
 def credentials_kept_from_trials() -> Iterator[None]:
     """Move the driver's AWS credentials from its environment into a private credentials file
     (AWS_SHARED_CREDENTIALS_FILE, which boto3 and pyarrow read) while Tune runs, so that Tune
@@ -214,16 +258,13 @@ def credentials_kept_from_trials() -> Iterator[None]:
         yield
         return
     saved_file = os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
-    with tempfile.TemporaryDirectory(prefix="bpfm-aws-") as folder:
-        path = Path(folder) / "credentials"
-        lines = [f"[{os.environ.get('AWS_PROFILE', 'default')}]"]
-        lines += [f"{_CREDENTIAL_FILE_KEYS[k]} = {v}" for k, v in found.items()
-                  if k in _CREDENTIAL_FILE_KEYS]  # fmt: skip
-        path.touch(mode=0o600)
-        path.write_text("\n".join(lines) + "\n")
+    lines = [f"[{os.environ.get('AWS_PROFILE', 'default')}]"]
+    lines += [f"{_CREDENTIAL_FILE_KEYS[k]} = {v}" for k, v in found.items()
+              if k in _CREDENTIAL_FILE_KEYS]  # fmt: skip
+    with _private_file("\n".join(lines) + "\n") as path:
         for key in found:
             del os.environ[key]
-        os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(path)
+        os.environ["AWS_SHARED_CREDENTIALS_FILE"] = path
         try:
             yield
         finally:
