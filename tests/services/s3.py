@@ -113,7 +113,8 @@ def _command(weed: str, workdir: Path, ports: dict[str, int], config: Path) -> l
     # `weed server` rather than `weed mini`: mini also starts an admin server and a worker that
     # dial a port derived from the admin port, not the one given, and retry forever.
     return [
-        weed, "server",
+        weed, f"-logdir={workdir}",  # glog's files (else in /tmp, never removed)
+        "server",
         f"-dir={workdir / 'data'}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
