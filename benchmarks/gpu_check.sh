@@ -3,7 +3,7 @@
 # torch; bpfm runs from the source tree, without Ray, MLflow or Optuna):
 #   1. the large model's bf16 training throughput and MFU (benchmarks/train_throughput.py
 #      --device cuda): at batch 1024 eager, with SDPA forced, with the paper code's explicit
-#      attention and compiled; at 256 eager and compiled;
+#      attention and compiled; at 256 eager and compiled; small at 1024 eager, SDPA, compiled;
 #   2. bpfm data synth/shard, then `bpfm train` and `bpfm evaluate` on CUDA (device auto, bf16
 #      autocast), and `bpfm pretrain` on CUDA;
 #   3. with AUTOTUNE=1 only, the compiled variant again in max-autotune mode (Triton GEMM
@@ -38,6 +38,9 @@ $PY -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_na
 step bench_b1024 300 $PY benchmarks/train_throughput.py --device cuda --iters 10 --json
 step bench_b256 200 $PY benchmarks/train_throughput.py --device cuda --batch 256 --iters 20 \
     --variants model,compiled --json
+# small: is the length-only attention rule right for a launch-bound model too?
+step bench_small 120 $PY benchmarks/train_throughput.py --device cuda --sizes small --iters 20 \
+    --variants model,sdpa,compiled --json
 step synth 60 $PY -m bpfm.cli data synth --out "$work/pulsedb" --subjects 12 \
     --segments-per-subject 8
 step shard 60 $PY -m bpfm.cli data shard "$work/pulsedb" --out "$work/shards"
