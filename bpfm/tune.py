@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,14 +59,17 @@ def _process_runs(pid: int) -> bool:
 
 
 def trial_work_dir() -> Path:
-    """A fresh scratch folder for one trial, named after its process. Folders of trial processes
-    that no longer run are removed first: a trial killed with its driver (Ray kills its actors)
-    never runs its cleanup and would leave its checkpoints in the node's temp folder."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{TRIAL_WORK_PREFIX}*-*"):
-        pid = folder.name.removeprefix(TRIAL_WORK_PREFIX).split("-")[0]
-        if pid.isdigit() and not _process_runs(int(pid)):
+    """A fresh scratch folder for one trial, named after its host and process. Folders of this
+    host's trial processes that no longer run are removed first: a trial killed with its driver
+    (Ray kills its actors) never runs its cleanup and would leave its checkpoints in the node's
+    temp folder. The host name keeps containers that share a temp folder but not their process
+    IDs away from each other's folders."""
+    owner = f"{TRIAL_WORK_PREFIX}{socket.gethostname()}"
+    for folder in Path(tempfile.gettempdir()).glob(f"{owner}-*-*"):
+        host, pid, _ = folder.name.rsplit("-", 2)  # mkdtemp's random suffix has no "-"
+        if host == owner and pid.isdigit() and not _process_runs(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{TRIAL_WORK_PREFIX}{os.getpid()}-"))
+    return Path(tempfile.mkdtemp(prefix=f"{owner}-{os.getpid()}-"))
 
 
 def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
