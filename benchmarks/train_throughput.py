@@ -37,7 +37,8 @@ import random
 import statistics
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -125,17 +126,8 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
     return 2 * n**3 / statistics.median(times[3:])
 
 
-@contextlib.contextmanager
-def patched(name: str, replacement: Callable) -> Iterator[None]:
-    saved = getattr(cerebro, name)
-    setattr(cerebro, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(cerebro, name, saved)
-
-
-# Within these, the model takes its SDPA branch on CPU too / drops paths by the mask product.
+# Within these, the model takes its SDPA branch for every length / drops paths by the mask
+# product on CPU too.
 PATCHES = {
     "sdpa": ("_use_sdpa", lambda x, axis: True),
     "masked": ("_picks_rows", lambda x: False),
@@ -165,13 +157,14 @@ def make_step(model, x, y, train: bool, autocast: bool, adam: str, variant: str 
         optimizer.step()
 
     def step() -> None:
-        with patched(*PATCHES[variant]) if variant in PATCHES else contextlib.nullcontext():
+        patch = mock.patch.object(cerebro, *PATCHES[variant]) if variant in PATCHES else None
+        with patch or contextlib.nullcontext():
             run()
 
     return step
 
 
-def build_variants(model, names, x, y, autocast, adam, compile_mode=None) -> tuple[dict, dict]:
+def build_variants(model, names, x, y, autocast, adam, compile_mode="default") -> tuple[dict, dict]:
     """{(variant, mode): step} and extras (max abs diff to explicit, compile seconds)."""
     variants, extras = {}, {}
     explicit = with_explicit_attention(model)
@@ -198,7 +191,7 @@ def build_variants(model, names, x, y, autocast, adam, compile_mode=None) -> tup
 
 
 def bench_size(
-    size, device, batch, iters, warmup, peak, autocast, names, adam, compile_mode=None
+    size, device, batch, iters, warmup, peak, autocast, names, adam, compile_mode="default"
 ) -> dict:
     """All variants' steps and (on CPU) the reference matmul are interleaved, so they see the
     same load on a shared machine; the matmul's median sets this size's reference rate."""
@@ -286,9 +279,9 @@ def main() -> None:
     parser.add_argument("--adam", default="fused", choices=("fused", "plain"))
     parser.add_argument(
         "--compile-mode",
-        default=None,
+        default="default",
         choices=COMPILE_MODES,
-        help="torch.compile mode of the compiled variant (default: inductor's default)",
+        help="torch.compile mode of the compiled variant",
     )
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU dense bf16 peak")
     parser.add_argument("--json", action="store_true", help="one JSON object as the last line")
@@ -317,7 +310,7 @@ def main() -> None:
     else:
         reference = {"threads": torch.get_num_threads(), "adam": args.adam}
     if "compiled" in names:
-        reference["compile_mode"] = args.compile_mode or "default"
+        reference["compile_mode"] = args.compile_mode
     reference["load_avg_1m_before"] = os.getloadavg()[0]
     print(json.dumps(reference) if args.json else reference)
     rows = []

@@ -4,11 +4,12 @@ attention. Module and parameter names follow the official checkpoints (`research
 so their `model.*` keys load with a one-line prefix change.
 
 Tokens are kept as contiguous [B, C, P, D] inside the blocks: LayerNorm, MLP and the qkv/proj
-Linears work on any leading shape, so the token tensor itself never needs a transpose. Attention
-goes through `F.scaled_dot_product_attention` on accelerators and under symbolic tracing; on CPU
-`attention_core` computes the same softmax(q k^T / sqrt(e)) v on strided views of the qkv output,
-which is faster there for these short sequences. All reshapes are view/permute/reshape/einsum,
-which torch.fx, torch.export and torch.compile trace.
+Linears work on any leading shape, so the token tensor itself never needs a transpose. Long
+sequences and symbolic tracing attend through `F.scaled_dot_product_attention`; the short ones of
+ECG + PPG windows (2 and 19 tokens) through `attention_core`, the same softmax(q k^T / sqrt(e)) v
+on strided views of the qkv output, which is faster for them on CPU and CUDA alike (`_use_sdpa`).
+All reshapes are view/permute/reshape/einsum, which torch.fx, torch.export and torch.compile
+trace.
 """
 
 from __future__ import annotations
