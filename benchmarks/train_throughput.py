@@ -194,7 +194,10 @@ def bench_size(
     size, device, batch, iters, warmup, peak, autocast, names, adam, compile_mode="default"
 ) -> dict:
     """All variants' steps and (on CPU) the reference matmul are interleaved, so they see the
-    same load on a shared machine; the matmul's median sets this size's reference rate."""
+    same load on a shared machine. On CPU a step's share of the matmul rate is the median over
+    rounds of its rate against the matmul's rate in the same round: this VM's speed drifts by a
+    third within a run, and pairing cancels the drift that a ratio of two medians keeps (six
+    runs of small: 77-82 % as a ratio of medians, 77.5-79 % paired)."""
     torch.manual_seed(0)
     model = create_model(size).to(device)
     x = torch.randn(batch, 2, 1250, device=device)
@@ -211,16 +214,21 @@ def bench_size(
             steps[key]()
             if i >= warmup:
                 times[key].append(_now(device) - start)
-    if peak is None:
-        peak = 2 * MATMUL_N**3 / statistics.median(times.pop(("matmul", "ref")))
+    # the matmul's rate in the same round on CPU, the fixed peak on CUDA
+    matmul_times = times.pop(("matmul", "ref"), None)
+    peaks = [2 * MATMUL_N**3 / t for t in matmul_times] if matmul_times else [peak] * iters
     flops, branch_flops = forward_flops(size)
-    row = {"size": size, "batch": batch, "reference_gflop_s": peak / 1e9, **row_extras}
+    row = {"size": size, "batch": batch, "reference_gflop_s": statistics.median(peaks) / 1e9}
+    row.update(row_extras)
     for (name, mode), values in times.items():
         seconds = statistics.median(values)
         step_flops = (3 if mode == "train" else 1) * flops * batch
         row[f"{name}_{mode}_samples_s"] = batch / seconds
         row[f"{name}_{mode}_gflop_s"] = step_flops / seconds / 1e9
-        row[f"{name}_{mode}_share_of_peak"] = step_flops / seconds / peak
+        shares = [step_flops / t / rate for t, rate in zip(values, peaks, strict=True)]
+        row[f"{name}_{mode}_share_of_peak"] = statistics.median(shares)
+        if len(shares) > 1:
+            row[f"{name}_{mode}_share_quartiles"] = statistics.quantiles(shares, n=4)[::2]
         if mode == "train" and picks_rows(name, device):
             executed = flops - model.spec["drop_path"] * branch_flops  # expected, per sample
             row[f"{name}_train_executed_gflop_s"] = 3 * executed * batch / seconds / 1e9
@@ -240,6 +248,10 @@ def gpu_peak(name: str, override: float | None) -> float:
     raise SystemExit(f"unknown GPU {name!r}: pass --peak-tflops (dense bf16)")
 
 
+def quartiles(pair: list[float] | None) -> str:
+    return f" (IQR {100 * pair[0]:.0f}-{100 * pair[1]:.0f}%)" if pair and pair[0] != pair[1] else ""
+
+
 def describe(row: dict, names: list[str], cuda: bool) -> str:
     ref = "peak" if cuda else f"matmul {row['reference_gflop_s']:.0f} GFLOP/s"
     parts = [f"{row['size']:>6} b{row['batch']} ({ref}):"]
@@ -249,6 +261,7 @@ def describe(row: dict, names: list[str], cuda: bool) -> str:
             f"{name} train {row[f'{name}_train_samples_s']:.1f}/s "
             f"{row[f'{name}_train_gflop_s']:.1f} GFLOP/s "
             f"{100 * row[f'{name}_train_share_of_peak']:.0f}%"
+            + quartiles(row.get(f"{name}_train_share_quartiles"))
             + (f" (exec {executed:.1f})" if executed is not None else "")
             + f", infer {row[f'{name}_infer_samples_s']:.1f}/s |"
         )
