@@ -104,10 +104,21 @@ def exists(uri: str) -> bool:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, attempts: int = 5) -> bytes:
+    """The whole file, as one version of it.
+
+    pyarrow reads an S3 object with a HEAD for its size and then a GET of that many bytes. An
+    object replaced in between (`publish_bytes` by another process) would come back as the first
+    bytes of a longer new version, or a shorter one padded with zeros: so a read whose length
+    differs from the object's size afterwards is read again."""
     fs, path = filesystem_for(uri)
-    with storage_errors(uri), fs.open_input_stream(path) as stream:
-        return stream.read()
+    for _ in range(attempts):
+        with storage_errors(uri):
+            with fs.open_input_stream(path) as stream:
+                data = stream.read()
+            if fs.get_file_info(path).size == len(data):
+                return data
+    raise BpfmError(f"{uri}: the file changed while being read, {attempts} times in a row")
 
 
 def write_bytes(uri: str, data: bytes) -> None:

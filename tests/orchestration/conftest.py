@@ -108,16 +108,16 @@ def two_node_ray(env: dict[str, str]) -> Iterator[list[str]]:
 
 
 def trial_states(experiment_uri: str) -> dict[str, str]:
-    """Trial id -> status in the latest experiment state Tune saved (folder or s3://)."""
-    from bpfm.storage import filesystem_for
+    """Trial id -> status in the latest experiment state Tune saved (folder or s3://). A running
+    driver replaces that object every few seconds: `read_bytes` returns whole versions only."""
+    from bpfm.storage import filesystem_for, join, read_bytes
 
     fs, root = filesystem_for(experiment_uri)
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    states = sorted(i.path for i in infos if i.base_name.startswith("experiment_state-"))
+    states = sorted(i.base_name for i in infos if i.base_name.startswith("experiment_state-"))
     if not states:
         return {}
-    with fs.open_input_stream(states[-1]) as stream:
-        data = json.loads(stream.read())
+    data = json.loads(read_bytes(join(experiment_uri, states[-1])))
     trials = (json.loads(entry[0]) for entry in data["trial_data"])
     return {t["trial_id"]: t["status"] for t in trials}
 
