@@ -11,7 +11,6 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import yaml
 
 # The smallest grid that still exercises every stage: the real `small` model, one optimizer step
@@ -110,11 +109,9 @@ def two_node_ray(env: dict[str, str]) -> Iterator[list[str]]:
 def trial_states(experiment_uri: str) -> dict[str, str]:
     """Trial id -> status in the latest experiment state Tune saved (folder or s3://). A running
     driver replaces that object every few seconds: `read_bytes` returns whole versions only."""
-    from bpfm.storage import filesystem_for, join, read_bytes
+    from bpfm.storage import join, list_dir, read_bytes
 
-    fs, root = filesystem_for(experiment_uri)
-    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    states = sorted(i.base_name for i in infos if i.base_name.startswith("experiment_state-"))
+    states = [name for name in list_dir(experiment_uri) if name.startswith("experiment_state-")]
     if not states:
         return {}
     data = json.loads(read_bytes(join(experiment_uri, states[-1])))
