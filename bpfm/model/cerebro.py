@@ -6,8 +6,8 @@ so their `model.*` keys load with a one-line prefix change.
 Tokens are kept as contiguous [B, C, P, D] inside the blocks: LayerNorm, MLP and the qkv/proj
 Linears work on any leading shape, so the token tensor itself never needs a transpose. Long
 sequences and symbolic tracing attend through `F.scaled_dot_product_attention`; the short ones of
-ECG + PPG windows (2 and 19 tokens) through `attention_core`, the same softmax(q k^T / sqrt(e)) v
-on strided views of the qkv output, which is faster for them on CPU and CUDA alike (`_use_sdpa`).
+ECG + PPG windows (2 and 19 tokens) through `attention.attend`, which is faster for them on CPU
+and CUDA alike (`_use_sdpa`).
 All reshapes are view/permute/reshape/einsum, which torch.fx, torch.export and torch.compile
 trace.
 """
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfm.errors import BpfmError
+from bpfm.model.attention import attend
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,6 @@ class DropPath(nn.Module):
         return x + branch(x) * keep.div_(keep_prob).view((-1,) + (1,) * (x.dim() - 1))
 
 
-# Sequences up to this length attend by broadcast products instead of batched matmuls: the
-# inter-channel blocks of a 2-channel model attend over 2 tokens, where a [2, 2] matmul per
-# (sample, patch, head) costs far more in call overhead than its arithmetic.
-SHORT_SEQUENCE = 4
 # Beyond this length attention goes through SDPA: its fused kernels pay off there and never
 # materialise the [length, length] scores (EEG pretraining: up to 100 patches, 64 channels).
 LONG_SEQUENCE = 32
@@ -124,41 +121,13 @@ LONG_SEQUENCE = 32
 
 def _use_sdpa(x: torch.Tensor, axis: int) -> bool:
     """SDPA for long sequences only. For the 2- and 19-token sequences of ECG + PPG windows
-    `attention_core` is faster on CPU and on CUDA alike: on an H100, cuDNN's SDPA kernels for
+    `attention.attend` is faster on CPU and on CUDA alike: on an H100, cuDNN's SDPA kernels for
     the 2-token inter-channel attention took 41 % of a large bf16 training step
     (benchmarks/train_throughput.py, variant `sdpa`). Symbolic tracing has no concrete shapes
     and keeps the SDPA graph."""
     if isinstance(x, torch.fx.Proxy):
         return True
     return x.shape[axis] > LONG_SEQUENCE
-
-
-def attention_core(qkv: torch.Tensor, heads: int, over_channels: bool) -> torch.Tensor:
-    """softmax(q k^T / sqrt(e)) v from a qkv Linear's output [B, C, P, 3D] to [B, C, P, D],
-    across channels (`over_channels`) or across patches: `Attention` for short sequences.
-
-    q, k and v stay strided views of `qkv` ([B, C, P, H, E]); no sequence-major copy of the
-    tokens is made, and short sequences avoid per-sequence matmul calls altogether."""
-    b, c, p, width = qkv.shape
-    d = width // 3
-    q, k, v = qkv.view(b, c, p, 3, heads, d // heads).unbind(3)
-    scale = q.shape[-1] ** -0.5
-    axis = 1 if over_channels else 2
-    if q.shape[axis] <= SHORT_SEQUENCE:
-        # scores [.., i, j, ..]: query position i on `axis`, key position j next to it; scaled
-        # after the sum, where they are a head_dim-th the size of q
-        scores = (q.unsqueeze(axis + 1) * k.unsqueeze(axis)).sum(-1)
-        weights = (scores * scale).softmax(axis + 1)
-        out = (weights.unsqueeze(-1) * v.unsqueeze(axis)).sum(axis + 1)
-        return out.reshape(b, c, p, d)
-    q = q * scale
-    if over_channels:
-        weights = torch.einsum("bcphe,bkphe->bphck", q, k).softmax(-1)
-        out = torch.einsum("bphck,bkphe->bcphe", weights, v)
-    else:
-        weights = torch.einsum("bcphe,bckhe->bchpk", q, k).softmax(-1)
-        out = torch.einsum("bchpk,bckhe->bcphe", weights, v)
-    return out.reshape(b, c, p, d)
 
 
 class Attention(nn.Module):
@@ -199,7 +168,7 @@ class Attention(nn.Module):
         if _use_sdpa(x, axis=1 if self.over_channels else 2):
             q, k, v = self.split_heads(x)
             return self.proj(self.merge_heads(F.scaled_dot_product_attention(q, k, v), x.shape))
-        return self.proj(attention_core(self.qkv(x), self.heads, self.over_channels))
+        return self.proj(attend(self.qkv(x), self.heads, self.over_channels))
 
 
 class Mlp(nn.Module):

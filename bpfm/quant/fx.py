@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from bpfm.errors import BpfmError
-from bpfm.model.cerebro import Attention, attention_core
+from bpfm.model.attention import attention_core
+from bpfm.model.cerebro import Attention
 
 # The torch.ao warnings, by the start of their messages (warnings matches from the start).
 AO_WARNINGS = (
@@ -111,7 +112,7 @@ def qconfig(config, engine: str):
 class AttentionCore(nn.Module):
     """softmax(q k^T / sqrt(e)) v of a CEReBrO `Attention`, from its qkv Linear's output
     [B, C, P, 3D] to the input of its proj Linear [B, C, P, D], through the model's own CPU path
-    (`cerebro.attention_core`). A leaf for torch.fx: it runs on concrete tensors, so it keeps the
+    (`attention.attention_core`). A leaf for torch.fx: it runs on concrete tensors, so it keeps the
     broadcast products for short sequences, which symbolic tracing cannot (the traced model
     would otherwise take its SDPA branch, slower on CPU for 2 and 19 tokens)."""
 
