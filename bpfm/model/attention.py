@@ -84,9 +84,10 @@ class PairAttention(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         qkv, key_diff, value_diff, weight = ctx.saved_tensors
         axis = ctx.axis
-        q = _heads_view(qkv, ctx.heads)[:, :, :, 0]
+        split = _heads_view(qkv, ctx.heads)
+        q = split[:, :, :, 0]
         grad_out = grad_out.view(q.shape)
-        grad = torch.empty_like(_heads_view(qkv, ctx.heads))
+        grad = torch.empty_like(split)
         grad_q, grad_k, grad_v = grad.unbind(3)
         # d loss / d score_i, through the sigmoid and the scale
         grad_score = (grad_out * value_diff).sum(-1, keepdim=True)

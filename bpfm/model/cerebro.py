@@ -7,9 +7,8 @@ Tokens are kept as contiguous [B, C, P, D] inside the blocks: LayerNorm, MLP and
 Linears work on any leading shape, so the token tensor itself never needs a transpose. Long
 sequences and symbolic tracing attend through `F.scaled_dot_product_attention`; the short ones of
 ECG + PPG windows (2 and 19 tokens) through `attention.attend`, which is faster for them on CPU
-and CUDA alike (`_use_sdpa`).
-All reshapes are view/permute/reshape/einsum, which torch.fx, torch.export and torch.compile
-trace.
+and CUDA alike (`_use_sdpa`). All reshapes are view/permute/reshape/einsum, which torch.fx,
+torch.export and torch.compile trace.
 """
 
 from __future__ import annotations
