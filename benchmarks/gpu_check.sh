@@ -12,17 +12,24 @@
 #
 #   OUT=/tmp/gpu-check bash benchmarks/gpu_check.sh       # logs and JSON under $OUT
 #   AUTOTUNE=1 bash benchmarks/gpu_check.sh                # plus step 3 (about 10 min in all)
+#   ONLY=bench_autotune AUTOTUNE=1 bash benchmarks/gpu_check.sh   # just the named steps
+# The bounds add up to more than one device call's 10 minutes: a session with little device
+# time left names the steps it still needs in ONLY (comma-separated).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 failed=()
 
 step() {  # step NAME SECONDS COMMAND...: runs it, logs to $OUT/NAME.log, remembers a failure
     local name=$1 limit=$2
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then
+        return
+    fi
     echo "== $name: $*"
     local started=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
