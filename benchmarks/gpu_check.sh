@@ -11,10 +11,10 @@
 # Each step is bounded and reported on its own, so one failure does not hide the others.
 #
 #   OUT=/tmp/gpu-check bash benchmarks/gpu_check.sh       # logs and JSON under $OUT
-#   AUTOTUNE=1 bash benchmarks/gpu_check.sh                # plus step 3 (about 10 min in all)
+#   AUTOTUNE=1 bash benchmarks/gpu_check.sh                # plus step 3
 #   ONLY=bench_autotune AUTOTUNE=1 bash benchmarks/gpu_check.sh   # just the named steps
-# The bounds add up to more than one device call's 10 minutes: a session with little device
-# time left names the steps it still needs in ONLY (comma-separated).
+# The bounds add up to 16 minutes (25 with AUTOTUNE=1), more than one device call's 10: a call
+# names the steps it needs in ONLY (comma-separated); step 3 alone fits one call.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 PY=${PYTHON:-python3}
@@ -57,7 +57,7 @@ step evaluate 60 $PY -m bpfm.cli evaluate --model "$work/run" --json
 step pretrain 60 $PY -m bpfm.cli pretrain --out "$work/backbone.ckpt" --size small --synthetic \
     --steps 40 --json
 if [ "${AUTOTUNE:-0}" = 1 ]; then
-    step bench_autotune 300 $PY benchmarks/train_throughput.py --device cuda --iters 10 \
+    step bench_autotune 540 $PY benchmarks/train_throughput.py --device cuda --iters 10 \
         --variants model,compiled --compile-mode max-autotune-no-cudagraphs --json
 fi
 echo "== failed: ${failed[*]:-none}"
