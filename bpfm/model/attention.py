@@ -93,12 +93,11 @@ class PairAttention(torch.autograd.Function):
         grad_score = (grad_out * value_diff).sum(-1, keepdim=True)
         grad_score.mul_(weight * (1 - weight) * ctx.scale)
         torch.mul(grad_score, key_diff, out=grad_q)
-        grad_k0 = (grad_score * q).sum(axis)  # k_1 gets its negative
-        torch.neg(grad_k0, out=grad_k.select(axis, 1))
-        grad_k.select(axis, 0).copy_(grad_k0)
-        grad_v0 = (weight * grad_out).sum(axis)  # v_1 gets the rest of each query's gradient
+        grad_k0 = torch.sum(grad_score * q, axis, out=grad_k.select(axis, 0))
+        torch.neg(grad_k0, out=grad_k.select(axis, 1))  # k_1 gets its negative
+        grad_v0 = torch.sum(weight * grad_out, axis, out=grad_v.select(axis, 0))
+        # v_1 gets the rest of each query's gradient
         torch.sub(grad_out.sum(axis), grad_v0, out=grad_v.select(axis, 1))
-        grad_v.select(axis, 0).copy_(grad_v0)
         return grad.view(qkv.shape), None, None
 
 
