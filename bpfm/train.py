@@ -262,7 +262,7 @@ def _loss_fn(config: TrainConfig) -> nn.Module:
     return nn.HuberLoss(delta=config.huber_delta) if config.loss == "huber" else nn.MSELoss()
 
 
-def _train_loader(config: TrainConfig, view, epoch: int):
+def _train_loader(config: TrainConfig, view, epoch: int, device: torch.device):
     from torch.utils.data import DataLoader
 
     from bpfm.data.loader import ShardDataset
@@ -275,12 +275,26 @@ def _train_loader(config: TrainConfig, view, epoch: int):
         normalize=config.normalize_inputs,
     )
     dataset.set_epoch(epoch)  # the shuffle depends on (seed, epoch) only: resumable
-    return DataLoader(dataset, batch_size=None, num_workers=config.num_workers)
+    # Pinned host batches make the non-blocking copies asynchronous, so the host runs ahead.
+    return DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
+                      pin_memory=device.type == "cuda")  # fmt: skip
 
 
 def _autocasts(config: TrainConfig, device: torch.device) -> bool:
     """bf16 autocast: on CUDA only, unless turned off."""
     return config.amp and device.type == "cuda"
+
+
+# Steps between loss checks. Reading a device value back waits for every queued kernel, so a
+# check each step keeps the host from running ahead of a GPU; every 50 steps bounds how far a
+# divergence goes unnoticed, and the epoch's checkpoint is written only after the last check.
+FINITE_CHECK_STEPS = 50
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int, first_step: int, last_step: int) -> None:
+    if not bool(torch.isfinite(loss_sum)):
+        raise BpfmError(f"train: loss: not finite at epoch {epoch} in steps "
+                        f"{first_step}-{last_step} (lr too high?)")  # fmt: skip
 
 
 def _train_epoch(
@@ -291,30 +305,34 @@ def _train_epoch(
     shift = torch.tensor(meta["target_shift"], dtype=torch.float32, device=device)
     use_amp = _autocasts(config, device)
     model.train()
-    total_loss, samples, steps = 0.0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # sample-weighted, on device
+    samples, steps, checked = 0, 0, 0
     started = time.perf_counter()
-    for batch in _train_loader(config, view, epoch):
+    for batch in _train_loader(config, view, epoch, device):
+        # Checked on the host copy, before the transfer: no device sync.
         check_batch(batch["x"], where=f"{config.data}: train batch")
         x = batch["x"].to(device, non_blocking=True)
         y = (batch["y"].to(device, non_blocking=True) - shift) / scale
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = model(x)
         loss = loss_fn(out.float(), y)
-        if not torch.isfinite(loss):
-            raise BpfmError(f"train: loss: not finite at epoch {epoch} step {steps} (lr too high?)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        total_loss += float(loss.detach()) * x.shape[0]
+        loss_sum += loss.detach() * x.shape[0]
         samples += x.shape[0]
         steps += 1
+        if steps - checked == FINITE_CHECK_STEPS:
+            _check_finite(loss_sum, epoch, checked + 1, steps)
+            checked = steps
         if config.max_steps_per_epoch and steps >= config.max_steps_per_epoch:
             break
     if samples == 0:
         raise BpfmError(f"{config.data}: train view: no segments to train on")
+    _check_finite(loss_sum, epoch, checked + 1, steps)  # waits for the device: time after it
     seconds = time.perf_counter() - started
-    return {"train_loss": total_loss / samples, "samples_per_s": samples / seconds,
+    return {"train_loss": float(loss_sum) / samples, "samples_per_s": samples / seconds,
             "steps": steps, "lr": optimizer.param_groups[0]["lr"]}  # fmt: skip
 
 

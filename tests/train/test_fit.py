@@ -173,3 +173,37 @@ def test_predict_arrays_checks_shape_and_nan(tiny_config):
     bad[1, 0, 5] = np.nan
     with pytest.raises(BpfmError, match="NaN"):
         predict_arrays(model, bad, meta)
+
+
+class _NanAfter(torch.nn.Module):
+    """A real linear model whose output turns NaN from its `bad_call`-th forward on."""
+
+    def __init__(self, bad_call: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(2 * 1250, 2)
+        self.calls, self.bad_call = 0, bad_call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.linear(x.flatten(1))
+        return out * float("nan") if self.calls >= self.bad_call else out
+
+
+@pytest.mark.parametrize("bad_step, steps, expected", [(3, 5, "1-5"), (7, 12, "6-10")])
+def test_a_non_finite_loss_is_caught_within_its_check_window(
+    tiny_config, monkeypatch, bad_step, steps, expected
+):
+    from bpfm import train as train_module
+    from bpfm.evaluate import open_split
+
+    monkeypatch.setattr(train_module, "FINITE_CHECK_STEPS", 5)
+    config = tiny_config(max_steps_per_epoch=steps, batch_size=2).validate()
+    split = open_split(config.data, config.source, config.protocol, config.split_seed)
+    model = _NanAfter(bad_step)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    meta = {"target_scale": [1.0, 1.0], "target_shift": [0.0, 0.0]}
+    with pytest.raises(BpfmError, match=f"loss: not finite at epoch 1 in steps {expected} "):
+        train_module._train_epoch(config, model, split.train, 1, optimizer, scheduler, meta,
+                                  torch.device("cpu"))  # fmt: skip
+    assert model.calls >= bad_step
