@@ -6,15 +6,18 @@
 #      attention and compiled; at 256 eager and compiled; small at 1024 eager, SDPA, compiled;
 #   2. bpfm data synth/shard, then `bpfm train` and `bpfm evaluate` on CUDA (device auto, bf16
 #      autocast), and `bpfm pretrain` on CUDA;
-#   3. with AUTOTUNE=1 only, the compiled variant again in max-autotune mode (Triton GEMM
+#   3. small trials packed onto the one GPU (benchmarks/gpu_packing.py: 1, 2 and 4 processes
+#      at once, as the paper profile's 0.25-GPU resources pack them) and the compiled large
+#      model with CUDA graphs (`reduce-overhead`);
+#   4. with AUTOTUNE=1 only, the compiled variant again in max-autotune mode (Triton GEMM
 #      templates with fused epilogues; several minutes of compile, so not in the default run).
 # Each step is bounded and reported on its own, so one failure does not hide the others.
 #
 #   OUT=/tmp/gpu-check bash benchmarks/gpu_check.sh       # logs and JSON under $OUT
-#   AUTOTUNE=1 bash benchmarks/gpu_check.sh                # plus step 3
+#   AUTOTUNE=1 bash benchmarks/gpu_check.sh                # plus step 4
 #   ONLY=bench_autotune AUTOTUNE=1 bash benchmarks/gpu_check.sh   # just the named steps
-# The bounds add up to 16 minutes (25 with AUTOTUNE=1), more than one device call's 10: a call
-# names the steps it needs in ONLY (comma-separated); step 3 alone fits one call.
+# The bounds add up to 24 minutes (33 with AUTOTUNE=1), more than one device call's 10: a call
+# names the steps it needs in ONLY (comma-separated); step 4 alone fits one call.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 PY=${PYTHON:-python3}
@@ -56,6 +59,9 @@ step train 120 $PY -m bpfm.cli train --data "$work/shards" --source mimic --size
 step evaluate 60 $PY -m bpfm.cli evaluate --model "$work/run" --json
 step pretrain 60 $PY -m bpfm.cli pretrain --out "$work/backbone.ckpt" --size small --synthetic \
     --steps 40 --json
+step packing 240 $PY benchmarks/gpu_packing.py --device cuda --procs 1,2,4 --json
+step bench_cudagraphs 240 $PY benchmarks/train_throughput.py --device cuda --iters 10 \
+    --variants model,compiled --compile-mode reduce-overhead --json
 if [ "${AUTOTUNE:-0}" = 1 ]; then
     step bench_autotune 540 $PY benchmarks/train_throughput.py --device cuda --iters 10 \
         --variants model,compiled --compile-mode max-autotune-no-cudagraphs --json
