@@ -78,7 +78,10 @@ def member(group: h5py.Group, name: str, path: Path, field: str, *, dataset: boo
             return None
         obj = group[name]
     except H5_ERRORS as exc:
-        raise DataError(path, field, f"link does not resolve ({one_line(exc)})") from None
+        message = one_line(exc)
+        dangling = "component not found" in message or "can't open file" in message
+        problem = "link does not resolve" if dangling else "cannot open, corrupt HDF5 metadata?"
+        raise DataError(path, field, f"{problem} ({message[:200]})") from None
     if dataset and not isinstance(obj, h5py.Dataset):
         raise DataError(path, field, "is a group, expected an array")
     if not dataset and not isinstance(obj, h5py.Group):
