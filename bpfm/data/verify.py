@@ -87,14 +87,14 @@ def _totals(manifest: dict) -> list[str]:
 def verify_shards(shards: ShardSet, *, deep: bool = False) -> dict[str, Any]:
     """Every problem found: {"ok", "problems": [{"path", "problem"}], counts...}."""
     manifest = shards.manifest
-    problems = [{"path": MANIFEST, "problem": p} for p in _totals(manifest)]
     with ThreadPoolExecutor(THREADS) as pool:
         found = list(pool.map(lambda p: check_part(shards, p, deep), manifest["parts"]))
-    problems += [
+    problems = [  # the parts first: a total that does not add up usually follows from one
         {"path": part["path"], "problem": problem}
         for part, problem in zip(manifest["parts"], found, strict=True)
         if problem is not None
     ]
+    problems += [{"path": MANIFEST, "problem": p} for p in _totals(manifest)]
     return {
         "uri": shards.uri,
         "generation": shards.generation,
