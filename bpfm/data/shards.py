@@ -5,13 +5,16 @@ The format and the reading side live in `bpfm.data.shardset`, the manifest in
 
 Layout under the output URI:
     _manifest.json                                      written last: makes the set visible
+    gen-<key>/_manifest.json                            the generation's own copy (pinned runs)
     gen-<key>/source=<src>/subset=<name>/part-NNNNN.parquet
 
 `<key>` hashes the sources' sha256s and the options. Parts go straight into their generation
 folder, which no manifest names until the conversion has finished: that folder is the staging
-area. Publishing is one atomic manifest write; older generations are deleted afterwards. Readers
-see the old set or the new one, never a mix; a killed conversion leaves nothing visible; an
-identical re-run finds its key in the manifest and does nothing.
+area. Publishing is one atomic manifest write; the previous generations beyond the kept ones
+are deleted afterwards (`bpfm.data.generations`). Readers see the old set or the new one, never
+a mix; a killed or interrupted conversion leaves nothing visible; an identical re-run finds its
+key in the manifest, verifies the set and does nothing, or converts again the inputs whose
+parts fail verification (`bpfm.data.repair`).
 """
 
 from __future__ import annotations
