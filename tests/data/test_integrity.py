@@ -178,3 +178,26 @@ def test_bpfm_data_inspect_of_a_truncated_manifest_prints_one_line(shard_set):
         f"bpfm: error: {out / MANIFEST}: not valid JSON "
         + done.stderr.split("not valid JSON ", 1)[1].strip()
     ]
+
+
+def test_on_s3_a_replaced_part_fails_deep_verification_and_is_repaired(
+    s3_env, synthetic_subset_files
+):
+    files = [p for p in synthetic_subset_files if p.name.startswith(("CalFree", "AAMI_T"))]
+    uri = f"s3://{s3_env.bucket}/integrity/set"
+    manifest = write_shards(files, uri)
+    part = manifest["parts"][0]
+    key = f"integrity/set/{part['path']}"
+    client = s3_env.client()
+    data = bytearray(client.get_object(Bucket=s3_env.bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF  # same size: only the sha256 tells
+    client.put_object(Bucket=s3_env.bucket, Key=key, Body=bytes(data))
+    assert verify_shards(open_shards(uri))["ok"]
+    report = verify_shards(open_shards(uri), deep=True)
+    assert [p["path"] for p in report["problems"]] == [part["path"]]
+    repaired = write_shards(files, uri)
+    assert repaired["up_to_date"] is False and len(repaired["repaired"]) == 1
+    assert verify_shards(open_shards(uri), deep=True)["ok"]
+    listing = client.list_objects_v2(Bucket=s3_env.bucket, Prefix="integrity/set/")
+    keys = {o["Key"] for o in listing["Contents"]}
+    assert key not in keys  # the damaged object was deleted after the new manifest
