@@ -11,7 +11,7 @@ import hashlib
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -208,10 +208,15 @@ def open_hashed_output(fs: pafs.FileSystem, path: str) -> HashingWriter:
     return HashingWriter(fs.open_output_stream(path))
 
 
-def sha256_file(path: str | Path, block: int = 8 << 20) -> str:
-    """sha256 of a local file, streamed (hashlib releases the GIL, so threads hash in parallel)."""
+def sha256_file(
+    path: str | Path, block: int = 8 << 20, poll: Callable[[], None] | None = None
+) -> str:
+    """sha256 of a local file, streamed (hashlib releases the GIL, so threads hash in parallel).
+    `poll` is called every block: it raises to stop (`bpfm.interrupts.check`)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(block):
             digest.update(chunk)
+            if poll is not None:
+                poll()
     return digest.hexdigest()

@@ -87,6 +87,7 @@ LOSSES = ("mse", "huber")
 @dataclass
 class TrainConfig:
     data: str = ""  # shard set URI (folder or s3://)
+    data_generation: str = ""  # the shard generation read; "" = the one published at the start
     source: str = "mimic"
     protocol: str = "paper"
     size: str = "small"
@@ -361,17 +362,25 @@ def fit(
     callbacks: Sequence[Callback] = (),
     resume: bool = True,
     resume_from: str | Path | None = None,
+    allow_new_data: bool = False,
 ) -> FitResult:
     """Train `config`, writing the model dir `config.out` (layout in `bpfm.predict`).
 
     `resume`: continue from out/'s last checkpoint when there is one. `resume_from`: a checkpoint
-    dir to continue from instead (what Ray Tune hands back after a failure)."""
+    dir to continue from instead (what Ray Tune hands back after a failure). The run reads one
+    shard generation throughout (`bpfm.data.generations`); resuming a checkpoint of another
+    generation is refused unless `allow_new_data`."""
+    from bpfm.data.generations import check_same_generation, pinned_shards
     from bpfm.data.loader import view_target_stats
+    from bpfm.data.verify import require_intact
 
     config = TrainConfig.from_dict(config.to_dict()).validate()  # a private, normalised copy
     out = Path(config.out)
     device = resolve_device(config.device)
-    split = open_split(config.data, config.source, config.protocol, config.split_seed)
+    shards = pinned_shards(config.data, config.data_generation)
+    require_intact(shards)  # sizes and footers: a damaged set fails here, not mid-epoch
+    config.data_generation = shards.generation
+    split = open_split(shards, config.source, config.protocol, config.split_seed)
     summary = split_summary(split)
     mean, std = (np.asarray(v, dtype=np.float64) for v in view_target_stats(split.train))
     meta = {**_target_meta(config, mean, std), "source": config.source,
@@ -388,6 +397,8 @@ def fit(
     checkpoint = Path(resume_from) if resume_from else (latest_checkpoint(out) if resume else None)
     if checkpoint is not None:
         saved = load_train_state(checkpoint)
+        check_same_generation(saved["config"].get("data_generation"), shards.generation,
+                              checkpoint, allow_new_data=allow_new_data)  # fmt: skip
         check_resumable(saved["config"], config.to_dict(), checkpoint,
                         total_dependent=config.schedule in TOTAL_DEPENDENT_SCHEDULES)  # fmt: skip
         state = restore_train_state(saved, model, optimizer, scheduler)

@@ -367,12 +367,14 @@ def run_grid(
 def _run_stages(profile: Profile, recipe: dict[str, Any], name: str, gpus: str,
                 quant_cpus: float) -> dict[str, Any]:
     from bpfm import grid, stages
+    from bpfm.data.shards import open_shards
     from bpfm.storage import join
 
     train = {**profile.train, **recipe}
     plan = grid.plan_grid(profile, train)
     gpu_count = cluster_gpus(gpus)
     data = grid.ensure_data(profile)
+    train["data_generation"] = open_shards(data).generation  # every trial reads this one
     sizes = sorted({c.size for c in plan.cells if c.init == "pretrained"})
     pretrained = ensure_pretrained(profile, sizes, gpu_count) if sizes else {}
 
@@ -386,6 +388,7 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str, gpus: str,
         tags={tracking.KIND: "grid", tracking.STUDY: profile.study,
               tracking.PROFILE: profile.name, tracking.TUNE_PATH: path},
         params={"profile": profile.name, "data": data, "storage": path,
+                "data_generation": train["data_generation"],
                 "n_cells": len(plan.cells), "n_trials": len(plan.trials),
                 "epoch_prefix_sharing": plan.share_prefix, "recipe": recipe,
                 "quantize_variants": list(profile.quantize)},

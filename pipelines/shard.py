@@ -25,6 +25,7 @@ import ray  # noqa: E402
 
 from bpfm import storage  # noqa: E402
 from bpfm.data import shards  # noqa: E402
+from bpfm.data.generations import publish_manifest, published_manifest  # noqa: E402
 from bpfm.errors import BpfmError, DataError  # noqa: E402
 
 log = logging.getLogger("bpfm.shard")
@@ -134,15 +135,13 @@ def shard_with_ray(inputs: list[str], out: str, *, include_abp: bool = True,
                             f"{names[source['subset']]}")  # fmt: skip
         names[source["subset"]] = source["path"]
     key = shards.conversion_key(sources, options.as_dict())
-    current = shards.read_manifest(out)
+    current = published_manifest(out)  # an unreadable one counts as absent: publish again
     skipped = sum(d["skipped"] for d in done)
     counts = {"files_converted": len(done) - skipped, "files_skipped": skipped}
     if current is not None and current.get("key") == key:
         return {**current, **counts, "up_to_date": True}
     manifest = shards.build_manifest(key, generation, sources, [d["result"] for d in done], options)
-    manifest_uri = storage.join(out, shards.MANIFEST)
-    storage.publish_bytes(manifest_uri, json.dumps(manifest, indent=1).encode())
-    shards.garbage_collect(out, keep=generation)
+    manifest = publish_manifest(out, manifest, current)  # keeps the previous generations
     log.info("%s: published %d rows in %d parts", out, manifest["rows"], len(manifest["parts"]))
     return {**manifest, **counts, "up_to_date": False}
 

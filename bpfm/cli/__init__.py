@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except BpfmError as err:
         print(f"bpfm: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("bpfm: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # bpfm.interrupts.Interrupted says which signal
+        print(f"bpfm: {err or 'interrupted'}", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`bpfm data synth|shard|inspect|subsets`: synthetic PulseDB, Parquet shards, their summary."""
+"""`bpfm data synth|shard|inspect|verify|gc|subsets`: synthetic PulseDB, Parquet shards, their
+summary, their integrity and their generations."""
 
 from __future__ import annotations
 
@@ -57,6 +58,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_flag(inspect)
     inspect.set_defaults(func=run_inspect)
 
+    verify = commands.add_parser(
+        "verify", help="check a shard set against its manifest (sizes, footers; --deep: sha256)"
+    )
+    verify.add_argument("uri", metavar="URI", help="shard set: folder or s3:// URI")
+    verify.add_argument(
+        "--deep", action="store_true", help="also hash every part and compare its sha256"
+    )
+    verify.add_argument("--generation", help="a kept previous generation instead of the current")
+    add_json_flag(verify)
+    verify.set_defaults(func=run_verify)
+
+    gc = commands.add_parser(
+        "gc", help="delete generations older than the published one and the KEEP before it"
+    )
+    gc.add_argument("uri", metavar="URI", help="shard set: folder or s3:// URI")
+    gc.add_argument(
+        "--keep", type=int, default=None, help="previous generations to keep (default 2)"
+    )
+    add_json_flag(gc)
+    gc.set_defaults(func=run_gc)
+
     subsets = commands.add_parser(
         "subsets",
         help="build a Subset file from Subj_Wins files and "
@@ -96,19 +118,21 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def run_shard(args: argparse.Namespace) -> int:
     from bpfm.data.shards import write_shards
+    from bpfm.interrupts import stop_on_signals
 
     if args.workers is not None and args.workers < 1:
         from bpfm.errors import BpfmError
 
         raise BpfmError(f"--workers: must be >= 1, got {args.workers}")
-    manifest = write_shards(
-        args.inputs,
-        args.out,
-        include_abp=not args.no_abp,
-        drop_invalid=args.drop_invalid,
-        workers=args.workers,
-        signals=args.signals,
-    )
+    with stop_on_signals():  # SIGINT / SIGTERM: stop, publish nothing, exit 130 / 143
+        manifest = write_shards(
+            args.inputs,
+            args.out,
+            include_abp=not args.no_abp,
+            drop_invalid=args.drop_invalid,
+            workers=args.workers,
+            signals=args.signals,
+        )
     result = {
         "uri": args.out,
         "up_to_date": manifest["up_to_date"],
@@ -144,6 +168,30 @@ def run_inspect(args: argparse.Namespace) -> int:
         for name, p in info["partitions"].items()
     }
     print_result(summary, False)
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from bpfm.data.shards import open_shards
+    from bpfm.data.verify import describe_problems, verify_shards
+    from bpfm.errors import BpfmError
+
+    report = verify_shards(open_shards(args.uri, args.generation), deep=args.deep)
+    if args.json:
+        print_result(report, True)
+    else:
+        shown = {k: v for k, v in report.items() if k != "problems"}
+        shown["problems"] = {p["path"]: p["problem"] for p in report["problems"]}
+        print_result(shown, False)
+    if not report["ok"]:
+        raise BpfmError(describe_problems(report))
+    return 0
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    from bpfm.data.generations import KEEP, collect
+
+    print_result(collect(args.uri, KEEP if args.keep is None else args.keep), args.json)
     return 0
 
 

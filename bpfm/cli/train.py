@@ -98,6 +98,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--num-workers", type=int, default=0)
     train.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (tiny runs)")
     train.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    train.add_argument(
+        "--allow-new-data",
+        action="store_true",
+        help="resume even though the shard set was republished since the checkpoint",
+    )
     add_json_flag(train)
     train.set_defaults(func=run_train)
 
@@ -155,7 +160,9 @@ def _config_from_args(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     from bpfm.train import fit
 
-    result = fit(_config_from_args(args), resume=not args.no_resume)
+    result = fit(
+        _config_from_args(args), resume=not args.no_resume, allow_new_data=args.allow_new_data
+    )
     output = {
         "out": str(result.out),
         "epochs": result.epochs,

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from bpfm.data.matfile import (
-    RefShapeError,
+    ElementError,
     is_ref_dataset,
     read_chars,
     read_doubles,
@@ -67,6 +67,28 @@ def read_error(path: Path, field: str, exc: Exception) -> DataError:
     return DataError(path, field, f"cannot read, truncated or corrupt file? ({one_line(exc)})")
 
 
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)  # what h5py raises
+
+
+def member(group: h5py.Group, name: str, path: Path, field: str, *, dataset: bool = True):
+    """`group[name]` (None when there is no such link), checked to be a dataset (or, with
+    `dataset=False`, a group); a link that does not resolve is a DataError, not a KeyError."""
+    try:
+        if group.get(name, getlink=True) is None:
+            return None
+        obj = group[name]
+    except H5_ERRORS as exc:
+        message = one_line(exc)
+        dangling = "component not found" in message or "can't open file" in message
+        problem = "link does not resolve" if dangling else "cannot open, corrupt HDF5 metadata?"
+        raise DataError(path, field, f"{problem} ({message[:200]})") from None
+    if dataset and not isinstance(obj, h5py.Dataset):
+        raise DataError(path, field, "is a group, expected an array")
+    if not dataset and not isinstance(obj, h5py.Group):
+        raise DataError(path, field, "is an array, expected a struct (HDF5 group)")
+    return obj
+
+
 def _vector_length(path: Path, field: str, ds: h5py.Dataset) -> int:
     if ds.ndim == 1 or (ds.ndim == 2 and 1 in ds.shape):
         return int(np.prod(ds.shape))
@@ -85,14 +107,14 @@ class SubsetLayout:
     def __init__(self, h5: h5py.File, path: Path):
         self.path = path
         self._h5 = h5
-        group = h5["Subset"]
-        if not isinstance(group, h5py.Group):
-            raise DataError(path, "Subset", "is not a struct (HDF5 group)")
+        group = member(h5, "Subset", path, "Subset", dataset=False)
+        fields = ("Signals", "SBP", "DBP", "Subject", "Gender", *SUBSET_OPTIONAL_NUMERIC)
+        found = {name: member(group, name, path, f"Subset/{name}") for name in fields}
+        self._fields = {name: ds for name, ds in found.items() if ds is not None}
         for name in SUBSET_REQUIRED:
-            if name not in group:
+            if name not in self._fields:
                 raise DataError(path, f"Subset/{name}", "missing field")
-        self._group = group
-        signals = group["Signals"]
+        signals = self._fields["Signals"]
         if signals.ndim != 3 or signals.shape[:2] != (WINDOW, 3):
             raise DataError(
                 path,
@@ -105,14 +127,10 @@ class SubsetLayout:
         if self.n == 0:
             raise DataError(path, "Subset/Signals", "empty subset (0 segments)")
         self._signals = signals
-        fields = ("SBP", "DBP", "Subject", "Gender", *SUBSET_OPTIONAL_NUMERIC)
-        for name in fields:
-            if name not in group:
+        for name, ds in self._fields.items():
+            if name == "Signals":
                 continue
-            ds = group[name]
             field = f"Subset/{name}"
-            if not isinstance(ds, h5py.Dataset):
-                raise DataError(path, field, "is a group, expected an array")
             length = _vector_length(path, field, ds)
             if length != self.n:
                 raise DataError(path, field, f"{length} values, Signals has {self.n} segments")
@@ -123,7 +141,7 @@ class SubsetLayout:
                 raise DataError(path, field, f"dtype {ds.dtype}, expected double")
 
     def has(self, name: str) -> bool:
-        return name in self._group
+        return name in self._fields
 
     def signals(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows [a, b) as three C-contiguous (n, 1250) float32 arrays: ECG_F, PPG_F, ABP_Raw.
@@ -133,24 +151,27 @@ class SubsetLayout:
         block = np.empty((WINDOW, 3, b - a), dtype=np.float32)
         try:
             self._signals.read_direct(block, np.s_[:, :, a:b])
-        except (OSError, RuntimeError) as exc:
+        except H5_ERRORS as exc:
             raise read_error(self.path, "Subset/Signals", exc) from exc
         return tuple(np.ascontiguousarray(block[:, c, :].T) for c in range(3))
 
     def vector(self, name: str, a: int, b: int) -> np.ndarray | None:
-        if name not in self._group:
+        if name not in self._fields:
             return None
         try:
-            return _slice_vector(self._group[name], a, b).astype(np.float64)
-        except (OSError, RuntimeError) as exc:
+            return _slice_vector(self._fields[name], a, b).astype(np.float64)
+        except H5_ERRORS as exc:
             raise read_error(self.path, f"Subset/{name}", exc) from exc
 
     def chars(self, name: str, a: int, b: int) -> list[str | None] | None:
-        if name not in self._group:
+        if name not in self._fields:
             return None
         try:
-            return read_chars(self._h5.id, *read_refs(self._group[name], a, b))
-        except (OSError, RuntimeError, ValueError) as exc:
+            return read_chars(self._h5.id, *read_refs(self._fields[name], a, b))
+        except ElementError as exc:
+            problem = f"row {a + exc.index}: {exc.problem}"
+            raise DataError(self.path, f"Subset/{name}", problem) from None
+        except H5_ERRORS as exc:
             raise read_error(self.path, f"Subset/{name}", exc) from exc
 
 
@@ -160,23 +181,21 @@ class SubjWinsLayout:
     def __init__(self, h5: h5py.File, path: Path):
         self.path = path
         self._h5 = h5
-        group = h5["Subj_Wins"]
-        if not isinstance(group, h5py.Group):
-            raise DataError(path, "Subj_Wins", "is not a struct array (HDF5 group)")
+        group = member(h5, "Subj_Wins", path, "Subj_Wins", dataset=False)
+        found = {n: member(group, n, path, f"Subj_Wins/{n}") for n in SUBJ_WINS_USED}
+        self._fields = {name: ds for name, ds in found.items() if ds is not None}
         for name in SUBJ_WINS_REQUIRED:
-            if name not in group:
+            if name not in self._fields:
                 raise DataError(path, f"Subj_Wins/{name}", "missing field")
-        self._group = group
         self._elements: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-        first = group[SUBJ_WINS_REQUIRED[0]]
+        first = self._fields[SUBJ_WINS_REQUIRED[0]]
         # A 1 x 1 struct (a subject with one segment) stores its fields inline, not as refs.
         self._inline = not is_ref_dataset(first)
         self.n = 1 if self._inline else _vector_length(path, "Subj_Wins/ECG_F", first)
         if self.n == 0:
             raise DataError(path, "Subj_Wins", "empty (0 segments)")
-        for name in SUBJ_WINS_USED:
-            if name in group:
-                self._field_elements(name)
+        for name in self._fields:
+            self._field_elements(name)
         self._included: np.ndarray | None = None
 
     @property
@@ -189,15 +208,13 @@ class SubjWinsLayout:
         return self._included
 
     def has(self, name: str) -> bool:
-        return name in self._group
+        return name in self._fields
 
     def _field_elements(self, name: str) -> np.ndarray:
         """The per-segment elements of a field: refs, or the inline dataset of a 1 x 1 struct."""
         if name not in self._elements:
-            ds = self._group[name]
+            ds = self._fields[name]
             field = f"Subj_Wins/{name}"
-            if not isinstance(ds, h5py.Dataset):
-                raise DataError(self.path, field, "is a group, expected an array")
             if self._inline:
                 elements = (np.array([ds.id], dtype=object), None)
             else:
@@ -208,7 +225,10 @@ class SubjWinsLayout:
                     raise DataError(
                         self.path, field, f"{length} values, ECG_F has {self.n} segments"
                     )
-                elements = read_refs(ds)
+                try:
+                    elements = read_refs(ds)
+                except H5_ERRORS as exc:
+                    raise read_error(self.path, field, exc) from exc
             self._elements[name] = elements
         return self._elements[name]
 
@@ -222,23 +242,21 @@ class SubjWinsLayout:
                 *args,
                 addresses=None if addresses is None else addresses[rows],
             )
-        except RefShapeError as exc:
+        except ElementError as exc:
             row = int(rows[exc.index])
-            raise DataError(
-                self.path, field, f"row {row}: {exc.size} values, expected {exc.expected}"
-            ) from exc
-        except (OSError, RuntimeError, ValueError) as exc:
+            raise DataError(self.path, field, f"row {row}: {exc.problem}") from None
+        except H5_ERRORS as exc:
             raise read_error(self.path, field, exc) from exc
 
     def waveforms(self, name: str, rows: np.ndarray) -> np.ndarray:
         return self._read(name, rows, read_doubles, WINDOW)
 
     def scalars(self, name: str, rows: np.ndarray) -> np.ndarray | None:
-        if name not in self._group:
+        if name not in self._fields:
             return None
         return self._read(name, rows, read_doubles, 1)[:, 0]
 
     def chars(self, name: str, rows: np.ndarray) -> list[str | None] | None:
-        if name not in self._group:
+        if name not in self._fields:
             return None
         return self._read(name, rows, read_chars)

@@ -1,12 +1,12 @@
 """The shard-set manifest (`_manifest.json`): describing inputs, the conversion key, building the
-manifest from per-file results, and deleting superseded generations. Used by `write_shards` and
-by `pipelines/shard.py` (the Ray job) alike; reading a manifest is `shardset.read_manifest`."""
+manifest from per-file results. Used by `write_shards` and by `pipelines/shard.py` (the Ray job)
+alike; reading a manifest is `shardset.read_manifest`, publishing one (and keeping or deleting
+generations) `bpfm.data.generations`."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -14,9 +14,7 @@ from pathlib import Path
 
 from bpfm import storage
 from bpfm.data.shardset import ROWS_PER_PART, ShardOptions
-from bpfm.errors import BpfmError, DataError
-
-log = logging.getLogger(__name__)
+from bpfm.errors import DataError
 
 
 def conversion_key(sources: list[dict], options: dict) -> str:
@@ -34,9 +32,10 @@ def describe_sources(files: list[Path], workers: int) -> list[dict]:
     """Size, sha256 and partition name of every input; two inputs may not share a subset name
     unless they are Subj_Wins files (their parts are numbered apart, see `first_part`)."""
     from bpfm.data.pulsedb import open_pulsedb
+    from bpfm.interrupts import check
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        digests = list(pool.map(storage.sha256_file, files))
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # a stop request ends hashing too
+        digests = list(pool.map(lambda f: storage.sha256_file(f, poll=check), files))
     sources, names = [], {}
     for path, digest in zip(files, digests, strict=True):
         with open_pulsedb(path) as pulse:
@@ -99,13 +98,3 @@ def build_manifest(
         "sources": sources,
         "parts": parts,
     }
-
-
-def garbage_collect(out_uri: str, keep: str) -> None:
-    """Delete generations other than `keep` (earlier sets, killed conversions). Best effort."""
-    for name in storage.list_dir(out_uri):
-        if name.startswith("gen-") and name != keep:
-            try:
-                storage.delete_dir(storage.join(out_uri, name))
-            except BpfmError as err:
-                log.warning("could not delete stale %s: %s", name, err)

@@ -154,12 +154,21 @@ class RefWriter:
         return h5r.create(dsid, b".", h5r.OBJECT)
 
 
-class RefShapeError(ValueError):
+class ElementError(ValueError):
+    """A referenced cell / struct element is not what the caller reads (`index`: 0-based, in the
+    refs passed)."""
+
+    def __init__(self, index: int, problem: str):
+        self.index, self.problem = index, problem
+        super().__init__(f"element {index}: {problem}")
+
+
+class RefShapeError(ElementError):
     """A referenced element does not hold the number of values the caller expects."""
 
     def __init__(self, index: int, size: int, expected: int):
-        self.index, self.size, self.expected = index, size, expected
-        super().__init__(f"element {index}: {size} values, expected {expected}")
+        self.size, self.expected = size, expected
+        super().__init__(index, f"{size} values, expected {expected}")
 
 
 def is_ref_dataset(ds: h5py.Dataset) -> bool:
@@ -184,18 +193,88 @@ def read_refs(ds: h5py.Dataset, a: int = 0, b: int | None = None) -> tuple[np.nd
 
 
 def _deref(fid: h5py.h5f.FileID, ref: h5r.Reference | h5d.DatasetID) -> h5d.DatasetID:
+    """The dataset a cell element references; a null reference or one to a group (or a named
+    type) is refused (ValueError, reported with the element's index)."""
     if isinstance(ref, h5d.DatasetID):
         return ref
-    if not ref:
+    if not isinstance(ref, h5r.Reference) or not ref:
         raise ValueError("null object reference")
-    return h5r.dereference(ref, fid)
+    obj = h5r.dereference(ref, fid)
+    if not isinstance(obj, h5d.DatasetID):
+        kind = "a group" if isinstance(obj, h5py.h5g.GroupID) else type(obj).__name__
+        raise ValueError(f"references {kind}, expected an array")
+    return obj
 
 
-def _unique(refs: np.ndarray, addresses: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+_CLASS_TYPE = h5t.py_create(np.dtype("S32"))  # MATLAB class names are short: read padded
+
+
+def _matlab_class(dsid: h5d.DatasetID) -> str | None:
+    """The element's MATLAB_class attribute (None when it has none). One open and one read
+    into a reused buffer: this runs once per cell element, millions of times in a large file."""
+    try:
+        attr = h5a.open(dsid, b"MATLAB_class")
+    except KeyError:
+        return None
+    value = np.empty((), dtype="S32")
+    try:
+        attr.read(value, mtype=_CLASS_TYPE)
+    except (TypeError, OSError, RuntimeError):  # not a string attribute
+        return "?"
+    return value.item().decode("ascii", "replace")
+
+
+INTEGER_CLASSES = {f"{sign}int{bits}" for sign in ("", "u") for bits in (8, 16, 32, 64)}
+NUMERIC_CLASSES = {"double", "single", "logical", *INTEGER_CLASSES}
+EMPTY_CLASS = "canonical empty"  # MATLAB's shared empty element (`#refs#/a`)
+
+
+def _check_element(dsid: h5d.DatasetID, expected: str) -> None:
+    """A char element must be MATLAB class char (or have no class and uint16 codes) holding
+    integer codes; a numeric one a numeric class (or none) holding numbers."""
+    matlab_class = _matlab_class(dsid)
+    type_class = dsid.get_type().get_class()
+    if matlab_class == EMPTY_CLASS and _is_matlab_empty(dsid):
+        return
+    if expected == "char":
+        # without a class (files not written by MATLAB), uint16 codes are taken for char
+        codes = type_class == h5t.INTEGER and dsid.dtype in (np.uint16, np.uint64)
+        if matlab_class not in ("char", None) or (matlab_class is None and not codes):
+            held = matlab_class or f"missing, HDF5 {_TYPE_NAMES.get(type_class, 'other')} data"
+            raise ValueError(f"MATLAB class {held}, expected char")
+        if type_class != h5t.INTEGER:
+            kind = _TYPE_NAMES.get(type_class, "other")
+            raise ValueError(f"HDF5 {kind} data, expected char codes")
+        return
+    if matlab_class is not None and matlab_class not in NUMERIC_CLASSES:
+        raise ValueError(f"MATLAB class {matlab_class}, expected a number")
+    if type_class not in (h5t.INTEGER, h5t.FLOAT):
+        raise ValueError(f"HDF5 {_TYPE_NAMES.get(type_class, 'other')} data, expected numbers")
+
+
+_TYPE_NAMES = {h5t.INTEGER: "integer", h5t.FLOAT: "float", h5t.STRING: "string",
+               h5t.COMPOUND: "compound", h5t.REFERENCE: "reference", h5t.ENUM: "enum",
+               h5t.VLEN: "variable-length", h5t.ARRAY: "array", h5t.OPAQUE: "opaque",
+               h5t.BITFIELD: "bitfield"}  # fmt: skip
+
+
+def _element(fid: h5py.h5f.FileID, ref, index: int, expected: str) -> h5d.DatasetID:
+    try:
+        dsid = _deref(fid, ref)
+        _check_element(dsid, expected)
+        return dsid
+    except ValueError as exc:
+        raise ElementError(index, str(exc)) from None
+
+
+def _unique(
+    refs: np.ndarray, addresses: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct refs, for each ref the index of its distinct one, each distinct one's index)."""
     if addresses is None:
-        return refs, np.arange(len(refs))
+        return refs, np.arange(len(refs)), np.arange(len(refs))
     _, first, inverse = np.unique(addresses, return_index=True, return_inverse=True)
-    return refs[first], inverse
+    return refs[first], inverse, first
 
 
 def _is_matlab_empty(dsid: h5d.DatasetID) -> bool:
@@ -217,9 +296,16 @@ def _decode_char(dsid: h5d.DatasetID) -> str | None:
 def read_chars(
     fid: h5py.h5f.FileID, refs: np.ndarray, addresses: np.ndarray | None = None
 ) -> list[str | None]:
-    """Decode referenced MATLAB char arrays (uint16 codes); an empty char array gives None."""
-    unique, inverse = _unique(refs, addresses)
-    values = [_decode_char(_deref(fid, ref)) for ref in unique]
+    """Decode referenced MATLAB char arrays (uint16 codes); an empty char array gives None.
+    An element that is not a MATLAB char array raises ElementError."""
+    unique, inverse, first = _unique(refs, addresses)
+    values = []
+    for i, ref in enumerate(unique):
+        dsid = _element(fid, ref, int(first[i]), "char")
+        try:
+            values.append(_decode_char(dsid))
+        except UnicodeDecodeError:
+            raise ElementError(int(first[i]), "not valid UTF-16 text") from None
     return [values[i] for i in inverse]
 
 
@@ -228,16 +314,17 @@ def read_doubles(
 ) -> np.ndarray:
     """Referenced numeric arrays of `size` values each, as float64 rows (n, size).
 
-    An empty element reads as NaN when `size == 1`; any other mismatch raises RefShapeError."""
-    unique, inverse = _unique(refs, addresses)
+    An empty element reads as NaN when `size == 1`; any other mismatch raises RefShapeError, an
+    element that is not numeric ElementError."""
+    unique, inverse, first = _unique(refs, addresses)
     out = np.empty((len(unique), size), dtype=np.float64)
     for i, ref in enumerate(unique):
-        dsid = _deref(fid, ref)
+        dsid = _element(fid, ref, int(first[i]), "number")
         n = 0 if _is_matlab_empty(dsid) else int(np.prod(dsid.shape))
         if n == 0 and size == 1:
             out[i] = np.nan
         elif n != size:
-            raise RefShapeError(int(np.flatnonzero(inverse == i)[0]), n, size)
+            raise RefShapeError(int(first[i]), n, size)
         else:
             dsid.read(h5s.create_simple((n,)), h5s.ALL, out[i])
     return out[inverse]

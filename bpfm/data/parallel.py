@@ -1,14 +1,18 @@
 """Converting several input files in parallel processes (`write_shards(workers=N)`).
 
 A worker's error reaches the caller as itself (DataError pickles, see `bpfm.errors`), and one
-shared event makes the other conversions stop at their next chunk when one fails."""
+shared event makes the other conversions stop at their next chunk when one fails or the parent
+is asked to stop (`bpfm.interrupts`)."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+from bpfm import interrupts
 
 _ABORT = None  # the shared cancel event, set in each worker by `_init_worker`
 
@@ -16,6 +20,8 @@ _ABORT = None  # the shared cancel event, set in each worker by `_init_worker`
 def _init_worker(abort, level: int) -> None:
     global _ABORT
     _ABORT = abort
+    # Ctrl-C reaches the whole process group: the parent alone decides, through `abort`
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         level=level, format="%(asctime)s %(name)s[%(process)d]: %(message)s", datefmt="%H:%M:%S"
     )
@@ -32,7 +38,11 @@ def run_conversions(
     (`describe_sources` entries), in up to `workers` processes; results in source order. The
     first failure cancels the rest and is raised here."""
     if workers <= 1 or len(sources) == 1:
-        return [convert(s["path"], out_uri, first_part=s["first_part"], **options) for s in sources]
+        return [
+            convert(s["path"], out_uri, first_part=s["first_part"],
+                    should_stop=interrupts.requested, **options)  # fmt: skip
+            for s in sources
+        ]
     context = multiprocessing.get_context("spawn")  # the caller may hold threads (torch, Ray)
     abort = context.Event()
     level = logging.getLogger().getEffectiveLevel()
@@ -55,7 +65,8 @@ def run_conversions(
         try:
             pending = set(futures)
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                interrupts.check()  # SIGINT / SIGTERM to this process stop every worker
                 for future in finished:
                     future.result()  # raises the worker's error
         except BaseException:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bpfm.data.layouts import WINDOW, SubjWinsLayout, SubsetLayout, open_hdf5
+from bpfm.data.layouts import H5_ERRORS, WINDOW, SubjWinsLayout, SubsetLayout, one_line, open_hdf5
 from bpfm.data.subsets import generate_subsets
 from bpfm.errors import DataError
 
@@ -134,6 +134,9 @@ class PulseDBFile:
                     "Subset",
                     f"missing group (not a PulseDB Subset or Subj_Wins file; found: {found})",
                 )
+        except H5_ERRORS as exc:  # corrupt metadata the checks above did not reach
+            self._h5.close()
+            raise _malformed(self.path, exc) from None
         except BaseException:
             self._h5.close()
             raise
@@ -193,7 +196,14 @@ class PulseDBFile:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self._dropped = {}
         seen: dict[str, int] = {}
-        for raw in self._raw_chunks(chunk_size):
+        chunks = self._raw_chunks(chunk_size)
+        while True:
+            try:
+                raw = next(chunks, None)
+            except H5_ERRORS as exc:  # corrupt data or metadata the layouts did not name
+                raise _malformed(self.path, exc) from None
+            if raw is None:
+                return
             batch = self._validated(raw, seen, drop_invalid)
             if len(batch):
                 yield batch
@@ -312,6 +322,10 @@ class PulseDBFile:
             source=source,
             segment_index=index[keep],
         )
+
+
+def _malformed(path: Path, exc: BaseException) -> DataError:
+    return DataError(path, "file", f"malformed HDF5 structure ({one_line(exc)[:200]})")
 
 
 def open_pulsedb(path: str | Path) -> PulseDBFile:

@@ -5,18 +5,20 @@ The format and the reading side live in `bpfm.data.shardset`, the manifest in
 
 Layout under the output URI:
     _manifest.json                                      written last: makes the set visible
+    gen-<key>/_manifest.json                            the generation's own copy (pinned runs)
     gen-<key>/source=<src>/subset=<name>/part-NNNNN.parquet
 
 `<key>` hashes the sources' sha256s and the options. Parts go straight into their generation
 folder, which no manifest names until the conversion has finished: that folder is the staging
-area. Publishing is one atomic manifest write; older generations are deleted afterwards. Readers
-see the old set or the new one, never a mix; a killed conversion leaves nothing visible; an
-identical re-run finds its key in the manifest and does nothing.
+area. Publishing is one atomic manifest write; the previous generations beyond the kept ones
+are deleted afterwards (`bpfm.data.generations`). Readers see the old set or the new one, never
+a mix; a killed or interrupted conversion leaves nothing visible; an identical re-run finds its
+key in the manifest, verifies the set and does nothing, or converts again the inputs whose
+parts fail verification (`bpfm.data.repair`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import time
@@ -28,8 +30,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bpfm import storage
-from bpfm.data.manifest import build_manifest, conversion_key, describe_sources, garbage_collect
+from bpfm import interrupts, storage
+from bpfm.data import repair
+from bpfm.data.generations import publish_manifest, published_manifest
+from bpfm.data.manifest import build_manifest, conversion_key, describe_sources
 from bpfm.data.parallel import run_conversions
 from bpfm.data.shardset import (
     MANIFEST,
@@ -65,7 +69,6 @@ __all__ = [  # the reading side and the manifest helpers are re-exported: import
     "convert_file",
     "describe_sources",
     "find_inputs",
-    "garbage_collect",
     "inspect_shards",
     "open_shards",
     "read_manifest",
@@ -89,6 +92,9 @@ def find_inputs(inputs: Sequence[str | Path]) -> list[Path]:
             files = sorted(path.rglob("*_Subset.mat"))
             if not files:
                 raise DataError(path, "input", "folder holds no *_Subset.mat files")
+            for file in files:
+                if not file.is_file():
+                    raise DataError(file, "input", "is a folder, expected a .mat file")
             found.extend(files)
         elif path.is_file():
             found.append(path)
@@ -148,6 +154,7 @@ class _PartitionWriter:
     source: str
     subset: str
     options: ShardOptions
+    suffix: str = ""  # part names: part-NNNNN<suffix>.parquet (a repair's parts, see repair)
     pending: list[pa.Table] = field(default_factory=list)
     pending_rows: int = 0
     parts: list[dict] = field(default_factory=list)
@@ -172,7 +179,7 @@ class _PartitionWriter:
         group, rest = table.slice(0, n), table.slice(n)
         self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
         if self._writer is None:
-            name = f"part-{self.next_part:05d}.parquet"
+            name = f"part-{self.next_part:05d}{self.suffix}.parquet"
             self._sink = storage.open_hashed_output(self.fs, f"{self.folder}/{name}")
             self._writer = pq.ParquetWriter(
                 self._sink,
@@ -226,6 +233,7 @@ def convert_file(
     options: ShardOptions = DEFAULT_OPTIONS,
     chunk_size: int = CHUNK_SIZE,
     should_stop: Callable[[], bool] | None = None,
+    part_suffix: str = "",
 ) -> dict:
     """Convert one PulseDB file into parts under `out_uri/generation/` (unpublished).
 
@@ -242,7 +250,8 @@ def convert_file(
         if source not in writers:
             relative = f"{generation}/source={source}/subset={subset}"
             writers[source] = _PartitionWriter(
-                fs, f"{root}/{relative}", relative, first_part, source, subset, options
+                fs, f"{root}/{relative}", relative, first_part, source, subset, options,
+                part_suffix,
             )
         return writers[source]
 
@@ -282,6 +291,7 @@ def _write_batches(pulse, writer, out_uri: str, options: ShardOptions, chunk_siz
     done, last_log = 0, time.monotonic()
     for batch in pulse.iter_batches(chunk_size=chunk_size, drop_invalid=options.drop_invalid):
         if should_stop is not None and should_stop():
+            interrupts.check()  # a signal to this process, else another conversion failed
             raise BpfmError(f"{pulse.path}: conversion cancelled")
         sources = np.asarray(batch.source)
         for source in np.unique(sources):
@@ -320,21 +330,25 @@ def write_shards(
     options = ShardOptions(include_abp, drop_invalid, signals)
     key = conversion_key(sources, options.as_dict())
     generation = f"gen-{key[:16]}"
-    current = read_manifest(out_uri)
-    if current is not None and current.get("key") == key:
-        log.info("%s: already up to date (%s)", out_uri, generation)
-        return {**current, "up_to_date": True}
+    current = published_manifest(out_uri)
+    task_options = {"generation": generation, "options": options}
+    same = current if current is not None and current["key"] == key else None
+    if same is None:  # not published now: this key's generation may still be kept, intact
+        same = _own_copy(out_uri, generation, key)
+    if same is not None:
+        done = _verified_or_repaired(out_uri, same, current, sources, task_options, workers)
+        if done is not None:
+            return done
     generation_uri = storage.join(out_uri, generation)
     storage.delete_dir(generation_uri)  # leftovers of a killed run with the same inputs
-    task_options = {"generation": generation, "options": options}
     try:
         results = run_conversions(convert_file, sources, out_uri, task_options, workers)
     except BaseException:
         storage.delete_dir(generation_uri)
         raise
     manifest = build_manifest(key, generation, sources, results, options)
-    storage.publish_bytes(storage.join(out_uri, MANIFEST), json.dumps(manifest, indent=1).encode())
-    garbage_collect(out_uri, keep=generation)
+    interrupts.check()  # a stop requested before this point publishes nothing
+    manifest = publish_manifest(out_uri, manifest, current)
     seconds = time.monotonic() - start
     megabytes = sum(s["size"] for s in sources) / 1e6
     log.info(
@@ -347,3 +361,53 @@ def write_shards(
         megabytes / max(seconds, 1e-9),
     )
     return {**manifest, "up_to_date": False}
+
+
+def _own_copy(out_uri: str, generation: str, key: str) -> dict | None:
+    """The manifest copy of `generation`'s own folder when it is this key's (a set whose
+    published manifest was damaged), else None."""
+    try:
+        copy = read_manifest(out_uri, generation)
+    except BpfmError:
+        return None
+    return copy if copy is not None and copy["key"] == key else None
+
+
+def _verified_or_repaired(out_uri: str, same: dict, current: dict | None, sources: list[dict],
+                          task_options: dict, workers: int) -> dict | None:  # fmt: skip
+    """An identical conversion exists: deep-verify it; publish it again when only the published
+    manifest was missing or damaged, convert again only the sources whose parts fail. None
+    when nothing of it can be kept (convert everything)."""
+    from bpfm.data.verify import verify_shards
+
+    shards = ShardSet(out_uri, same)
+    task_options = {**task_options, "generation": same["generation"]}
+    report = verify_shards(shards, deep=True)
+    interrupts.check()
+    if report["ok"] and same is current:
+        log.info("%s: already up to date (%s)", out_uri, same["generation"])
+        return {**current, "up_to_date": True}
+    for problem in report["problems"][:5]:
+        log.warning("%s: %s: %s", out_uri, problem["path"], problem["problem"])
+    bad, kept = repair.plan(same, sources, report)
+    if len(bad) == len(sources):
+        return None
+    suffix = repair.new_suffix()
+    todo = [sources[i] for i in bad]
+    log.info("%s: converting %d of %d inputs again (%s)", out_uri, len(todo), len(sources),
+             ", ".join(Path(s["path"]).name for s in todo) or "none; republishing")  # fmt: skip
+    try:
+        fresh = run_conversions(convert_file, todo, out_uri, {**task_options,
+                                "part_suffix": suffix}, workers)  # fmt: skip
+    except BaseException:
+        repair.delete_suffixed(shards, suffix)
+        raise
+    results = {**kept, **dict(zip(bad, fresh, strict=True))}
+    manifest = build_manifest(same["key"], same["generation"], sources,
+                              [results[i] for i in range(len(sources))], task_options["options"])
+    interrupts.check()
+    manifest = publish_manifest(out_uri, manifest, current)
+    repair.delete_parts(shards, {p["path"] for p in same["parts"]} -
+                        {p["path"] for p in manifest["parts"]})  # fmt: skip
+    log.info("%s: repaired %s (%d rows)", out_uri, same["generation"], manifest["rows"])
+    return {**manifest, "up_to_date": False, "repaired": [Path(s["path"]).name for s in todo]}

@@ -157,9 +157,53 @@ PARTITIONING = pa.schema([("source", pa.string()), ("subset", pa.string())])
 # ----------------------------------------------------------------------------------- reading
 
 
-def read_manifest(out_uri: str) -> dict | None:
-    uri = storage.join(out_uri, MANIFEST)
-    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+# What every reader relies on: key -> type (a manifest lacking one is refused in one line).
+MANIFEST_KEYS = {"format": str, "schema_version": int, "key": str, "generation": str,
+                 "options": dict, "rows": int, "bytes": int, "partitions": dict,
+                 "dropped": dict, "sources": list, "parts": list}  # fmt: skip
+PART_KEYS = {"path": str, "source": str, "subset": str, "rows": int, "bytes": int}
+OPTION_KEYS = ("include_abp", "drop_invalid")
+
+
+def _type_name(kind: type) -> str:
+    return {str: "a string", int: "an integer", dict: "an object", list: "a list"}[kind]
+
+
+def parse_manifest(data: bytes, uri: str) -> dict:
+    """A manifest's bytes -> the manifest, checked for every key readers use; any problem is one
+    BpfmError naming the file (invalid JSON, a missing key, a value of the wrong type)."""
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BpfmError(f"{uri}: not valid JSON ({err}): truncated or edited by hand?") from None
+    if not isinstance(manifest, dict):
+        raise BpfmError(f"{uri}: not a JSON object")
+    for key, kind in MANIFEST_KEYS.items():
+        if key not in manifest:
+            raise BpfmError(f"{uri}: {key}: missing key")
+        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            raise BpfmError(f"{uri}: {key}: expected {_type_name(kind)}")
+    for key in OPTION_KEYS:
+        if key not in manifest["options"]:
+            raise BpfmError(f"{uri}: options.{key}: missing key")
+    for i, part in enumerate(manifest["parts"]):
+        if not isinstance(part, dict):
+            raise BpfmError(f"{uri}: parts[{i}]: expected an object")
+        for key, kind in PART_KEYS.items():
+            if not isinstance(part.get(key), kind) or isinstance(part.get(key), bool):
+                problem = "missing key" if key not in part else f"expected {_type_name(kind)}"
+                raise BpfmError(f"{uri}: parts[{i}].{key}: {problem}")
+    for i, source in enumerate(manifest["sources"]):
+        if not isinstance(source, dict) or not isinstance(source.get("name"), str):
+            raise BpfmError(f"{uri}: sources[{i}]: expected an object with a name")
+    return manifest
+
+
+def read_manifest(out_uri: str, generation: str | None = None) -> dict | None:
+    """The published manifest (`out/_manifest.json`), or the copy a generation folder keeps
+    (`out/<generation>/_manifest.json`, for runs pinned to it); None when there is none."""
+    uri = storage.join(out_uri, *([generation] if generation else []), MANIFEST)
+    return parse_manifest(storage.read_bytes(uri), uri) if storage.exists(uri) else None
 
 
 class ShardSet:
@@ -178,6 +222,10 @@ class ShardSet:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["uri"], state["manifest"])
+
+    @property
+    def generation(self) -> str:
+        return self.manifest["generation"]
 
     @property
     def options(self) -> ShardOptions:
@@ -220,8 +268,11 @@ class ShardSet:
             )
 
 
-def open_shards(uri: str | ShardSet) -> ShardSet:
-    """Open a published shard set; a folder without `_manifest.json` is refused."""
+def open_shards(uri: str | ShardSet, generation: str | None = None) -> ShardSet:
+    """Open a published shard set; a folder without `_manifest.json` is refused.
+
+    `generation`: the generation a run pinned (its checkpoint names it): the published one, or
+    one of the previous generations a republish keeps (`bpfm.data.generations`)."""
     if isinstance(uri, ShardSet):
         return uri
     uri = str(uri)
@@ -231,9 +282,17 @@ def open_shards(uri: str | ShardSet) -> ShardSet:
             f"{uri}: no {MANIFEST}: not a bpfm shard set, or its conversion "
             "did not finish (run `bpfm data shard` again)"
         )
-    if manifest.get("schema_version") not in READABLE_VERSIONS:
+    if generation and generation != manifest["generation"]:
+        pinned = read_manifest(uri, generation)
+        if pinned is None or pinned["generation"] != generation:
+            raise BpfmError(
+                f"{uri}: generation {generation} is no longer kept (published now: "
+                f"{manifest['generation']}; `bpfm data gc` or later publishes removed it)"
+            )
+        manifest = pinned
+    if manifest["schema_version"] not in READABLE_VERSIONS:
         raise BpfmError(
-            f"{uri}: {MANIFEST}: schema_version {manifest.get('schema_version')} is not "
+            f"{uri}: {MANIFEST}: schema_version {manifest['schema_version']} is not "
             f"supported (this bpfm reads {' and '.join(map(str, READABLE_VERSIONS))})"
         )
     return ShardSet(uri, manifest)
@@ -268,7 +327,7 @@ def inspect_shards(uri: str) -> dict:
         "uri": shards.uri,
         "schema_version": manifest["schema_version"],
         "generation": manifest["generation"],
-        "created": manifest["created"],
+        "created": manifest.get("created"),
         "rows": manifest["rows"],
         "bytes": manifest["bytes"],
         "parts": len(manifest["parts"]),

@@ -132,7 +132,9 @@ def test_changed_source_publishes_a_new_generation_never_a_mix(train_subset_file
         f["Subset/SBP"][0, 0] = 199.0
     new = write_shards([source], out)
     assert new["generation"] != old["generation"]
-    assert sorted(os.listdir(out)) == sorted([MANIFEST, new["generation"]])  # stale gen gone
+    # the previous generation stays readable for runs that pinned it (bpfm data gc drops it)
+    assert sorted(os.listdir(out)) == sorted([MANIFEST, new["generation"], old["generation"]])
+    assert new["previous"] == [old["generation"]]
     shards = open_shards(out)
     files = {str(p.relative_to(out)) for p in Path(out, new["generation"]).rglob("*.parquet")}
     assert files == {p["path"] for p in shards.manifest["parts"]}
@@ -214,7 +216,8 @@ def test_a_conversion_killed_midway_leaves_nothing_visible_and_a_rerun_completes
     assert open_shards(str(out)).manifest["rows"] == old["rows"]  # the old set, untouched
     new = write_shards([*files, challenge2015_file], str(out))
     assert new["rows"] == old["rows"] + 689
-    assert {p.name for p in out.iterdir()} == {MANIFEST, new["generation"]}
+    # the killed run's folder is gone, the previous generation is kept
+    assert {p.name for p in out.iterdir()} == {MANIFEST, new["generation"], old["generation"]}
 
 
 @pytest.mark.parametrize("signals", ["list", "bytes"])

@@ -51,8 +51,13 @@ def first_grid(grid_env, synthetic_shards):
     return run_grid(load_profile(str(path)))
 
 
-def test_grid_trains_every_cell_once_and_tracks_it(first_grid, grid_env):
+def test_grid_trains_every_cell_once_and_tracks_it(first_grid, grid_env, synthetic_shards):
+    from bpfm.data.shards import open_shards
+
     assert first_grid["errors"] == []
+    generation = open_shards(synthetic_shards).generation  # every trial pinned this one
+    grid_params = grid_env.client.get_run(first_grid["grid_run_id"]).data.params
+    assert grid_params["data_generation"] == generation
     assert (first_grid["n_cells"], first_grid["n_trials"]) == (4, 2)
     client = grid_env.client
     experiment_id = first_grid["experiment_id"]
@@ -68,6 +73,7 @@ def test_grid_trains_every_cell_once_and_tracks_it(first_grid, grid_env):
             f"{params['source']}-{params['protocol']}-s{params['seed']}"
         )
         assert params["lr"] == "0.001" and params["max_steps_per_epoch"] == "1"
+        assert params["data_generation"] == generation
         assert {"sbp_mae", "dbp_r2", "sbp_bhs5", "val_mae", "train_loss"} <= set(run.data.metrics)
         assert run.data.tags["aami"] in {"pass", "fail", "not_assessable"}
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_mae")]
