@@ -45,6 +45,18 @@ def split_summary(split) -> dict[str, Any]:
     return summary
 
 
+def require_segments(summary: dict[str, Any], data: str) -> dict[str, Any]:
+    """`summary` (of `split_summary`) when every view holds segments, else a one-line error
+    naming the shard set, protocol and view (before training, not after its first epoch)."""
+    for name in ("train", "val", "test"):
+        if not summary[f"n_{name}"]:
+            raise BpfmError(
+                f"{data}: protocol {summary['protocol']}, source {summary['source']}: the {name} "
+                f"view holds no segments ({summary['label']})"
+            )
+    return summary
+
+
 def mean_mae(predictions: Predictions) -> tuple[float, float, float]:
     """(mean of SBP and DBP MAE, SBP MAE, DBP MAE) in mmHg."""
     mae = np.abs(predictions.target - predictions.estimate).mean(axis=0)
