@@ -96,6 +96,7 @@ def load_trained(model_dir: str | Path) -> tuple[nn.Module, TrainConfig, dict[st
     """(model in eval mode on CPU, the TrainConfig it was trained with, meta) from a model dir
     written by `fit` (`out/` or `out/epoch-<N>/`)."""
     from bpfm.model import load_model
+    from bpfm.schema import field_problems
     from bpfm.train import TrainConfig
 
     model_dir = Path(model_dir)
@@ -108,7 +109,12 @@ def load_trained(model_dir: str | Path) -> tuple[nn.Module, TrainConfig, dict[st
         values = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise BpfmError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise BpfmError(f"{config_file}: not a mapping of TrainConfig fields (holds a "
+                        f"{type(values).__name__}; a hand-edited file?)")  # fmt: skip
     values.pop("trained_in_run_of", None)  # epoch-prefix dirs note the run they came from
+    for key, problem in field_problems(TrainConfig, values)[:1]:
+        raise BpfmError(f"{config_file}: {key}: {problem}")
     config = TrainConfig.from_dict(values)
     model, meta = load_model(model_dir / "model.safetensors")
     return model.eval(), config, meta

@@ -350,6 +350,10 @@ def run_grid(
     """The study as one job. Stage 0: data and backbones; stage 1: Tune over the grid (resumed
     when `storage/name` exists); stage 2: every trained model through every quantization variant;
     stage 3: the summary, read back from MLflow."""
+    from bpfm import grid, preflight
+
+    grid.check_trials(profile, recipe or {})  # bad settings and unreachable servers fail here,
+    preflight.check_launch(profile)  # in seconds, not after Ray and stage 0 ran
     init_ray()
     with credentials_kept_from_trials():
         return _run_stages(profile, recipe or {}, name or profile.study, gpus, quant_cpus)

@@ -77,6 +77,9 @@ def handle(args: argparse.Namespace) -> int:
             print_result(plan, True)
         return 0
 
+    from bpfm import preflight
+
+    preflight.check_launch(profile)  # before importing Ray: an unreachable server fails fast
     from bpfm.tune import run_grid
 
     result = run_grid(profile, recipe=recipe, name=args.name, gpus=args.gpus)
