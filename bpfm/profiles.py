@@ -166,7 +166,8 @@ def _first_problem(path: Path, section: str, problems: list[tuple[str, str]]) ->
 
 def _rebased(path: Path, section: str, err: BpfmError, prefix: str) -> BpfmError:
     """A config's own `validate()` error (`prefix: key: problem`) as `path: section.key: ...`."""
-    return _fail(path, section, str(err).removeprefix(prefix).lstrip(".") or str(err))
+    key, _, problem = str(err).removeprefix(prefix).strip().partition(": ")
+    return _fail(path, f"{section}.{key}", problem)
 
 
 def _mapping(path: Path, key: str, value: Any) -> dict:
