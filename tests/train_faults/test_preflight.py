@@ -47,7 +47,8 @@ def _launch(tmp_path, env: dict[str, str], data: str | None = None):
 def test_a_silent_tracking_server_fails_in_seconds(tmp_path, silent_server):
     _, result = _launch(tmp_path, {"MLFLOW_TRACKING_URI": silent_server})
     line = error_line(result)
-    assert line == f"bpfm: error: {silent_server}: MLflow tracking server: no answer within 5 s {HINT}"
+    expected = f"{silent_server}: MLflow tracking server: no answer within 5 s {HINT}"
+    assert line == f"bpfm: error: {expected}"
     assert result.seconds < 60  # 5 s of waiting plus the imports of a loaded machine
 
 
