@@ -126,7 +126,7 @@ def safe_torch_load(file) -> object:
 def load_failure(file: str | Path, err: BaseException) -> BpfmError:
     """One short line for a file `safe_torch_load` or safetensors could not read. Never torch's
     own text: it advises `weights_only=False`, which would run whatever code the file holds."""
-    blocked = re.search(r"unsupported GLOBAL (\S+)", str(err))
+    blocked = re.search(r"GLOBAL (\S+)", str(err))  # torch names the global it refused
     if blocked:
         problem = (f"not a checkpoint: it holds Python code ({blocked.group(1)}) that a safe "
                    "load refuses to run")  # fmt: skip
