@@ -1,5 +1,7 @@
 """The one redaction of everything bpfm prints, logs or records: error lines (`BpfmError`
-redacts its own message), the CLI's log lines and results, MLflow params, tags and artifacts.
+redacts its own message), log records of bpfm's loggers in every process (`redact_bpfm_logs`,
+installed when bpfm is imported: Ray trials and worker pools set up logging their own way), the
+CLI's log lines and results, MLflow params, tags and artifacts.
 
 Masked: values of environment variables whose names look secret (S3 keys, tokens, passwords),
 credentials written inside a URI (`s3://KEY:SECRET@bucket/...`, `http://user:pass@host`: the
@@ -41,3 +43,20 @@ class RedactingFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
+
+
+def redact_bpfm_logs() -> None:
+    """Redact the message of every log record of a `bpfm.*` logger as it is made, whatever
+    handlers and formats the process uses. Installed once per process."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "bpfm_redacts", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        if record.name == "bpfm" or record.name.startswith("bpfm."):
+            record.msg, record.args = redact(record.getMessage()), ()
+        return record
+
+    factory.bpfm_redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)

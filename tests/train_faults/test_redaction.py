@@ -39,6 +39,11 @@ def test_errors_log_lines_and_secrets_from_the_environment_are_redacted(monkeypa
     assert str(error) == "s3://***@bpfm-redact/shards: ecg: ***"
     record = logging.LogRecord("bpfm", logging.INFO, __file__, 1, "reading %s", (URI,), None)
     assert RedactingFormatter("%(message)s").format(record) == "reading s3://***@bpfm-redact/shards"
+    # any process that imports bpfm (a Ray trial, a worker pool): bpfm's records come redacted
+    made = logging.getLogger("bpfm.tests").makeRecord(
+        "bpfm.tests", logging.INFO, __file__, 1, "reading %s", (URI,), None
+    )
+    assert made.getMessage() == "reading s3://***@bpfm-redact/shards"
     error = storage.describe_error(URI, OSError("AWS Error ACCESS_DENIED"))
     assert SECRET not in error and KEY not in error
 
