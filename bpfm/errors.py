@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bpfm.redact import redact
+
 
 class BpfmError(Exception):
-    """Bad input or configuration: the message alone tells the user what to fix."""
+    """Bad input or configuration: the message alone tells the user what to fix.
+
+    The message is redacted when the error is made (a URI's credentials, secrets from the
+    environment), so it is safe wherever it ends up: the CLI's line, Ray's error files, logs."""
+
+    def __init__(self, *args: object):
+        super().__init__(*(redact(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class DataError(BpfmError):

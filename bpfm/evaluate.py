@@ -45,6 +45,18 @@ def split_summary(split) -> dict[str, Any]:
     return summary
 
 
+def require_segments(summary: dict[str, Any], data: str) -> dict[str, Any]:
+    """`summary` (of `split_summary`) when every view holds segments, else a one-line error
+    naming the shard set, protocol and view (before training, not after its first epoch)."""
+    for name in ("train", "val", "test"):
+        if not summary[f"n_{name}"]:
+            raise BpfmError(
+                f"{data}: protocol {summary['protocol']}, source {summary['source']}: the {name} "
+                f"view holds no segments ({summary['label']})"
+            )
+    return summary
+
+
 def mean_mae(predictions: Predictions) -> tuple[float, float, float]:
     """(mean of SBP and DBP MAE, SBP MAE, DBP MAE) in mmHg."""
     mae = np.abs(predictions.target - predictions.estimate).mean(axis=0)
@@ -84,6 +96,7 @@ def load_trained(model_dir: str | Path) -> tuple[nn.Module, TrainConfig, dict[st
     """(model in eval mode on CPU, the TrainConfig it was trained with, meta) from a model dir
     written by `fit` (`out/` or `out/epoch-<N>/`)."""
     from bpfm.model import load_model
+    from bpfm.schema import field_problems
     from bpfm.train import TrainConfig
 
     model_dir = Path(model_dir)
@@ -96,7 +109,12 @@ def load_trained(model_dir: str | Path) -> tuple[nn.Module, TrainConfig, dict[st
         values = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise BpfmError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise BpfmError(f"{config_file}: not a mapping of TrainConfig fields (holds a "
+                        f"{type(values).__name__}; a hand-edited file?)")  # fmt: skip
     values.pop("trained_in_run_of", None)  # epoch-prefix dirs note the run they came from
+    for key, problem in field_problems(TrainConfig, values)[:1]:
+        raise BpfmError(f"{config_file}: {key}: {problem}")
     config = TrainConfig.from_dict(values)
     model, meta = load_model(model_dir / "model.safetensors")
     return model.eval(), config, meta

@@ -145,6 +145,29 @@ def plan_grid(profile: Profile, train: dict[str, Any] | None = None) -> GridPlan
     return GridPlan(cells=cells, trials=plan_trials(cells, share), share_prefix=share)
 
 
+def check_trials(profile: Profile, recipe: dict[str, Any], recipe_path: str | None = None) -> None:
+    """Every trial's TrainConfig (profile recipe, --recipe, the trial's axes) validated the way
+    the trial will validate it, so that a bad value fails before Ray or stage 0 start, not in
+    every trial after them. Errors name the file the value came from."""
+    from bpfm.train import TrainConfig
+
+    train = {**profile.train, **recipe}
+    for trial in plan_grid(profile, train).trials:
+        values = {**train, **trial.tune_config(), "data": profile.data.uri, "out": "check"}
+        if trial.init == "pretrained" and not values.get("checkpoint"):
+            if profile.pretrain is None:
+                raise BpfmError(f"{profile.path}: pretrain: the grid has pretrained cells but no "
+                                "pretrain.checkpoint")  # fmt: skip
+            values["checkpoint"] = profile.pretrain.checkpoint_for(trial.size)
+        try:
+            TrainConfig.from_dict(values).validate()
+        except BpfmError as err:
+            message = str(err).removeprefix("train: ")
+            key = message.split(":", 1)[0]
+            where = recipe_path if recipe_path and key in recipe else profile.path
+            raise BpfmError(f"{where}: train.{message}") from None
+
+
 def dry_run(profile: Profile, train: dict[str, Any], cluster_gpus: float | None = None) -> dict:
     """What a launch would run: cells, trials, resources, quantization jobs; runs nothing."""
     plan = plan_grid(profile, train)

@@ -159,14 +159,18 @@ def predict(
     return Predictions(segment_ids, subjects, np.concatenate(targets), np.concatenate(estimates))
 
 
-def _publish(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary name in the same folder, then rename: readers never see half."""
+def _publish(path: Path, write: Callable[[Path], None], needed: int | None = None) -> None:
+    """Write through a temporary name in the same folder, then rename: readers never see half.
+    A full disk is one line naming the file (and `needed`, its size, when known)."""
+    from bpfm.disk import reporting_full_disk
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with reporting_full_disk(path, needed):
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _json_default(value: Any) -> Any:
@@ -179,8 +183,8 @@ def _json_default(value: Any) -> Any:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Atomic JSON (NaN stays NaN, which Python's json reads back as a float)."""
-    text = json.dumps(payload, indent=2, sort_keys=True, default=_json_default)
-    _publish(path, lambda tmp: tmp.write_text(text + "\n"))
+    text = json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n"
+    _publish(path, lambda tmp: tmp.write_text(text), len(text.encode()))
 
 
 def write_model_dir(

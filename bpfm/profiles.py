@@ -152,6 +152,68 @@ def _axes(path: Path, raw: dict) -> dict[str, tuple]:
     return axes
 
 
+# TrainConfig fields a profile's `train:` may not set: the grid sets them per cell.
+GRID_SET = ("data", "out", "report_epochs", *AXES)
+# run_quantization's settings that stage 2 passes itself.
+QUANT_SET = ("data", "source", "protocol", "out", "baseline")
+
+
+def _first_problem(path: Path, section: str, problems: list[tuple[str, str]]) -> None:
+    if problems:
+        key, problem = problems[0]
+        raise _fail(path, f"{section}.{key}", problem)
+
+
+def _rebased(path: Path, section: str, err: BpfmError, prefix: str) -> BpfmError:
+    """A config's own `validate()` error (`prefix: key: problem`) as `path: section.key: ...`."""
+    key, _, problem = str(err).removeprefix(prefix).strip().partition(": ")
+    return _fail(path, f"{section}.{key}", problem)
+
+
+def _mapping(path: Path, key: str, value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise _fail(path, key, f"must be a mapping, got {value!r}")
+    return value
+
+
+def _check_sections(path: Path, raw: dict) -> None:
+    """`train:`, `quantize:`, `resources:` and `quantize_options:` against TrainConfig,
+    QuantConfig, Resources and run_quantization, before anything starts."""
+    from bpfm.quantize import QuantConfig, run_quantization
+    from bpfm.schema import field_problems
+    from bpfm.train import TrainConfig
+
+    train = _mapping(path, "train", raw.get("train") or {})
+    for key in GRID_SET:
+        if key in train:
+            raise _fail(path, f"train.{key}", "set by the grid (axes, data.uri), not by train:")
+    _first_problem(path, "train", field_problems(TrainConfig, train))
+    for variant, options in (raw.get("quantize") or {}).items():
+        _first_problem(path, f"quantize.{variant}", field_problems(QuantConfig, options))
+        try:
+            QuantConfig(**options).validate()
+        except BpfmError as err:
+            raise _rebased(path, f"quantize.{variant}", err, "quantize:") from None
+    for size, spec in _mapping(path, "resources", raw.get("resources") or {}).items():
+        if size not in AXIS_CHOICES["size"]:
+            sizes = ", ".join(AXIS_CHOICES["size"])
+            raise _fail(path, f"resources.{size}", f"unknown size (sizes are {sizes})")
+        spec = _mapping(path, f"resources.{size}", spec)
+        _first_problem(path, f"resources.{size}", field_problems(Resources, spec))
+        for key, value in spec.items():
+            if not 0 <= value < float("inf"):
+                raise _fail(path, f"resources.{size}.{key}", f"must be >= 0, got {value!r}")
+        if spec.get("gpu", 0) > 1 and spec["gpu"] != int(spec["gpu"]):
+            raise _fail(path, f"resources.{size}.gpu",
+                        f"more than one GPU must be a whole number, got {spec['gpu']}")  # fmt: skip
+    options = _mapping(path, "quantize_options", raw.get("quantize_options") or {})
+    _first_problem(path, "quantize_options", field_problems(run_quantization, options, QUANT_SET))
+    for key, least in (("threads", 1), ("latency_runs", 0), ("batch_size", 1),
+                       ("calib_batch_size", 1)):  # fmt: skip
+        if key in options and options[key] < least:
+            raise _fail(path, f"quantize_options.{key}", f"must be >= {least}, got {options[key]}")
+
+
 def load_profile(name_or_path: str) -> Profile:
     """Read and check a profile; every mistake is one line naming the file and the key."""
     path = profile_path(name_or_path)
@@ -178,6 +240,7 @@ def load_profile(name_or_path: str) -> Profile:
     quantize = raw.get("quantize") or {}
     if not isinstance(quantize, dict) or not all(isinstance(v, dict) for v in quantize.values()):
         raise _fail(path, "quantize", "must map variant names to QuantConfig fields")
+    _check_sections(path, raw)
     try:
         resources = {size: Resources(**spec) for size, spec in (raw.get("resources") or {}).items()}
         tune = TuneSpec(**(raw.get("tune") or {}))
@@ -222,4 +285,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raw = raw["train"]  # a recipe may nest its overrides under `train:`
     if not isinstance(raw, dict):
         raise BpfmError(f"{path}: recipe: must be a mapping of TrainConfig fields")
-    return {k: v for k, v in raw.items() if k not in AXES}
+    from bpfm.schema import field_problems
+    from bpfm.train import TrainConfig
+
+    recipe = {k: v for k, v in raw.items() if k not in AXES}
+    _first_problem(path, "train", field_problems(TrainConfig, recipe))
+    return recipe

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from bpfm.errors import BpfmError
+from bpfm.redact import redact
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -51,23 +52,15 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
-def _redact(text: str) -> str:
-    for key in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        secret = os.environ.get(key)
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
 def describe_error(uri: str, err: BaseException) -> str:
     """One line naming the URI and the problem; the raw message only when nothing matches."""
     raw = " ".join(str(err).split())
     for needles, hint in _HINTS:
         if any(needle in raw for needle in needles):
-            return _redact(f"{uri}: {hint}")
+            return redact(f"{uri}: {hint}")
     if isinstance(err, FileNotFoundError):
-        return _redact(f"{uri}: not found")
-    return _redact(f"{uri}: {raw[:300]}")
+        return redact(f"{uri}: not found")
+    return redact(f"{uri}: {raw[:300]}")
 
 
 @contextlib.contextmanager

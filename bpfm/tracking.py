@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfm import defaults
+from bpfm.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +52,6 @@ EPOCH_METRICS = ("train_loss", "val_mae")
 QUANT_METRICS = ("size_mib", "latency_ms_b1", "latency_ms_b64")
 GRADE_TAGS = ("sbp_bhs_grade", "dbp_bhs_grade", "aami", "sbp_aami", "dbp_aami")
 MODEL_ALIAS = "best"
-
-# Environment variables whose values must never be logged, plus any name that looks secret.
-_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|SESSION|API_KEY", re.I)
-_SECRET_QUERY = re.compile(r"(?i)([?&](?:[\w.-]*(?:secret|token|password|key)[\w.-]*)=)[^&\s]*")
-_URI_USERINFO = re.compile(r"([a-zA-Z][\w+.-]*://)[^/@\s]+@")
-MASK = "***"
-
-
-def _secret_values() -> list[str]:
-    values = [v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 6]
-    return sorted(set(values), key=len, reverse=True)
-
-
-def redact(value: Any) -> str:
-    """A loggable string: secrets from the environment and credentials in URIs masked."""
-    text = str(value)
-    for secret in _secret_values():
-        text = text.replace(secret, MASK)
-    text = _URI_USERINFO.sub(r"\1", text)
-    return _SECRET_QUERY.sub(rf"\1{MASK}", text)
 
 
 def safe_params(values: Mapping[str, Any], allowed: Iterable[str]) -> dict[str, str]:

@@ -41,6 +41,7 @@ from bpfm.evaluate import (
     model_dir_payload,
     open_split,
     read_metrics,
+    require_segments,
     split_summary,
 )
 from bpfm.predict import (
@@ -56,6 +57,7 @@ from bpfm.train_state import (
     check_resumable,
     latest_checkpoint,
     load_train_state,
+    remove_stale_temporaries,
     restore_train_state,
     save_train_state,
     seed_everything,
@@ -148,14 +150,16 @@ class TrainConfig:
                     "eval_batch_size": self.eval_batch_size, "huber_delta": self.huber_delta,
                     "keep_checkpoints": self.keep_checkpoints}  # fmt: skip
         for name, value in positive.items():
-            if not value > 0:
-                raise BpfmError(f"train: {name}: must be positive, got {value}")
+            if not 0 < value < math.inf:
+                raise BpfmError(f"train: {name}: must be positive and finite, got {value}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise BpfmError(
                 f"train: max_steps_per_epoch: must be >= 1, got {self.max_steps_per_epoch}"
             )
-        if self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise BpfmError("train: weight_decay/warmup_epochs: must not be negative")
+        if not (0 <= self.weight_decay < math.inf and 0 <= self.warmup_epochs < math.inf):
+            raise BpfmError("train: weight_decay/warmup_epochs: must be finite, not negative")
+        if self.num_workers < 0:
+            raise BpfmError(f"train: num_workers: must be >= 0, got {self.num_workers}")
         bad = [e for e in self.report_epochs if not 1 <= e <= self.epochs]
         if bad:
             raise BpfmError(f"train: report_epochs: {bad} outside 1..{self.epochs}")
@@ -376,12 +380,13 @@ def fit(
 
     config = TrainConfig.from_dict(config.to_dict()).validate()  # a private, normalised copy
     out = Path(config.out)
+    remove_stale_temporaries(out)  # of killed runs: they hold disk space and nothing else
     device = resolve_device(config.device)
     shards = pinned_shards(config.data, config.data_generation)
     require_intact(shards)  # sizes and footers: a damaged set fails here, not mid-epoch
     config.data_generation = shards.generation
     split = open_split(shards, config.source, config.protocol, config.split_seed)
-    summary = split_summary(split)
+    summary = require_segments(split_summary(split), config.data)
     mean, std = (np.asarray(v, dtype=np.float64) for v in view_target_stats(split.train))
     meta = {**_target_meta(config, mean, std), "source": config.source,
             "protocol": config.protocol, "split": split.label}  # fmt: skip

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from bpfm.disk import reporting_full_disk
 from bpfm.errors import BpfmError
+from bpfm.model.checkpoint import load_failure, safe_torch_load, saved_size
+from bpfm.scratch import left_by_dead_process, owner
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 # Fields that may change between a checkpoint and the run resuming it (epochs only when the
@@ -112,15 +119,44 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
+TEMP_PREFIX = ".tmp-epoch-"
+# .tmp-epoch-NNNN-<host>-<pid>; names from before hosts were recorded lack the host
+_TEMP_NAME = re.compile(rf"{re.escape(TEMP_PREFIX)}\d+-(?:(?P<host>.+)-)?(?P<pid>\d+)")
+
+
+def remove_stale_temporaries(out: str | Path) -> list[Path]:
+    """Remove the half-written checkpoints that killed runs left in out/checkpoints (a process
+    killed while saving never reaches its cleanup); those of processes still running, or of
+    other hosts sharing the folder, stay. Returns what was removed."""
+    root = Path(out) / "checkpoints"
+    removed = []
+    for path in root.glob(f"{TEMP_PREFIX}*") if root.is_dir() else ():
+        match = _TEMP_NAME.fullmatch(path.name)
+        if match and left_by_dead_process(match["host"], int(match["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.info("%s: removed %d checkpoint(s) half-written by killed runs", root, len(removed))
+    return removed
+
+
 def save_train_state(out: Path, epoch: int, state: dict[str, Any], *, keep: int) -> Path:
     """Write out/checkpoints/epoch-NNNN/state.pt atomically (temp dir + rename) and keep the
-    last `keep` epochs; later epochs of an abandoned trajectory are removed too."""
+    last `keep` epochs; later epochs of an abandoned trajectory are removed too. A full disk is
+    one line naming the file and the bytes it needs, and leaves no temporary behind."""
     root = out / "checkpoints"
     final = root / f"epoch-{epoch:04d}"
-    tmp = root / f".tmp-epoch-{epoch:04d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(state, tmp / STATE_FILE)
+    tmp = root / f"{TEMP_PREFIX}{epoch:04d}-{owner()}"
+    with reporting_full_disk(final / STATE_FILE, lambda: saved_size(state)):
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            # through a Python file: torch's own file writer hides ENOSPC behind a RuntimeError
+            with open(tmp / STATE_FILE, "wb") as handle:
+                torch.save(state, handle)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     earlier = [p for e, p in _epoch_dirs(out) if e < epoch]
@@ -131,15 +167,25 @@ def save_train_state(out: Path, epoch: int, state: dict[str, Any], *, keep: int)
     return final
 
 
+# What a resumed run reads from a checkpoint.
+STATE_KEYS = ("model", "optimizer", "scheduler", "rng", "config", *PROGRESS_KEYS)
+
+
 def load_train_state(path: str | Path) -> dict[str, Any]:
     """A checkpoint dir (or its state.pt) -> the saved state; one-line errors if unreadable."""
     path = Path(path)
     file = path / STATE_FILE if path.is_dir() else path
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        saved = safe_torch_load(file)
     except FileNotFoundError:
         raise BpfmError(f"{file}: checkpoint not found") from None
     except Exception as err:  # zip, unpickling and truncation errors share no base class
-        raise BpfmError(
-            f"{file}: corrupt or unreadable checkpoint ({type(err).__name__})"
-        ) from None
+        raise load_failure(file, err) from None
+    if not isinstance(saved, dict):
+        raise BpfmError(f"{file}: not a bpfm training checkpoint (holds a {type(saved).__name__})")
+    missing = [key for key in STATE_KEYS if key not in saved]
+    if missing:
+        raise BpfmError(f"{file}: {missing[0]}: missing (not a complete bpfm training checkpoint)")
+    if not isinstance(saved["config"], dict):
+        raise BpfmError(f"{file}: config: not a mapping (not a bpfm training checkpoint)")
+    return saved

@@ -25,6 +25,7 @@ from bpfm import tracking
 from bpfm.errors import BpfmError
 from bpfm.grid import trial_from_config
 from bpfm.profiles import Profile
+from bpfm.scratch import process_runs
 from bpfm.stages import CellLogger, TrialContext, model_dir_for, train_config
 
 log = logging.getLogger(__name__)
@@ -48,16 +49,6 @@ def _fault_marker(ctx: TrialContext, trial_id: str) -> Path | None:
 TRIAL_WORK_PREFIX = "bpfm-trial-"
 
 
-def _process_runs(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def trial_work_dir() -> Path:
     """A fresh scratch folder for one trial, named after its host and process. Folders of this
     host's trial processes that no longer run are removed first: a trial killed with its driver
@@ -67,7 +58,7 @@ def trial_work_dir() -> Path:
     owner = f"{TRIAL_WORK_PREFIX}{socket.gethostname()}"
     for folder in Path(tempfile.gettempdir()).glob(f"{owner}-*-*"):
         host, pid, _ = folder.name.rsplit("-", 2)  # mkdtemp's random suffix has no "-"
-        if host == owner and pid.isdigit() and not _process_runs(int(pid)):
+        if host == owner and pid.isdigit() and not process_runs(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{owner}-{os.getpid()}-"))
 
@@ -359,6 +350,10 @@ def run_grid(
     """The study as one job. Stage 0: data and backbones; stage 1: Tune over the grid (resumed
     when `storage/name` exists); stage 2: every trained model through every quantization variant;
     stage 3: the summary, read back from MLflow."""
+    from bpfm import grid, preflight
+
+    grid.check_trials(profile, recipe or {})  # bad settings and unreachable servers fail here,
+    preflight.check_launch(profile)  # in seconds, not after Ray and stage 0 ran
     init_ray()
     with credentials_kept_from_trials():
         return _run_stages(profile, recipe or {}, name or profile.study, gpus, quant_cpus)

@@ -10,6 +10,7 @@ import logging
 import sys
 
 from bpfm.errors import BpfmError
+from bpfm.redact import RedactingFormatter
 
 # One module per command group, in the order `bpfm --help` lists them.
 COMMAND_MODULES = (
@@ -40,12 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)  # every log line redacted (URIs, secrets)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     try:
         return int(args.func(args) or 0)
     except BpfmError as err:

@@ -7,6 +7,8 @@ import json
 import math
 from typing import Any
 
+from bpfm.redact import redact
+
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -15,6 +17,8 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -29,7 +33,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def print_result(result: dict[str, Any], as_json: bool) -> None:
-    """Print a command's result: `key: value` lines for people, or one JSON line for programs."""
+    """Print a command's result: `key: value` lines for people, or one JSON line for programs;
+    strings redacted (a URI's credentials)."""
     if as_json:
         print(json.dumps(_jsonable(result), sort_keys=True))
         return
@@ -37,6 +42,6 @@ def print_result(result: dict[str, Any], as_json: bool) -> None:
         if isinstance(value, dict):
             print(f"{key}:")
             for sub_key, sub_value in value.items():
-                print(f"  {sub_key}: {sub_value}")
+                print(redact(f"  {sub_key}: {sub_value}"))
         else:
-            print(f"{key}: {value}")
+            print(redact(f"{key}: {value}"))

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from bpfm.cli.common import add_json_flag, print_result
+from bpfm.redact import redact
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,14 +68,18 @@ def handle(args: argparse.Namespace) -> int:
     from bpfm import grid
 
     profile, recipe = load_profile_from_args(args)
+    grid.check_trials(profile, recipe, args.recipe)
     train = {**profile.train, **recipe}
     if args.dry_run:
         plan = grid.dry_run(profile, train)
-        print(grid.format_dry_run(plan))
+        print(redact(grid.format_dry_run(plan)))
         if args.json:
             print_result(plan, True)
         return 0
 
+    from bpfm import preflight
+
+    preflight.check_launch(profile)  # before importing Ray: an unreachable server fails fast
     from bpfm.tune import run_grid
 
     result = run_grid(profile, recipe=recipe, name=args.name, gpus=args.gpus)
@@ -88,9 +93,9 @@ def handle(args: argparse.Namespace) -> int:
         print()
         print(grid.format_table(result["quantized"], grid.QUANT_COLUMNS))
     for source, uri in result["registered"].items():
-        print(f"best {source} model: {uri}")
+        print(redact(f"best {source} model: {uri}"))
     for error in result["errors"]:
-        print(f"error: {error}")
+        print(redact(f"error: {error}"))
     if args.json:
         print_result(result, True)
     return 1 if result["errors"] else 0

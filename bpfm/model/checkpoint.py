@@ -12,16 +12,18 @@ import io
 import json
 import logging
 import math
-import os
+import re
 import struct
-import tempfile
+import warnings
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from bpfm.disk import reporting_full_disk
 from bpfm.errors import BpfmError
 from bpfm.model.cerebro import CerebroEncoder
 from bpfm.model.heads import LinearHead, PaperHead
@@ -102,24 +104,37 @@ def read_bytes(uri: str | Path) -> bytes:
 
 
 def write_bytes_atomic(uri: str | Path, data: bytes) -> None:
-    """Local files go through a temporary file + rename, so readers never see half a file;
-    remote URIs go through `bpfm.storage` (an S3 object appears whole or not at all)."""
-    uri = str(uri)
-    if _is_remote(uri):
-        from bpfm import storage
+    """Readers never see half a file: `bpfm.storage.publish_bytes` (a local temporary file
+    renamed into place, created like any other file of its folder; an S3 object appears whole
+    or not at all). A full local disk is one line naming the file and the bytes it needed."""
+    from bpfm import storage
 
+    uri = str(uri)
+    local = not _is_remote(uri)
+    with reporting_full_disk(uri.removeprefix("file://"), len(data)) if local else nullcontext():
         storage.publish_bytes(uri, data)
-        return
-    path = Path(uri.removeprefix("file://"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def safe_torch_load(file) -> object:
+    """`torch.load(weights_only=True)` to CPU, without torch's warning about pickle protocols
+    (the allow-listed unpickler reads the ones it supports and refuses the rest)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def load_failure(file: str | Path, err: BaseException) -> BpfmError:
+    """One short line for a file `safe_torch_load` or safetensors could not read. Never torch's
+    own text: it advises `weights_only=False`, which would run whatever code the file holds."""
+    blocked = re.search(r"GLOBAL (\S+)", str(err))  # torch names the global it refused
+    if blocked:
+        problem = (f"not a checkpoint: it holds Python code ({blocked.group(1)}) that a safe "
+                   "load refuses to run")  # fmt: skip
+    elif "central directory" in str(err) or isinstance(err, EOFError):
+        problem = "corrupt checkpoint: truncated or damaged"
+    else:
+        problem = f"corrupt or not a checkpoint ({type(err).__name__})"
+    return BpfmError(f"{file}: {problem}")
 
 
 def _is_safetensors(data: bytes) -> bool:
@@ -140,12 +155,9 @@ def read_state(uri: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
 
             meta = json.loads(_safetensors_metadata(data).get("bpfm", "{}"))
             return load(data), meta, "safetensors"
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        obj = safe_torch_load(io.BytesIO(data))
     except Exception as err:  # safetensors, zip and unpickling errors have no common base
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise BpfmError(
-            f"{uri}: corrupt or unreadable checkpoint ({type(err).__name__}: {first})"
-        ) from None
+        raise load_failure(uri, err) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return obj["state_dict"], obj.get("meta") or {}, "torch"
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -311,6 +323,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+def saved_size(obj: object) -> int:
+    """Bytes `torch.save(obj)` writes, counted without keeping them."""
+    counter = _ByteCounter()
+    torch.save(obj, counter)
+    return counter.size
+
+
 class _ByteCounter(io.RawIOBase):
     def __init__(self):
         self.size = 0
@@ -327,6 +346,4 @@ def state_dict_bytes(model: nn.Module) -> int:
     """Bytes of `torch.save(model.state_dict())`, as the paper measured model size."""
     if any(t.is_meta for t in model.state_dict().values()):
         model = model.to_empty(device="cpu")  # values do not change the size
-    counter = _ByteCounter()
-    torch.save(model.state_dict(), counter)
-    return counter.size
+    return saved_size(model.state_dict())

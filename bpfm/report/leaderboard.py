@@ -4,7 +4,6 @@ the same files logged as artifacts of a `bpfm.kind=leaderboard` run."""
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from bpfm.defaults import tracking_uri as default_tracking_uri
+from bpfm.redact import redact
 from bpfm.report import tables
 from bpfm.report.plots import plot_all
 from bpfm.report.predictions import attach_demographics, load_predictions
@@ -39,11 +39,6 @@ class LeaderboardConfig:
     tracking_uri: str | None = None
     log_run: bool = True  # also log the report as a bpfm.kind=leaderboard run
     bootstrap_seed: int = 0
-
-
-def redact_uri(uri: str) -> str:
-    """A tracking URI without its password (`postgresql://user:***@host/db`)."""
-    return re.sub(r"(//[^:/@]+):[^@/]+@", r"\1:***@", uri)
 
 
 def _model_details(
@@ -128,7 +123,7 @@ def compile_report(
     ]  # fmt: skip
     preamble = (
         f"Experiments: {', '.join(config.experiments)} at "
-        f"{redact_uri(client.tracking_uri)}; {len(study.train)} model runs, "
+        f"{redact(client.tracking_uri)}; {len(study.train)} model runs, "
         f"{len(study.quant)} quantization runs."
     )
     return Report("bpfm leaderboard", preamble, sections), frames

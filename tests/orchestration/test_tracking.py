@@ -30,7 +30,7 @@ def test_redact_masks_secrets_from_the_environment_and_uri_credentials(monkeypat
     monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-abcdef-123")
     assert tracking.redact("key=s3cr3t-value-xyz;t=tok-abcdef-123") == "key=***;t=***"
     assert tracking.redact("s3://user:pw@bucket/x?secret_key=abc&region=eu") == (
-        "s3://bucket/x?secret_key=***&region=eu"
+        "s3://***@bucket/x?secret_key=***&region=eu"
     )
     assert tracking.redact("s3://bucket/shards") == "s3://bucket/shards"
 
@@ -41,7 +41,7 @@ def test_safe_params_keeps_only_allowed_keys_redacted(monkeypatch):
         {"lr": 0.001, "data": "s3://a:hunter2-hunter2@b/c", "head_hidden": (64, 32), "other": 1},
         ["lr", "data", "head_hidden"],
     )
-    assert params == {"lr": "0.001", "data": "s3://b/c", "head_hidden": "[64, 32]"}
+    assert params == {"lr": "0.001", "data": "s3://***@b/c", "head_hidden": "[64, 32]"}
 
 
 def test_sqlite_store_keeps_artifacts_beside_the_database(store, store_root, request):

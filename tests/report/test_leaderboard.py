@@ -9,7 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bpfm.cli import main
-from bpfm.report.leaderboard import LeaderboardConfig, build_leaderboard, redact_uri
+from bpfm.redact import redact
+from bpfm.report.leaderboard import LeaderboardConfig, build_leaderboard
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,6 @@ def test_experiment_without_finished_runs_is_a_one_line_error(planted_store, tmp
         assert len(err) == 1 and err[0].startswith("bpfm: error:") and name in err[0]
 
 
-def test_redact_uri_hides_a_database_password():
-    assert redact_uri("postgresql://bp:s3cret@db:5432/mlflow") == "postgresql://bp:***@db:5432/mlflow"
-    assert redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+def test_redact_hides_a_database_password():
+    assert redact("postgresql://bp:s3cret@db:5432/mlflow") == "postgresql://***@db:5432/mlflow"
+    assert redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
