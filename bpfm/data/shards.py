@@ -336,9 +336,7 @@ def write_shards(
     if same is None:  # not published now: this key's generation may still be kept, intact
         same = _own_copy(out_uri, generation, key)
     if same is not None:
-        done = _verified_or_repaired(out_uri, same, current, sources, task_options, workers)
-        if done is not None:
-            return done
+        return _verified_or_repaired(out_uri, same, current, sources, task_options, workers)
     generation_uri = storage.join(out_uri, generation)
     storage.delete_dir(generation_uri)  # leftovers of a killed run with the same inputs
     try:
@@ -374,10 +372,10 @@ def _own_copy(out_uri: str, generation: str, key: str) -> dict | None:
 
 
 def _verified_or_repaired(out_uri: str, same: dict, current: dict | None, sources: list[dict],
-                          task_options: dict, workers: int) -> dict | None:  # fmt: skip
+                          task_options: dict, workers: int) -> dict:  # fmt: skip
     """An identical conversion exists: deep-verify it; publish it again when only the published
-    manifest was missing or damaged, convert again only the sources whose parts fail. None
-    when nothing of it can be kept (convert everything)."""
+    manifest was missing or damaged, convert again only the sources whose parts fail (into new
+    part files: the published ones stay readable until the new manifest replaces them)."""
     from bpfm.data.verify import verify_shards
 
     shards = ShardSet(out_uri, same)
@@ -390,8 +388,6 @@ def _verified_or_repaired(out_uri: str, same: dict, current: dict | None, source
     for problem in report["problems"][:5]:
         log.warning("%s: %s: %s", out_uri, problem["path"], problem["problem"])
     bad, kept = repair.plan(same, sources, report)
-    if len(bad) == len(sources):
-        return None
     suffix = repair.new_suffix()
     todo = [sources[i] for i in bad]
     log.info("%s: converting %d of %d inputs again (%s)", out_uri, len(todo), len(sources),
