@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from bpfm.defaults import tracking_uri as default_tracking_uri
+from bpfm import tracking
 from bpfm.report import tables
 from bpfm.report.plots import plot_all
 from bpfm.report.predictions import attach_demographics, load_predictions
@@ -148,7 +148,7 @@ def _log_leaderboard_run(client: MlflowClient, config: LeaderboardConfig, out: P
 
 def build_leaderboard(config: LeaderboardConfig) -> dict:
     """Compile, write and (optionally) log the leaderboard; returns a summary for the CLI."""
-    client = MlflowClient(config.tracking_uri or default_tracking_uri())
+    client = tracking.client(config.tracking_uri)
     study = with_model_sizes(client, load_study(client, config.experiments))
     out = Path(config.out)
     report, frames = compile_report(client, study, config)

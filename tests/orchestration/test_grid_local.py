@@ -106,6 +106,21 @@ def test_artifacts_and_tune_state_land_in_s3(first_grid, grid_env):
     assert version.run_id in {c["run_id"] for c in first_grid["cells"]}
 
 
+def test_leaderboard_reads_the_server_it_is_given_with_no_stray_store(first_grid, grid_env,
+                                                                    tmp_path):
+    """`bpfm leaderboard --tracking-uri` alone (no MLFLOW_TRACKING_URI): the registered best
+    model's logged-model lookup goes to that server, not to a `./mlflow.db` in the cwd."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(REPO)
+    bpfm = str(Path(sys.executable).parent / "bpfm")
+    done = subprocess.run([bpfm, "leaderboard", "--experiment", "orch-first", "--tracking-uri",
+                           grid_env.mlflow.uri, "--out", "r", "--no-log"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "r" / "report.html").is_file()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_a_trial_that_fails_once_resumes_from_its_checkpoint(first_grid, grid_env,
                                                              synthetic_shards, monkeypatch):
     from bpfm.tune import FAULT_ENV, FAULT_MARKER_ENV, run_grid
