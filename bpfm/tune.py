@@ -359,7 +359,12 @@ def run_grid(
     """The study as one job. Stage 0: data and backbones; stage 1: Tune over the grid (resumed
     when `storage/name` exists); stage 2: every trained model through every quantization variant;
     stage 3: the summary, read back from MLflow."""
+    from bpfm.job_paths import check_job_paths, launch_paths
+
     init_ray()
+    check_job_paths(launch_paths(profile, tracking.configure()),
+                    on_cluster=bool(os.environ.get("RAY_ADDRESS")),
+                    nodes=sum(1 for node in ray.nodes() if node["Alive"]))  # fmt: skip
     with credentials_kept_from_trials():
         return _run_stages(profile, recipe or {}, name or profile.study, gpus, quant_cpus)
 
