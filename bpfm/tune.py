@@ -366,12 +366,12 @@ def run_grid(
                     on_cluster=bool(os.environ.get("RAY_ADDRESS")),
                     nodes=sum(1 for node in ray.nodes() if node["Alive"]))  # fmt: skip
     with credentials_kept_from_trials():
-        return _run_stages(profile, recipe or {}, name or profile.study, gpus, quant_cpus)
+        return _run_stages(profile, recipe or {}, name, gpus, quant_cpus)
 
 
-def _run_stages(profile: Profile, recipe: dict[str, Any], name: str, gpus: str,
+def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus: str,
                 quant_cpus: float) -> dict[str, Any]:
-    from bpfm import grid, stages
+    from bpfm import grid, launch, stages
     from bpfm.storage import join
 
     train = {**profile.train, **recipe}
@@ -382,6 +382,9 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str, gpus: str,
     pretrained = ensure_pretrained(profile, sizes, gpu_count) if sizes else {}
 
     uri = tracking.configure()
+    identity = launch.identity(train, launch.data_generation(data), uri)
+    name = launch.experiment_name(_absolute(profile.storage), name or profile.study, identity,
+                                  explicit=name is not None)  # fmt: skip
     client = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(client, profile.study)
     path = join(_absolute(profile.storage), name)
@@ -419,10 +422,14 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str, gpus: str,
         max_failures=profile.tune.max_failures,
         max_concurrent=profile.tune.max_concurrent_trials,
     )  # fmt: skip
+    launch.record(_absolute(profile.storage), name, identity)
     results = tuner.fit()
     errors = [_last_line(r.error) for r in results if r.error is not None]
 
     cells = stages.launch_cells(client, experiment_id, grid_run)
+    if not cells and not errors:  # never an empty success
+        errors.append(f"stage 1: no finished train run in MLflow experiment {profile.study} "
+                      f"(grid run {grid_run}) for Tune experiment {path}")  # fmt: skip
     jobs = [
         {"tracking_uri": uri, "experiment_id": experiment_id, "grid_run_id": grid_run,
          "study": profile.study, "cell": run.data.tags[tracking.CELL],

@@ -121,6 +121,29 @@ def test_leaderboard_reads_the_server_it_is_given_with_no_stray_store(first_grid
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_a_changed_recipe_or_store_is_a_new_experiment_or_an_error(first_grid, grid_env,
+                                                                  tmp_path, monkeypatch):
+    """Resuming a finished study with another recipe or MLflow store: with --name, an error
+    naming the difference; by default a new experiment (name + hash of what changed) that trains
+    every cell with the new recipe. Never the old table, never an empty success."""
+    from bpfm.errors import BpfmError
+    from bpfm.tune import run_grid
+
+    profile = load_profile(str(grid_env.root / "first.yaml"))
+    with pytest.raises(BpfmError, match=r"recipe lr: 0\.001 -> 0\.0003"):
+        run_grid(profile, recipe={"lr": 3e-4}, name="orch-first")
+    with monkeypatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+        with pytest.raises(BpfmError, match=r"MLflow store: http://.* -> sqlite:///"):
+            run_grid(profile, name="orch-first")
+    changed = run_grid(profile, recipe={"lr": 3e-4})
+    assert changed["errors"] == [] and not changed["resumed"]
+    assert changed["tune_path"].startswith(first_grid["tune_path"] + "-")
+    train = tracking.runs_of(grid_env.client, changed["experiment_id"], changed["grid_run_id"],
+                             "train")
+    assert len(train) == 4 and {r.data.params["lr"] for r in train} == {"0.0003"}
+
+
 def test_a_trial_that_fails_once_resumes_from_its_checkpoint(first_grid, grid_env,
                                                              synthetic_shards, monkeypatch):
     from bpfm.tune import FAULT_ENV, FAULT_MARKER_ENV, run_grid
