@@ -283,6 +283,9 @@ def init_ray(**kwargs: Any) -> None:
     """Join the cluster named by RAY_ADDRESS (a `ray job submit` sets it), else start a new local
     Ray. A bare `ray.init()` would join whatever cluster `ray start` last left on this host, even
     a dead one, and hang."""
+    from bpfm import ray_hints
+
+    ray_hints.install()
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")

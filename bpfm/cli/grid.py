@@ -22,8 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    from bpfm.profiles import PROFILE_DIR
+
+    names = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
     parser.add_argument(
-        "--profile", required=True, help="profile name (demo, paper, nightly) or a YAML file"
+        "--profile", required=True, help=f"profile name ({names}) or a YAML file"
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="list cells, trials and resources; run nothing"
@@ -35,8 +38,9 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--name",
-        help="Tune experiment name (default: the profile's study); "
-        "the same name resumes, a new one starts over",
+        help="Tune experiment name (default: the profile's study, or study-<hash> when the "
+        "recipe, data or MLflow store changed); the same name resumes, a new one starts over; a "
+        "named experiment launched with another recipe, data or store is an error",
     )
     parser.add_argument("--data", help="override the profile's shard set URI")
     parser.add_argument("--storage", help="override the profile's Tune storage (folder or s3://)")
@@ -69,8 +73,12 @@ def handle(args: argparse.Namespace) -> int:
     profile, recipe = load_profile_from_args(args)
     train = {**profile.train, **recipe}
     if args.dry_run:
+        from bpfm.dry_run import launch_notes
+
         plan = grid.dry_run(profile, train)
+        plan["notes"] = launch_notes(profile, plan, args.gpus)
         print(grid.format_dry_run(plan))
+        print("\n".join(plan["notes"]))
         if args.json:
             print_result(plan, True)
         return 0
