@@ -95,8 +95,12 @@ class CellLogger:
 
         if epochs in self.finished or epochs not in self.runs:
             return
+        from bpfm.mlflow_view import key_metrics
+
         run_id = self.runs[epochs]
-        tracking.log_results(self.client, run_id, read_metrics(model_dir).get("test", {}))
+        test = read_metrics(model_dir).get("test", {})
+        keys = key_metrics(test)  # a few numbers that sort and plot in MLflow's UI
+        tracking.log_results(self.client, run_id, {**test, **keys}, extra=tuple(keys))
         tracking.log_model_dir(self.client, run_id, model_dir)
         tracking.finish(self.client, run_id)
         self.finished.add(epochs)

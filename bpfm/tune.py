@@ -396,8 +396,9 @@ def run_grid(
 
 def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus: str,
                 quant_cpus: float, verbose: bool = True) -> dict[str, Any]:
-    from bpfm import grid, launch, stages
+    from bpfm import grid, launch, mlflow_view, stages
     from bpfm.storage import join
+    from bpfm.summary import table2_row
 
     train = {**profile.train, **recipe}
     plan = grid.plan_grid(profile, train)
@@ -413,6 +414,7 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
                                   explicit=name is not None)  # fmt: skip
     client = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(client, profile.study)
+    mlflow_view.mark_experiment(client, experiment_id)
     path = join(_absolute(profile.storage), name)
     resuming = tune.Tuner.can_restore(path)
     grid_run = tracking.start_grid_run(
@@ -473,6 +475,7 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
 
     registered = stages.register_best(client, uri, profile.study, cells)
     summary = stages.summarize(client, experiment_id, grid_run)
+    mlflow_view.log_leaderboard_table(client, grid_run, [table2_row(c) for c in summary["cells"]])
     tracking.finish(client, grid_run, "FAILED" if errors else "FINISHED")
     return {
         "profile": profile.name, "study": profile.study, "experiment_id": experiment_id,

@@ -62,7 +62,8 @@ def test_the_demos_unfrozen_cells_beat_predicting_the_mean(tmp_path, monkeypatch
     assert all(r["bhs"] == "n/a" and r["aami"] == "n/a" for r in rows)
     assert "fewer than 85 test subjects" in table
     reading = summary.reading(result["cells"], result["study"])
-    assert reading.startswith("Reading: 2 of 2 cells beat predicting the training mean")
+    assert reading.startswith("Reading: 2 of 2 cells clearly beat predicting the training mean")
+    assert printed[-1] == reading
     assert "bpfm leaderboard --experiment bpfm-demo" in reading
 
     study = load_study(tracking.client(uri), ["bpfm-demo"])
