@@ -274,6 +274,8 @@ TRAIN_COLUMNS = [
     "dbp_bhs_grade",
     "aami",
 ]
+# what the printed summary (bpfm.summary, the paper's Table II) reads besides TRAIN_COLUMNS
+SUMMARY_COLUMNS = ["source", "init", "freeze", "epochs", "sbp_mase", "dbp_mase", "n", "n_subjects"]
 QUANT_COLUMNS = [
     "cell",
     "variant",

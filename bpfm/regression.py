@@ -228,7 +228,42 @@ def render_markdown(comparison: Comparison, title: str = "bpfm nightly regressio
             for f in rows
         ]
         lines.append("")
+    lines += _compared_table(comparison)
     return "\n".join(lines)
+
+
+def _show_tolerance(direction: str, allowed: float | None) -> str:
+    if direction in ("grade", "verdict"):
+        return "no worse"
+    if direction == "equal":
+        return "equal"
+    if direction == "ignore" or allowed is None:
+        return "-"
+    sign = {"lower": "+", "higher": "-", "zero": "|d| "}.get(direction, "±")
+    return f"{sign}{allowed:.3g}"
+
+
+VERDICT_WORDS = {"ok": "ok", "regressed": "REGRESSED", "missing": "MISSING", "improved": "better",
+                 "new": "new"}  # fmt: skip
+
+
+def _compared_table(comparison: Comparison) -> list[str]:
+    """Every comparison made: metric, baseline, now, the tolerance (how far it may move the
+    wrong way) and the verdict, one table per entry."""
+    lines = ["## Every metric compared", ""]
+    entries: dict[str, list[Finding]] = {}
+    for finding in comparison.findings:
+        entries.setdefault(finding.entry, []).append(finding)
+    for entry, findings in sorted(entries.items()):
+        lines += [f"### {entry}", "", "| metric | baseline | now | tolerance | verdict |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"| {f.metric} | {_show(f.baseline)} | {_show(f.current)} | "
+            f"{_show_tolerance(f.direction, f.allowed)} | {VERDICT_WORDS.get(f.status, f.status)} |"
+            for f in findings
+        ]
+        lines.append("")
+    return lines
 
 
 # ------------------------------------------------------------------ the baseline file

@@ -5,6 +5,8 @@ workers: a trial's MLflow cell runs (stage 1), every quantization variant of a t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 
 from bpfm import tracking
 from bpfm.errors import BpfmError
-from bpfm.grid import QUANT_COLUMNS, TRAIN_COLUMNS, Cell, TrialPlan
+from bpfm.grid import QUANT_COLUMNS, SUMMARY_COLUMNS, TRAIN_COLUMNS, Cell, TrialPlan
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,12 @@ class CellLogger:
 
         if epochs in self.finished or epochs not in self.runs:
             return
+        from bpfm.mlflow_view import key_metrics
+
         run_id = self.runs[epochs]
-        tracking.log_results(self.client, run_id, read_metrics(model_dir).get("test", {}))
+        test = read_metrics(model_dir).get("test", {})
+        keys = key_metrics(test)  # a few numbers that sort and plot in MLflow's UI
+        tracking.log_results(self.client, run_id, {**test, **keys}, extra=tuple(keys))
         tracking.log_model_dir(self.client, run_id, model_dir)
         tracking.finish(self.client, run_id)
         self.finished.add(epochs)
@@ -170,15 +176,21 @@ def _quant_params(variant: str, options: dict[str, Any]) -> dict[str, str]:
 def _quantize_variant(tracking_uri: str, client, run_id: str, model_dir: Path, out: Path,
                       options: dict[str, Any], data: str, settings: dict[str, Any]) -> dict:
     from bpfm import tracking
+    from bpfm.quant import FX_FILE
     from bpfm.quantize import QuantConfig, load_quantized, run_quantization
 
     config = QuantConfig(**options)
     result = run_quantization(model_dir, config, data=data, out=str(out), **settings)
     extra = (*tracking.QUANT_METRICS, *QUANT_EXTRA_METRICS)
     tracking.log_results(client, run_id, _flat_metrics(result), extra=extra)
-    client.log_artifacts(run_id, str(out), "quantized")
     if config.backend == "fx" or config.mode == "fp32":  # pt2e graphs stay plain files
+        # the model once, as an MLflow model (mlflow.pytorch.load_model); its report beside it
         tracking.log_quantized_model(tracking_uri, run_id, load_quantized(out))
+        for item in sorted(out.iterdir()):
+            if item.is_file() and item.name != FX_FILE:
+                client.log_artifact(run_id, str(item), "quantized")
+    else:
+        client.log_artifacts(run_id, str(out), "quantized")
     return result
 
 
@@ -218,13 +230,30 @@ def register_best(client, tracking_uri: str, study: str, cell_runs: list) -> dic
             best[source] = (val, run)
     registered = {}
     for source, (_, run) in sorted(best.items()):
+        name = f"{study}-{source}"
+        if _best_version_run(client, name) == run.info.run_id:  # unchanged: no new version
+            registered[source] = f"models:/{name}@{tracking.MODEL_ALIAS}"
+            continue
         with tempfile.TemporaryDirectory(prefix="bpfm-best-") as tmp:
             model, _, _ = load_trained(tracking.download_model_dir(client, run.info.run_id, tmp))
-            name = f"{study}-{source}"
-            registered[source] = tracking.register_best(
-                client, tracking_uri, run.info.run_id, model, name
-            )
+            with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints each step
+                registered[source] = tracking.register_best(
+                    client, tracking_uri, run.info.run_id, model, name
+                )
+            log.info("registered a new version of %s (run %s)", name, run.info.run_id)
     return registered
+
+
+def _best_version_run(client, name: str) -> str | None:
+    """The run the registered model's `best` alias points at, None when there is none yet."""
+    from mlflow.exceptions import MlflowException
+
+    from bpfm import tracking
+
+    try:
+        return client.get_model_version_by_alias(name, tracking.MODEL_ALIAS).run_id
+    except MlflowException:
+        return None
 
 
 def summarize(client, experiment_id: str, grid_run_id: str) -> dict[str, list[dict[str, Any]]]:
@@ -239,7 +268,8 @@ def summarize(client, experiment_id: str, grid_run_id: str) -> dict[str, list[di
         return out
 
     train = sorted(
-        (row(r, TRAIN_COLUMNS) for r in launch_cells(client, experiment_id, grid_run_id)),
+        (row(r, TRAIN_COLUMNS + SUMMARY_COLUMNS)
+         for r in launch_cells(client, experiment_id, grid_run_id)),
         key=lambda r: r["cell"] or "",
     )
     quant_runs = tracking.find_runs(

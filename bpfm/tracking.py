@@ -85,11 +85,25 @@ def configure() -> str:
 
 
 def client(uri: str | None = None):
-    """An MlflowClient for `uri` (default: this process's tracking URI), in a configured process."""
+    """An MlflowClient for `uri` (default: this process's tracking URI), in a configured process
+    whose MLflow store is `uri` too (see `use`)."""
     from mlflow import MlflowClient
 
-    default = configure()  # also in Ray workers, which get the URI passed in
-    return MlflowClient(tracking_uri=uri or default)
+    uri = uri or configure()  # also in Ray workers, which get the URI passed in
+    configure()
+    use(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def use(uri: str) -> None:
+    """Make `uri` this process's MLflow tracking and registry store. A client's own URI does not
+    reach everything it calls: MLflow 3 resolves a run's logged models (`list_artifacts`,
+    `download_artifacts` of `model/`) through the process-wide registry URI, whose default is
+    `./mlflow.db` in the working folder (a stray store, and `Logged model ... not found`)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
 
 
 def _artifact_root(uri: str, name: str) -> str | None:

@@ -21,7 +21,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from bpfm import tracking
+from bpfm import progress, tracking
 from bpfm.errors import BpfmError
 from bpfm.grid import trial_from_config
 from bpfm.profiles import Profile
@@ -128,6 +128,17 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, int | float | str) and not isinstance(value, bool)
 
 
+class TrialProgress(tune.Callback):
+    """Advances the grid's progress bar (`bpfm.progress.current`) as trials end. It holds no
+    state: Tune pickles its run config, callbacks included, with the experiment."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        progress.advance()
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        progress.advance()
+
+
 def cluster_gpus(policy: str = "auto") -> float:
     """GPUs to plan with: `auto` = what the cluster has now, `always` assumes GPUs will come
     (an autoscaling GPU group at zero nodes), `never` runs everything on CPUs."""
@@ -184,6 +195,8 @@ def make_tuner(
     max_failures: int,
     max_concurrent: int = 0,
     tune_config: dict[str, Any] | None = None,
+    callbacks: list | None = None,
+    verbose: int = 1,
 ) -> tune.Tuner:
     """A Tuner for `storage/name`: restored when that experiment exists (finished trials are not
     run again, errored ones resume from their last checkpoint), else created. Run it inside
@@ -195,13 +208,15 @@ def make_tuner(
     path = join(storage, name)
     if tune.Tuner.can_restore(path):
         log.info("resuming Tune experiment %s", path)
+        # the restored run keeps its first launch's run config (callbacks, verbosity)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     run_config = tune.RunConfig(
         name=name,
         storage_path=storage,
         failure_config=tune.FailureConfig(max_failures=max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        verbose=1,
+        verbose=verbose,
+        callbacks=callbacks,
     )
     config = tune.TuneConfig(
         metric="val_mae", mode="min", max_concurrent_trials=max_concurrent or None,
@@ -274,11 +289,15 @@ def init_ray(**kwargs: Any) -> None:
     """Join the cluster named by RAY_ADDRESS (a `ray job submit` sets it), else start a new local
     Ray. A bare `ray.init()` would join whatever cluster `ray start` last left on this host, even
     a dead one, and hang."""
+    from bpfm import ray_hints
+
+    ray_hints.install()
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=kwargs.get("log_to_driver", True),
+                 logging_level=kwargs.get("logging_level", logging.INFO))
     else:
         kwargs.setdefault("address", "local")
         ray.init(include_dashboard=False, **kwargs)
@@ -331,6 +350,7 @@ def run_quantization_tasks(jobs: list[dict[str, Any]], cpus: float = 1.0) -> lis
     for job, ref in zip(jobs, refs, strict=True):
         try:
             results.extend(ray.get(ref))
+            progress.advance()
         except Exception as err:  # a task's error arrives wrapped; keep its message
             message = _last_line(err)
             log.error("quantization of %s failed: %s", job["cell"], message)
@@ -346,36 +366,51 @@ def run_grid(
     name: str | None = None,
     gpus: str = "auto",
     quant_cpus: float = 1.0,
+    verbose: bool = True,
 ) -> dict[str, Any]:
     """The study as one job. Stage 0: data and backbones; stage 1: Tune over the grid (resumed
     when `storage/name` exists); stage 2: every trained model through every quantization variant;
     stage 3: the summary, read back from MLflow."""
     from bpfm import grid, preflight
+    from bpfm.job_paths import check_job_paths, launch_paths
 
     grid.check_trials(profile, recipe or {})  # bad settings and unreachable servers fail here,
     preflight.check_launch(profile)  # in seconds, not after Ray and stage 0 ran
-    init_ray()
+    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    init_ray(**quiet)
+    check_job_paths(launch_paths(profile, tracking.configure()),
+                    on_cluster=bool(os.environ.get("RAY_ADDRESS")),
+                    nodes=sum(1 for node in ray.nodes() if node["Alive"]))  # fmt: skip
     with credentials_kept_from_trials():
-        return _run_stages(profile, recipe or {}, name or profile.study, gpus, quant_cpus)
+        try:
+            return _run_stages(profile, recipe or {}, name, gpus, quant_cpus, verbose)
+        finally:
+            progress.finish()
 
 
-def _run_stages(profile: Profile, recipe: dict[str, Any], name: str, gpus: str,
-                quant_cpus: float) -> dict[str, Any]:
-    from bpfm import grid, stages
+def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus: str,
+                quant_cpus: float, verbose: bool = True) -> dict[str, Any]:
+    from bpfm import grid, launch, mlflow_view, stages
     from bpfm.data.shards import open_shards
     from bpfm.storage import join
+    from bpfm.summary import table2_row
 
     train = {**profile.train, **recipe}
     plan = grid.plan_grid(profile, train)
     gpu_count = cluster_gpus(gpus)
+    progress.start("stage 0: data, backbones", 1)
     data = grid.ensure_data(profile)
     train["data_generation"] = open_shards(data).generation  # every trial reads this one
     sizes = sorted({c.size for c in plan.cells if c.init == "pretrained"})
     pretrained = ensure_pretrained(profile, sizes, gpu_count) if sizes else {}
 
     uri = tracking.configure()
+    identity = launch.identity(train, launch.data_generation(data), uri)
+    name = launch.experiment_name(_absolute(profile.storage), name or profile.study, identity,
+                                  explicit=name is not None)  # fmt: skip
     client = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(client, profile.study)
+    mlflow_view.mark_experiment(client, experiment_id)
     path = join(_absolute(profile.storage), name)
     resuming = tune.Tuner.can_restore(path)
     grid_run = tracking.start_grid_run(
@@ -411,11 +446,17 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str, gpus: str,
         resources=trial_resources(profile, gpu_count),
         max_failures=profile.tune.max_failures,
         max_concurrent=profile.tune.max_concurrent_trials,
+        callbacks=[TrialProgress()], verbose=1 if verbose else 0,
     )  # fmt: skip
+    progress.start("stage 1: training trials", len(plan.trials))
+    launch.record(_absolute(profile.storage), name, identity)
     results = tuner.fit()
     errors = [_last_line(r.error) for r in results if r.error is not None]
 
     cells = stages.launch_cells(client, experiment_id, grid_run)
+    if not cells and not errors:  # never an empty success
+        errors.append(f"stage 1: no finished train run in MLflow experiment {profile.study} "
+                      f"(grid run {grid_run}) for Tune experiment {path}")  # fmt: skip
     jobs = [
         {"tracking_uri": uri, "experiment_id": experiment_id, "grid_run_id": grid_run,
          "study": profile.study, "cell": run.data.tags[tracking.CELL],
@@ -424,11 +465,14 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str, gpus: str,
         for run in cells
     ]  # fmt: skip
     log.info("stage 2: %d trained models x %d variants", len(cells), len(profile.quantize))
+    progress.start("stage 2: quantizing models", len(jobs) if profile.quantize else 0)
     quantized = run_quantization_tasks(jobs, cpus=quant_cpus) if profile.quantize else []
+    progress.start("stage 3: registering, summary", 1)
     errors += [f"{q['cell']}/{q['variant']}: {q['error']}" for q in quantized if "error" in q]
 
     registered = stages.register_best(client, uri, profile.study, cells)
     summary = stages.summarize(client, experiment_id, grid_run)
+    mlflow_view.log_leaderboard_table(client, grid_run, [table2_row(c) for c in summary["cells"]])
     tracking.finish(client, grid_run, "FAILED" if errors else "FINISHED")
     return {
         "profile": profile.name, "study": profile.study, "experiment_id": experiment_id,

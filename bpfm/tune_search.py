@@ -348,6 +348,7 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
     return {
         "study": study_name, "storage": shown_url(url), "trials": len(study.trials),
         "finished": finished, "complete": len(complete), "ran": max(remaining, 0),
+        "pruned": sum(t.state == TrialState.PRUNED for t in study.trials),
         "best_trial": best.number, "best_val_mae": best.value, "recipe": str(recipe_path),
         "best": overrides, "study_run_id": study_run,
     }  # fmt: skip

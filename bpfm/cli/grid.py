@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from bpfm.cli.common import add_json_flag, print_result
 from bpfm.redact import redact
@@ -23,8 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    from bpfm.profiles import PROFILE_DIR
+
+    names = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
     parser.add_argument(
-        "--profile", required=True, help="profile name (demo, paper, nightly) or a YAML file"
+        "--profile", required=True, help=f"profile name ({names}) or a YAML file"
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="list cells, trials and resources; run nothing"
@@ -36,8 +40,9 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--name",
-        help="Tune experiment name (default: the profile's study); "
-        "the same name resumes, a new one starts over",
+        help="Tune experiment name (default: the profile's study, or study-<hash> when the "
+        "recipe, data or MLflow store changed); the same name resumes, a new one starts over; a "
+        "named experiment launched with another recipe, data or store is an error",
     )
     parser.add_argument("--data", help="override the profile's shard set URI")
     parser.add_argument("--storage", help="override the profile's Tune storage (folder or s3://)")
@@ -48,6 +53,10 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: use GPUs when the cluster has some now; always: request "
         "them anyway (autoscaling GPU workers); never: CPUs only",
     )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+        help="every log line, Ray's and Tune's output (default: a progress bar and the summary)",
+    )  # fmt: skip
     add_json_flag(parser)
 
 
@@ -71,8 +80,12 @@ def handle(args: argparse.Namespace) -> int:
     grid.check_trials(profile, recipe, args.recipe)
     train = {**profile.train, **recipe}
     if args.dry_run:
+        from bpfm.dry_run import launch_notes
+
         plan = grid.dry_run(profile, train)
+        plan["notes"] = launch_notes(profile, plan, args.gpus)
         print(redact(grid.format_dry_run(plan)))
+        print(redact("\n".join(plan["notes"])))
         if args.json:
             print_result(plan, True)
         return 0
@@ -80,22 +93,40 @@ def handle(args: argparse.Namespace) -> int:
     from bpfm import preflight
 
     preflight.check_launch(profile)  # before importing Ray: an unreachable server fails fast
+
+    import logging
+
+    from bpfm import progress, summary
     from bpfm.tune import run_grid
 
-    result = run_grid(profile, recipe=recipe, name=args.name, gpus=args.gpus)
+    if not args.verbose:  # a progress bar and the summary; -v: every log line, Ray's and Tune's
+        for name in ("", "mlflow", "ray"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # Tune's newer console output prints its experiment box even when silent; the classic
+        # reporter at verbosity 0 prints nothing
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        progress.use(progress.Progress())
+    result = run_grid(profile, recipe=recipe, name=args.name, gpus=args.gpus,
+                      verbose=args.verbose)  # fmt: skip
     print(
         f"\n{result['n_cells']} cells ({result['n_trials']} trials) of profile "
         f"{result['profile']}; MLflow experiment {result['study']}, grid run "
         f"{result['grid_run_id']}"
     )
-    print(grid.format_table(result["cells"], grid.TRAIN_COLUMNS))
+    print(summary.format_table2(result["cells"]))
     if result["quantized"]:
         print()
-        print(grid.format_table(result["quantized"], grid.QUANT_COLUMNS))
+        if args.verbose:
+            print(grid.format_table(result["quantized"], grid.QUANT_COLUMNS))
+        else:
+            print(summary.format_quantized(result["quantized"]))
     for source, uri in result["registered"].items():
         print(redact(f"best {source} model: {uri}"))
     for error in result["errors"]:
         print(redact(f"error: {error}"))
+    print(summary.reading(result["cells"], result["study"]))
     if args.json:
         print_result(result, True)
     return 1 if result["errors"] else 0

@@ -41,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: make them anew under --out/work)",
     )
     parser.add_argument(
+        "--keep-work",
+        action="store_true",
+        help="keep all of --out/work after the run (default: its Tune state and backbones are "
+        "removed, the shards stay)",
+    )
+    parser.add_argument(
         "--grid-run",
         metavar="RUN_ID",
         help="compare this finished grid run instead of running the grid",
@@ -56,6 +62,7 @@ def handle(args: argparse.Namespace) -> int:
     result = run_nightly(NightlyConfig(
         profile=args.profile, baseline=args.baseline, update_baseline=args.update_baseline,
         out=args.out, reuse=args.reuse, grid_run=args.grid_run, gpus=args.gpus,
+        keep_work=args.keep_work,
     ))  # fmt: skip
     if args.json:
         print_result(result, True)

@@ -98,10 +98,22 @@ def handle(args: argparse.Namespace) -> int:
     if args.json:
         print_result(result, True)
     else:
-        print(
-            f"study {result['study']}: {result['complete']} complete of {result['trials']} "
-            f"trials ({result['ran']} run now); best trial {result['best_trial']} "
-            f"val_mae {result['best_val_mae']:.3f} mmHg"
-        )
+        print(search_summary(result))
         print(f"recipe: {result['recipe']}  (use: bpfm grid --profile P --recipe FILE)")
     return 0
+
+
+def search_summary(result: dict) -> str:
+    """One line a reader can check: what this launch ran, what the study holds, who won. The
+    study counts the trials of every launch; ASHA stops weak ones early (pruned), and a trial
+    started as this launch's driver ended may not be in the study yet."""
+    other = result["trials"] - result["complete"] - result.get("pruned", 0)
+    parts = [f"{result['complete']} trained to the end",
+             f"{result.get('pruned', 0)} stopped early by ASHA"]
+    if other:
+        parts.append(f"{other} failed or unfinished")
+    return (
+        f"study {result['study']}: this launch ran {result['ran']} trials; the study holds "
+        f"{result['trials']} ({', '.join(parts)}); best: trial #{result['best_trial']}, "
+        f"validation MAE {result['best_val_mae']:.3f} mmHg"
+    )

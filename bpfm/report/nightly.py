@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ class NightlyConfig:
     reuse: bool = False  # keep the profile's data / backbone / storage locations
     grid_run: str | None = None  # compare this earlier launch instead of running the grid
     gpus: str = "auto"
+    keep_work: bool = False  # keep --out/work (shards, backbones, Tune state: hundreds of MB)
 
 
 def _value(value: Any) -> Any:
@@ -84,6 +86,14 @@ def fresh_locations(profile, work: Path):
         checkpoint = str(work / "backbones" / Path(pretrain.checkpoint).name)
         pretrain = dataclasses.replace(pretrain, checkpoint=checkpoint)
     return dataclasses.replace(profile, data=data, pretrain=pretrain, storage=str(work / "ray"))
+
+
+def remove_work(work: Path) -> None:
+    """After the run, the Tune state and backbones go (hundreds of MB of checkpoints; MLflow holds
+    the models and metrics). The shards stay: the runs' `data` param names them, and the
+    leaderboard reads the test subjects' demographics from there (a few MB)."""
+    for folder in ("ray", "backbones"):
+        shutil.rmtree(work / folder, ignore_errors=True)
 
 
 def _run_grid(profile, config: NightlyConfig, stamp: str) -> dict[str, Any]:
@@ -142,9 +152,14 @@ def run_nightly(config: NightlyConfig) -> dict[str, Any]:
         grid = {"grid_run_id": config.grid_run, "experiment_id": run.info.experiment_id,
                 "errors": []}  # fmt: skip
     else:
-        if not (config.reuse or os.environ.get("RAY_ADDRESS")):
+        fresh = not (config.reuse or os.environ.get("RAY_ADDRESS"))
+        if fresh:
             profile = fresh_locations(profile, out / "work")
-        grid = _run_grid(profile, config, stamp)
+        try:
+            grid = _run_grid(profile, config, stamp)
+        finally:
+            if fresh and not config.keep_work:
+                remove_work(out / "work")
     entries = collect_entries(client, grid["experiment_id"], grid["grid_run_id"])
     if not entries:
         raise BpfmError(f"grid run {grid['grid_run_id']}: no finished train runs to compare")

@@ -61,6 +61,7 @@ def run_row(run: Run, experiment: str) -> dict:
         "kind": tags.get(KIND_TAG, ""),
         "parent_run_id": tags.get(PARENT_TAG),
         "start_time": run.info.start_time,
+        "profile": tags.get("bpfm.profile", ""),
     }
     row.update({f"param.{k}": v for k, v in run.data.params.items()})
     row.update(run.data.metrics)

@@ -112,6 +112,80 @@ def test_artifacts_and_tune_state_land_in_s3(first_grid, grid_env):
     assert version.run_id in {c["run_id"] for c in first_grid["cells"]}
 
 
+def test_leaderboard_reads_the_server_it_is_given_with_no_stray_store(first_grid, grid_env,
+                                                                    tmp_path):
+    """`bpfm leaderboard --tracking-uri` alone (no MLFLOW_TRACKING_URI): the registered best
+    model's logged-model lookup goes to that server, not to a `./mlflow.db` in the cwd."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(REPO)
+    bpfm = str(Path(sys.executable).parent / "bpfm")
+    done = subprocess.run([bpfm, "leaderboard", "--experiment", "orch-first", "--tracking-uri",
+                           grid_env.mlflow.uri, "--out", "r", "--no-log"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "r" / "report.html").is_file()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_rerun_that_changes_nothing_registers_no_version_and_models_are_logged_once(
+        first_grid, grid_env):
+    from bpfm.tune import run_grid
+
+    client = grid_env.client
+    versions = client.search_model_versions("name = 'orch-first-mimic'")
+    again = run_grid(load_profile(str(grid_env.root / "first.yaml")))
+    assert again["resumed"] and again["errors"] == [] and len(again["cells"]) == 4
+    assert len(client.search_model_versions("name = 'orch-first-mimic'")) == len(versions)
+    quant = tracking.find_runs(client, first_grid["experiment_id"],
+                               {tracking.GRID_RUN: first_grid["grid_run_id"],
+                                tracking.KIND: "quant"})  # fmt: skip
+    files = [f.path for f in client.list_artifacts(quant[0].info.run_id, "quantized")]
+    assert files and "quantized/model.pt" not in files  # the model is the MLflow model only
+    assert client.search_logged_models([first_grid["experiment_id"]],
+                                       filter_string="name = 'quantized_model'")  # fmt: skip
+
+
+def test_a_changed_recipe_or_store_is_a_new_experiment_or_an_error(first_grid, grid_env,
+                                                                  tmp_path, monkeypatch):
+    """Resuming a finished study with another recipe or MLflow store: with --name, an error
+    naming the difference; by default a new experiment (name + hash of what changed) that trains
+    every cell with the new recipe. Never the old table, never an empty success."""
+    from bpfm.errors import BpfmError
+    from bpfm.tune import run_grid
+
+    profile = load_profile(str(grid_env.root / "first.yaml"))
+    with pytest.raises(BpfmError, match=r"recipe lr: 0\.001 -> 0\.0003"):
+        run_grid(profile, recipe={"lr": 3e-4}, name="orch-first")
+    with monkeypatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+        with pytest.raises(BpfmError, match=r"MLflow store: http://.* -> sqlite:///"):
+            run_grid(profile, name="orch-first")
+    changed = run_grid(profile, recipe={"lr": 3e-4})
+    assert changed["errors"] == [] and not changed["resumed"]
+    assert changed["tune_path"].startswith(first_grid["tune_path"] + "-")
+    train = tracking.runs_of(grid_env.client, changed["experiment_id"], changed["grid_run_id"],
+                             "train")
+    assert len(train) == 4 and {r.data.params["lr"] for r in train} == {"0.0003"}
+
+
+def test_mlflow_shows_the_study_at_a_glance(first_grid, grid_env, synthetic_shards):
+    """The experiment opens as model training, the grid run holds the summary as an MLflow table,
+    each cell run has key metrics that sort and plot, and params name the user's URIs."""
+    client = grid_env.client
+    experiment = client.get_experiment(first_grid["experiment_id"])
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    table = client.load_table(first_grid["experiment_id"], "leaderboard.json",
+                              run_ids=[first_grid["grid_run_id"]])  # fmt: skip
+    assert len(table) == 4 and {"dbp_mae", "sbp_mase", "n", "bhs", "aami"} <= set(table.columns)
+    for run in tracking.runs_of(client, first_grid["experiment_id"], first_grid["grid_run_id"],
+                                "train"):  # fmt: skip
+        metrics, params = run.data.metrics, run.data.params
+        assert metrics["mae_mean"] == pytest.approx((metrics["sbp_mae"] + metrics["dbp_mae"]) / 2)
+        assert metrics["bhs_sbp"] in {1, 2, 3, 4} and metrics["aami_pass"] in {-1, 0, 1}
+        assert params["data"] == synthetic_shards
+        assert not [v for v in params.values() if "bpfm-trial-" in v or "/ray/session" in v]
+
+
 def test_a_trial_that_fails_once_resumes_from_its_checkpoint(first_grid, grid_env,
                                                              synthetic_shards, monkeypatch):
     from bpfm.tune import FAULT_ENV, FAULT_MARKER_ENV, run_grid

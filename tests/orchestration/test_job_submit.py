@@ -31,25 +31,39 @@ def _read_tree(folder: Path) -> dict[str, bytes]:
 
 
 def test_job_submit_runs_the_grid_and_no_secret_leaks(tmp_path, s3_server, mlflow_server):
-    head_env = {
-        **s3_server.env(),
+    """The README's recipe: the head has the S3 keys, the submitter's MLflow server and state
+    folder travel with the job (`--runtime-env-json` env_vars). Submitted without them, the job
+    refuses in one line instead of writing into its temporary copy of the working dir."""
+    head = start_ray_head(tmp_path / "head", env=s3_server.env())
+    job_env = {
         "MLFLOW_TRACKING_URI": mlflow_server.uri,
         "BPFM_HOME": str(tmp_path / "home"),
         "BPFM_STORAGE": f"s3://{s3_server.bucket}/jobs",
         "BPFM_STUDY": "orch-job",
     }
-    head = start_ray_head(tmp_path / "head", env=head_env)
     try:
-        cli_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+        cli_env = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("RAY_", "AWS_", "MLFLOW_", "BPFM_"))}  # fmt: skip
         cli_env.update(head.client_env())
+        ray_cli = str(Path(sys.executable).parent / "ray")
+        job = ["--", "python", "pipelines/grid.py", "--profile", "tiny", "--json"]
+        refused = subprocess.run([ray_cli, "job", "submit", "--working-dir", ".", *job],
+                                 cwd=REPO, env=cli_env, capture_output=True, text=True,
+                                 timeout=600)  # fmt: skip
         submit = subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", ".",
-             "--", "python", "pipelines/grid.py", "--profile", "tiny", "--json"],
+            [ray_cli, "job", "submit", "--working-dir", ".",
+             "--runtime-env-json", json.dumps({"env_vars": job_env}), *job],
             cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         ray_logs = _read_tree(head.session_logs())
     finally:
         head.stop()
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0, said[-3000:]
+    error = [line for line in said.splitlines() if line.startswith("bpfm: error:")]
+    assert len(set(error)) == 1 and "temporary copy of its working dir" in error[0], said[-3000:]
+    assert "MLFLOW_TRACKING_URI" in error[0] and "--runtime-env-json" in error[0]
+    assert "Traceback" not in said
     output = submit.stdout + submit.stderr
     (tmp_path / "job-output.log").write_text(output)
     assert submit.returncode == 0, output[-4000:]

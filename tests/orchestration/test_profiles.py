@@ -66,7 +66,7 @@ def test_profile_strings_expand_home_and_environment(monkeypatch, tmp_path):
     ("edit", "message"),
     [
         (("size: [small]", "size: [tiny]"), "axes.size: unknown value 'tiny'"),
-        (("epochs: [1, 2]", "epochs: [0]"), "axes.epochs: must be >= 1"),
+        (("epochs: [5, 10]", "epochs: [0]"), "axes.epochs: must be >= 1"),
         (("storage:", "storag:"), "storag: unknown key"),
     ],
 )

@@ -71,6 +71,8 @@ def test_first_run_writes_a_baseline_of_every_cell_and_variant(nightly):
     cell = entries["train/small-unfrozen-e2-xavier-other-paper-s42"]
     assert cell["sbp_bhs_grade"] in "ABCD" and cell["sbp_mae"] > 0 and "val_mae" in cell
     assert entries["quant/small-unfrozen-e2-xavier-mimic-paper-s42/dynamic_per_channel"]["size_mib"]
+    work = nightly["root"] / "first" / "work"  # without --keep-work: only the shards stay
+    assert sorted(p.name for p in work.iterdir()) == ["shards"]
 
 
 def test_an_unchanged_run_passes(nightly, tmp_path):
@@ -80,6 +82,12 @@ def test_an_unchanged_run_passes(nightly, tmp_path):
     report = json.loads((tmp_path / "regression.json").read_text())
     assert report["passed"] is True
     assert report["counts"]["ok"] > 100  # every metric of every cell and variant was compared
+    markdown = (tmp_path / "regression.md").read_text()
+    assert "| metric | baseline | now | tolerance | verdict |" in markdown
+    assert "### train/small-unfrozen-e2-xavier-mimic-paper-s42" in markdown
+    row = next(line for line in markdown.splitlines() if line.startswith("| sbp_mae |"))
+    _, _, baseline, now, tolerance, verdict, _ = (c.strip() for c in row.split("|"))
+    assert baseline == now and tolerance.startswith("+") and verdict == "ok"
 
 
 def test_a_planted_regression_fails_with_a_report(nightly, tmp_path):
