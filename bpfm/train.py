@@ -87,6 +87,7 @@ LOSSES = ("mse", "huber")
 @dataclass
 class TrainConfig:
     data: str = ""  # shard set URI (folder or s3://)
+    cache: bool = True  # read a remote set's parts from this node's copy (bpfm.data.cache)
     source: str = "mimic"
     protocol: str = "paper"
     size: str = "small"
@@ -353,7 +354,8 @@ def fit(
     config = TrainConfig.from_dict(config.to_dict()).validate()  # a private, normalised copy
     out = Path(config.out)
     device = resolve_device(config.device)
-    split = open_split(config.data, config.source, config.protocol, config.split_seed)
+    split = open_split(config.data, config.source, config.protocol, config.split_seed,
+                       config.cache)
     summary = split_summary(split)
     mean, std = (np.asarray(v, dtype=np.float64) for v in view_target_stats(split.train))
     meta = {**_target_meta(config, mean, std), "source": config.source,

@@ -369,7 +369,7 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str, gpus: str,
     from bpfm import grid, stages
     from bpfm.storage import join
 
-    train = {**profile.train, **recipe}
+    train = {**profile.train, "cache": profile.data.cache, **recipe}
     plan = grid.plan_grid(profile, train)
     gpu_count = cluster_gpus(gpus)
     data = grid.ensure_data(profile)

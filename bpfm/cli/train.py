@@ -98,6 +98,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--num-workers", type=int, default=0)
     train.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (tiny runs)")
     train.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    train.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="stream a remote shard set's parts every epoch instead of copying them once into "
+        "this node's cache (BPFM_CACHE_DIR, capped by BPFM_CACHE_MAX_GB)",
+    )
     add_json_flag(train)
     train.set_defaults(func=run_train)
 
@@ -121,6 +127,7 @@ def _config_from_args(args: argparse.Namespace):
 
     return TrainConfig(
         data=args.data or "",
+        cache=not args.no_cache,
         source=args.source or "mimic",
         protocol=args.protocol or "paper",
         size=args.size,

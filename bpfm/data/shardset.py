@@ -220,8 +220,9 @@ class ShardSet:
             )
 
 
-def open_shards(uri: str | ShardSet) -> ShardSet:
-    """Open a published shard set; a folder without `_manifest.json` is refused."""
+def open_shards(uri: str | ShardSet, *, cache: bool = False) -> ShardSet:
+    """Open a published shard set; a folder without `_manifest.json` is refused. `cache`: read
+    a remote set's parts through this node's cache (`bpfm.data.cache`; local sets ignore it)."""
     if isinstance(uri, ShardSet):
         return uri
     uri = str(uri)
@@ -236,6 +237,10 @@ def open_shards(uri: str | ShardSet) -> ShardSet:
             f"{uri}: {MANIFEST}: schema_version {manifest.get('schema_version')} is not "
             f"supported (this bpfm reads {' and '.join(map(str, READABLE_VERSIONS))})"
         )
+    if cache and not storage.is_local(uri):
+        from bpfm.data.cache import CachedShardSet
+
+        return CachedShardSet(uri, manifest)
     return ShardSet(uri, manifest)
 
 
