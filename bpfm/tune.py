@@ -353,7 +353,7 @@ def train_while_quantizing(
     finished_cells: Callable[[], list],
     make_job: Callable[[Any], dict[str, Any]],
     cpus: float = 1.0,
-    poll_s: float = 2.0,
+    poll_s: float = 5.0,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Stage 1 with stage 2 alongside: `fit` (Tune's driver loop) runs in a thread while this
     one polls MLflow for cells whose model is logged (`finished_cells`) and starts each one's
@@ -372,7 +372,14 @@ def train_while_quantizing(
     submitted: dict[str, tuple[dict[str, Any], Any]] = {}
     while True:
         last = not thread.is_alive()  # read before the poll: no cell finishes after it
-        for run_info in finished_cells():
+        try:
+            found = finished_cells()
+        except Exception as err:  # a tracking server's hiccup; the last poll must succeed
+            if last:
+                raise
+            log.warning("stage 2: could not list trained cells (%s); retrying", err)
+            found = []
+        for run_info in found:
             job = make_job(run_info)
             if job["cell"] not in submitted:
                 log.info("stage 2: %s is trained, quantizing it", job["cell"])
