@@ -21,12 +21,13 @@ if TYPE_CHECKING:
     from bpfm.train import TrainConfig
 
 
-def open_split(data: str, source: str, protocol: str, seed: int = 42):
-    """The `bpfm.data.splits.Split` of a shard set (train / val / test views)."""
+def open_split(data: str, source: str, protocol: str, seed: int = 42, cache: bool = True):
+    """The `bpfm.data.splits.Split` of a shard set (train / val / test views); `cache`: a remote
+    set's parts are read from this node's copy (`bpfm.data.cache`)."""
     from bpfm.data.shards import open_shards
     from bpfm.data.splits import make_split
 
-    return make_split(open_shards(data), source, protocol, seed=seed)
+    return make_split(open_shards(data, cache=cache), source, protocol, seed=seed)
 
 
 def split_summary(split) -> dict[str, Any]:
@@ -137,7 +138,8 @@ def evaluate(
                  "protocol": protocol or config.protocol}  # fmt: skip
     checked = type(config).from_dict({**config.to_dict(), **overrides}).validate()
     target_device = resolve_device(device)
-    split = open_split(checked.data, checked.source, checked.protocol, checked.split_seed)
+    split = open_split(checked.data, checked.source, checked.protocol, checked.split_seed,
+                       checked.cache)
     predictions = predict(model.to(target_device), split.test, meta, batch_size=batch_size)
     metrics = compute_metrics(
         predictions.target, predictions.estimate, predictions.subject, meta.get("target_mean")

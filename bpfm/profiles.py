@@ -66,6 +66,7 @@ class DataSpec:
     uri: str
     synthesize: dict[str, Any] | None = None  # stage 0 writes synthetic PulseDB when no manifest
     inputs: tuple[str, ...] = ()  # further PulseDB files sharded with the synthetic ones
+    cache: bool = True  # trials read a remote set from their node's cache (bpfm.data.cache)
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,12 @@ def _check_sections(path: Path, raw: dict) -> None:
             raise _fail(path, f"quantize_options.{key}", f"must be >= {least}, got {options[key]}")
 
 
+def _flag(path: Path, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(path, key, f"must be true or false, got {value!r}")
+    return value
+
+
 def load_profile(name_or_path: str) -> Profile:
     """Read and check a profile; every mistake is one line naming the file and the key."""
     path = profile_path(name_or_path)
@@ -249,6 +256,7 @@ def load_profile(name_or_path: str) -> Profile:
             uri=str(data["uri"]),
             synthesize=data.get("synthesize"),
             inputs=tuple(str(p) for p in data.get("inputs") or () if p),
+            cache=_flag(path, "data.cache", data.get("cache", True)),
         )
     except TypeError as err:
         raise _fail(path, "profile", str(err)) from None

@@ -135,7 +135,7 @@ def run_quantization(
     protocol = protocol or train_config.protocol
     if not data:
         raise BpfmError(f"{model_dir}: data: the model dir names no shard set; pass --data URI")
-    split = open_split(data, source, protocol, train_config.split_seed)
+    split = open_split(data, source, protocol, train_config.split_seed, train_config.cache)
     normalize = bool(meta.get("normalize_inputs"))
     calib = []
     if config.mode == "static":

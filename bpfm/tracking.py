@@ -32,6 +32,9 @@ KEY = "bpfm.key"  # unique per parent run: finds a child again when a trial or a
 TUNE_PATH = "bpfm.tune_path"  # the Tune experiment a grid run belongs to
 GRID_RUN = "bpfm.grid_run"  # the grid launch's parent run, on every run below it
 NODE = "bpfm.node"  # the Ray node that trained a cell
+GPU_IDS = "bpfm.gpu_ids"  # the GPUs Ray assigned the trial ("" without GPUs)
+TRIAL_STARTED = "bpfm.trial_started"  # when the trial's process began and ended its work
+TRIAL_ENDED = "bpfm.trial_ended"  # (Unix seconds): when it held its resources
 PARENT = "mlflow.parentRunId"
 
 TARGETS = ("sbp", "dbp")

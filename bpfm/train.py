@@ -90,6 +90,7 @@ LOSSES = ("mse", "huber")
 class TrainConfig:
     data: str = ""  # shard set URI (folder or s3://)
     data_generation: str = ""  # the shard generation read; "" = the one published at the start
+    cache: bool = True  # read a remote set's parts from this node's copy (bpfm.data.cache)
     source: str = "mimic"
     protocol: str = "paper"
     size: str = "small"
@@ -382,7 +383,7 @@ def fit(
     out = Path(config.out)
     remove_stale_temporaries(out)  # of killed runs: they hold disk space and nothing else
     device = resolve_device(config.device)
-    shards = pinned_shards(config.data, config.data_generation)
+    shards = pinned_shards(config.data, config.data_generation, cache=config.cache)
     require_intact(shards)  # sizes and footers: a damaged set fails here, not mid-epoch
     config.data_generation = shards.generation
     split = open_split(shards, config.source, config.protocol, config.split_seed)

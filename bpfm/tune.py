@@ -14,7 +14,9 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +69,19 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
     """Tune trainable: one trial = one configuration trained to its largest epoch count,
     reporting (and logging) each of its cells on the way."""
     tracking.configure()
+    started = time.time()
     trial = trial_from_config(config)
     trial_id = tune.get_context().get_trial_id() or trial.id
     work = trial_work_dir()
+    cells = None
     try:
         train = train_config(config, ctx, work / "out")
         node = ray.get_runtime_context().get_node_id()
         cells = CellLogger(ctx, trial, train.to_dict(), trial_id, node)
+        gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
+        for run_id in cells.runs.values():  # where and when the trial held its resources
+            cells.client.set_tag(run_id, tracking.GPU_IDS, gpu_ids)
+            cells.client.set_tag(run_id, tracking.TRIAL_STARTED, f"{started:.3f}")
         if cells.finished == set(cells.cells):  # a resumed launch: this trial's work is done
             log.info("trial %s: every cell already finished in MLflow", trial_id)
             return
@@ -122,6 +130,8 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
                 cells.finish_cell(epochs, model_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        for run_id in cells.runs.values() if cells is not None else ():
+            cells.client.set_tag(run_id, tracking.TRIAL_ENDED, f"{time.time():.3f}")
 
 
 def _is_scalar(value: Any) -> bool:
@@ -345,9 +355,58 @@ def _quantize_task(job: dict[str, Any]) -> list[dict[str, Any]]:
 def run_quantization_tasks(jobs: list[dict[str, Any]], cpus: float = 1.0) -> list[dict[str, Any]]:
     """Stage 2: one Ray task per trained model, running its variants; failures are reported,
     not raised, so one broken model or variant does not hide the others."""
-    refs = [_quantize_task.options(num_cpus=cpus).remote(job) for job in jobs]
+    return _gather([(job, _quantize_task.options(num_cpus=cpus).remote(job)) for job in jobs])
+
+
+def train_while_quantizing(
+    fit: Callable[[], Any],
+    finished_cells: Callable[[], list],
+    make_job: Callable[[Any], dict[str, Any]],
+    cpus: float = 1.0,
+    poll_s: float = 5.0,
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Stage 1 with stage 2 alongside: `fit` (Tune's driver loop) runs in a thread while this
+    one polls MLflow for cells whose model is logged (`finished_cells`) and starts each one's
+    quantization task at once, on CPUs the trials do not hold (a task waits for free ones).
+    Returns fit's result and every quantization result."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = fit()
+        except BaseException as err:  # re-raised in the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="bpfm-stage-1", daemon=True)
+    thread.start()
+    submitted: dict[str, tuple[dict[str, Any], Any]] = {}
+    while True:
+        last = not thread.is_alive()  # read before the poll: no cell finishes after it
+        try:
+            found = finished_cells()
+        except Exception as err:  # a tracking server's hiccup; the last poll must succeed
+            if last:
+                raise
+            log.warning("stage 2: could not list trained cells (%s); retrying", err)
+            found = []
+        for run_info in found:
+            job = make_job(run_info)
+            if job["cell"] not in submitted:
+                log.info("stage 2: %s is trained, quantizing it", job["cell"])
+                ref = _quantize_task.options(num_cpus=cpus).remote(job)
+                submitted[job["cell"]] = (job, ref)
+        if last:
+            break
+        thread.join(poll_s)
+    if "error" in outcome:
+        raise outcome["error"]
+    progress.start("stage 2: quantizing models", len(submitted))
+    return outcome["result"], _gather(list(submitted.values()))
+
+
+def _gather(pending: list[tuple[dict[str, Any], Any]]) -> list[dict[str, Any]]:
     results = []
-    for job, ref in zip(jobs, refs, strict=True):
+    for job, ref in pending:
         try:
             results.extend(ray.get(ref))
             progress.advance()
@@ -395,7 +454,7 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
     from bpfm.storage import join
     from bpfm.summary import table2_row
 
-    train = {**profile.train, **recipe}
+    train = {**profile.train, "cache": profile.data.cache, **recipe}
     plan = grid.plan_grid(profile, train)
     gpu_count = cluster_gpus(gpus)
     progress.start("stage 0: data, backbones", 1)
@@ -450,25 +509,29 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
     )  # fmt: skip
     progress.start("stage 1: training trials", len(plan.trials))
     launch.record(_absolute(profile.storage), name, identity)
-    results = tuner.fit()
-    errors = [_last_line(r.error) for r in results if r.error is not None]
 
+    def job(run) -> dict[str, Any]:
+        return {"tracking_uri": uri, "experiment_id": experiment_id, "grid_run_id": grid_run,
+                "study": profile.study, "cell": run.data.tags[tracking.CELL],
+                "cell_run_id": run.info.run_id, "variants": profile.quantize, "data": data,
+                "settings": profile.quantize_options}  # fmt: skip
+
+    log.info("stage 2: %d variants per trained model, each model as soon as it is logged",
+             len(profile.quantize))  # fmt: skip
+    if profile.quantize:
+        results, quantized = train_while_quantizing(
+            tuner.fit, lambda: stages.launch_cells(client, experiment_id, grid_run), job,
+            cpus=quant_cpus,
+        )  # fmt: skip
+    else:
+        results, quantized = tuner.fit(), []
+    errors = [_last_line(r.error) for r in results if r.error is not None]
+    errors += [f"{q['cell']}/{q['variant']}: {q['error']}" for q in quantized if "error" in q]
     cells = stages.launch_cells(client, experiment_id, grid_run)
     if not cells and not errors:  # never an empty success
         errors.append(f"stage 1: no finished train run in MLflow experiment {profile.study} "
                       f"(grid run {grid_run}) for Tune experiment {path}")  # fmt: skip
-    jobs = [
-        {"tracking_uri": uri, "experiment_id": experiment_id, "grid_run_id": grid_run,
-         "study": profile.study, "cell": run.data.tags[tracking.CELL],
-         "cell_run_id": run.info.run_id, "variants": profile.quantize, "data": data,
-         "settings": profile.quantize_options}
-        for run in cells
-    ]  # fmt: skip
-    log.info("stage 2: %d trained models x %d variants", len(cells), len(profile.quantize))
-    progress.start("stage 2: quantizing models", len(jobs) if profile.quantize else 0)
-    quantized = run_quantization_tasks(jobs, cpus=quant_cpus) if profile.quantize else []
     progress.start("stage 3: registering, summary", 1)
-    errors += [f"{q['cell']}/{q['variant']}: {q['error']}" for q in quantized if "error" in q]
 
     registered = stages.register_best(client, uri, profile.study, cells)
     summary = stages.summarize(client, experiment_id, grid_run)

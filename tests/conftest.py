@@ -18,6 +18,19 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def node_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Remote shard sets that tests read are cached in the session's temp folder (Ray workers
+    inherit it), never in the user's ~/.cache."""
+    saved = os.environ.get("BPFM_CACHE_DIR")
+    os.environ["BPFM_CACHE_DIR"] = str(tmp_path_factory.mktemp("node-cache"))
+    yield Path(os.environ["BPFM_CACHE_DIR"])
+    if saved is None:
+        os.environ.pop("BPFM_CACHE_DIR", None)
+    else:
+        os.environ["BPFM_CACHE_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def challenge2015_file() -> Path:
     """The real ICU sample in PulseDB Subset layout (`BPFM_CHALLENGE2015` overrides the path).

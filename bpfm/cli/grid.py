@@ -57,6 +57,10 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
         help="every log line, Ray's and Tune's output (default: a progress bar and the summary)",
     )  # fmt: skip
+    cost = parser.add_argument_group("cost plan (with --dry-run)")
+    cost.add_argument("--gpu-kind", default="H100", help="GPU of the throughput table (H100)")
+    cost.add_argument("--plan-gpus", type=int, default=8, help="GPUs to pack the trials on")
+    cost.add_argument("--gpus-per-node", type=int, default=8)
     add_json_flag(parser)
 
 
@@ -73,8 +77,30 @@ def load_profile_from_args(args: argparse.Namespace):
     return profile, recipe
 
 
+def _cost_plan(args: argparse.Namespace, profile, train: dict) -> dict:
+    """The cost plan of a dry run; samples per epoch from the manifest when it can be read."""
+    from bpfm import costs, grid
+    from bpfm.data.shardset import read_manifest
+    from bpfm.errors import BpfmError
+
+    if args.gpu_kind not in costs.BF16_PEAK_TFLOPS or min(args.plan_gpus, args.gpus_per_node) < 1:
+        raise BpfmError(
+            f"grid: --gpu-kind/--plan-gpus: need one of {', '.join(costs.BF16_PEAK_TFLOPS)} and "
+            f"positive GPU counts, got {args.gpu_kind}/{args.plan_gpus}/{args.gpus_per_node}"
+        )
+    try:
+        manifest, note = read_manifest(profile.data.uri), ""
+        if manifest is None:
+            note = f"no manifest at {profile.data.uri} yet"
+    except BpfmError as err:
+        manifest, note = None, str(err)
+    return costs.cost_plan(grid.plan_grid(profile, train), profile, manifest,
+                           gpu_kind=args.gpu_kind, gpus=args.plan_gpus,
+                           gpus_per_node=args.gpus_per_node, note=note)  # fmt: skip
+
+
 def handle(args: argparse.Namespace) -> int:
-    from bpfm import grid
+    from bpfm import costs, grid
 
     profile, recipe = load_profile_from_args(args)
     grid.check_trials(profile, recipe, args.recipe)
@@ -84,7 +110,9 @@ def handle(args: argparse.Namespace) -> int:
 
         plan = grid.dry_run(profile, train)
         plan["notes"] = launch_notes(profile, plan, args.gpus)
+        plan["cost"] = _cost_plan(args, profile, train)
         print(redact(grid.format_dry_run(plan)))
+        print(redact(costs.format_cost_plan(plan["cost"])))
         print(redact("\n".join(plan["notes"])))
         if args.json:
             print_result(plan, True)

@@ -103,6 +103,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="resume even though the shard set was republished since the checkpoint",
     )
+    train.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="stream a remote shard set's parts every epoch instead of copying them once into "
+        "this node's cache (BPFM_CACHE_DIR, capped by BPFM_CACHE_MAX_GB)",
+    )
     add_json_flag(train)
     train.set_defaults(func=run_train)
 
@@ -126,6 +132,7 @@ def _config_from_args(args: argparse.Namespace):
 
     return TrainConfig(
         data=args.data or "",
+        cache=not args.no_cache,
         source=args.source or "mimic",
         protocol=args.protocol or "paper",
         size=args.size,

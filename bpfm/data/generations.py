@@ -111,9 +111,10 @@ def collect(out_uri: str, keep: int = KEEP) -> dict:
     return {"uri": out_uri, "published": shards.generation, "kept": kept, "deleted": deleted}
 
 
-def pinned_shards(uri: str, generation: str | None) -> ShardSet:
-    """The set a run reads: its pinned generation, else the one published now."""
-    return open_shards(uri, generation or None)
+def pinned_shards(uri: str, generation: str | None, *, cache: bool = False) -> ShardSet:
+    """The set a run reads: its pinned generation, else the one published now; `cache`: a
+    remote set's parts through this node's cache."""
+    return open_shards(uri, generation or None, cache=cache)
 
 
 def check_same_generation(

@@ -268,11 +268,14 @@ class ShardSet:
             )
 
 
-def open_shards(uri: str | ShardSet, generation: str | None = None) -> ShardSet:
+def open_shards(
+    uri: str | ShardSet, generation: str | None = None, *, cache: bool = False
+) -> ShardSet:
     """Open a published shard set; a folder without `_manifest.json` is refused.
 
     `generation`: the generation a run pinned (its checkpoint names it): the published one, or
-    one of the previous generations a republish keeps (`bpfm.data.generations`)."""
+    one of the previous generations a republish keeps (`bpfm.data.generations`). `cache`: read
+    a remote set's parts through this node's cache (`bpfm.data.cache`; local sets ignore it)."""
     if isinstance(uri, ShardSet):
         return uri
     uri = str(uri)
@@ -295,6 +298,10 @@ def open_shards(uri: str | ShardSet, generation: str | None = None) -> ShardSet:
             f"{uri}: {MANIFEST}: schema_version {manifest['schema_version']} is not "
             f"supported (this bpfm reads {' and '.join(map(str, READABLE_VERSIONS))})"
         )
+    if cache and not storage.is_local(uri):
+        from bpfm.data.cache import CachedShardSet
+
+        return CachedShardSet(uri, manifest)
     return ShardSet(uri, manifest)
 
 

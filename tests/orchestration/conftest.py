@@ -69,9 +69,9 @@ def local_ray(env: dict[str, str], num_cpus: int = 2) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def two_node_ray(env: dict[str, str]) -> Iterator[list[str]]:
-    """A head and a worker node (1 CPU each) on this host, the driver connected to the head.
-    Yields the two node ids."""
+def two_node_ray(env: dict[str, str], num_cpus: int = 1, num_gpus: int = 0) -> Iterator[list[str]]:
+    """A head and a worker node (`num_cpus` CPUs and `num_gpus` logical GPUs each) on this
+    host, the driver connected to the head. Yields the two node ids."""
     import ray
     from ray._private.authentication_test_utils import reset_auth_token_state
     from ray.cluster_utils import Cluster
@@ -85,7 +85,7 @@ def two_node_ray(env: dict[str, str]) -> Iterator[list[str]]:
     reset_auth_token_state()
     cluster = None
     try:
-        node_args = {"num_cpus": 1, "num_gpus": 0, "temp_dir": str(temp_dir)}
+        node_args = {"num_cpus": num_cpus, "num_gpus": num_gpus, "temp_dir": str(temp_dir)}
         cluster = Cluster(initialize_head=True, head_node_args={
             **node_args, "include_dashboard": False,
             "dashboard_agent_listen_port": free_ports(1)[0]})
