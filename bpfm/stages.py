@@ -94,10 +94,29 @@ class CellLogger:
         if epochs in self.finished or epochs not in self.runs:
             return
         run_id = self.runs[epochs]
-        tracking.log_results(self.client, run_id, read_metrics(model_dir).get("test", {}))
+        payload = read_metrics(model_dir)
+        tracking.log_results(self.client, run_id, payload.get("test", {}))
+        if payload.get("calibration"):  # cal_<method>_<metric> beside the uncalibrated ones
+            log_calibration(self.client, run_id, payload["calibration"])
         tracking.log_model_dir(self.client, run_id, model_dir)
         tracking.finish(self.client, run_id)
         self.finished.add(epochs)
+
+
+def log_calibration(client, run_id: str, result: dict[str, Any]) -> None:
+    """A cell's calibrated results: metrics `cal_<method>_<metric>` and `calib_k`, tags
+    `cal_<method>_{sbp_bhs_grade,dbp_bhs_grade,aami}` (the method list is the `calibration`
+    param, K the `calib_windows` param)."""
+    from mlflow.entities import RunTag
+
+    from bpfm.calibration import flat_metrics
+
+    flat = flat_metrics(result)
+    tracking.log_results(client, run_id, flat, extra=[k for k, v in flat.items()
+                                                      if not isinstance(v, str)])  # fmt: skip
+    tags = [RunTag(k, v) for k, v in flat.items()
+            if isinstance(v, str) and k.endswith(("bhs_grade", "aami"))]  # fmt: skip
+    client.log_batch(run_id, tags=tags)
 
 
 def model_dir_for(out: str | Path, epoch: int) -> Path:
