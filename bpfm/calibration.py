@@ -33,6 +33,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,8 @@ from bpfm.metrics import TARGETS, compute_metrics
 
 METHODS = ("none", "offset", "affine", "head")
 DEFAULT_WINDOWS = 5
+ESTIMATES_FILE = "calibrated_estimates.parquet"  # in a model dir (no "prediction" in the name:
+# the leaderboard finds a run's predictions artifact by that word)
 AFFINE_STRENGTHS = (0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, float("inf"))
 HEAD_STEPS = (5, 20, 50)
 HEAD_LR = 1e-3
@@ -359,11 +362,13 @@ def evaluate_calibration(
     batch_size: int = 256,
     seed: int = 0,
     encoded: EncodedSplit | None = None,
+    keep_estimates: bool = False,
 ) -> dict[str, Any]:
     """Every method in `methods`, plus `none` and `trivial`, on the test windows left after each
     test subject's K calibration windows. Strength (affine) and steps (head) are chosen on the
     validation view. Returns {methods, k, counts, chosen settings, metrics: {name: metrics}}.
-    `encoded` (from `encode_split`) saves re-running the model for another K."""
+    `encoded` (from `encode_split`) saves re-running the model for another K; `keep_estimates`
+    adds `estimates`, a table of the test windows with every method's estimates."""
     methods = check_methods(methods, k)
     enc = encoded or encode_split(model, meta, split, batch_size=batch_size)
     train_mean = meta.get("target_mean")
@@ -398,7 +403,24 @@ def evaluate_calibration(
         name: calibration_metrics(target, est, estimates["trivial"], test_subjects, train_mean)
         for name, est in estimates.items()
     }
+    if keep_estimates:
+        ids = [i for i, keep in zip(test_pred.segment_id, rows.test, strict=True) if keep]
+        result["estimates"] = estimates_table(ids, test_subjects, target, estimates)
     return result
+
+
+def estimates_table(segment_ids, subjects, target: np.ndarray, estimates: dict[str, np.ndarray]):
+    """A pyarrow table of calibrated test windows: ids, references and `<method>_<t>_hat`."""
+    import pyarrow as pa
+
+    columns = {"segment_id": pa.array(segment_ids, pa.string()),
+               "subject": pa.array(subjects, pa.string())}  # fmt: skip
+    for t, name in enumerate(TARGETS):
+        columns[name] = pa.array(target[:, t], pa.float32())
+    for method, est in estimates.items():
+        for t, name in enumerate(TARGETS):
+            columns[f"{method}_{name}_hat"] = pa.array(est[:, t], pa.float32())
+    return pa.table(columns)
 
 
 def _choose_head_steps(head, val_pred, val_feats, meta, k: int, seed: int) -> int:
@@ -418,3 +440,13 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, Any]:
     for name, metrics in result["metrics"].items():
         flat.update({f"cal_{name}_{key}": value for key, value in metrics.items()})
     return flat
+
+
+def write_calibrated_estimates(model_dir, table) -> None:
+    """Publish `ESTIMATES_FILE` in a model dir (atomically, as every model-dir file)."""
+    import pyarrow.parquet as pq
+
+    from bpfm.predict import _publish
+
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    _publish(Path(model_dir) / ESTIMATES_FILE, lambda tmp: pq.write_table(table, tmp))

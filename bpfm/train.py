@@ -33,7 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from bpfm.calibration import check_methods, evaluate_calibration, parse_methods
+from bpfm.calibration import (
+    check_methods,
+    evaluate_calibration,
+    parse_methods,
+    write_calibrated_estimates,
+)
 from bpfm.calibration import flat_metrics as calibration_flat_metrics
 from bpfm.errors import BpfmError
 from bpfm.evaluate import (
@@ -436,13 +441,18 @@ def fit(
         model_dirs += [out] if epoch == config.epochs else []
         if model_dirs:
             payload, test_pred = model_dir_payload(model, split, meta, val_pred, **eval_kw)
+            calibrated = None
             if config.calibration:  # per-subject calibration (bpfm.calibration), model unchanged
                 payload["calibration"] = evaluate_calibration(
-                    model, meta, split, config.calibration, config.calib_windows, **eval_kw
-                )
+                    model, meta, split, config.calibration, config.calib_windows,
+                    keep_estimates=True, **eval_kw,
+                )  # fmt: skip
+                calibrated = payload["calibration"].pop("estimates")
             payload.update(split=summary, **state)  # state: epoch, history, best val
             dir_config = {**config.to_dict(), "epochs": epoch, "trained_in_run_of": config.epochs}
             for model_dir in model_dirs:
+                if calibrated is not None:  # before metrics.json, which completes the dir
+                    write_calibrated_estimates(model_dir, calibrated)
                 write_model_dir(model_dir, model, {**meta, "epoch": epoch}, dir_config, payload,
                                 test_pred)  # fmt: skip
             test = payload["test"]

@@ -4,6 +4,7 @@ reference is read, determinism, and on the real challenge2015 sample that `offse
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 
 import numpy as np
@@ -123,7 +124,7 @@ def test_affine_shrinkage_goes_from_least_squares_to_offset():
     slope_inf, intercept_inf = affine_fit(est, ref, float("inf"))
     assert slope_inf == 1.0 and intercept_inf == pytest.approx((ref - est).mean())
     slopes = [affine_fit(est, ref, s)[0] for s in (1.0, 10.0, 100.0, 1e4)]
-    assert all(a > b for a, b in zip(slopes, slopes[1:])) and 1.0 < slopes[-1] < slope
+    assert all(a > b for a, b in itertools.pairwise(slopes)) and 1.0 < slopes[-1] < slope
 
 
 def test_head_calibration_leaves_the_trained_head_unchanged():
