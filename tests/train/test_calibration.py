@@ -187,3 +187,24 @@ def test_evaluate_cli_calibrates_a_model_dir_and_rejects_unknown_methods(calfree
     assert main(["evaluate", "--model", str(calfree_model), "--calibration", "cuff"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "unknown method 'cuff'" in err
+
+
+def test_aami_protocol_calibrates_on_each_subjects_aami_cal_segments(synthetic_shards):
+    from collections import Counter
+
+    from bpfm.calibration import cal_view, evaluate_calibration
+    from bpfm.evaluate import open_split
+    from bpfm.model import create_model
+
+    split = open_split(synthetic_shards, "mimic", "aami")
+    cal = cal_view(split)
+    assert cal is not None and cal.subsets == ("aami_cal",)
+    test_ids = set(split.test.read(["segment_id"])["segment_id"].to_pylist())
+    cal_counts = Counter(cal.read(["subject"])["subject"].to_pylist())
+    torch.manual_seed(0)
+    meta = {**META, "target_mean": [120.0, 70.0], "normalize_inputs": True}
+    result = evaluate_calibration(create_model("small").eval(), meta, split, ["offset"], 2,
+                                  keep_estimates=True)  # fmt: skip
+    assert set(result["estimates"]["segment_id"].to_pylist()) == test_ids  # all AAMI_Test
+    assert result["n_calib"] == sum(min(2, n) for n in cal_counts.values())
+    assert result["n_test"] == len(test_ids) and result["metrics"]["offset"]["n"] == len(test_ids)
