@@ -7,8 +7,8 @@ test set of *every* method, `none` included, so all methods are compared on the 
 - calibration windows: with the `aami` protocol, the subject's first K `AAMI_Cal` segments (its
   AAMI_Test windows are all test windows); otherwise, and for a subject without Cal segments, its
   first K windows in `segment_id` order (numeric parts compared as numbers), so calibration
-  precedes the test windows as in a real device. A subject with no window left after its K is
-  left out of the calibrated test set.
+  precedes the test windows as in a real device. A subject with no window left after its K
+  adds nothing to the calibrated test set.
 - `offset`: estimate + the subject's mean calibration error, per target.
 - `affine`: reference ~ a * estimate + b per subject and target, by least squares with a ridge
   penalty `strength * K * (a - 1)^2` on the slope and the intercept free (so the fit goes through
@@ -116,18 +116,20 @@ def calibration_rows(
         else:
             calib[rows[:k]] = True
             test[rows[k:]] = True
-    for rows in by_subject.values():  # a subject without a calibration window is not tested
-        if not calib[rows].any():
-            test[rows] = False
     return CalibrationRows(calib, test)
 
 
 def _subject_groups(subjects: Sequence[str], rows: CalibrationRows):
-    """(calibration row indices, test row indices) per tested subject, in sorted subject order."""
-    subjects = np.asarray(subjects, dtype=object).astype(str)
-    for subject in sorted(set(subjects[rows.test])):
-        mine = subjects == subject
-        yield subject, np.flatnonzero(mine & rows.calib), np.flatnonzero(mine & rows.test)
+    """(subject, calibration row indices, test row indices) per tested subject, in sorted
+    subject order, rows ascending."""
+    names, index = np.unique(np.asarray(subjects, dtype=object).astype(str), return_inverse=True)
+    order = np.argsort(index, kind="stable")
+    bounds = np.searchsorted(index[order], np.arange(len(names) + 1))
+    for j, name in enumerate(names):
+        members = order[bounds[j] : bounds[j + 1]]
+        tested = members[rows.test[members]]
+        if len(tested):
+            yield str(name), members[rows.calib[members]], tested
 
 
 def affine_fit(estimate: np.ndarray, reference: np.ndarray, strength: float) -> tuple[float, float]:
