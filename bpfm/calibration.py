@@ -29,7 +29,6 @@ The fits read references of calibration rows only (`reference[rows.calib]`), nev
 from __future__ import annotations
 
 import copy
-import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,11 +178,6 @@ def calibrate(
 # ---------------------------------------------------------------- head
 
 
-def _subject_seed(seed: int, subject: str) -> int:
-    digest = hashlib.blake2b(f"{seed}:{subject}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little")
-
-
 def head_calibrate(
     head: nn.Module,
     features: np.ndarray,
@@ -194,12 +188,12 @@ def head_calibrate(
     *,
     steps: int | Sequence[int] = 20,
     lr: float = HEAD_LR,
-    seed: int = 0,
 ) -> dict[int, np.ndarray]:
     """{steps: calibrated test estimates [n_test, 2] mmHg} from per-subject copies of `head`
     fine-tuned on the subject's calibration features (`features` [N, D], encoder output pooled
-    as the model pools it). `head` itself is never changed; each subject's run is seeded from
-    (seed, subject), so results do not depend on which other subjects are calibrated."""
+    as the model pools it). `head` itself is never changed. Nothing is random (a copy in eval
+    mode, so no dropout; full-batch Adam), so a fit depends on its subject alone and leaves the
+    caller's RNG state (e.g. a training run's) untouched."""
     from bpfm.predict import target_scaling
 
     scale, shift = (torch.tensor(v, dtype=torch.float32) for v in target_scaling(meta))
@@ -209,9 +203,8 @@ def head_calibrate(
     test_index = np.flatnonzero(rows.test)
     where = {row: i for i, row in enumerate(test_index)}
     out = {s: np.zeros((len(test_index), len(TARGETS))) for s in checkpoints}
-    for subject, cal, tst in _subject_groups(subjects, rows):
-        torch.manual_seed(_subject_seed(seed, subject))
-        local = copy.deepcopy(head).to(device).eval()  # eval: no dropout, a deterministic fit
+    for _, cal, tst in _subject_groups(subjects, rows):
+        local = copy.deepcopy(head).to(device).eval()
         for p in local.parameters():
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(local.parameters(), lr=lr)
@@ -362,7 +355,6 @@ def evaluate_calibration(
     k: int = DEFAULT_WINDOWS,
     *,
     batch_size: int = 256,
-    seed: int = 0,
     encoded: EncodedSplit | None = None,
     keep_estimates: bool = False,
 ) -> dict[str, Any]:
@@ -372,7 +364,10 @@ def evaluate_calibration(
     `encoded` (from `encode_split`) saves re-running the model for another K; `keep_estimates`
     adds `estimates`, a table of the test windows with every method's estimates."""
     methods = check_methods(methods, k)
-    enc = encoded or encode_split(model, meta, split, batch_size=batch_size)
+    # DataLoaders draw their base seed from torch's global RNG: forked, so that calibrating
+    # between epochs leaves a training run's dropout and shuffles as they would have been.
+    with torch.random.fork_rng(devices=[]):
+        enc = encoded or encode_split(model, meta, split, batch_size=batch_size)
     train_mean = meta.get("target_mean")
     test_pred = enc.test
     rows = _rows_of(test_pred, k, enc.from_cal)
@@ -396,10 +391,10 @@ def evaluate_calibration(
         estimates["affine"] = calibrate("affine", test_pred.estimate, test_pred.target,
                                         subjects, rows, strength=strength)  # fmt: skip
     if "head" in methods:
-        steps = _choose_head_steps(model.head, enc.val, enc.val_features, meta, k, seed)
+        steps = _choose_head_steps(model.head, enc.val, enc.val_features, meta, k)
         result["head_steps"] = steps
         by_steps = head_calibrate(model.head, enc.test_features, test_pred.target, subjects,
-                                  rows, meta, steps=steps, seed=seed)  # fmt: skip
+                                  rows, meta, steps=steps)  # fmt: skip
         estimates["head"] = by_steps[steps]
     result["metrics"] = {
         name: calibration_metrics(target, est, estimates["trivial"], test_subjects, train_mean)
@@ -425,12 +420,12 @@ def estimates_table(segment_ids, subjects, target: np.ndarray, estimates: dict[s
     return pa.table(columns)
 
 
-def _choose_head_steps(head, val_pred, val_feats, meta, k: int, seed: int) -> int:
+def _choose_head_steps(head, val_pred, val_feats, meta, k: int) -> int:
     rows = _rows_of(val_pred, k)
     if rows.n_test == 0:
         return HEAD_STEPS[0]
     by_steps = head_calibrate(head, val_feats, val_pred.target, val_pred.subject, rows, meta,
-                              steps=HEAD_STEPS, seed=seed)  # fmt: skip
+                              steps=HEAD_STEPS)  # fmt: skip
     target = val_pred.target[rows.test]
     scores = {s: float(_mean_mae(target, est).mean()) for s, est in by_steps.items()}
     return min(scores, key=lambda s: (scores[s], s))

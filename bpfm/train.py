@@ -443,11 +443,15 @@ def fit(
             payload, test_pred = model_dir_payload(model, split, meta, val_pred, **eval_kw)
             calibrated = None
             if config.calibration:  # per-subject calibration (bpfm.calibration), model unchanged
-                payload["calibration"] = evaluate_calibration(
-                    model, meta, split, config.calibration, config.calib_windows,
-                    keep_estimates=True, **eval_kw,
-                )  # fmt: skip
-                calibrated = payload["calibration"].pop("estimates")
+                try:
+                    payload["calibration"] = evaluate_calibration(
+                        model, meta, split, config.calibration, config.calib_windows,
+                        keep_estimates=True, **eval_kw,
+                    )  # fmt: skip
+                    calibrated = payload["calibration"].pop("estimates")
+                except BpfmError as err:  # e.g. too few windows per subject: keep the model
+                    log.warning("epoch %d: no calibrated results: %s", epoch, err)
+                    payload["calibration_error"] = str(err)
             payload.update(split=summary, **state)  # state: epoch, history, best val
             dir_config = {**config.to_dict(), "epochs": epoch, "trained_in_run_of": config.epochs}
             for model_dir in model_dirs:

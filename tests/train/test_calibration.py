@@ -208,3 +208,29 @@ def test_aami_protocol_calibrates_on_each_subjects_aami_cal_segments(synthetic_s
     assert set(result["estimates"]["segment_id"].to_pylist()) == test_ids  # all AAMI_Test
     assert result["n_calib"] == sum(min(2, n) for n in cal_counts.values())
     assert result["n_test"] == len(test_ids) and result["metrics"]["offset"]["n"] == len(test_ids)
+
+
+def test_calibrating_while_training_leaves_the_trained_model_unchanged(tiny_config, tmp_path):
+    from safetensors.torch import load_file
+
+    from bpfm.train import fit
+
+    plain = tiny_config(out=str(tmp_path / "plain"), protocol="calfree", epochs=2,
+                        report_epochs=(1,))  # fmt: skip
+    calibrated = tiny_config(out=str(tmp_path / "calibrated"), protocol="calfree", epochs=2,
+                             report_epochs=(1,), calibration=("offset", "affine", "head"),
+                             calib_windows=2)  # fmt: skip
+    fit(plain)
+    fit(calibrated)
+    too_many = tiny_config(out=str(tmp_path / "too_many"), protocol="calfree", epochs=1,
+                           calibration=("offset",), calib_windows=500)  # fmt: skip
+    assert "no test subject" in json.loads(
+        (fit(too_many).out / "metrics.json").read_text())["calibration_error"]  # fmt: skip
+    a = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    b = load_file(str(tmp_path / "calibrated" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for model_dir in (tmp_path / "calibrated", tmp_path / "calibrated" / "epoch-1"):
+        payload = json.loads((model_dir / "metrics.json").read_text())
+        assert set(payload["calibration"]["metrics"]) == {"none", "trivial", "offset", "affine",
+                                                          "head"}  # fmt: skip
+        assert (model_dir / "calibrated_estimates.parquet").is_file()
