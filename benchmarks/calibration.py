@@ -72,8 +72,27 @@ def train(init: str, checkpoint: str | None, args, data: str, work: Path) -> Pat
     return Path(config.out)
 
 
-def measure(model_dir: Path, args, data: str) -> dict:
-    model, config, meta = load_trained(model_dir)
+def from_checkpoint(out: Path, data: str):
+    """(model, config, meta, epoch) from a run's latest epoch checkpoint: a run stopped before
+    its final epoch (a loaded machine) is still measured, at the epoch it reached."""
+    import numpy as np
+
+    from bpfm.data.loader import view_target_stats
+    from bpfm.train import _target_meta, build_model
+    from bpfm.train_state import latest_checkpoint, load_train_state
+
+    config = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    state = load_train_state(latest_checkpoint(out))
+    model = build_model(TrainConfig.from_dict({**config.to_dict(), "init": "xavier",
+                                               "checkpoint": None}))  # fmt: skip
+    model.load_state_dict(state["model"])
+    split = open_split(data, config.source, config.protocol, config.split_seed)
+    mean, std = (np.asarray(v, np.float64) for v in view_target_stats(split.train))
+    return model.eval(), config, _target_meta(config, mean, std), state["epoch"]
+
+
+def measure(model_dir: Path, args, data: str, loaded=None) -> dict:
+    model, config, meta = loaded or load_trained(model_dir)
     split = open_split(data, config.source, config.protocol, config.split_seed)
     encoded = encode_split(model, meta, split)  # the model runs once for every K
     return {k: evaluate_calibration(model, meta, split, METHODS[1:], k, encoded=encoded)
@@ -120,13 +139,19 @@ def main() -> None:
                     for i in inits}  # fmt: skip
     rows = []
     for init, out in out_dirs.items():
+        measured = []
         for epochs in sorted({*args.report_epochs, args.epochs}):
             model_dir = out if epochs == args.epochs else out / f"epoch-{epochs}"
             if not (model_dir / "metrics.json").is_file() or (
                 json.loads((model_dir / "metrics.json").read_text())["epoch"] != epochs
             ):
                 continue  # measure-only: not trained that far (yet)
-            for k, result in measure(model_dir, args, data).items():
+            measured.append((epochs, model_dir, None))
+        if not measured and args.measure_only and (out / "checkpoints").is_dir():
+            model, config, meta, epoch = from_checkpoint(out, data)
+            measured.append((epoch, out, (model, config, meta)))
+        for epochs, model_dir, loaded in measured:
+            for k, result in measure(model_dir, args, data, loaded).items():
                 for method, metrics in result["metrics"].items():
                     rows.append({"init": init, "epochs": epochs, "k": k, "method": method,
                                  "metrics": metrics, "chosen": {
