@@ -3,7 +3,9 @@ reference is read, determinism, and on the real challenge2015 sample that `offse
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import itertools
 import json
 
@@ -145,22 +147,23 @@ def test_head_calibration_leaves_the_trained_head_unchanged():
 
 @pytest.fixture(scope="module")
 def calfree_model(challenge2015_shards, tmp_path_factory):
-    """A short small / unfrozen run on the real sample's subject-disjoint split, calibrated by
-    every method with K = 5 while its model dir is written."""
-    from bpfm.train import TrainConfig, fit
-
+    """A short small / unfrozen `bpfm train` on the real sample's subject-disjoint split,
+    calibrated by every method with K = 5 while its model dir is written."""
     out = tmp_path_factory.mktemp("calfree") / "run"
-    config = TrainConfig(
-        data=challenge2015_shards, source="other", protocol="calfree", size="small", epochs=1,
-        batch_size=32, max_steps_per_epoch=6, drop_path=0.0, device="cpu", out=str(out),
-        calibration=("offset", "affine", "head"), calib_windows=5,
-    )  # fmt: skip
-    fit(config)
-    return out
+    args = ["train", "--data", challenge2015_shards, "--source", "other", "--protocol", "calfree",
+            "--size", "small", "--freeze", "unfrozen", "--epochs", "1", "--batch-size", "32",
+            "--max-steps-per-epoch", "6", "--device", "cpu", "--out", str(out),
+            "--calibration", "offset,affine,head", "--calib-windows", "5"]  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(args) == 0
+    return out, printed.getvalue()
 
 
 def test_offset_lowers_subject_disjoint_mae_below_none_on_challenge2015(calfree_model):
-    payload = json.loads((calfree_model / "metrics.json").read_text())
+    model_dir, shown = calfree_model  # shown: what `bpfm train` printed for people
+    assert "calibration:" in shown and "offset:" in shown and "cal_mase" in shown
+    payload = json.loads((model_dir / "metrics.json").read_text())
     result = payload["calibration"]
     metrics = result["metrics"]
     assert set(metrics) == {"none", "trivial", "offset", "affine", "head"}
@@ -177,6 +180,7 @@ def test_offset_lowers_subject_disjoint_mae_below_none_on_challenge2015(calfree_
 
 
 def test_evaluate_cli_calibrates_a_model_dir_and_rejects_unknown_methods(calfree_model, capsys):
+    calfree_model, _ = calfree_model
     args = ["evaluate", "--model", str(calfree_model), "--calibration", "offset",
             "--calib-windows", "3", "--json"]  # fmt: skip
     assert main(args) == 0
