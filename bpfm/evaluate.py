@@ -129,10 +129,14 @@ def evaluate(
     *,
     device: str = "auto",
     batch_size: int = 256,
+    calibration: tuple[str, ...] = (),
+    calib_windows: int = 5,
 ) -> dict[str, Any]:
     """Test metrics of a trained model on the data, source and protocol it was trained with,
     or on others (e.g. a MIMIC model on VitalDB). The MASE baseline stays the train mean of the
-    model's own training data."""
+    model's own training data. `calibration` methods (bpfm.calibration) add a `calibration`
+    entry: each method, `none` and the trivial calibrated predictor on the windows left after
+    each test subject's `calib_windows`."""
     model, config, meta = load_trained(model_dir)
     overrides = {"data": data or config.data, "source": source or config.source,
                  "protocol": protocol or config.protocol}  # fmt: skip
@@ -144,4 +148,12 @@ def evaluate(
     metrics = compute_metrics(
         predictions.target, predictions.estimate, predictions.subject, meta.get("target_mean")
     )
-    return {**metrics, **overrides, "model_dir": str(model_dir), "split": split.label}
+    result = {**metrics, **overrides, "model_dir": str(model_dir), "split": split.label}
+    if calibration:
+        from bpfm.calibration import check_methods, evaluate_calibration
+
+        methods = check_methods(calibration, calib_windows, "evaluate: calibration")
+        result["calibration"] = evaluate_calibration(
+            model, meta, split, methods, calib_windows, batch_size=batch_size
+        )
+    return result

@@ -9,14 +9,23 @@ Lightning-style `.ckpt` in the official key layout (`model.*`, `model_head.decod
 
 Windows are z-scored per channel; inputs are EDF files, `.npz` or Parquet windows, or generated
 EEG-like signals (`eeg=None`).
+
+In-domain pretraining (`data=` a shard set, with `source` and `protocol`): SimMIM on the ECG + PPG
+windows ([2, 1250], 19 patches) of that protocol's *train view* only: no labels are read into the
+loss, and validation and test windows are never loaded, so a backbone built this way leaks nothing
+of the subjects it is later tested on. Batches stream from the shards (memory stays bounded for
+PulseDB's millions of windows), reshuffled per pass. `init_checkpoint` continues from an earlier
+backbone (e.g. the EEG one): encoder weights load with shape checks (positional encodings cover
+both layouts), the decoder when it fits.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +36,7 @@ from torch import nn
 from bpfm.errors import BpfmError, DataError
 from bpfm.model.cerebro import CerebroEncoder, size_config
 from bpfm.model.checkpoint import init_xavier, read_bytes, to_official_keys, write_bytes_atomic
+from bpfm.predict import WINDOW_SHAPE
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,11 @@ class PretrainConfig:
     device: str = "auto"
     log_every: int = 50
     synthetic_windows: int = 1024
+    data: str | None = None  # shard set URI: in-domain ECG+PPG pretraining on its train view
+    source: str = "mimic"
+    protocol: str = "paper"
+    split_seed: int = 42
+    init_checkpoint: str | None = None  # continue from this backbone instead of xavier
 
 
 @dataclass
@@ -62,6 +77,7 @@ class PretrainResult:
     last_loss: float
     seconds: float
     losses: list[float] = field(repr=False, default_factory=list)
+    subjects: list[str] = field(repr=False, default_factory=list)  # subjects read (shards only)
 
 
 class PretrainModel(nn.Module):
@@ -256,39 +272,107 @@ def _check(config: PretrainConfig, patches: int) -> None:
         )
 
 
+def shard_view(config: PretrainConfig):
+    """The train view of `config.data` for `source` and `protocol`: the only windows in-domain
+    pretraining reads."""
+    from bpfm.evaluate import open_split
+
+    return open_split(config.data, config.source, config.protocol, config.split_seed).train
+
+
+def _shard_batches(config: PretrainConfig, view, subjects: set[str]):
+    """Endless [B, 2, 1250] z-scored batches of the view, reshuffled per pass (seeded by pass);
+    the subjects read are added to `subjects`."""
+    from bpfm.data.loader import ShardDataset
+
+    dataset = ShardDataset(view, batch_size=config.batch_size, shuffle=True, seed=config.seed,
+                           normalize=True, with_meta=True)  # fmt: skip
+    for epoch in itertools.count():
+        dataset.set_epoch(epoch)
+        empty = True
+        for batch in dataset:
+            empty = False
+            subjects.update(batch["subject"])
+            yield batch["x"]
+        if empty:
+            raise DataError(config.data, "train view", f"{view.describe()}: no windows")
+
+
+def _array_batches(config: PretrainConfig, windows: np.ndarray, generator: torch.Generator):
+    while True:
+        index = torch.randint(len(windows), (config.batch_size,), generator=generator).numpy()
+        yield torch.from_numpy(windows[index])
+
+
+def load_init_checkpoint(model: PretrainModel, uri: str) -> None:
+    """Encoder (and decoder, when its shape fits) of an earlier backbone into `model`."""
+    from bpfm.model.checkpoint import read_state
+
+    raw, _, _ = read_state(uri)
+    target = model.state_dict()
+    state = {}
+    for key, value in raw.items():
+        key = key.removeprefix("module.")
+        if key.startswith("model."):
+            state["encoder." + key.removeprefix("model.")] = value
+        elif key.startswith("model_head.decoder_pred."):
+            name = "decoder_pred." + key.removeprefix("model_head.decoder_pred.")
+            if name in target and target[name].shape == value.shape:
+                state[name] = value
+        elif key.startswith("encoder."):
+            state[key] = value
+    if not any(k.startswith("encoder.") for k in state):
+        raise BpfmError(f"{uri}: state_dict: no CEReBrO encoder weights (model.* keys) found")
+    for key, value in state.items():
+        if key not in target or target[key].shape != value.shape:
+            shape = list(target[key].shape) if key in target else "absent"
+            raise BpfmError(f"{uri}: {key}: shape {list(value.shape)} does not fit {shape} "
+                            f"(another model size?)")  # fmt: skip
+    model.load_state_dict(state, strict=False)
+    log.info("continuing from %s (%d tensors)", uri, len(state))
+
+
 def pretrain(config: PretrainConfig) -> PretrainResult:
     """Run SimMIM pretraining and write the checkpoint to `config.out` (atomically)."""
+    if config.data is not None:  # ECG + PPG windows as the shards hold them
+        config = replace(config, channels=WINDOW_SHAPE[0], window=WINDOW_SHAPE[1])
     encoder_config = size_config(config.size)
     _check(config, config.window // encoder_config.patch_size)
     torch.manual_seed(config.seed)
-    windows = load_windows(config)
+    generator = torch.Generator().manual_seed(config.seed)
+    subjects: set[str] = set()
+    if config.data is not None:
+        from bpfm.data.loader import view_size
+
+        view = shard_view(config)
+        n_windows = view_size(view)
+        batches = _shard_batches(config, view, subjects)
+        what = f"{n_windows} ECG+PPG windows of {view.describe()}"
+    else:
+        windows = load_windows(config)
+        n_windows = len(windows)
+        batches = _array_batches(config, windows, generator)
+        what = f"{n_windows} windows"
     device = _device(config.device)
-    model = init_xavier(PretrainModel(CerebroEncoder(encoder_config))).to(device)
+    model = init_xavier(PretrainModel(CerebroEncoder(encoder_config)))
+    if config.init_checkpoint:
+        load_init_checkpoint(model, config.init_checkpoint)
+    model = model.to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     warmup = max(1, min(100, config.steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    generator = torch.Generator().manual_seed(config.seed)
     patches = config.window // encoder_config.patch_size
-    log.info(
-        "pretraining %s on %d windows [%d x %d] for %d steps on %s",
-        config.size,
-        len(windows),
-        config.channels,
-        config.window,
-        config.steps,
-        device,
-    )
+    log.info("pretraining %s on %s [%d x %d] for %d steps on %s", config.size, what,
+             config.channels, config.window, config.steps, device)  # fmt: skip
     model.train()
     losses: list[float] = []
     started = time.perf_counter()
     for step in range(1, config.steps + 1):
-        index = torch.randint(len(windows), (config.batch_size,), generator=generator).numpy()
-        x = torch.from_numpy(windows[index]).to(device)
-        mask = random_mask(
-            (config.batch_size, config.channels, patches), config.mask_ratio, generator
-        ).to(device)
+        x = next(batches).to(device)
+        mask = random_mask((x.shape[0], config.channels, patches), config.mask_ratio, generator)
+        mask = mask.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pred = model(x, mask)
         loss = simmim_loss(pred, x, mask, config.visible_weight)
@@ -310,11 +394,12 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     return PretrainResult(
         out=config.out,
         steps=config.steps,
-        windows=len(windows),
+        windows=n_windows,
         first_loss=losses[0],
         last_loss=float(np.mean(losses[-max(1, min(10, len(losses) // 5)) :])),
         seconds=time.perf_counter() - started,
         losses=losses,
+        subjects=sorted(subjects),
     )
 
 

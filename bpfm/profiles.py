@@ -24,10 +24,13 @@ PROFILE_DIR = REPO_ROOT / "pipelines" / "profiles"
 
 # The grid's axes, in the order cells are named and listed.
 AXES = ("size", "freeze", "epochs", "init", "source", "protocol", "seed")
+# Axes evaluated inside every cell rather than multiplying cells: calibration is post hoc (the
+# trained model is the same for every method), so each cell reports every listed method.
+EVAL_AXES = ("calibration",)
 AXIS_CHOICES: dict[str, tuple[str, ...]] = {
     "size": ("small", "medium", "base", "large"),
     "freeze": ("frozen", "unfrozen"),
-    "init": ("pretrained", "xavier"),
+    "init": ("pretrained", "pretrained_ecgppg", "pretrained_eeg_then_ecgppg", "xavier"),
     "source": ("mimic", "vitaldb", "other"),
     "protocol": ("paper", "calbased", "calfree", "aami"),
 }
@@ -128,6 +131,22 @@ def profile_path(name_or_path: str) -> Path:
 
 def _fail(path: Path, key: str, problem: str) -> BpfmError:
     return BpfmError(f"{path}: {key}: {problem}")
+
+
+def _eval_axes(path: Path, raw: dict) -> dict[str, Any]:
+    """`axes.calibration` -> the recipe's `calibration` methods (checked here, one line)."""
+    from bpfm.calibration import METHODS
+
+    values = raw.pop("calibration", None)
+    if values is None:
+        return {}
+    if not isinstance(values, list) or not values:
+        raise _fail(path, "axes.calibration", "must be a non-empty list")
+    bad = [v for v in values if v not in METHODS]
+    if bad:
+        raise _fail(path, "axes.calibration",
+                    f"unknown value {bad[0]!r} (one of {', '.join(METHODS)})")  # fmt: skip
+    return {"calibration": [v for v in dict.fromkeys(values) if v != "none"]}
 
 
 def _axes(path: Path, raw: dict) -> dict[str, tuple]:
@@ -244,6 +263,8 @@ def load_profile(name_or_path: str) -> Profile:
     if not isinstance(data, dict) or "uri" not in data:
         raise _fail(path, "data.uri", "missing")
     pretrain = raw.get("pretrain")
+    axes = dict(raw["axes"]) if isinstance(raw["axes"], dict) else {}
+    evaluated = _eval_axes(path, axes)
     quantize = raw.get("quantize") or {}
     if not isinstance(quantize, dict) or not all(isinstance(v, dict) for v in quantize.values()):
         raise _fail(path, "quantize", "must map variant names to QuantConfig fields")
@@ -267,8 +288,8 @@ def load_profile(name_or_path: str) -> Profile:
         description=str(raw.get("description", "")),
         data=data_spec,
         storage=str(raw["storage"]),
-        axes=_axes(path, raw["axes"]),
-        train=dict(raw.get("train") or {}),
+        axes=_axes(path, axes),
+        train={**dict(raw.get("train") or {}), **evaluated},
         pretrain=pretrain_spec,
         resources=resources,
         tune=tune,

@@ -43,8 +43,12 @@ def train_config(config: dict[str, Any], ctx: TrialContext, out: str | Path):
 
     values = {**ctx.train, **{k: v for k, v in config.items() if k != "trial"}}
     values.update(data=ctx.data, out=str(out))
-    if values.get("init") == "pretrained" and not values.get("checkpoint"):
-        values["checkpoint"] = ctx.pretrained.get(values.get("size", "small"))
+    if values.get("init", "xavier") != "xavier" and not values.get("checkpoint"):
+        from bpfm.backbones import backbone_key
+
+        key = backbone_key(values["init"], values.get("size", "small"), values.get("source", ""),
+                           values.get("protocol", ""))  # fmt: skip
+        values["checkpoint"] = ctx.pretrained.get(key)
     values["report_epochs"] = tuple(values.get("report_epochs") or ())
     try:
         return TrainConfig.from_dict(values).validate()
@@ -98,12 +102,35 @@ class CellLogger:
         from bpfm.mlflow_view import key_metrics
 
         run_id = self.runs[epochs]
-        test = read_metrics(model_dir).get("test", {})
+        payload = read_metrics(model_dir)
+        test = payload.get("test", {})
         keys = key_metrics(test)  # a few numbers that sort and plot in MLflow's UI
         tracking.log_results(self.client, run_id, {**test, **keys}, extra=tuple(keys))
+        if payload.get("calibration"):  # cal_<method>_<metric> beside the uncalibrated ones
+            log_calibration(self.client, run_id, payload["calibration"], model_dir)
         tracking.log_model_dir(self.client, run_id, model_dir)
         tracking.finish(self.client, run_id)
         self.finished.add(epochs)
+
+
+def log_calibration(client, run_id: str, result: dict[str, Any], model_dir: Path) -> None:
+    """A cell's calibrated results: metrics `cal_<method>_<metric>` and `calib_k`, tags
+    `cal_<method>_{sbp_bhs_grade,dbp_bhs_grade,aami}` (the method list is the `calibration`
+    param, K the `calib_windows` param), and the calibrated estimates as artifact
+    `calibration/calibrated_estimates.parquet` (the leaderboard's Bland-Altman plot)."""
+    from mlflow.entities import RunTag
+
+    from bpfm.calibration import ESTIMATES_FILE, flat_metrics
+
+    flat = flat_metrics(result)
+    tracking.log_results(client, run_id, flat, extra=[k for k, v in flat.items()
+                                                      if not isinstance(v, str)])  # fmt: skip
+    tags = [RunTag(k, v) for k, v in flat.items()
+            if isinstance(v, str) and k.endswith(("bhs_grade", "aami"))]  # fmt: skip
+    client.log_batch(run_id, tags=tags)
+    estimates = Path(model_dir) / ESTIMATES_FILE
+    if estimates.is_file():
+        client.log_artifact(run_id, str(estimates), "calibration")
 
 
 def model_dir_for(out: str | Path, epoch: int) -> Path:

@@ -33,6 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from bpfm.calibration import (
+    check_methods,
+    evaluate_calibration,
+    parse_methods,
+    write_calibrated_estimates,
+)
+from bpfm.calibration import flat_metrics as calibration_flat_metrics
 from bpfm.errors import BpfmError
 from bpfm.evaluate import (
     evaluate,
@@ -79,7 +86,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SOURCES = ("mimic", "vitaldb", "other")
-INITS = ("pretrained", "xavier")
+# Named backbones (DESIGN: `pretrained` is the EEG one; the others are in-domain SimMIM on the
+# train view's ECG+PPG windows, from scratch or continuing the EEG one; see bpfm.pretrain).
+BACKBONE_INITS = ("pretrained", "pretrained_ecgppg", "pretrained_eeg_then_ecgppg")
+INITS = (*BACKBONE_INITS, "xavier")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")  # both after an optional linear warm-up
 TOTAL_DEPENDENT_SCHEDULES = ("cosine",)
@@ -123,9 +133,12 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # tiny runs (tests, demo)
     eval_batch_size: int = 256
     keep_checkpoints: int = 2
+    calibration: tuple[str, ...] = ()  # per-subject calibration methods (bpfm.calibration)
+    calib_windows: int = 5  # K calibration windows per test subject
 
     def __post_init__(self) -> None:
         self.head_hidden = tuple(int(h) for h in self.head_hidden)
+        self.calibration = parse_methods(self.calibration)
         self.report_epochs = tuple(sorted({int(e) for e in self.report_epochs}))
 
     def validate(self) -> TrainConfig:
@@ -145,8 +158,9 @@ class TrainConfig:
                 )
         if not self.data:
             raise BpfmError("train: data: no shard set given (--data URI)")
-        if self.init == "pretrained" and not self.checkpoint:
-            raise BpfmError("train: checkpoint: init 'pretrained' needs --checkpoint URI")
+        if self.init in BACKBONE_INITS and not self.checkpoint:
+            raise BpfmError(f"train: checkpoint: init {self.init!r} needs --checkpoint URI")
+        check_methods(self.calibration, self.calib_windows, "train: calibration")
         positive = {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
                     "eval_batch_size": self.eval_batch_size, "huber_delta": self.huber_delta,
                     "keep_checkpoints": self.keep_checkpoints}  # fmt: skip
@@ -219,7 +233,7 @@ def build_model(config: TrainConfig) -> nn.Module:
         head_dropout=config.head_dropout,
         drop_path=config.drop_path,
     )  # xavier-initialised (the paper's scheme)
-    if config.init == "pretrained":
+    if config.init in BACKBONE_INITS:
         try:
             load_pretrained_backbone(model, config.checkpoint)
         except BpfmError:
@@ -444,13 +458,28 @@ def fit(
         model_dirs += [out] if epoch == config.epochs else []
         if model_dirs:
             payload, test_pred = model_dir_payload(model, split, meta, val_pred, **eval_kw)
+            calibrated = None
+            if config.calibration:  # per-subject calibration (bpfm.calibration), model unchanged
+                try:
+                    payload["calibration"] = evaluate_calibration(
+                        model, meta, split, config.calibration, config.calib_windows,
+                        keep_estimates=True, **eval_kw,
+                    )  # fmt: skip
+                    calibrated = payload["calibration"].pop("estimates")
+                except BpfmError as err:  # e.g. too few windows per subject: keep the model
+                    log.warning("epoch %d: no calibrated results: %s", epoch, err)
+                    payload["calibration_error"] = str(err)
             payload.update(split=summary, **state)  # state: epoch, history, best val
             dir_config = {**config.to_dict(), "epochs": epoch, "trained_in_run_of": config.epochs}
             for model_dir in model_dirs:
+                if calibrated is not None:  # before metrics.json, which completes the dir
+                    write_calibrated_estimates(model_dir, calibrated)
                 write_model_dir(model_dir, model, {**meta, "epoch": epoch}, dir_config, payload,
                                 test_pred)  # fmt: skip
             test = payload["test"]
             metrics.update({f"test_{k}": v for k, v in test.items()})
+            if "calibration" in payload:
+                metrics.update(calibration_flat_metrics(payload["calibration"]))
             log.info("epoch %d test: MAE SBP %.2f / DBP %.2f mmHg, BHS %s/%s, AAMI %s", epoch,
                      test["sbp_mae"], test["dbp_mae"], test["sbp_bhs_grade"],
                      test["dbp_bhs_grade"], test["aami"])  # fmt: skip

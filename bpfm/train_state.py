@@ -25,6 +25,7 @@ STATE_FILE = "state.pt"
 # Fields that may change between a checkpoint and the run resuming it (epochs only when the
 # schedule does not depend on it); any other difference means another experiment.
 RESUMABLE_CHANGES = {"data", "cache", "epochs", "report_epochs", "out", "device", "num_workers",
+                     "calibration", "calib_windows",  # evaluation only, not training
                      "eval_batch_size", "keep_checkpoints", "amp", "compile",
                      "data_generation"}  # fmt: skip
 PROGRESS_KEYS = ("epoch", "history", "best_val_mae", "best_epoch")

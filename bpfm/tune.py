@@ -345,6 +345,35 @@ def ensure_pretrained(profile: Profile, sizes: list[str], gpus: float) -> dict[s
     return checkpoints
 
 
+def ensure_backbones(
+    profile: Profile, cells: list, data: str, gpus: float, split_seed: int = 42
+) -> dict[str, str]:
+    """Stage 0: every named backbone of the `init` axis (bpfm.backbones), keyed as
+    `backbone_key`; missing ones are pretrained as Ray tasks, EEG ones before those that
+    continue them."""
+    from bpfm.backbones import backbone_jobs
+    from bpfm.storage import exists
+
+    jobs = backbone_jobs(profile.pretrain, cells, data, split_seed) if profile.pretrain else []
+    if not jobs:
+        if any(c.init != "xavier" for c in cells):
+            raise BpfmError(f"{profile.path}: pretrain: the grid has pretrained cells but no "
+                            "pretrain.checkpoint")  # fmt: skip
+        return {}
+    for wave in ([j for j in jobs if not j.after], [j for j in jobs if j.after]):
+        pending = []
+        for job in wave:
+            if exists(job.spec["out"]):
+                continue
+            log.info("stage 0: pretraining %s -> %s (%d steps)", job.key, job.spec["out"],
+                     job.spec["steps"])  # fmt: skip
+            wanted = profile.resources_for(job.spec["size"]).on_cluster(gpus)
+            task = _pretrain_task.options(num_cpus=wanted["cpu"], num_gpus=wanted.get("gpu", 0))
+            pending.append(task.remote(job.spec))
+        ray.get(pending)
+    return {job.key: job.spec["out"] for job in jobs}
+
+
 @ray.remote
 def _quantize_task(job: dict[str, Any]) -> list[dict[str, Any]]:
     from bpfm.stages import quantize_model
@@ -460,8 +489,8 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
     progress.start("stage 0: data, backbones", 1)
     data = grid.ensure_data(profile)
     train["data_generation"] = open_shards(data).generation  # every trial reads this one
-    sizes = sorted({c.size for c in plan.cells if c.init == "pretrained"})
-    pretrained = ensure_pretrained(profile, sizes, gpu_count) if sizes else {}
+    pretrained = ensure_backbones(profile, plan.cells, data, gpu_count,
+                                  int(train.get("split_seed", 42)))  # fmt: skip
 
     uri = tracking.configure()
     identity = launch.identity(train, launch.data_generation(data), uri)

@@ -18,6 +18,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--synthetic", action="store_true", help="generated EEG-like windows (the default)"
     )
+    source.add_argument(
+        "--data", help="shard set URI: in-domain pretraining on the ECG+PPG windows of its train "
+        "view (--source, --protocol), never validation or test windows"
+    )  # fmt: skip
+    parser.add_argument("--source", default="mimic", help="with --data: mimic | vitaldb | other")
+    parser.add_argument(
+        "--protocol", default="paper", help="with --data: paper | calbased | calfree | aami"
+    )
+    parser.add_argument("--split-seed", type=int, default=42, help="with --data")
+    parser.add_argument(
+        "--init-checkpoint", help="continue from this backbone (e.g. the EEG one) instead of xavier"
+    )
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--channels", type=int, default=8)
     parser.add_argument("--window", type=int, default=1280, help="samples per window")
@@ -50,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
             log_every=args.log_every,
+            data=args.data,
+            source=args.source,
+            protocol=args.protocol,
+            split_seed=args.split_seed,
+            init_checkpoint=args.init_checkpoint,
         )
     )
     print_result(

@@ -45,6 +45,27 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", help="paper | calbased | calfree | aami")
 
 
+def _add_calibration_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--calibration", default="none",
+        help="per-subject calibration: none | offset | affine | head (comma-separated for "
+        "several); each is reported beside none and the trivial calibrated predictor",
+    )  # fmt: skip
+    parser.add_argument(
+        "--calib-windows", type=int, default=5,
+        help="K calibration windows per test subject (aami: its AAMI_Cal segments)",
+    )  # fmt: skip
+
+
+def _calibration_summary(result: dict) -> dict:
+    """Per method: MAE, MASE and cal_mase per target (what people read; --json has it all)."""
+    keys = ("sbp_mae", "dbp_mae", "sbp_mase", "dbp_mase", "sbp_cal_mase", "dbp_cal_mase")
+    return {
+        "k": result["k"], "n_test": result["n_test"], "n_subjects": result["n_subjects"],
+        **{name: {k: round(m[k], 3) for k in keys} for name, m in result["metrics"].items()},
+    }  # fmt: skip
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train",
@@ -56,7 +77,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_data_flags(train)
     train.add_argument("--size", default="small", help="small | medium (base) | large")
     train.add_argument("--freeze", default="unfrozen", help="frozen | unfrozen")
-    train.add_argument("--init", default="xavier", help="pretrained | xavier")
+    train.add_argument(
+        "--init", default="xavier",
+        help="xavier | pretrained (EEG) | pretrained_ecgppg | pretrained_eeg_then_ecgppg",
+    )  # fmt: skip
     train.add_argument(
         "--checkpoint", help="backbone checkpoint (path or URI) for --init pretrained"
     )
@@ -109,6 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="stream a remote shard set's parts every epoch instead of copying them once into "
         "this node's cache (BPFM_CACHE_DIR, capped by BPFM_CACHE_MAX_GB)",
     )
+    _add_calibration_flags(train)
     add_json_flag(train)
     train.set_defaults(func=run_train)
 
@@ -122,6 +147,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_data_flags(evaluate)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--batch-size", type=int, default=256)
+    _add_calibration_flags(evaluate)
     add_json_flag(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 
@@ -161,10 +187,13 @@ def _config_from_args(args: argparse.Namespace):
         out=args.out or str(home() / "runs" / "train"),
         num_workers=args.num_workers,
         max_steps_per_epoch=args.max_steps_per_epoch,
+        calibration=args.calibration,
+        calib_windows=args.calib_windows,
     ).validate()
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from bpfm.evaluate import read_metrics
     from bpfm.train import fit
 
     result = fit(
@@ -182,11 +211,15 @@ def run_train(args: argparse.Namespace) -> int:
         )
     else:
         output.update({f"test_{k}": result.test[k] for k in SUMMARY_KEYS})
+    calibration = read_metrics(result.out).get("calibration")
+    if calibration:
+        output["calibration"] = calibration if args.json else _calibration_summary(calibration)
     print_result(output, args.json)
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from bpfm.calibration import parse_methods
     from bpfm.train import evaluate
 
     if not args.model:
@@ -198,7 +231,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.protocol,
         device=args.device,
         batch_size=args.batch_size,
+        calibration=parse_methods(args.calibration),
+        calib_windows=args.calib_windows,
     )
     shown = metrics if args.json else {k: metrics[k] for k in ("split", *SUMMARY_KEYS)}
+    if "calibration" in metrics and not args.json:
+        shown["calibration"] = _calibration_summary(metrics["calibration"])
     print_result(shown, args.json)
     return 0

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from bpfm import tracking
 from bpfm.redact import redact
 from bpfm.report import tables
+from bpfm.report.calibration import calibration_sections
 from bpfm.report.plots import plot_all
 from bpfm.report.predictions import attach_demographics, load_predictions
 from bpfm.report.render import Report, Section, write_report
@@ -104,6 +105,8 @@ def compile_report(
         "table5": tables.table5(study.train),
         "calibration_gap": tables.calibration_gap(study.train),
     }
+    calibration = calibration_sections(client, study.train, config.out)
+    frames["calibration"] = calibration[0].table
     best = tables.best_per_source(study.train)
     subgroups, plots = _model_details(client, best, config.out, config.bootstrap_seed)
     frames["subgroups"] = subgroups.table if subgroups.table is not None else pd.DataFrame()
@@ -121,6 +124,7 @@ def compile_report(
                 _empty_note(frames["calibration_gap"], "cell run under both calbased and calfree")
                 or "gap = calfree MAE - calbased MAE (mmHg), same cell and seed.",
                 "calibration_gap.csv"),
+        *calibration,
         subgroups,
         plots,
     ]  # fmt: skip

@@ -131,3 +131,46 @@ def test_pretrain_rejects_impossible_settings(tmp_path):
         from bpfm.pretrain import pretrain
 
         pretrain(PretrainConfig(out=str(tmp_path / "x.ckpt"), window=32, steps=1))
+
+
+def test_pretrain_on_shards_reads_only_the_train_views_ecg_ppg_windows(synthetic_shards, tmp_path):
+    from bpfm.data.loader import view_size
+    from bpfm.evaluate import open_split
+    from bpfm.pretrain import pretrain
+
+    split = open_split(synthetic_shards, "mimic", "calfree")
+    subjects = {name: set(getattr(split, name).read(["subject"])["subject"].to_pylist())
+                for name in ("train", "val", "test")}  # fmt: skip
+    n_train = view_size(split.train)
+    out = tmp_path / "ecgppg.ckpt"
+    result = pretrain(PretrainConfig(
+        out=str(out), data=synthetic_shards, source="mimic", protocol="calfree",
+        steps=n_train // 16 + 2, batch_size=16, device="cpu", log_every=100,
+    ))  # fmt: skip (more than one pass over the train view)
+    assert result.windows == n_train
+    assert set(result.subjects) == subjects["train"]
+    assert not set(result.subjects) & (subjects["val"] | subjects["test"])
+    saved = torch.load(out, weights_only=True)
+    assert saved["hyper_parameters"]["channels"] == 2
+    assert saved["hyper_parameters"]["window"] == 1250
+    model = create_model("small")
+    assert load_pretrained_backbone(model, out).loaded  # usable as --init pretrained_ecgppg
+
+
+def test_pretrain_continues_an_eeg_backbone_on_ecg_ppg(synthetic_shards, tmp_path, capsys):
+    from bpfm.pretrain import pretrain
+
+    eeg = tmp_path / "eeg.ckpt"
+    pretrain(PretrainConfig(out=str(eeg), steps=1, batch_size=2, synthetic_windows=4,
+                            device="cpu"))  # fmt: skip
+    out = tmp_path / "eeg_then_ecgppg.ckpt"
+    args = ["pretrain", "--out", str(out), "--data", synthetic_shards, "--source", "mimic",
+            "--protocol", "calfree", "--init-checkpoint", str(eeg), "--steps", "1",
+            "--batch-size", "2", "--lr", "1e-12", "--device", "cpu", "--json"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 1
+    before = torch.load(eeg, weights_only=True)["state_dict"]
+    after = torch.load(out, weights_only=True)["state_dict"]
+    encoder = [k for k in before if k.startswith("model.")]
+    assert encoder and all(torch.allclose(before[k], after[k], atol=1e-6) for k in encoder)
+    assert main([*args[:-1], "--init-checkpoint", str(tmp_path / "absent.ckpt")]) == 2
