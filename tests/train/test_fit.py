@@ -90,8 +90,17 @@ def test_compiled_training_equals_eager_and_saves_the_eager_keys(
     a = _weights(tmp_path / "eager" / "model.safetensors")
     b = _weights(tmp_path / "compiled" / "model.safetensors")
     assert a.keys() == b.keys()  # no `_orig_mod.` prefixes
-    for key in a:  # same draws; eager CPU drop path sums over fewer rows, hence the tolerance
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    # Same draws; the eager CPU drop path sums over fewer rows, so gradients differ in the last
+    # bits. Adam moves a weight by about lr a step whatever its gradient's size: a gradient near
+    # zero whose sign flips on those bits moves it by up to 2 lr a step (seen: one weight in 576
+    # off by 1.2e-5). Every weight is held to that bound, and all but 1 % to the tight one.
+    config = tiny_config()
+    bound = 2 * config.lr * config.epochs * config.max_steps_per_epoch
+    for key in a:
+        diff = (a[key] - b[key]).abs()
+        assert float(diff.max()) <= bound, key
+        close = diff <= 1e-5 + 1e-4 * b[key].abs()
+        assert float(close.float().mean()) >= 0.99, (key, float(diff.max()))
     assert [h["train_loss"] for h in compiled.history] == pytest.approx(
         [h["train_loss"] for h in eager.history], rel=1e-5
     )
