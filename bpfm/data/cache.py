@@ -230,6 +230,11 @@ class CachedShardSet(ShardSet):
     """A remote shard set whose parts are read from this node's cache (copied on first use):
     `filesystem` and `root` are the cache's, so readers take the local fast path."""
 
+    # Every part is checked against the manifest's size and sha256 as it is copied, which is
+    # stronger than the cheap check before training (that check would copy every part of every
+    # source, not just the view's).
+    verified_on_read = True
+
     def __init__(self, uri: str, manifest: dict, cache: NodeCache | None = None):
         super().__init__(uri, manifest)
         self.remote_filesystem, self.remote_root = self.filesystem, self.root
