@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "pretrain",
     "train",
     "quantize",
+    "export",
     "grid",
     "search",
     "leaderboard",
