@@ -146,3 +146,32 @@ def test_grid_variants_name_a_runtime():
         "executorch-dynamic"  # fmt: skip
     with pytest.raises(BpfmError, match="threads: not an export field"):
         ExportConfig.from_variant({"backend": "executorch", "threads": 2})
+
+
+@pytest.mark.slow
+def test_grid_stage_logs_a_runtime_variant_to_mlflow(trained_model_dir, synthetic_shards,
+                                                     tmp_path):  # fmt: skip
+    from bpfm import tracking
+    from bpfm.stages import quantize_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    experiment = tracking.ensure_experiment(client, "bpfm-export-test")
+    grid = client.create_run(experiment, run_name="grid").info.run_id
+    cell, _ = tracking.child_run(client, experiment, grid, key="cell", name="cell",
+                                 tags={tracking.KIND: "train"}, params={})  # fmt: skip
+    tracking.log_model_dir(client, cell, trained_model_dir)
+    variants = {"onnx_dynamic": {"backend": "onnxruntime", "mode": "dynamic"}}
+    results = quantize_model(tracking_uri=uri, experiment_id=experiment, grid_run_id=grid,
+                             study="bpfm-export-test", cell="cell", cell_run_id=cell,
+                             variants=variants, data=synthetic_shards,
+                             settings={"latency_runs": 2, "threads": 1})  # fmt: skip
+    assert [r.get("error") for r in results] == [None]
+    run = client.get_run(results[0]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["backend"] == "onnxruntime" and run.data.params["mode"] == "dynamic"
+    metrics = run.data.metrics
+    assert metrics["size_mib"] < 5 and metrics["peak_rss_mib_b1"] > 0
+    assert metrics["macs_per_window"] > 1e7 and "sbp_mae" in metrics and "latency_ms_b64" in metrics
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "exported")}
+    assert {"exported/model.onnx", "exported/parity.json", "exported/metrics.json"} <= files
