@@ -141,16 +141,18 @@ def targets(rows: dict, results: dict) -> dict:
 def where_time_goes(results: dict) -> None:
     import torch
 
-    from bpfm.export.onnx import profile
+    from bpfm.export import runtime_module
 
-    print("\nwhere time goes (a latency target was missed)")
+    print("\nwhere time goes (a latency target was missed): share of op time per op kind")
     for name, r in results.items():
-        if r["format"] == "onnx" and r["config"]["mode"] != "fp32":
-            for b in (1, 64):
-                shares = profile(Path(r["model_file"]), torch.randn(b, 2, 1250), runs=5)
-                top = ", ".join(f"{op} {share:.0%}" for op, share in shares[:6])
-                print(f"  {name} b{b} (ONNX Runtime profiler, node time): {top}")
-        if r["format"] == "executorch" and "delegated" in r:
+        if r["config"]["mode"] == "fp32":
+            continue
+        profile = runtime_module(r["format"]).profile
+        for b in (1, 64):
+            shares = profile(Path(r["model_file"]), torch.randn(b, 2, 1250), runs=5)
+            top = ", ".join(f"{op} {share:.0%}" for op, share in shares[:6])
+            print(f"  {name} b{b}: {top}")
+        if "delegated" in r:
             print(f"  {name}: {r['delegated']['xnnpack_partitions']} XNNPACK partition(s), "
                   f"{r['delegated']['portable_ops']} op(s) left on portable kernels")
 

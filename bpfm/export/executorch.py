@@ -162,3 +162,43 @@ def load(path: Path, *, threads: int = 1) -> ExecutorchModel:
     with _quiet():
         return ExecutorchModel(path, threads)
 
+
+
+# ETDump events that wrap others (a delegate call holds its XNNPACK ops) or are not per run
+WRAPPER_EVENTS = {"DELEGATE_CALL", "OPERATOR_CALL", "Method::init", "Program::load_method",
+                  "Method::execute"}  # fmt: skip
+
+
+def profile(path: Path, x: torch.Tensor, runs: int = 5,
+            threads: int = 1) -> list[tuple[str, float]]:  # fmt: skip
+    """(op, share of op time) from the runtime's ETDump (XNNPACK ops by kind, e.g. `Fully
+    Connected (NC, QS8, QC8W) GEMM`, and portable kernels such as `native_layer_norm.out`),
+    largest first."""
+    import re
+    import statistics
+    import tempfile
+    import warnings
+    from collections import defaultdict
+
+    from executorch.devtools import Inspector
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    from executorch.runtime import Runtime
+
+    with tempfile.TemporaryDirectory(prefix="bpfm-etdump-") as tmp, _native_stderr_silenced():
+        _unsafe_reset_threadpool(threads)
+        program = Runtime.get().load_program(path, enable_etdump=True)
+        method = program.load_method("forward")
+        for _ in range(runs):
+            method.execute([x])
+        dump = str(Path(tmp) / "run.etdp")
+        program.write_etdump_result_to_file(dump, str(Path(tmp) / "debug.bin"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no debug buffer: timings only
+            frame = Inspector(etdump_path=dump).to_dataframe()
+    per_op: dict[str, float] = defaultdict(float)
+    for name, raw in zip(frame["event_name"], frame["raw"], strict=True):
+        if name not in WRAPPER_EVENTS and len(raw):
+            per_op[re.sub(r" #\d+$", "", name).removeprefix("native_call_")] += \
+                statistics.median(raw)  # fmt: skip
+    total = sum(per_op.values()) or 1.0
+    return sorted(((op, ms / total) for op, ms in per_op.items()), key=lambda t: -t[1])
