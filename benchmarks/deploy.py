@@ -51,8 +51,12 @@ def run(args, workdir: Path) -> dict:
         for mode in args.modes:
             config = ExportConfig(fmt, mode, OBSERVER[fmt], calib_batches=args.calib_batches)
             logging.info("exporting %s", config.name)
+            # a --workdir rerun reuses fp32 files (no int8 reference to rebuild for them)
+            done = workdir / config.name / config.file_name
+            reuse = done if mode == "fp32" and done.is_file() else None
             results[config.name] = run_export(model_dir, config, out=workdir / config.name,
-                                              latency_runs=0, threads=THREADS)  # fmt: skip
+                                              file=reuse, latency_runs=0,
+                                              threads=THREADS)  # fmt: skip
             runtimes[config.name] = load_export(results[config.name]["model_file"],
                                                 threads=THREADS)  # fmt: skip
     model, _, _ = load_trained(model_dir)

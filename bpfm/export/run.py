@@ -66,7 +66,10 @@ def macs_per_window(model: nn.Module) -> int:
 def peak_rss(path: Path, threads: int = 1) -> dict[str, float]:
     """Peak RSS of a fresh process running the file at batch 1 (see `bpfm/export/rss.py`)."""
     script = Path(__file__).with_name("rss.py")
-    done = subprocess.run([sys.executable, str(script), str(path), "--threads", str(threads)],
+    # -P: the script's folder holds bpfm's executorch.py and onnx.py, which would shadow the
+    # runtimes' own packages
+    done = subprocess.run([sys.executable, "-P", str(script), str(path), "--threads",
+                           str(threads)],
                           capture_output=True, text=True, check=False)  # fmt: skip
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
