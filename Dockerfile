@@ -16,7 +16,8 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md /src/
 COPY bpfm /src/bpfm
-RUN pip install /src && pip check
+# .[edge]: the paper profile's export variants run ExecuTorch and ONNX Runtime on the nodes
+RUN pip install "/src[edge]" && pip check
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 # rsync/ssh: `ray up` syncs files into the container; procps: `ray stop` on cluster nodes.

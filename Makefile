@@ -10,7 +10,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU wheel on disk: a bare requirement would pull a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	# .[edge]: ExecuTorch and ONNX Runtime, so that the export tests run too
+	$(BIN)/python -m pip install -q -e '.[test,edge]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -194,18 +194,26 @@ def quantize_model(
 
 def _quant_params(variant: str, options: dict[str, Any]) -> dict[str, str]:
     from bpfm import tracking
+    from bpfm.export import ExportConfig, is_export_variant
     from bpfm.quantize import QuantConfig
 
-    fields = QuantConfig(**options).to_dict()  # every field, defaults included
+    if is_export_variant(options):  # both runtimes quantize weights per output channel
+        fields = {**ExportConfig.from_variant(options).to_dict(), "weights": "per_channel",
+                  "backend": options["backend"]}  # fmt: skip
+    else:
+        fields = QuantConfig(**options).to_dict()  # every field, defaults included
     return tracking.safe_params({**fields, "variant": variant}, [*fields, "variant"])
 
 
 def _quantize_variant(tracking_uri: str, client, run_id: str, model_dir: Path, out: Path,
                       options: dict[str, Any], data: str, settings: dict[str, Any]) -> dict:
     from bpfm import tracking
+    from bpfm.export import is_export_variant
     from bpfm.quant import FX_FILE
     from bpfm.quantize import QuantConfig, load_quantized, run_quantization
 
+    if is_export_variant(options):
+        return _export_variant(client, run_id, model_dir, out, options, data, settings)
     config = QuantConfig(**options)
     result = run_quantization(model_dir, config, data=data, out=str(out), **settings)
     extra = (*tracking.QUANT_METRICS, *QUANT_EXTRA_METRICS)
@@ -221,6 +229,25 @@ def _quantize_variant(tracking_uri: str, client, run_id: str, model_dir: Path, o
     return result
 
 
+def _export_variant(client, run_id: str, model_dir: Path, out: Path, options: dict[str, Any],
+                    data: str, settings: dict[str, Any]) -> dict:  # fmt: skip
+    """A variant that names a runtime (`backend: executorch|onnxruntime`): `bpfm export`, the
+    file and its metrics / parity / export JSON logged as artifacts under `exported/`."""
+    from bpfm import tracking
+    from bpfm.export import ExportConfig
+    from bpfm.export.run import run_export
+
+    keep = {k: settings[k] for k in ("threads", "latency_runs", "batch_size") if k in settings}
+    result = run_export(model_dir, ExportConfig.from_variant(options), data=data, out=out, **keep)
+    extra = (*tracking.QUANT_METRICS, *QUANT_EXTRA_METRICS, *EXPORT_METRICS)
+    tracking.log_results(client, run_id, _flat_metrics(result), extra=extra)
+    client.log_artifacts(run_id, str(out), "exported")
+    return result
+
+
+EXPORT_METRICS = ("peak_rss_mib_b1", "rss_above_baseline_mib_b1", "macs_per_window",
+                  "runtime_reduction_factor", "parity_max_abs_fp32", "parity_mae_diff_int8",
+                  "export_s")  # fmt: skip
 QUANT_EXTRA_METRICS = ("reduction_factor", "speedup_b1", "speedup_b64", "delta_sbp_mae",
                        "delta_dbp_mae", "delta_sbp_r2", "delta_dbp_r2")  # fmt: skip
 

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "pretrain",
     "train",
     "quantize",
+    "export",
     "grid",
     "search",
     "leaderboard",

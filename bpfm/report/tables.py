@@ -18,6 +18,9 @@ TARGETS = ("dbp", "sbp")  # the paper's column order
 GRADE_ORDER = "ABCD"
 SIZE_ORDER = {"small": 0, "medium": 1, "base": 1, "large": 2}
 CELL = ["source", "protocol", "method", "frozen", "epochs", "size"]
+RUNTIMES = ("executorch", "onnxruntime")  # the grid's export backends (bpfm.export.BACKENDS)
+RUNTIME_COLUMNS = ("peak_rss_mib_b1", "macs_per_window", "delta_dbp_r2", "delta_sbp_r2",
+                   "delta_dbp_mae", "delta_sbp_mae")  # fmt: skip
 
 
 def method_of(init: str | None) -> str:
@@ -118,16 +121,26 @@ def _variant(row: pd.Series) -> str:
     else:
         name = mode
     extras = [str(row.get(k)) for k in ("weights", "backend") if row.get(k) not in (None, "")]
+    if mode == "fp32" and row.get("backend") in RUNTIMES:  # a runtime's fp32 file is a variant
+        return f"fp32 ({row.get('backend')})"
     return f"{name} ({', '.join(extras)})" if extras and mode != "fp32" else name
 
 
+def _is_runtime(quant: pd.DataFrame) -> pd.Series:
+    """Rows of variants run by an on-device runtime (`bpfm export`), not by torch."""
+    backend = quant["backend"] if "backend" in quant.columns else pd.Series("", quant.index)
+    return backend.isin(RUNTIMES)
+
+
 def _fp32_reference(quant: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
-    """fp32 R^2 and size per trial: its fp32 quant run when logged, else the trial's own metrics."""
+    """fp32 R^2 and size per trial: its torch fp32 quant run when logged, else the trial's own
+    metrics (a runtime's fp32 export is a variant like the others)."""
     columns = ["dbp_r2", "sbp_r2", "size_mib"]
     base = train.set_index("run_id").reindex(columns=columns)
     if not quant.empty:
-        fp32 = quant[quant["mode"] == "fp32"].set_index("parent_run_id").reindex(columns=columns)
-        base = fp32.combine_first(base)
+        fp32 = quant[(quant["mode"] == "fp32") & ~_is_runtime(quant)]
+        fp32 = fp32.drop_duplicates("parent_run_id").set_index("parent_run_id")
+        base = fp32.reindex(columns=columns).combine_first(base)
     return base.rename(columns=lambda c: f"fp32_{c}")
 
 
@@ -135,7 +148,7 @@ def table3(quant: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
     """Table III-like: test R^2 of every quantized variant against its fp32 model."""
     if quant.empty:
         return pd.DataFrame()
-    frame = quant[quant["mode"] != "fp32"].copy()
+    frame = quant[(quant["mode"] != "fp32") | _is_runtime(quant)].copy()
     frame = frame.join(_fp32_reference(quant, train), on="parent_run_id")
     frame["variant"] = frame.apply(_variant, axis=1)
     frame["method"] = frame["init"].map(method_of)
@@ -153,12 +166,18 @@ def table3(quant: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
 def table4(quant: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
     """Table IV-like: saved size in MiB per model size and variant, reduction factor against fp32,
     CPU latency at batch 1 and 64 (medians over the trials of that size). Without an fp32 variant
-    run, the fp32 row comes from the trial's own size."""
+    run, the fp32 row comes from the trial's own size.
+
+    A row per runtime variant (`backend` executorch / onnxruntime) adds the file's peak RSS at
+    batch 1, the MACs per window and R^2 / MAE changes against fp32; its reduction factor is
+    against the same runtime's fp32 file of the trial when that variant ran, else against the
+    torch fp32 model."""
     if quant.empty:
         return pd.DataFrame()
     frame = quant.join(_fp32_reference(quant, train), on="parent_run_id")
     frame["variant"] = frame.apply(_variant, axis=1)
-    if not (frame["mode"] == "fp32").any():
+    runtime = _is_runtime(frame)
+    if not ((frame["mode"] == "fp32") & ~runtime).any():
         trials = train[train["run_id"].isin(frame["parent_run_id"])]
         fp32 = trials.reindex(columns=["run_id", "size", "size_mib"]).assign(variant="fp32")
         # each variant was timed against its fp32 model in the same task: speed-up = fp32 / int8
@@ -170,6 +189,14 @@ def table4(quant: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
             fp32[f"latency_ms_b{batch}"] = fp32["run_id"].map(per_trial)
         fp32 = fp32.drop(columns="run_id")
         frame = pd.concat([fp32.assign(fp32_size_mib=fp32["size_mib"]), frame], ignore_index=True)
+        runtime = _is_runtime(frame)
+    if runtime.any():
+        own = frame[runtime & (frame["mode"] == "fp32")].drop_duplicates(["parent_run_id",
+                                                                           "backend"])
+        own = own.set_index(["parent_run_id", "backend"])["size_mib"]
+        keys = pd.MultiIndex.from_frame(frame[["parent_run_id", "backend"]])
+        same = pd.Series(own.reindex(keys).to_numpy(), index=frame.index)
+        frame.loc[runtime, "fp32_size_mib"] = same[runtime].fillna(frame["fp32_size_mib"])
     frame["reduction_factor"] = frame["fp32_size_mib"] / frame["size_mib"]
     latencies = ["latency_ms_b1", "latency_ms_b64"]
     frame[latencies] = frame.reindex(columns=latencies)
@@ -182,6 +209,8 @@ def table4(quant: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
         frame[f"speedup_b{batch}"] = speedup.mask(frame["variant"] == "fp32", 1.0)
     metrics = ["size_mib", "reduction_factor", "latency_ms_b1", "latency_ms_b64", "speedup_b1",
                "speedup_b64"]  # fmt: skip
+    if runtime.any():
+        metrics += [m for m in RUNTIME_COLUMNS if m in frame.columns]
     frame = frame.reindex(columns=["size", "variant", *metrics])
     out = frame.groupby(["size", "variant"], sort=False)[metrics].median().reset_index()
     return _sort(out, ["size", "variant"])

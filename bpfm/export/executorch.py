@@ -1,0 +1,204 @@
+"""ExecuTorch: pt2e quantization with the XNNPACK quantizer (int8 weights symmetric per output
+channel; int8 activations, static or dynamic), lowered with the XNNPACK partitioner to a `.pte`
+and run by ExecuTorch's Python runtime.
+
+Static activations use the observer asked for (torchao's MinMax, MovingAverageMinMax or
+Histogram; XNNPACK's own default is Histogram). The converted graph before lowering is the torch
+int8 model the `.pte` must agree with (parity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bpfm.errors import BpfmError
+from bpfm.export import MAX_BATCH, ExportConfig, RuntimeModel, first_line
+from bpfm.predict import WINDOW_SHAPE
+
+MAGIC = b"ET12"  # the flatbuffer file identifier of a .pte, bytes 4..8
+LOWERING_WARNING = "isinstance(treespec, LeafSpec)"  # torch's own deprecation, per lowering
+
+
+def _quiet():
+    from bpfm.quant.pt2e import _quiet_torchao_import
+
+    return _quiet_torchao_import()
+
+
+def quantizer_for(config: ExportConfig):
+    with _quiet():
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+        from torchao.quantization.pt2e import (
+            HistogramObserver,
+            MinMaxObserver,
+            MovingAverageMinMaxObserver,
+        )
+
+    dynamic = config.mode == "dynamic"
+    qconfig = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
+    if not dynamic:
+        observer = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
+                    "histogram": HistogramObserver}[config.observer]  # fmt: skip
+        spec = dataclasses.replace(qconfig.input_activation,
+                                   observer_or_fake_quant_ctr=observer.with_args(eps=2**-12))
+        qconfig = dataclasses.replace(qconfig, input_activation=spec, output_activation=spec)
+    return XNNPACKQuantizer().set_global(qconfig)
+
+
+def _exported(module: nn.Module) -> torch.export.ExportedProgram:
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    try:
+        return torch.export.export(module, (torch.zeros(2, *WINDOW_SHAPE),),
+                                   dynamic_shapes=({0: batch},))  # fmt: skip
+    except Exception as err:  # a model torch.export cannot capture
+        raise BpfmError(f"export: model: torch.export failed ({first_line(err)})") from None
+
+
+@torch.no_grad()
+def quantized_reference(model: nn.Module, config: ExportConfig,
+                        calib: list[torch.Tensor]) -> nn.Module:  # fmt: skip
+    """The converted pt2e graph: the torch int8 model that the .pte runs."""
+    with _quiet():
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    prepared = prepare_pt2e(_exported(model).module(), quantizer_for(config))
+    for x in calib if config.mode == "static" else [torch.zeros(2, *WINDOW_SHAPE)]:
+        prepared(x[:MAX_BATCH])
+    return allow_exported_model_train_eval(convert_pt2e(prepared))
+
+
+def export(model: nn.Module, config: ExportConfig, calib: list[torch.Tensor],
+           path: Path) -> dict[str, Any]:  # fmt: skip
+    import warnings
+
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    reference = None if config.mode == "fp32" else quantized_reference(model, config, calib)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=rf".*{LOWERING_WARNING}", category=FutureWarning)
+        program = _exported(reference if reference is not None else model)
+        try:
+            lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            buffer = lowered.to_executorch().buffer
+        except Exception as err:  # an op XNNPACK or the edge dialect cannot take
+            raise BpfmError(f"export: executorch: lowering failed ({first_line(err)})") from None
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(buffer)
+    tmp.replace(path)
+    return {"reference": reference, "delegated": _delegation(lowered)}
+
+
+def _delegation(lowered) -> dict[str, int]:
+    """How many ops XNNPACK took and how many stayed on ExecuTorch's portable kernels (where
+    time goes when a latency target is missed)."""
+    graph = lowered.exported_program().graph
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    delegate = sum("executorch_call_delegate" in str(n.target) for n in calls)
+    portable = [n for n in calls if "executorch_call_delegate" not in str(n.target)
+                and "getitem" not in str(n.target)]  # fmt: skip
+    return {"xnnpack_partitions": delegate, "portable_ops": len(portable)}
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """The runtime's C++ logs (CPU probing, threadpool size, verification) go straight to file
+    descriptor 2, or through the pybindings' redirect to sys.stderr; bpfm reports a broken
+    program as one line of its own instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(io.StringIO()):
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+class ExecutorchModel(RuntimeModel):
+    format = "executorch"
+
+    def __init__(self, path: Path, threads: int = 1):
+        super().__init__(path)
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+        from executorch.runtime import Runtime
+
+        with _native_stderr_silenced():
+            # XNNPACK's threadpool is process-wide and starts at the core count
+            _unsafe_reset_threadpool(threads)
+            try:
+                program = Runtime.get().load_program(self.path)
+                self.method = program.load_method("forward")
+            except Exception as err:  # the runtime's errors for a broken program vary
+                raise BpfmError(f"{path}: not a valid ExecuTorch program "
+                                f"({first_line(err)})") from None  # fmt: skip
+        if self.method is None:
+            raise BpfmError(f"{path}: not a bpfm BP model (no forward method)")
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.method.execute([torch.from_numpy(x)])[0].numpy()
+
+
+def load(path: Path, *, threads: int = 1) -> ExecutorchModel:
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if head[4:8] != MAGIC:  # checked first: the runtime logs its own errors on stderr
+        raise BpfmError(f"{path}: not an ExecuTorch program (no {MAGIC.decode()} identifier)")
+    with _quiet():
+        return ExecutorchModel(path, threads)
+
+
+
+# ETDump events that wrap others (a delegate call holds its XNNPACK ops) or are not per run
+WRAPPER_EVENTS = {"DELEGATE_CALL", "OPERATOR_CALL", "Method::init", "Program::load_method",
+                  "Method::execute"}  # fmt: skip
+
+
+def profile(path: Path, x: torch.Tensor, runs: int = 5,
+            threads: int = 1) -> list[tuple[str, float]]:  # fmt: skip
+    """(op, share of op time) from the runtime's ETDump (XNNPACK ops by kind, e.g. `Fully
+    Connected (NC, QS8, QC8W) GEMM`, and portable kernels such as `native_layer_norm.out`),
+    largest first."""
+    import re
+    import statistics
+    import tempfile
+    import warnings
+    from collections import defaultdict
+
+    from executorch.devtools import Inspector
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    from executorch.runtime import Runtime
+
+    with tempfile.TemporaryDirectory(prefix="bpfm-etdump-") as tmp, _native_stderr_silenced():
+        _unsafe_reset_threadpool(threads)
+        program = Runtime.get().load_program(path, enable_etdump=True)
+        method = program.load_method("forward")
+        for _ in range(runs):
+            method.execute([x])
+        dump = str(Path(tmp) / "run.etdp")
+        program.write_etdump_result_to_file(dump, str(Path(tmp) / "debug.bin"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no debug buffer: timings only
+            frame = Inspector(etdump_path=dump).to_dataframe()
+    per_op: dict[str, float] = defaultdict(float)
+    for name, raw in zip(frame["event_name"], frame["raw"], strict=True):
+        if name not in WRAPPER_EVENTS and len(raw):
+            per_op[re.sub(r" #\d+$", "", name).removeprefix("native_call_")] += \
+                statistics.median(raw)  # fmt: skip
+    total = sum(per_op.values()) or 1.0
+    return sorted(((op, ms / total) for op, ms in per_op.items()), key=lambda t: -t[1])

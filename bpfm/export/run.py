@@ -1,0 +1,229 @@
+"""Export a trained model dir to a runtime and check the export against the model it came
+from: `run_export(model_dir, ExportConfig(...), out=...)` (what `bpfm export` and the grid's
+export variants run).
+
+The out dir holds the file (`model.pte` / `model.onnx`), `parity.json` (outputs of the runtime
+against the torch fp32 model and the torch int8 model on the test view: max abs difference,
+MAE difference in mmHg), `export.json` (size, latency at batch 1 and 64, peak RSS at batch 1,
+MACs per window, changes against fp32) and `metrics.json` (the full clinical metrics of the
+runtime's own outputs), written last: a dir with `metrics.json` is complete.
+
+The torch int8 reference: for ExecuTorch the converted pt2e graph that was lowered (the same
+quantized model); for ONNX Runtime bpfm's own pt2e int8 model of the same mode (`bpfm
+quantize --backend pt2e`; Entropy and Percentile calibrate like its histogram observer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bpfm.errors import BpfmError
+from bpfm.export import ExportConfig, RuntimeModel, export_model, format_of, load_export
+from bpfm.predict import WINDOW_SHAPE, Predictions, target_scaling, write_json
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "export.json"
+PARITY_FILE = "parity.json"
+BATCH_SIZES = (1, 64)
+DELTA_KEYS = ("sbp_mae", "dbp_mae", "sbp_r2", "dbp_r2")
+REFERENCE_OBSERVER = {"minmax": "minmax", "entropy": "histogram", "percentile": "histogram",
+                      "moving_average": "moving_average", "histogram": "histogram"}  # fmt: skip
+
+
+def check_size(model_dir: Path, train_config, meta: dict[str, Any]) -> None:
+    """The weights must be of the size config.json names (a copied-over model file is not)."""
+    spec = meta.get("model") or {}
+    from bpfm.model import SIZE_ALIASES
+
+    named = SIZE_ALIASES.get(train_config.size, train_config.size)
+    if spec.get("size") != named:
+        raise BpfmError(f"{model_dir / 'config.json'}: size: {train_config.size!r}, but "
+                        f"model.safetensors holds a {spec.get('size')!r} model")  # fmt: skip
+
+
+def macs_per_window(model: nn.Module) -> int:
+    """Multiply-adds of one window, counted by torch's FLOP counter (matmuls and convs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, *WINDOW_SHAPE))
+    return counter.get_total_flops() // 2
+
+
+def peak_rss(path: Path, threads: int = 1) -> dict[str, float]:
+    """Peak RSS of a fresh process running the file at batch 1 (see `bpfm/export/rss.py`)."""
+    script = Path(__file__).with_name("rss.py")
+    # -P: the script's folder holds bpfm's executorch.py and onnx.py, which would shadow the
+    # runtimes' own packages
+    done = subprocess.run([sys.executable, "-P", str(script), str(path), "--threads",
+                           str(threads)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BpfmError(f"{path}: peak RSS: the runtime process failed ({last})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _compare(pred: Predictions, ref: Predictions, meta: dict[str, Any]) -> dict[str, Any]:
+    scale, _ = target_scaling(meta)
+    diff = np.abs(pred.estimate - ref.estimate)
+    mae = np.abs(pred.target - pred.estimate).mean(axis=0)
+    mae_ref = np.abs(ref.target - ref.estimate).mean(axis=0)
+    return {
+        "max_abs_output": float((diff / scale).max()),  # in the model's own output units
+        "max_abs_mmhg": float(diff.max()),
+        "mae_diff_mmhg": {"sbp": float(mae[0] - mae_ref[0]), "dbp": float(mae[1] - mae_ref[1]),
+                          "mean": float((mae - mae_ref).mean())},  # fmt: skip
+    }
+
+
+def _int8_reference(model: nn.Module, config: ExportConfig, exported: dict[str, Any],
+                    calib: list[torch.Tensor]) -> tuple[nn.Module | None, str | None]:  # fmt: skip
+    if config.mode == "fp32":
+        return None, None
+    if exported.get("reference") is not None:
+        return exported["reference"], "the converted pt2e graph (XNNPACK quantizer), lowered"
+    from bpfm.quant import QuantConfig, quantize
+
+    qconfig = QuantConfig(mode=config.mode, observer=REFERENCE_OBSERVER[config.observer],
+                          backend="pt2e", compile=False)  # fmt: skip
+    return quantize(model, qconfig, calib), f"bpfm quantize {qconfig.name} (torch, eager)"
+
+
+def run_export(
+    model_dir: str | Path,
+    config: ExportConfig | None,
+    *,
+    out: str | Path,
+    data: str | None = None,
+    source: str | None = None,
+    protocol: str | None = None,
+    file: str | Path | None = None,
+    threads: int = 1,
+    latency_runs: int = 20,
+    rss: bool = True,
+    batch_size: int = 256,
+    calib_batch_size: int = 64,
+) -> dict[str, Any]:
+    """Export the model of `model_dir` (or take the export `file` made earlier), evaluate the
+    runtime on the test view, compare it with the torch model, measure it; write the out dir.
+    `latency_runs=0` skips latency, `rss=False` the peak-RSS process."""
+    from bpfm.evaluate import load_trained, open_split
+    from bpfm.metrics import compute_metrics
+    from bpfm.predict import predict
+    from bpfm.quant.measure import MIB, latency_ms, state_dict_bytes
+    from bpfm.quantize import calibration_batches
+
+    if file is None and config is None:
+        raise BpfmError("export: give an ExportConfig or an export file")
+    if config is not None:
+        config = config.validate()
+    model_dir, out = Path(model_dir), Path(out)
+    model, train_config, meta = load_trained(model_dir)
+    check_size(model_dir, train_config, meta)
+    if file is not None:
+        fmt = format_of(file)
+        if config is not None and config.format != fmt:
+            raise BpfmError(f"{file}: format: a {fmt} file, but --format {config.format}")
+        load_export(file, threads=threads)  # a broken file fails before any data is read
+    data, source = data or train_config.data, source or train_config.source
+    protocol = protocol or train_config.protocol
+    if not data:
+        raise BpfmError(f"{model_dir}: data: the model dir names no shard set; pass --data URI")
+    split = open_split(data, source, protocol, train_config.split_seed)
+    normalize = bool(meta.get("normalize_inputs"))
+    calib: list[torch.Tensor] = []
+    if config is not None and config.mode == "static":
+        calib = calibration_batches(split.train, config.calib_batches, batch_size=calib_batch_size,
+                                    seed=train_config.seed, normalize=normalize)  # fmt: skip
+        if not calib:
+            raise BpfmError(f"{data}: train view: no segments to calibrate static export on")
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)  # incomplete until rewritten
+    exported: dict[str, Any] = {}
+    start = time.perf_counter()
+    if file is None:
+        path = out / config.file_name
+        exported = export_model(model, config, calib, path)
+    else:
+        path = out / f"model{Path(file).suffix}"
+        if Path(file).resolve() != path.resolve():
+            tmp = path.with_name(f".tmp-{path.name}")
+            shutil.copyfile(file, tmp)
+            tmp.replace(path)
+    export_s = time.perf_counter() - start
+    runtime: RuntimeModel = load_export(path, threads=threads)
+
+    pred = predict(runtime, split.test, meta, batch_size=batch_size)
+    fp32_pred = predict(model, split.test, meta, batch_size=batch_size)
+    baseline = meta.get("target_mean")
+    test = compute_metrics(pred.target, pred.estimate, pred.subject, baseline)
+    fp32_test = compute_metrics(fp32_pred.target, fp32_pred.estimate, fp32_pred.subject, baseline)
+    parity: dict[str, Any] = {"torch_fp32": _compare(pred, fp32_pred, meta), "torch_int8": None,
+                              "torch_int8_model": None, "split": split.label,
+                              "n": int(len(pred.target))}  # fmt: skip
+    if config is not None:
+        reference, described = _int8_reference(model, config, exported, calib)
+        if reference is not None:
+            ref_pred = predict(reference, split.test, meta, batch_size=batch_size)
+            parity["torch_int8"] = _compare(pred, ref_pred, meta)
+            parity["torch_int8_model"] = described
+
+    fp32_bytes = state_dict_bytes(model)
+    size = path.stat().st_size
+    latency: dict[str, dict[int, float]] = {"runtime": {}, "fp32": {}}
+    if latency_runs:
+        latency = latency_ms({"runtime": runtime, "fp32": model}, BATCH_SIZES,
+                             runs=latency_runs, threads=threads)  # fmt: skip
+    result: dict[str, Any] = {
+        "variant": config.name if config else f"{runtime.format}-file",
+        "format": runtime.format, "config": config.to_dict() if config else None,
+        "model_dir": str(model_dir), "data": data, "source": source, "protocol": protocol,
+        "split": split.label, "model_file": str(path), "export_s": export_s,
+        "size_mib": size / MIB, "fp32_size_mib": fp32_bytes / MIB,
+        "reduction_factor": fp32_bytes / size, "threads": threads, "latency_runs": latency_runs,
+        "macs_per_window": macs_per_window(model), "test": test,
+        "fp32": {"test": fp32_test, "size_mib": fp32_bytes / MIB,
+                 **{f"latency_ms_b{b}": latency["fp32"].get(b) for b in BATCH_SIZES}},
+        "parity_max_abs_fp32": parity["torch_fp32"]["max_abs_output"],
+        "parity_mae_diff_int8": (parity["torch_int8"] or {}).get("mae_diff_mmhg", {}).get("mean"),
+    }  # fmt: skip
+    if "fp32_file_bytes" in exported:  # ONNX: the fp32 file of the same runtime, made on the way
+        result["runtime_fp32_size_mib"] = exported["fp32_file_bytes"] / MIB
+        result["runtime_reduction_factor"] = exported["fp32_file_bytes"] / size
+    if "delegated" in exported:
+        result["delegated"] = exported["delegated"]
+    for b in BATCH_SIZES:
+        ms, base = latency["runtime"].get(b), latency["fp32"].get(b)
+        result[f"latency_ms_b{b}"] = ms
+        result[f"speedup_b{b}"] = base / ms if ms and base else None
+    for key in DELTA_KEYS:
+        result[f"delta_{key}"] = float(np.float64(test[key]) - np.float64(fp32_test[key]))
+    if rss:
+        memory = peak_rss(path, threads)
+        result["peak_rss_mib_b1"] = memory["peak_mib"]
+        result["rss_above_baseline_mib_b1"] = memory["above_baseline_mib"]
+
+    write_json(out / PARITY_FILE, parity)
+    write_json(out / RESULT_FILE, result)
+    write_json(out / "metrics.json", {"test": test, "variant": result["variant"],
+                                      "split": split.label, "format": runtime.format})  # fmt: skip
+    log.info("%s: %.2f MiB (x%.2f smaller than torch fp32), MAE SBP %.2f / DBP %.2f mmHg, "
+             "max |out - torch fp32| %.2g", result["variant"], result["size_mib"],
+             result["reduction_factor"], test["sbp_mae"], test["dbp_mae"],
+             result["parity_max_abs_fp32"])  # fmt: skip
+    return result

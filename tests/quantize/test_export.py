@@ -1,0 +1,177 @@
+"""`bpfm export`: a briefly trained small model through ExecuTorch and ONNX Runtime on the
+synthetic shards, evaluated from the runtimes' own outputs and checked against the torch model;
+broken inputs end with one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from bpfm.cli import main
+
+pytest.importorskip("onnxruntime", reason="the .[edge] extra (CI installs it)")
+
+
+def _check_out_dir(out, result, suffix):
+    from bpfm.export import load_export
+    from bpfm.metrics import compute_metrics
+
+    file = out / f"model{suffix}"
+    assert file.is_file() and result["model_file"] == str(file)
+    metrics = json.loads((out / "metrics.json").read_text())["test"]
+    parity = json.loads((out / "parity.json").read_text())
+    assert metrics["n"] == parity["n"] > 0
+    assert {"sbp_mae", "dbp_r2", "sbp_bhs_grade", "aami", "sbp_mae_ci_low"} <= set(metrics)
+    # metrics.json comes from the runtime's outputs: re-running the file gives the same numbers
+    from bpfm.evaluate import load_trained, open_split
+    from bpfm.predict import predict
+
+    _, config, meta = load_trained(result["model_dir"])
+    split = open_split(config.data, config.source, config.protocol, config.split_seed)
+    pred = predict(load_export(file), split.test, meta)
+    again = compute_metrics(pred.target, pred.estimate, pred.subject, meta["target_mean"])
+    assert again["sbp_mae"] == pytest.approx(metrics["sbp_mae"], abs=1e-9)
+    return metrics, parity
+
+
+@pytest.mark.slow
+def test_onnx_runtime_fp32_and_static_int8(trained_model_dir, tmp_path):
+    from bpfm.export import ExportConfig
+    from bpfm.export.run import run_export
+
+    fp32 = run_export(trained_model_dir, ExportConfig("onnx", "fp32"), out=tmp_path / "fp32",
+                      latency_runs=2, rss=False)  # fmt: skip
+    _, parity = _check_out_dir(tmp_path / "fp32", fp32, ".onnx")
+    assert parity["torch_fp32"]["max_abs_output"] < 1e-4
+    assert parity["torch_int8"] is None
+
+    static = run_export(trained_model_dir, ExportConfig("onnx", "static", "percentile", 2),
+                        out=tmp_path / "static", latency_runs=2)  # fmt: skip
+    metrics, parity = _check_out_dir(tmp_path / "static", static, ".onnx")
+    # int8: outputs move, but by a fraction of a mmHg on this model
+    assert 0 < parity["torch_fp32"]["max_abs_output"] < 0.5
+    assert abs(parity["torch_int8"]["mae_diff_mmhg"]["mean"]) < 1.0
+    assert "pt2e" in parity["torch_int8_model"]
+    assert static["runtime_reduction_factor"] > 3.5  # int8 MatMul weights of a 13.7 MiB model
+    assert static["latency_ms_b1"] > 0 and static["latency_ms_b64"] > static["latency_ms_b1"]
+    assert 0 < static["rss_above_baseline_mib_b1"] < static["peak_rss_mib_b1"]
+    assert static["macs_per_window"] == fp32["macs_per_window"] > 1e7
+    assert static["delta_sbp_mae"] == pytest.approx(metrics["sbp_mae"] - fp32["test"]["sbp_mae"])
+
+
+@pytest.mark.slow
+def test_executorch_static_int8_through_the_cli(trained_model_dir, tmp_path, capsys):
+    pytest.importorskip("executorch", reason="the .[edge] extra (CI installs it)")
+    out = tmp_path / "pte"
+    code = main(["export", "--model", str(trained_model_dir), "--format", "executorch",
+                 "--mode", "static", "--observer", "histogram", "--calib-batches", "2",
+                 "--latency-runs", "2", "--out", str(out), "--json"])  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics, parity = _check_out_dir(out, result, ".pte")
+    # the .pte runs the very graph it was lowered from: XNNPACK's int8 kernels round alike
+    assert abs(parity["torch_int8"]["mae_diff_mmhg"]["mean"]) < 0.1
+    assert "XNNPACK" in parity["torch_int8_model"]
+    assert result["delegated"]["xnnpack_partitions"] >= 1
+    assert result["reduction_factor"] > 3.5
+    assert 0 < result["rss_above_baseline_mib_b1"] < 64
+
+
+def _one_line_exit_2(argv, capsys, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("bpfm: error:"), err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_corrupt_and_foreign_export_files(trained_model_dir, tmp_path, capsys):
+    base = ["export", "--model", str(trained_model_dir), "--out", str(tmp_path / "out"),
+            "--no-rss", "--latency-runs", "0"]  # fmt: skip
+    corrupt = tmp_path / "corrupt.pte"
+    corrupt.write_bytes(b"\x1c\x00\x00\x00ET12" + bytes(range(256)) * 4)
+    _one_line_exit_2([*base, "--file", str(corrupt)], capsys, "corrupt.pte",
+                     "not a valid ExecuTorch program")
+    foreign = tmp_path / "zip.pte"  # a torch archive renamed
+    torch.save({"w": torch.zeros(3)}, foreign)
+    _one_line_exit_2([*base, "--file", str(foreign)], capsys, "zip.pte", "not an ExecuTorch")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all" * 10)
+    _one_line_exit_2([*base, "--file", str(junk)], capsys, "junk.onnx", "not a valid ONNX model")
+    other = tmp_path / "other.onnx"  # a valid ONNX model of something else
+    torch.onnx.export(torch.nn.Linear(4, 3), (torch.zeros(1, 4),), str(other), dynamo=False)
+    _one_line_exit_2([*base, "--file", str(other)], capsys, "other.onnx", "not a bpfm BP model")
+    _one_line_exit_2([*base, "--file", str(tmp_path / "model.tflite")], capsys, "unknown suffix")
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--format", "onnx", "--mode", "int4"], "mode: unsupported 'int4' for onnx"),
+        (["--format", "executorch", "--mode", "float16"], "mode: unsupported 'float16'"),
+        (["--format", "onnx", "--observer", "histogram"], "observer: unknown 'histogram' for onnx"),
+        (["--format", "tflite"], "format: unknown 'tflite'"),
+        (["--format", "onnx", "--calib-batches", "0"], "calib_batches: must be >= 1"),
+    ],
+)
+def test_unsupported_settings(trained_model_dir, tmp_path, capsys, flags, needle):
+    _one_line_exit_2(["export", "--model", str(trained_model_dir), "--out", str(tmp_path),
+                      *flags], capsys, needle)  # fmt: skip
+
+
+def test_model_whose_size_does_not_match_its_config(trained_model_dir, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_model_dir, model_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    config = json.loads((model_dir / "config.json").read_text())
+    config["size"] = "medium"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    _one_line_exit_2(["export", "--model", str(model_dir), "--format", "onnx", "--out",
+                      str(tmp_path / "out")], capsys, "config.json: size: 'medium'",
+                     "holds a 'small' model")  # fmt: skip
+
+
+def test_grid_variants_name_a_runtime():
+    from bpfm.errors import BpfmError
+    from bpfm.export import ExportConfig, is_export_variant
+
+    variant = {"backend": "onnxruntime", "mode": "static", "observer": "entropy",
+               "weights": "per_channel", "calib_batches": 32}  # fmt: skip
+    assert is_export_variant(variant) and not is_export_variant({"backend": "pt2e"})
+    assert ExportConfig.from_variant(variant) == ExportConfig("onnx", "static", "entropy", 32)
+    assert ExportConfig.from_variant({"backend": "executorch", "mode": "dynamic"}).name == \
+        "executorch-dynamic"  # fmt: skip
+    with pytest.raises(BpfmError, match="threads: not an export field"):
+        ExportConfig.from_variant({"backend": "executorch", "threads": 2})
+
+
+@pytest.mark.slow
+def test_grid_stage_logs_a_runtime_variant_to_mlflow(trained_model_dir, synthetic_shards,
+                                                     tmp_path):  # fmt: skip
+    from bpfm import tracking
+    from bpfm.stages import quantize_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    experiment = tracking.ensure_experiment(client, "bpfm-export-test")
+    grid = client.create_run(experiment, run_name="grid").info.run_id
+    cell, _ = tracking.child_run(client, experiment, grid, key="cell", name="cell",
+                                 tags={tracking.KIND: "train"}, params={})  # fmt: skip
+    tracking.log_model_dir(client, cell, trained_model_dir)
+    variants = {"onnx_dynamic": {"backend": "onnxruntime", "mode": "dynamic"}}
+    results = quantize_model(tracking_uri=uri, experiment_id=experiment, grid_run_id=grid,
+                             study="bpfm-export-test", cell="cell", cell_run_id=cell,
+                             variants=variants, data=synthetic_shards,
+                             settings={"latency_runs": 2, "threads": 1})  # fmt: skip
+    assert [r.get("error") for r in results] == [None]
+    run = client.get_run(results[0]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["backend"] == "onnxruntime" and run.data.params["mode"] == "dynamic"
+    metrics = run.data.metrics
+    assert metrics["size_mib"] < 5 and metrics["peak_rss_mib_b1"] > 0
+    assert metrics["macs_per_window"] > 1e7 and "sbp_mae" in metrics and "latency_ms_b64" in metrics
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "exported")}
+    assert {"exported/model.onnx", "exported/parity.json", "exported/metrics.json"} <= files
