@@ -199,6 +199,7 @@ def _mapping(path: Path, key: str, value: Any) -> dict:
 def _check_sections(path: Path, raw: dict) -> None:
     """`train:`, `quantize:`, `resources:` and `quantize_options:` against TrainConfig,
     QuantConfig, Resources and run_quantization, before anything starts."""
+    from bpfm.export import ExportConfig, is_export_variant
     from bpfm.quantize import QuantConfig, run_quantization
     from bpfm.schema import field_problems
     from bpfm.train import TrainConfig
@@ -209,11 +210,18 @@ def _check_sections(path: Path, raw: dict) -> None:
             raise _fail(path, f"train.{key}", "set by the grid (axes, data.uri), not by train:")
     _first_problem(path, "train", field_problems(TrainConfig, train))
     for variant, options in (raw.get("quantize") or {}).items():
-        _first_problem(path, f"quantize.{variant}", field_problems(QuantConfig, options))
+        section = f"quantize.{variant}"
+        if is_export_variant(_mapping(path, section, options)):  # an on-device runtime
+            try:
+                ExportConfig.from_variant(options)
+            except (BpfmError, TypeError) as err:
+                raise _fail(path, section, str(err).removeprefix("quantize variant: ")) from None
+            continue
+        _first_problem(path, section, field_problems(QuantConfig, options))
         try:
             QuantConfig(**options).validate()
         except BpfmError as err:
-            raise _rebased(path, f"quantize.{variant}", err, "quantize:") from None
+            raise _rebased(path, section, err, "quantize:") from None
     for size, spec in _mapping(path, "resources", raw.get("resources") or {}).items():
         if size not in AXIS_CHOICES["size"]:
             sizes = ", ".join(AXIS_CHOICES["size"])

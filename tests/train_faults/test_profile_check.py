@@ -106,3 +106,23 @@ def test_a_recipe_file_is_checked_and_named(tmp_path, capsys):
 def test_the_shipped_profiles_pass(capsys):
     for name in ("demo", "paper", "nightly", "tiny"):
         assert main(["grid", "--profile", name, "--dry-run"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected"),
+    [
+        ({"backend": "executorch", "mode": "int4"}, "export: mode: unsupported 'int4'"),
+        ({"backend": "onnxruntime", "mode": "static", "observer": "histogram"},
+         "export: observer: unknown 'histogram' for onnx"),
+        ({"backend": "executorch", "calib_batchez": 4}, "calib_batchez: not an export field"),
+    ],
+)  # fmt: skip
+def test_runtime_variants_are_checked_as_exports(tmp_path, capsys, variant, expected):
+    path = _profile(tmp_path, quantize={"deploy": variant})
+    line = _in_process_error(capsys, "grid", "--profile", path, "--dry-run")
+    assert line.startswith(f"{path}: quantize.deploy: {expected}"), line
+
+
+def test_the_paper_profile_with_its_runtime_variants_passes_the_checks(capsys):
+    assert main(["grid", "--profile", "paper", "--dry-run"]) == 0
+    assert "14 variants each" in capsys.readouterr().out
