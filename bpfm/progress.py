@@ -13,9 +13,14 @@ WIDTH = 24
 
 class Progress:
     def __init__(self, stream: TextIO | None = None):
-        self.stream = stream or sys.stderr
+        self._stream = stream
         self.tty = self.stream.isatty()
         self.stage, self.total, self.done, self.started = "", 0, 0, time.monotonic()
+
+    @property
+    def stream(self) -> TextIO:
+        # sys.stderr when drawn, not when made: a caller may swap it (pytest's capture does)
+        return self._stream or sys.stderr
 
     def start(self, stage: str, total: int) -> None:
         self.finish()

@@ -136,8 +136,11 @@ def handle(args: argparse.Namespace) -> int:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         progress.use(progress.Progress())
-    result = run_grid(profile, recipe=recipe, name=args.name, gpus=args.gpus,
-                      verbose=args.verbose)  # fmt: skip
+    try:
+        result = run_grid(profile, recipe=recipe, name=args.name, gpus=args.gpus,
+                          verbose=args.verbose)  # fmt: skip
+    finally:
+        progress.use(None)  # a process's bar is its launch's (tests launch several in one)
     print(
         f"\n{result['n_cells']} cells ({result['n_trials']} trials) of profile "
         f"{result['profile']}; MLflow experiment {result['study']}, grid run "
