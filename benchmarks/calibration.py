@@ -10,7 +10,18 @@ on the same test windows (each test subject's windows after its first K).
         [--inits xavier,pretrained_ecgppg,pretrained_eeg_then_ecgppg] [--work /tmp/bpfm-calib]
 
 Everything is resumable: pretrained backbones and trained model dirs under --work are reused, so
-a rerun only evaluates (and trains what is missing). `--json` writes every number.
+a rerun only evaluates (and trains what is missing); `--measure-only` trains nothing (a run
+stopped early is measured from its latest checkpoint). `--json` writes every number.
+
+Measured 2026-12-02 on the shared 2-core CPU (load 4-24; a run with `--epochs 10
+--report-epochs "" --pretrain-steps 100 --eeg-steps 40`, 30 epochs did not fit), test = 3 unseen
+subjects, MAE SBP/DBP mmHg (cal_mase SBP/DBP) at K = 5 on the same 66 windows:
+  xavier:                none 30.06/8.51 (3.09/1.65), trivial 9.74/5.15, offset 13.70/9.80
+                         (1.41/1.90), affine 9.93/5.51 (1.02/1.07), head 14.03/4.85 (1.44/0.94)
+  pretrained_ecgppg:     none 28.22/7.26, offset 11.53/8.14, affine 11.89/5.04 (1.22/0.98)
+  eeg_then_ecgppg:       none 29.77/9.40, offset 10.78/6.58, affine 9.71/6.24 (1.00/1.21)
+Calibration removes most of the subject-level error (none -> any method), but on 3 test subjects
+no model beats the trivial calibrated predictor on both targets (cal_mase >= ~1).
 """
 
 from __future__ import annotations
