@@ -13,15 +13,19 @@ Everything is resumable: pretrained backbones and trained model dirs under --wor
 a rerun only evaluates (and trains what is missing); `--measure-only` trains nothing (a run
 stopped early is measured from its latest checkpoint). `--json` writes every number.
 
-Measured 2026-12-02 on the shared 2-core CPU (load 4-24; a run with `--epochs 10
---report-epochs "" --pretrain-steps 100 --eeg-steps 40`, 30 epochs did not fit), test = 3 unseen
-subjects, MAE SBP/DBP mmHg (cal_mase SBP/DBP) at K = 5 on the same 66 windows:
-  xavier:                none 30.06/8.51 (3.09/1.65), trivial 9.74/5.15, offset 13.70/9.80
-                         (1.41/1.90), affine 9.93/5.51 (1.02/1.07), head 14.03/4.85 (1.44/0.94)
-  pretrained_ecgppg:     none 28.22/7.26, offset 11.53/8.14, affine 11.89/5.04 (1.22/0.98)
-  eeg_then_ecgppg:       none 29.77/9.40, offset 10.78/6.58, affine 9.71/6.24 (1.00/1.21)
-Calibration removes most of the subject-level error (none -> any method), but on 3 test subjects
-no model beats the trivial calibrated predictor on both targets (cal_mase >= ~1).
+Measured 2026-12-02 on the shared 2-core CPU (numbers, not times, are what it prints), run as
+`--epochs 10 --report-epochs "" --pretrain-steps 100 --eeg-steps 40`, then again with
+`--epochs 30` (the 10-epoch runs resume to 30, equal to uninterrupted 30-epoch runs). Test = 3
+unseen subjects; MAE SBP/DBP mmHg (cal_mase SBP/DBP) at 30 epochs, K = 5, on the same 66 windows:
+  xavier:            none 29.69/10.74 (3.05/2.09)  offset 13.50/7.94  affine 10.82/5.13
+                     (1.11/1.00)  head 11.73/4.30 (1.21/0.83)
+  pretrained_ecgppg: none 29.81/9.72 (3.06/1.89)   offset 11.77/7.99  affine 11.87/4.81
+                     (1.22/0.93)  head 11.73/4.90 (1.21/0.95)
+  eeg_then_ecgppg:   none 28.89/9.75 (2.97/1.89)   offset 10.72/6.24  affine 10.61/4.68
+                     (1.09/0.91)  head 11.72/5.08 (1.20/0.99)
+  trivial calibrated predictor: 9.74/5.15.
+Calibration removes most of the subject-level error (none -> offset: every init and K), but on 3
+test subjects only DBP gets cal_mase < 1 (head, affine); SBP stays above the trivial predictor.
 """
 
 from __future__ import annotations
