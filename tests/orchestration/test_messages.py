@@ -21,7 +21,8 @@ def test_paper_dry_run_says_what_stage_0_2_and_gpus_auto_would_do(tmp_path, monk
     out = capsys.readouterr().out
     assert re.search(r"stage 0: would pretrain 3 backbones \(large, medium, small\) for 20,000 "
                      r"SimMIM steps each", out)  # fmt: skip
-    assert "stage 2: 48 Ray tasks (one per trained model, 14 variants each), 1 CPU and no GPU" in out
+    assert ("stage 2: 48 Ray tasks (one per trained model, 14 variants each), 1 CPU and no GPU"
+            in out)
     assert re.search(r"--gpus auto: this machine has (no GPU|\d+ GPUs?) now", out)
     assert main(["grid", "--profile", "paper", "--dry-run", "--gpus", "never"]) == 0
     assert "--gpus never: every trial on CPUs" in capsys.readouterr().out
