@@ -21,13 +21,23 @@ if TYPE_CHECKING:
     from bpfm.train import TrainConfig
 
 
-def open_split(data: str, source: str, protocol: str, seed: int = 42, cache: bool = True):
+def open_split(data: str, source: str, protocol: str, seed: int = 42, cache: bool = True,
+               generation: str | None = None):  # fmt: skip
     """The `bpfm.data.splits.Split` of a shard set (train / val / test views); `cache`: a remote
-    set's parts are read from this node's copy (`bpfm.data.cache`)."""
+    set's parts are read from this node's copy (`bpfm.data.cache`); `generation`: a pinned one
+    (`model_generation`) instead of the one published now."""
     from bpfm.data.shards import open_shards
     from bpfm.data.splits import make_split
 
-    return make_split(open_shards(data, cache=cache), source, protocol, seed=seed)
+    return make_split(open_shards(data, generation, cache=cache), source, protocol, seed=seed)
+
+
+def model_generation(config: TrainConfig, data: str | None) -> str | None:
+    """The shard generation a trained model is evaluated on: the one it trained on when it is
+    evaluated on its own shard set (a republish keeps it readable, and the test view is then the
+    one training held out), else the other set's published one."""
+    own = not data or data == config.data
+    return (config.data_generation or None) if own else None
 
 
 def split_summary(split) -> dict[str, Any]:
@@ -143,7 +153,7 @@ def evaluate(
     checked = type(config).from_dict({**config.to_dict(), **overrides}).validate()
     target_device = resolve_device(device)
     split = open_split(checked.data, checked.source, checked.protocol, checked.split_seed,
-                       checked.cache)
+                       checked.cache, model_generation(config, data))  # fmt: skip
     predictions = predict(model.to(target_device), split.test, meta, batch_size=batch_size)
     metrics = compute_metrics(
         predictions.target, predictions.estimate, predictions.subject, meta.get("target_mean")

@@ -134,3 +134,26 @@ def test_publishing_keeps_the_previous_two_generations_and_gc_drops_them(
     assert sorted(done["deleted"]) == sorted(generations[-3:-1])
     assert [p.name for p in Path(data).iterdir() if p.name.startswith("gen-")] == [generations[-1]]
     assert open_shards(data).manifest["rows"] > 0
+
+
+def test_evaluate_and_quantize_read_the_generation_the_model_trained_on(editable_set, tmp_path):
+    """A model evaluated (or quantized, as stage 2 does) on its own shard set after a republish
+    sees the rows it trained and was tested on, not the republished ones."""
+    from bpfm.evaluate import evaluate
+    from bpfm.quantize import QuantConfig, run_quantization
+
+    source, data, republish = editable_set
+    out = tmp_path / "run"
+    fit(_config(data, out))
+    trained = json.loads((out / "metrics.json").read_text())["test"]
+    with h5py.File(source, "r+") as f:  # every reference 30 mmHg higher: any test MAE moves
+        f["Subset/SBP"][...] = f["Subset/SBP"][...] + 30.0
+    write_shards([source], data)
+    assert evaluate(out, device="cpu")["sbp_mae"] == pytest.approx(trained["sbp_mae"])
+    result = run_quantization(out, QuantConfig(mode="fp32"), out=str(tmp_path / "q"),
+                              latency_runs=0)  # fmt: skip
+    assert result["test"]["sbp_mae"] == pytest.approx(trained["sbp_mae"])
+    for _ in range(KEEP):  # the trained generation is dropped: an error, never other rows
+        republish()
+    with pytest.raises(BpfmError, match="is no longer kept"):
+        evaluate(out, device="cpu")
