@@ -10,9 +10,10 @@ from bpfm.report import tables
 
 
 def _frames():
-    train = pd.DataFrame([{"run_id": "t1", "size": "small", "size_mib": 13.7, "dbp_r2": 0.5,
-                           "sbp_r2": 0.6}])  # fmt: skip
-    common = {"parent_run_id": "t1", "size": "small", "source": "mimic", "protocol": "paper",
+    train = pd.DataFrame([{"run_id": "t1", "size": "small", "freeze": "unfrozen", "size_mib": 13.7,
+                           "dbp_r2": 0.5, "sbp_r2": 0.6}])  # fmt: skip
+    common = {"parent_run_id": "t1", "size": "small", "freeze": "unfrozen", "source": "mimic",
+              "protocol": "paper",
               "init": "xavier", "epochs": 1, "weights": "per_channel",
               "latency_ms_b1": 5.0, "latency_ms_b64": 100.0, "dbp_r2": 0.5, "sbp_r2": 0.6}
     quant = pd.DataFrame([
