@@ -40,6 +40,19 @@ def model_generation(config: TrainConfig, data: str | None) -> str | None:
     return (config.data_generation or None) if own else None
 
 
+def model_split(model_dir: str | Path, config: TrainConfig, data: str | None = None,
+                source: str | None = None, protocol: str | None = None):  # fmt: skip
+    """(split, data, source, protocol): the views a trained model is measured on, its own data
+    (at the generation it trained on) unless others are given."""
+    generation = model_generation(config, data)
+    data, source = data or config.data, source or config.source
+    protocol = protocol or config.protocol
+    if not data:
+        raise BpfmError(f"{model_dir}: data: the model dir names no shard set; pass --data URI")
+    split = open_split(data, source, protocol, config.split_seed, config.cache, generation)
+    return split, data, source, protocol
+
+
 def split_summary(split) -> dict[str, Any]:
     """Label, protocol, source and segment / subject counts per view (for metrics.json)."""
     from bpfm.data.loader import view_size, view_subjects

@@ -124,20 +124,14 @@ def run_quantization(
 
     `latency_runs=0` skips latency. `baseline`: an earlier result of the same model dir (e.g. the
     fp32 variant's) whose `fp32` block is reused instead of evaluating and timing fp32 again."""
-    from bpfm.evaluate import load_trained, model_generation, open_split
+    from bpfm.evaluate import load_trained, model_split
 
     config = config.validate()
     if threads < 1 or latency_runs < 0:
         raise BpfmError(f"quantize: threads/latency_runs: need threads >= 1 and runs >= 0, got "
                         f"{threads}/{latency_runs}")  # fmt: skip
     model, train_config, meta = load_trained(model_dir)
-    generation = model_generation(train_config, data)
-    data, source = data or train_config.data, source or train_config.source
-    protocol = protocol or train_config.protocol
-    if not data:
-        raise BpfmError(f"{model_dir}: data: the model dir names no shard set; pass --data URI")
-    split = open_split(data, source, protocol, train_config.split_seed, train_config.cache,
-                       generation)  # fmt: skip
+    split, data, source, protocol = model_split(model_dir, train_config, data, source, protocol)
     normalize = bool(meta.get("normalize_inputs"))
     calib = []
     if config.mode == "static":

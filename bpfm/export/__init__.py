@@ -15,6 +15,7 @@ error.
 
 from __future__ import annotations
 
+import abc
 import importlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -104,7 +105,7 @@ def runtime_module(fmt: str):
     return importlib.import_module(f"bpfm.export.{fmt}")
 
 
-class RuntimeModel(nn.Module):
+class RuntimeModel(nn.Module, abc.ABC):
     """A runtime's model as a torch module: forward(x [B, 2, 1250]) -> [B, 2] float32, batches
     above MAX_BATCH run in chunks. Subclasses implement `run(x: np.ndarray) -> np.ndarray`."""
 
@@ -114,8 +115,9 @@ class RuntimeModel(nn.Module):
         super().__init__()
         self.path = Path(path)
 
+    @abc.abstractmethod
     def run(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """One batch of at most MAX_BATCH windows through the runtime: [B, 2] float32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().to(torch.float32).contiguous()

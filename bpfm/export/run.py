@@ -121,7 +121,7 @@ def run_export(
     """Export the model of `model_dir` (or take the export `file` made earlier), evaluate the
     runtime on the test view, compare it with the torch model, measure it; write the out dir.
     `latency_runs=0` skips latency, `rss=False` the peak-RSS process."""
-    from bpfm.evaluate import load_trained, model_generation, open_split
+    from bpfm.evaluate import load_trained, model_split
     from bpfm.metrics import compute_metrics
     from bpfm.predict import predict
     from bpfm.quant.measure import MIB, latency_ms, state_dict_bytes
@@ -139,13 +139,7 @@ def run_export(
         if config is not None and config.format != fmt:
             raise BpfmError(f"{file}: format: a {fmt} file, but --format {config.format}")
         load_export(file, threads=threads)  # a broken file fails before any data is read
-    generation = model_generation(train_config, data)
-    data, source = data or train_config.data, source or train_config.source
-    protocol = protocol or train_config.protocol
-    if not data:
-        raise BpfmError(f"{model_dir}: data: the model dir names no shard set; pass --data URI")
-    split = open_split(data, source, protocol, train_config.split_seed, train_config.cache,
-                       generation)  # fmt: skip
+    split, data, source, protocol = model_split(model_dir, train_config, data, source, protocol)
     normalize = bool(meta.get("normalize_inputs"))
     calib: list[torch.Tensor] = []
     if config is not None and config.mode == "static":
