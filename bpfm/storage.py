@@ -202,12 +202,14 @@ def open_hashed_output(fs: pafs.FileSystem, path: str) -> HashingWriter:
 
 
 def sha256_file(
-    path: str | Path, block: int = 8 << 20, poll: Callable[[], None] | None = None
+    path: str | Path, block: int = 8 << 20, poll: Callable[[], None] | None = None,
+    fs: pafs.FileSystem | None = None,
 ) -> str:
-    """sha256 of a local file, streamed (hashlib releases the GIL, so threads hash in parallel).
-    `poll` is called every block: it raises to stop (`bpfm.interrupts.check`)."""
+    """sha256 of a file, streamed (hashlib releases the GIL, so threads hash in parallel): a
+    local path, or a path in `fs`. `poll` is called every block: it raises to stop
+    (`bpfm.interrupts.check`)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with (fs.open_input_stream(str(path)) if fs is not None else open(path, "rb")) as handle:
         while chunk := handle.read(block):
             digest.update(chunk)
             if poll is not None:

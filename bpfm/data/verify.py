@@ -9,7 +9,6 @@ over a set it would otherwise call up to date, and re-converts the sources of fa
 
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -17,6 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from bpfm import storage
 from bpfm.data.shardset import MANIFEST, ShardSet
 from bpfm.errors import BpfmError
 
@@ -26,14 +26,6 @@ HASH_BLOCK = 8 << 20
 
 def _columns(schema: pa.Schema) -> list[tuple[str, str]]:
     return [(f.name, str(f.type)) for f in schema]
-
-
-def _sha256(fs: pafs.FileSystem, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as stream:
-        while chunk := stream.read(HASH_BLOCK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_part(shards: ShardSet, part: dict, deep: bool) -> str | None:
@@ -60,7 +52,7 @@ def check_part(shards: ShardSet, part: dict, deep: bool) -> str | None:
         if deep:
             if not part.get("sha256"):
                 return "the manifest records no sha256 for it"
-            if _sha256(fs, path) != part["sha256"]:
+            if storage.sha256_file(path, HASH_BLOCK, fs=fs) != part["sha256"]:
                 return "sha256 differs from the manifest's: its bytes changed"
     except (OSError, pa.ArrowException) as err:
         return f"unreadable ({' '.join(str(err).split())[:200]})"
