@@ -20,11 +20,17 @@ log = logging.getLogger(__name__)
 SUFFIX = ".launch.json"
 
 
+# Recipe fields that do not decide results: where parts are read from (the node cache) and the
+# generation the grid pins, which `data_generation` below already stands for.
+NOT_RESULTS = ("cache", "data_generation")
+
+
 def identity(train: dict[str, Any], data_generation: str | None, tracking_uri: str) -> dict:
     """What a launch's results depend on (the tracking URI redacted: it is written to storage)."""
     from bpfm.tracking import redact
 
-    recipe = json.loads(json.dumps(train, sort_keys=True, default=str))
+    kept = {key: value for key, value in train.items() if key not in NOT_RESULTS}
+    recipe = json.loads(json.dumps(kept, sort_keys=True, default=str))
     return {"recipe": recipe, "data_generation": data_generation, "tracking": redact(tracking_uri)}
 
 
