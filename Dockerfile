@@ -37,6 +37,6 @@ COPY pipelines ./pipelines
 COPY mlflow ./mlflow
 COPY cluster ./cluster
 # Smoke check at build time: the package, the CLI and Ray import in the final image.
-RUN python -c "import bpfm.tune, bpfm.tracking" && bpfm --help > /dev/null
+RUN python -c "import bpfm.orchestration.ray_grid, bpfm.tracking" && bpfm --help > /dev/null
 EXPOSE 6379 8265 10001
 CMD ["bash"]

@@ -36,11 +36,11 @@ import logging
 import os
 from pathlib import Path
 
-from bpfm.calibration import METHODS, encode_split, evaluate_calibration
+from bpfm.training.calibration import METHODS, encode_split, evaluate_calibration
 from bpfm.data.shards import MANIFEST, write_shards
-from bpfm.evaluate import load_trained, open_split
-from bpfm.pretrain import PretrainConfig, pretrain
-from bpfm.train import TrainConfig, fit
+from bpfm.training.evaluate import load_trained, open_split
+from bpfm.training.pretrain import PretrainConfig, pretrain
+from bpfm.training.loop import TrainConfig, fit
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("BPFM_CHALLENGE2015", REPO.parent / "shared" / "data" /
@@ -93,8 +93,8 @@ def from_checkpoint(out: Path, data: str):
     import numpy as np
 
     from bpfm.data.loader import view_target_stats
-    from bpfm.train import _target_meta, build_model
-    from bpfm.train_state import latest_checkpoint, load_train_state
+    from bpfm.training.loop import _target_meta, build_model
+    from bpfm.training.state import latest_checkpoint, load_train_state
 
     config = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
     state = load_train_state(latest_checkpoint(out))

@@ -42,7 +42,7 @@ def trainer(uri: str, mode: str, epochs: int, workers: int) -> None:
     from torch.utils.data import DataLoader
 
     from bpfm.data.loader import ShardDataset
-    from bpfm.evaluate import open_split
+    from bpfm.training.evaluate import open_split
 
     print("ready", flush=True)
     sys.stdin.readline()

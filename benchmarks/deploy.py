@@ -39,7 +39,7 @@ THREADS = 1
 
 
 def run(args, workdir: Path) -> dict:
-    from bpfm.evaluate import load_trained
+    from bpfm.training.evaluate import load_trained
     from bpfm.export import ExportConfig, load_export
     from bpfm.export.run import run_export
     from bpfm.quant.measure import timings

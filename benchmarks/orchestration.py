@@ -90,7 +90,7 @@ def fit_back_to_back(data: str, trials: int, folder: Path) -> float:
     """Sum of N plain `fit` calls (one thread, as each Ray trial gets)."""
     import torch
 
-    from bpfm.train import TrainConfig, fit
+    from bpfm.training.loop import TrainConfig, fit
 
     torch.set_num_threads(1)
     total = 0.0
@@ -109,9 +109,9 @@ def bpfm_tune(data: str, trials: int, folder: Path) -> dict:
     from ray import tune
 
     from bpfm import tracking
-    from bpfm.grid import plan_grid
+    from bpfm.orchestration.plan import plan_grid
     from bpfm.profiles import load_profile
-    from bpfm.tune import TrialContext, make_tuner, search_space, train_cell, trial_resources
+    from bpfm.orchestration.ray_grid import TrialContext, make_tuner, search_space, train_cell, trial_resources
 
     profile = load_profile(str(bpfm_profile(folder, data, trials)))
     uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -137,7 +137,7 @@ def bpfm_tune(data: str, trials: int, folder: Path) -> dict:
 
 
 def prefix_sharing() -> dict:
-    from bpfm.grid import plan_grid
+    from bpfm.orchestration.plan import plan_grid
     from bpfm.profiles import load_profile
 
     plan = plan_grid(load_profile("paper"))

@@ -9,7 +9,7 @@ Targets (issue 4): reduction >= 3.5 (small), >= 3.85 (medium, large) (paper 3.57
         [--subjects 120] [--threads 1] [--runs 20] [--backends fx,pt2e] [--workdir DIR]
 
 Everything runs in a temporary folder (or --workdir): synthetic PulseDB (bpfm.data.synth),
-shards, `bpfm.train.fit` for --steps steps of 32 windows, then `run_quantization` per variant
+shards, `bpfm.training.loop.fit` for --steps steps of 32 windows, then `run_quantization` per variant
 (metrics, size) and one interleaved latency measurement of all variants of a size (median of
 --runs, after warm-up, at --threads torch threads) against the fp32 model in eager mode, as the
 paper ran it. pt2e variants are timed compiled (Inductor, freezing, compiled at --threads);
@@ -57,7 +57,7 @@ def prepare_data(workdir: Path, subjects: int) -> str:
 
 
 def train(data: str, size: str, steps: int, out: Path) -> Path:
-    from bpfm.train import TrainConfig, fit
+    from bpfm.training.loop import TrainConfig, fit
 
     if not (out / "metrics.json").is_file():
         fit(TrainConfig(data=data, source="mimic", protocol="paper", size=size, epochs=1,
@@ -69,10 +69,10 @@ def train(data: str, size: str, steps: int, out: Path) -> Path:
 def bench_size(model_dir: Path, size: str, variants: dict, args, workdir: Path) -> dict:
     import torch
 
-    from bpfm.evaluate import load_trained
+    from bpfm.training.evaluate import load_trained
     from bpfm.quant import QuantConfig, load_quantized
     from bpfm.quant.measure import fixed_threads, timings
-    from bpfm.quantize import run_quantization
+    from bpfm.quant.study import run_quantization
 
     results = {"fp32": run_quantization(model_dir, QuantConfig("fp32"), out=workdir / "fp32",
                                         latency_runs=0, threads=args.threads)}  # fmt: skip

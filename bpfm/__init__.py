@@ -1,6 +1,6 @@
 """bpfm: CEReBrO, an EEG foundation model, fine-tuned and quantized for blood pressure."""
 
-from bpfm.redact import redact_bpfm_logs
+from bpfm.io.redact import redact_bpfm_logs
 
 __version__ = "0.1.0"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bpfm.redact import redact
+from bpfm.io.redact import redact
 
 
 class BpfmError(Exception):

@@ -135,7 +135,7 @@ def _fail(path: Path, key: str, problem: str) -> BpfmError:
 
 def _eval_axes(path: Path, raw: dict) -> dict[str, Any]:
     """`axes.calibration` -> the recipe's `calibration` methods (checked here, one line)."""
-    from bpfm.calibration import METHODS
+    from bpfm.training.calibration import METHODS
 
     values = raw.pop("calibration", None)
     if values is None:
@@ -200,9 +200,9 @@ def _check_sections(path: Path, raw: dict) -> None:
     """`train:`, `quantize:`, `resources:` and `quantize_options:` against TrainConfig,
     QuantConfig, Resources and run_quantization, before anything starts."""
     from bpfm.export import ExportConfig, is_export_variant
-    from bpfm.quantize import QuantConfig, run_quantization
+    from bpfm.quant.study import QuantConfig, run_quantization
     from bpfm.schema import field_problems
-    from bpfm.train import TrainConfig
+    from bpfm.training.loop import TrainConfig
 
     train = _mapping(path, "train", raw.get("train") or {})
     for key in GRID_SET:
@@ -323,7 +323,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise BpfmError(f"{path}: recipe: must be a mapping of TrainConfig fields")
     from bpfm.schema import field_problems
-    from bpfm.train import TrainConfig
+    from bpfm.training.loop import TrainConfig
 
     recipe = {k: v for k, v in raw.items() if k not in AXES}
     _first_problem(path, "train", field_problems(TrainConfig, recipe))

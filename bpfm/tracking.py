@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfm import defaults
-from bpfm.redact import redact
+from bpfm.io.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 KIND = "bpfm.kind"  # grid | train | quant | search | nightly | leaderboard
 STUDY = "bpfm.study"
 PROFILE = "bpfm.profile"
-CELL = "bpfm.cell"  # the cell id (bpfm.grid.Cell.id) of a train run and of its quant runs
+CELL = "bpfm.cell"  # the cell id (bpfm.orchestration.plan.Cell.id) of a train run and of its quant runs
 TRIAL = "bpfm.trial"  # the Tune trial that trained the cell (cells of one trial share a prefix)
 VARIANT = "bpfm.variant"  # the quantization variant of a quant run
 KEY = "bpfm.key"  # unique per parent run: finds a child again when a trial or a launch resumes
@@ -337,7 +337,7 @@ def log_quantized_model(tracking_uri: str, run_id: str, quantized) -> str:
     """The quantized model as an MLflow model of its run (pickle format: torch.ao INT8 modules
     cannot be exported as pt2); returns its model URI."""
     import mlflow
-    from bpfm.quantize import log_to_mlflow
+    from bpfm.quant.study import log_to_mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):

@@ -148,7 +148,7 @@ def shard_with_ray(inputs: list[str], out: str, *, include_abp: bool = True,
 
 def main(argv: list[str] | None = None) -> int:
     from bpfm.cli.common import add_json_flag, print_result
-    from bpfm.tune import init_ray
+    from bpfm.orchestration.ray_grid import init_ray
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help="PulseDB files, folders or s3:// prefixes")

@@ -10,7 +10,7 @@ import logging
 import sys
 
 from bpfm.errors import BpfmError
-from bpfm.redact import RedactingFormatter
+from bpfm.io.redact import RedactingFormatter
 
 # One module per command group, in the order `bpfm --help` lists them.
 COMMAND_MODULES = (
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except BpfmError as err:
         print(f"bpfm: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:  # bpfm.interrupts.Interrupted says which signal
+    except KeyboardInterrupt as err:  # bpfm.io.interrupts.Interrupted says which signal
         print(f"bpfm: {err or 'interrupted'}", file=sys.stderr)
         return getattr(err, "exit_code", 130)
 

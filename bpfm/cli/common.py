@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from bpfm.redact import redact
+from bpfm.io.redact import redact
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

@@ -118,7 +118,7 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def run_shard(args: argparse.Namespace) -> int:
     from bpfm.data.shards import write_shards
-    from bpfm.interrupts import stop_on_signals
+    from bpfm.io.interrupts import stop_on_signals
 
     if args.workers is not None and args.workers < 1:
         from bpfm.errors import BpfmError

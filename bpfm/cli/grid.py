@@ -7,7 +7,7 @@ import dataclasses
 import os
 
 from bpfm.cli.common import add_json_flag, print_result
-from bpfm.redact import redact
+from bpfm.io.redact import redact
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -106,7 +106,7 @@ def handle(args: argparse.Namespace) -> int:
     grid.check_trials(profile, recipe, args.recipe)
     train = {**profile.train, **recipe}
     if args.dry_run:
-        from bpfm.dry_run import launch_notes
+        from bpfm.orchestration.dry_run import launch_notes
 
         plan = grid.dry_run(profile, train)
         plan["notes"] = launch_notes(profile, plan, args.gpus)
@@ -118,14 +118,14 @@ def handle(args: argparse.Namespace) -> int:
             print_result(plan, True)
         return 0
 
-    from bpfm import preflight
+    from bpfm.orchestration import preflight
 
     preflight.check_launch(profile)  # before importing Ray: an unreachable server fails fast
 
     import logging
 
     from bpfm import progress, summary
-    from bpfm.tune import run_grid
+    from bpfm.orchestration.ray_grid import run_grid
 
     if not args.verbose:  # a progress bar and the summary; -v: every log line, Ray's and Tune's
         for name in ("", "mlflow", "ray"):

@@ -9,7 +9,7 @@ from bpfm.cli.common import add_json_flag, print_result
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from bpfm.report.nightly import DEFAULT_BASELINE
+    from bpfm.orchestration.nightly import DEFAULT_BASELINE
 
     parser = subparsers.add_parser(
         "nightly",
@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from bpfm.report.nightly import NightlyConfig, run_nightly
+    from bpfm.orchestration.nightly import NightlyConfig, run_nightly
 
     result = run_nightly(NightlyConfig(
         profile=args.profile, baseline=args.baseline, update_baseline=args.update_baseline,

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bpfm.pretrain import PretrainConfig, pretrain
+    from bpfm.training.pretrain import PretrainConfig, pretrain
 
     result = pretrain(
         PretrainConfig(

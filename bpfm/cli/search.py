@@ -67,7 +67,7 @@ def handle(args: argparse.Namespace) -> int:
 
     from bpfm.errors import BpfmError
     from bpfm.profiles import AXIS_CHOICES, load_profile
-    from bpfm.tune_search import SearchConfig, run_search
+    from bpfm.orchestration.ray_search import SearchConfig, run_search
 
     profile = load_profile(args.profile)
     if args.data:

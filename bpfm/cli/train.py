@@ -154,7 +154,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _config_from_args(args: argparse.Namespace):
     from bpfm.defaults import home
-    from bpfm.train import TrainConfig
+    from bpfm.training.loop import TrainConfig
 
     return TrainConfig(
         data=args.data or "",
@@ -193,8 +193,8 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from bpfm.evaluate import read_metrics
-    from bpfm.train import fit
+    from bpfm.training.evaluate import read_metrics
+    from bpfm.training.loop import fit
 
     result = fit(
         _config_from_args(args), resume=not args.no_resume, allow_new_data=args.allow_new_data
@@ -219,8 +219,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from bpfm.calibration import parse_methods
-    from bpfm.train import evaluate
+    from bpfm.training.calibration import parse_methods
+    from bpfm.training.loop import evaluate
 
     if not args.model:
         raise BpfmError("evaluate: model: no model dir given (--model DIR)")

@@ -41,7 +41,7 @@ import psutil
 import pyarrow.fs as pafs
 from filelock import FileLock
 
-from bpfm import storage
+from bpfm.io import storage
 from bpfm.data.shardset import ShardSet
 from bpfm.errors import BpfmError
 

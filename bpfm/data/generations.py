@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import Iterable
 
-from bpfm import storage
+from bpfm.io import storage
 from bpfm.data.shardset import MANIFEST, ShardSet, open_shards, read_manifest
 from bpfm.errors import BpfmError
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bpfm import storage
+from bpfm.io import storage
 from bpfm.data.shardset import ROWS_PER_PART, ShardOptions
 from bpfm.errors import DataError
 
@@ -32,7 +32,7 @@ def describe_sources(files: list[Path], workers: int) -> list[dict]:
     """Size, sha256 and partition name of every input; two inputs may not share a subset name
     unless they are Subj_Wins files (their parts are numbered apart, see `first_part`)."""
     from bpfm.data.pulsedb import open_pulsedb
-    from bpfm.interrupts import check
+    from bpfm.io.interrupts import check
 
     with ThreadPoolExecutor(max(1, workers)) as pool:  # a stop request ends hashing too
         digests = list(pool.map(lambda f: storage.sha256_file(f, poll=check), files))

@@ -2,7 +2,7 @@
 
 A worker's error reaches the caller as itself (DataError pickles, see `bpfm.errors`), and one
 shared event makes the other conversions stop at their next chunk when one fails or the parent
-is asked to stop (`bpfm.interrupts`)."""
+is asked to stop (`bpfm.io.interrupts`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import signal
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-from bpfm import interrupts
+from bpfm.io import interrupts
 
 _ABORT = None  # the shared cancel event, set in each worker by `_init_worker`
 

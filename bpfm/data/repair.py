@@ -14,7 +14,7 @@ import uuid
 
 import pyarrow.fs as pafs
 
-from bpfm import storage
+from bpfm.io import storage
 from bpfm.data.shardset import ROWS_PER_PART, ShardSet
 from bpfm.errors import BpfmError
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from bpfm import storage
+from bpfm.io import storage
 from bpfm.errors import BpfmError
 
 READABLE_VERSIONS = (1, 2)

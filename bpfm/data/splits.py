@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bpfm import storage
+from bpfm.io import storage
 from bpfm.data.shards import ShardSet, open_shards
 from bpfm.errors import BpfmError
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from bpfm import storage
+from bpfm.io import storage
 from bpfm.data.shardset import MANIFEST, ShardSet
 from bpfm.errors import BpfmError
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from bpfm.errors import BpfmError
 from bpfm.export import MAX_BATCH, ExportConfig, RuntimeModel, first_line
-from bpfm.predict import WINDOW_SHAPE
+from bpfm.training.predict import WINDOW_SHAPE
 
 MAGIC = b"ET12"  # the flatbuffer file identifier of a .pte, bytes 4..8
 LOWERING_WARNING = "isinstance(treespec, LeafSpec)"  # torch's own deprecation, per lowering

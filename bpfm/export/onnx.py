@@ -24,7 +24,7 @@ from torch import nn
 
 from bpfm.errors import BpfmError
 from bpfm.export import ExportConfig, RuntimeModel, first_line
-from bpfm.predict import WINDOW_SHAPE
+from bpfm.training.predict import WINDOW_SHAPE
 
 OPSET = 18
 QUANTIZED_OPS = ["MatMul", "Gemm", "Conv"]

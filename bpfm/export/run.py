@@ -30,7 +30,7 @@ from torch import nn
 
 from bpfm.errors import BpfmError
 from bpfm.export import ExportConfig, RuntimeModel, export_model, format_of, load_export
-from bpfm.predict import WINDOW_SHAPE, Predictions, target_scaling, write_json
+from bpfm.training.predict import WINDOW_SHAPE, Predictions, target_scaling, write_json
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,11 @@ def run_export(
     """Export the model of `model_dir` (or take the export `file` made earlier), evaluate the
     runtime on the test view, compare it with the torch model, measure it; write the out dir.
     `latency_runs=0` skips latency, `rss=False` the peak-RSS process."""
-    from bpfm.evaluate import load_trained, model_split
+    from bpfm.training.evaluate import load_trained, model_split
     from bpfm.metrics import compute_metrics
-    from bpfm.predict import predict
+    from bpfm.training.predict import predict
     from bpfm.quant.measure import MIB, latency_ms, state_dict_bytes
-    from bpfm.quantize import calibration_batches
+    from bpfm.quant.study import calibration_batches
 
     if file is None and config is None:
         raise BpfmError("export: give an ExportConfig or an export file")

@@ -18,7 +18,7 @@ from bpfm.model.checkpoint import (
     load_pretrained_backbone,
     save_model,
 )
-from bpfm.model.heads import HEADS, BPModel, make_head
+from bpfm.model.bp_model import HEADS, BPModel, make_head
 
 __all__ = [
     "HEADS",

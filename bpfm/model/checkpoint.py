@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bpfm.disk import reporting_full_disk
+from bpfm.io.disk import reporting_full_disk
 from bpfm.errors import BpfmError
 from bpfm.model.cerebro import CerebroEncoder
-from bpfm.model.heads import LinearHead, PaperHead
+from bpfm.model.bp_model import LinearHead, PaperHead
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,10 @@ def _is_remote(uri: str) -> bool:
 
 
 def read_bytes(uri: str | Path) -> bytes:
-    """A local file, or any URI `bpfm.storage` understands (s3://)."""
+    """A local file, or any URI `bpfm.io.storage` understands (s3://)."""
     uri = str(uri)
     if _is_remote(uri):
-        from bpfm import storage
+        from bpfm.io import storage
 
         return storage.read_bytes(uri)
     try:
@@ -104,10 +104,10 @@ def read_bytes(uri: str | Path) -> bytes:
 
 
 def write_bytes_atomic(uri: str | Path, data: bytes) -> None:
-    """Readers never see half a file: `bpfm.storage.publish_bytes` (a local temporary file
+    """Readers never see half a file: `bpfm.io.storage.publish_bytes` (a local temporary file
     renamed into place, created like any other file of its folder; an S3 object appears whole
     or not at all). A full local disk is one line naming the file and the bytes it needed."""
-    from bpfm import storage
+    from bpfm.io import storage
 
     uri = str(uri)
     local = not _is_remote(uri)

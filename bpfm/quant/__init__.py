@@ -6,7 +6,7 @@
   fast once compiled with Inductor (`QuantizedModel.compiled()`).
 
 `quantize(model, QuantConfig(...), calib_batches)` returns a `QuantizedModel` (an `nn.Module`,
-so `bpfm.predict.predict` runs it like the fp32 model); `save_quantized` / `load_quantized` round
+so `bpfm.training.predict.predict` runs it like the fp32 model); `save_quantized` / `load_quantized` round
 trip it; `log_to_mlflow` logs an fx model in MLflow's pickle format (pt2 fails for torch.ao).
 """
 

@@ -11,7 +11,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from bpfm import tracking
-from bpfm.redact import redact
+from bpfm.io.redact import redact
 from bpfm.report import tables
 from bpfm.report.calibration import calibration_sections
 from bpfm.report.plots import plot_all

@@ -33,7 +33,7 @@ READER = textwrap.dedent(
     import numpy as np
     from torch.utils.data import DataLoader
     from bpfm.data.loader import ShardDataset
-    from bpfm.evaluate import open_split
+    from bpfm.training.evaluate import open_split
 
     split = open_split(sys.argv[1], "mimic", "paper", cache=sys.argv[2] == "on")
     dataset = ShardDataset(split.train, batch_size=16, shuffle=False)

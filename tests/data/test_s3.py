@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from bpfm import storage
+from bpfm.io import storage
 from bpfm.cli import main
 from bpfm.data.loader import ShardDataset
 from bpfm.data.shards import MANIFEST, inspect_shards, open_shards, write_shards

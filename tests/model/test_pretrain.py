@@ -11,7 +11,7 @@ import torch
 from bpfm.cli import main
 from bpfm.errors import BpfmError, DataError
 from bpfm.model import create_model, load_pretrained_backbone
-from bpfm.pretrain import PretrainConfig, load_windows, random_mask, read_edf, simmim_loss
+from bpfm.training.pretrain import PretrainConfig, load_windows, random_mask, read_edf, simmim_loss
 
 
 def write_edf(path, signals: np.ndarray, rate: int, labels: list[str]) -> None:
@@ -128,15 +128,15 @@ def test_pretraining_loss_falls_and_checkpoint_loads_as_backbone(tmp_path, capsy
 
 def test_pretrain_rejects_impossible_settings(tmp_path):
     with pytest.raises(BpfmError, match="1..100 patches"):
-        from bpfm.pretrain import pretrain
+        from bpfm.training.pretrain import pretrain
 
         pretrain(PretrainConfig(out=str(tmp_path / "x.ckpt"), window=32, steps=1))
 
 
 def test_pretrain_on_shards_reads_only_the_train_views_ecg_ppg_windows(synthetic_shards, tmp_path):
     from bpfm.data.loader import view_size
-    from bpfm.evaluate import open_split
-    from bpfm.pretrain import pretrain
+    from bpfm.training.evaluate import open_split
+    from bpfm.training.pretrain import pretrain
 
     split = open_split(synthetic_shards, "mimic", "calfree")
     subjects = {name: set(getattr(split, name).read(["subject"])["subject"].to_pylist())
@@ -158,7 +158,7 @@ def test_pretrain_on_shards_reads_only_the_train_views_ecg_ppg_windows(synthetic
 
 
 def test_pretrain_continues_an_eeg_backbone_on_ecg_ppg(synthetic_shards, tmp_path, capsys):
-    from bpfm.pretrain import pretrain
+    from bpfm.training.pretrain import pretrain
 
     eeg = tmp_path / "eeg.ckpt"
     pretrain(PretrainConfig(out=str(eeg), steps=1, batch_size=2, synthetic_windows=4,

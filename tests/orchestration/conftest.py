@@ -109,7 +109,7 @@ def two_node_ray(env: dict[str, str], num_cpus: int = 1, num_gpus: int = 0) -> I
 def trial_states(experiment_uri: str) -> dict[str, str]:
     """Trial id -> status in the latest experiment state Tune saved (folder or s3://). A running
     driver replaces that object every few seconds: `read_bytes` returns whole versions only."""
-    from bpfm.storage import join, list_dir, read_bytes
+    from bpfm.io.storage import join, list_dir, read_bytes
 
     states = [name for name in list_dir(experiment_uri) if name.startswith("experiment_state-")]
     if not states:
@@ -121,7 +121,7 @@ def trial_states(experiment_uri: str) -> dict[str, str]:
 
 def result_lines(experiment_uri: str, trial_id: str) -> int:
     """How many results a trial has reported (its result.json lines)."""
-    from bpfm.storage import exists, read_bytes
+    from bpfm.io.storage import exists, read_bytes
 
     uri = f"{experiment_uri}/trial_{trial_id}/result.json"
     return len(read_bytes(uri).splitlines()) if exists(uri) else 0

@@ -1,4 +1,4 @@
-"""The dry run's cost plan (`bpfm.costs`): throughput table, samples from the manifest, data
+"""The dry run's cost plan (`bpfm.orchestration.costs`): throughput table, samples from the manifest, data
 read with and without the node cache, and the GPU packing it plans."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bpfm import costs
+from bpfm.orchestration import costs
 from bpfm.cli import main
 from bpfm.data.shards import open_shards
 

@@ -10,7 +10,7 @@ import textwrap
 
 import botocore.session
 
-from bpfm.tune import credentials_kept_from_trials
+from bpfm.orchestration.ray_grid import credentials_kept_from_trials
 
 KEYS = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "kept-secret-42"}
 
@@ -34,7 +34,7 @@ def test_credentials_move_from_the_environment_to_a_file_boto3_reads(monkeypatch
 def test_a_killed_driver_leaves_no_credentials_on_disk(tmp_path):
     driver = textwrap.dedent("""
         import os, sys, time
-        from bpfm.tune import credentials_kept_from_trials
+        from bpfm.orchestration.ray_grid import credentials_kept_from_trials
         with credentials_kept_from_trials():
             path = os.environ["AWS_SHARED_CREDENTIALS_FILE"]
             print(path, open(path).read().count("kept-secret-42"), flush=True)

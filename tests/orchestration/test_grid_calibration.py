@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_grid_builds_the_in_domain_backbone_and_logs_calibrated_cells(synthetic_shards,
                                                                         tmp_path):  # fmt: skip
-    from bpfm.tune import run_grid
+    from bpfm.orchestration.ray_grid import run_grid
 
     path = write_profile(
         tmp_path, "calib", study="orch-calib", data={"uri": synthetic_shards},

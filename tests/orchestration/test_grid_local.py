@@ -41,7 +41,7 @@ def grid_env(s3_server, mlflow_server, tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_grid(grid_env, synthetic_shards):
     """2 trials (frozen / unfrozen), each reporting at epochs 1 and 2 = 4 cells, on S3."""
-    from bpfm.tune import run_grid
+    from bpfm.orchestration.ray_grid import run_grid
 
     path = write_profile(
         grid_env.root, "first", study="orch-first", data={"uri": synthetic_shards},
@@ -129,7 +129,7 @@ def test_leaderboard_reads_the_server_it_is_given_with_no_stray_store(first_grid
 
 def test_a_rerun_that_changes_nothing_registers_no_version_and_models_are_logged_once(
         first_grid, grid_env):
-    from bpfm.tune import run_grid
+    from bpfm.orchestration.ray_grid import run_grid
 
     client = grid_env.client
     versions = client.search_model_versions("name = 'orch-first-mimic'")
@@ -151,7 +151,7 @@ def test_a_changed_recipe_or_store_is_a_new_experiment_or_an_error(first_grid, g
     naming the difference; by default a new experiment (name + hash of what changed) that trains
     every cell with the new recipe. Never the old table, never an empty success."""
     from bpfm.errors import BpfmError
-    from bpfm.tune import run_grid
+    from bpfm.orchestration.ray_grid import run_grid
 
     profile = load_profile(str(grid_env.root / "first.yaml"))
     with pytest.raises(BpfmError, match=r"recipe lr: 0\.001 -> 0\.0003"):
@@ -188,7 +188,7 @@ def test_mlflow_shows_the_study_at_a_glance(first_grid, grid_env, synthetic_shar
 
 def test_a_trial_that_fails_once_resumes_from_its_checkpoint(first_grid, grid_env,
                                                              synthetic_shards, monkeypatch):
-    from bpfm.tune import FAULT_ENV, FAULT_MARKER_ENV, run_grid
+    from bpfm.orchestration.ray_grid import FAULT_ENV, FAULT_MARKER_ENV, run_grid
 
     markers = grid_env.root / "markers"
     monkeypatch.setenv(FAULT_ENV, "1")
@@ -261,7 +261,7 @@ def test_a_killed_driver_resubmitted_resumes_without_rerunning_finished_cells(
 def test_shard_job_converts_each_s3_file_once_and_publishes_one_manifest(
         grid_env, synthetic_subset_files, synthetic_shards):
     from bpfm.data.shards import open_shards
-    from bpfm.storage import list_dir
+    from bpfm.io.storage import list_dir
     from pipelines.shard import shard_with_ray
 
     bucket = grid_env.s3.bucket

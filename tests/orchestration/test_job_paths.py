@@ -1,4 +1,4 @@
-"""Which launch paths a job on a Ray cluster refuses (bpfm.job_paths; the job itself is
+"""Which launch paths a job on a Ray cluster refuses (bpfm.orchestration.job_paths; the job itself is
 tests/orchestration/test_job_submit.py)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bpfm.errors import BpfmError
-from bpfm.job_paths import check_job_paths
+from bpfm.orchestration.job_paths import check_job_paths
 
 COPY = "/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_abc"
 

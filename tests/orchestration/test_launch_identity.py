@@ -1,9 +1,9 @@
-"""A launch's identity (bpfm.launch) holds what decides its results: turning the node cache off
+"""A launch's identity (bpfm.orchestration.launch) holds what decides its results: turning the node cache off
 or the grid pinning the generation it reads starts no new experiment; a recipe change does."""
 
 from __future__ import annotations
 
-from bpfm import launch
+from bpfm.orchestration import launch
 
 
 def test_cache_and_the_pinned_generation_are_not_part_of_a_launch():

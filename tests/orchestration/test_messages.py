@@ -45,7 +45,7 @@ def test_search_summary_says_what_ran_and_what_the_study_holds():
 
 
 def test_tunes_restore_hint_becomes_rerun_the_command(caplog):
-    from bpfm import ray_hints
+    from bpfm.orchestration import ray_logs as ray_hints
 
     ray_hints.install()
     ray_hints.install()  # once, however often a process joins Ray

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 
-from bpfm.tune import TRIAL_WORK_PREFIX, trial_work_dir
+from bpfm.orchestration.ray_grid import TRIAL_WORK_PREFIX, trial_work_dir
 
 
 def test_new_trials_remove_the_scratch_of_dead_trial_processes(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_trials_of_one_cpu_run_on_both_nodes(tmp_path, synthetic_shards, mlflow_server):
-    from bpfm.tune import run_grid
+    from bpfm.orchestration.ray_grid import run_grid
 
     uri = mlflow_server.uri  # every node logs to the tracking server
     env = {"MLFLOW_TRACKING_URI": uri, "BPFM_HOME": str(tmp_path / "home")}
@@ -50,7 +50,7 @@ def test_paper_resource_table_packs_trials_on_logical_gpus_and_stage_2_overlaps(
     """2 nodes x 2 logical GPUs, the paper profile's resource table (small 0.25 GPU / 4 CPU,
     large 1 GPU / 8 CPU): 2 small and 2 large trials (CPU torch: they train on CPU). What Ray
     assigned (GPU ids, node) and when each trial held it is read back from MLflow."""
-    from bpfm.tune import run_grid
+    from bpfm.orchestration.ray_grid import run_grid
 
     uri = mlflow_server.uri
     env = {"MLFLOW_TRACKING_URI": uri, "BPFM_HOME": str(tmp_path / "home")}

@@ -13,7 +13,7 @@ import torch
 def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_shards: str) -> Path:
     """A `small` model trained for a few steps: weights no longer at their init, so that
     quantization error shows in the metrics as it would on a real model."""
-    from bpfm.train import TrainConfig, fit
+    from bpfm.training.loop import TrainConfig, fit
 
     out = tmp_path_factory.mktemp("quant-model") / "model"
     config = TrainConfig(data=synthetic_shards, source="mimic", protocol="paper", size="small",
@@ -26,14 +26,14 @@ def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_shards
 @pytest.fixture(scope="session")
 def trained(trained_model_dir: Path):
     """(model, TrainConfig, meta) of the trained model dir."""
-    from bpfm.evaluate import load_trained
+    from bpfm.training.evaluate import load_trained
 
     return load_trained(trained_model_dir)
 
 
 @pytest.fixture(scope="session")
 def split(trained):
-    from bpfm.evaluate import open_split
+    from bpfm.training.evaluate import open_split
 
     _, config, _ = trained
     return open_split(config.data, config.source, config.protocol, config.split_seed)
@@ -42,7 +42,7 @@ def split(trained):
 @pytest.fixture(scope="session")
 def calib_batches(trained, split) -> list[torch.Tensor]:
     """Two training batches, normalised as the model was trained (as `run_quantization` does)."""
-    from bpfm.quantize import calibration_batches
+    from bpfm.quant.study import calibration_batches
 
     normalize = bool(trained[2].get("normalize_inputs"))
     return calibration_batches(split.train, 2, batch_size=32, normalize=normalize)

@@ -26,8 +26,8 @@ def _check_out_dir(out, result, suffix):
     assert metrics["n"] == parity["n"] > 0
     assert {"sbp_mae", "dbp_r2", "sbp_bhs_grade", "aami", "sbp_mae_ci_low"} <= set(metrics)
     # metrics.json comes from the runtime's outputs: re-running the file gives the same numbers
-    from bpfm.evaluate import load_trained, open_split
-    from bpfm.predict import predict
+    from bpfm.training.evaluate import load_trained, open_split
+    from bpfm.training.predict import predict
 
     _, config, meta = load_trained(result["model_dir"])
     split = open_split(config.data, config.source, config.protocol, config.split_seed)
@@ -152,7 +152,7 @@ def test_grid_variants_name_a_runtime():
 def test_grid_stage_logs_a_runtime_variant_to_mlflow(trained_model_dir, synthetic_shards,
                                                      tmp_path):  # fmt: skip
     from bpfm import tracking
-    from bpfm.stages import quantize_model
+    from bpfm.orchestration.stages import quantize_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)

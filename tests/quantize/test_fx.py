@@ -29,7 +29,7 @@ def _mae(estimate: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def fp32_predictions(trained, split):
-    from bpfm.predict import predict
+    from bpfm.training.predict import predict
 
     model, _, meta = trained
     return predict(model, split.test, meta)
@@ -39,7 +39,7 @@ def fp32_predictions(trained, split):
 def test_fx_variant_stays_close_to_fp32_and_round_trips(
     config, trained, split, calib_batches, test_windows, fp32_predictions, tmp_path
 ):
-    from bpfm.predict import predict
+    from bpfm.training.predict import predict
 
     model, _, meta = trained
     with warnings.catch_warnings(record=True) as caught:

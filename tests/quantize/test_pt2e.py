@@ -17,7 +17,7 @@ from bpfm.quant.measure import MIB, state_dict_bytes
 def test_pt2e_static_stays_close_to_fp32_and_round_trips(
     trained, split, calib_batches, test_windows, tmp_path
 ):
-    from bpfm.predict import predict
+    from bpfm.training.predict import predict
 
     model, _, meta = trained
     config = QuantConfig("static", observer="histogram", backend="pt2e", quantize_input=True)

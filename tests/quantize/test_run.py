@@ -13,7 +13,7 @@ from bpfm.quant import load_quantized
 
 def _reloaded_metrics(out, trained, split) -> dict:
     from bpfm.metrics import compute_metrics
-    from bpfm.predict import predict
+    from bpfm.training.predict import predict
 
     _, _, meta = trained
     pred = predict(load_quantized(out), split.test, meta)
@@ -49,7 +49,7 @@ def test_cli_static_fx_writes_result_and_model(trained_model_dir, trained, split
 
 
 def test_pt2e_dynamic_with_an_fp32_baseline(trained_model_dir, trained, split, tmp_path):
-    from bpfm.quantize import QuantConfig, run_quantization
+    from bpfm.quant.study import QuantConfig, run_quantization
 
     fp32 = run_quantization(trained_model_dir, QuantConfig("fp32"), out=tmp_path / "fp32",
                             latency_runs=0)  # fmt: skip

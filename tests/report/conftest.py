@@ -51,7 +51,7 @@ def local_ray():
     import ray
     from ray._private.authentication_test_utils import reset_auth_token_state
 
-    from bpfm.tune import init_ray
+    from bpfm.orchestration.ray_grid import init_ray
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")

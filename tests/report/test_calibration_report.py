@@ -1,4 +1,4 @@
-"""Calibrated results through a real MLflow store: what a cell logs (bpfm.stages.log_calibration)
+"""Calibrated results through a real MLflow store: what a cell logs (bpfm.orchestration.stages.log_calibration)
 and the leaderboard's calibration table and Bland-Altman plot built from it."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from bpfm import tracking
-from bpfm.calibration import (
+from bpfm.training.calibration import (
     ESTIMATES_FILE,
     calibrate,
     calibration_metrics,
@@ -17,7 +17,7 @@ from bpfm.calibration import (
 )
 from bpfm.report.calibration import calibration_sections
 from bpfm.report.runs import load_study
-from bpfm.stages import log_calibration
+from bpfm.orchestration.stages import log_calibration
 
 
 def _calibrated_result(seed: int, k: int = 5) -> tuple[dict, object]:

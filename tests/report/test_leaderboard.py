@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bpfm.cli import main
-from bpfm.redact import redact
+from bpfm.io.redact import redact
 from bpfm.report.leaderboard import LeaderboardConfig, build_leaderboard
 
 

@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from bpfm.profiles import load_profile, load_recipe
-from bpfm.train import TrainConfig
-from bpfm.tune_search import (
+from bpfm.training.loop import TrainConfig
+from bpfm.orchestration.ray_search import (
     DefineByRun,
     SearchConfig,
     SearchSpace,
@@ -93,7 +93,7 @@ def test_an_interrupted_search_resumes_from_its_storage(
 
 def test_recipe_file_has_the_format_the_grid_reads(tmp_path, capsys):
     from bpfm.cli import main
-    from bpfm.tune_search import write_recipe
+    from bpfm.orchestration.ray_search import write_recipe
 
     study = optuna.create_study()
     study.enqueue_trial({"lr": 2e-4, "weight_decay": 1e-3, "head": "mlp", "mlp_width": 64,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from bpfm.calibration import (
+from bpfm.training.calibration import (
     affine_fit,
     calibrate,
     calibration_rows,
@@ -21,7 +21,7 @@ from bpfm.calibration import (
     segment_order_key,
 )
 from bpfm.cli import main
-from bpfm.model.heads import PaperHead
+from bpfm.model.bp_model import PaperHead
 
 META = {"target_scale": [20.0, 10.0], "target_shift": [120.0, 70.0]}
 
@@ -196,8 +196,8 @@ def test_evaluate_cli_calibrates_a_model_dir_and_rejects_unknown_methods(calfree
 def test_aami_protocol_calibrates_on_each_subjects_aami_cal_segments(synthetic_shards):
     from collections import Counter
 
-    from bpfm.calibration import cal_view, evaluate_calibration
-    from bpfm.evaluate import open_split
+    from bpfm.training.calibration import cal_view, evaluate_calibration
+    from bpfm.training.evaluate import open_split
     from bpfm.model import create_model
 
     split = open_split(synthetic_shards, "mimic", "aami")
@@ -217,7 +217,7 @@ def test_aami_protocol_calibrates_on_each_subjects_aami_cal_segments(synthetic_s
 def test_calibrating_while_training_leaves_the_trained_model_unchanged(tiny_config, tmp_path):
     from safetensors.torch import load_file
 
-    from bpfm.train import fit
+    from bpfm.training.loop import fit
 
     plain = tiny_config(out=str(tmp_path / "plain"), protocol="calfree", epochs=2,
                         report_epochs=(1,))  # fmt: skip

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from bpfm.errors import BpfmError
-from bpfm.train import TrainConfig, evaluate, fit, load_trained, predict_arrays
+from bpfm.training.loop import TrainConfig, evaluate, fit, load_trained, predict_arrays
 
 
 class Interrupt(Exception):
@@ -202,8 +202,8 @@ class _NanAfter(torch.nn.Module):
 def test_a_non_finite_loss_is_caught_within_its_check_window(
     tiny_config, monkeypatch, bad_step, steps, expected
 ):
-    from bpfm import train as train_module
-    from bpfm.evaluate import open_split
+    from bpfm.training import loop as train_module
+    from bpfm.training.evaluate import open_split
 
     monkeypatch.setattr(train_module, "FINITE_CHECK_STEPS", 5)
     config = tiny_config(max_steps_per_epoch=steps, batch_size=2).validate()

@@ -1,4 +1,4 @@
-"""One redaction (`bpfm.redact`) wherever a URI is printed or logged: credentials written inside
+"""One redaction (`bpfm.io.redact`) wherever a URI is printed or logged: credentials written inside
 a URI never reach an error line, a log line, a result or MLflow (issue 15, item 9)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 from bpfm import storage, tracking
 from bpfm.errors import BpfmError, DataError
-from bpfm.redact import RedactingFormatter, redact
+from bpfm.io.redact import RedactingFormatter, redact
 from tests.services.s3 import free_ports
 from tests.train_faults.conftest import error_line, run_bpfm
 
@@ -78,8 +78,8 @@ def test_error_lines_of_real_commands_hold_no_inline_credentials(
 
 
 def test_mlflow_params_and_tags_of_a_grid_and_its_cells_hold_no_inline_credentials(tmp_path):
-    from bpfm.grid import TrialPlan
-    from bpfm.stages import CellLogger, TrialContext, train_config
+    from bpfm.orchestration.plan import TrialPlan
+    from bpfm.orchestration.stages import CellLogger, TrialContext, train_config
 
     client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = tracking.ensure_experiment(client, "redaction")

@@ -103,7 +103,7 @@ def shards_with_an_empty_test_view(tmp_path_factory):
     (train and validation are not); returns (URI, split seed)."""
     from bpfm.data.shards import write_shards
     from bpfm.data.synth import SynthConfig, write_synthetic_pulsedb
-    from bpfm.evaluate import open_split, split_summary
+    from bpfm.training.evaluate import open_split, split_summary
 
     root = tmp_path_factory.mktemp("tiny-train")
     synth = write_synthetic_pulsedb(

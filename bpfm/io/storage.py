@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from bpfm.errors import BpfmError
-from bpfm.redact import redact
+from bpfm.io.redact import redact
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -207,7 +207,7 @@ def sha256_file(
 ) -> str:
     """sha256 of a file, streamed (hashlib releases the GIL, so threads hash in parallel): a
     local path, or a path in `fs`. `poll` is called every block: it raises to stop
-    (`bpfm.interrupts.check`)."""
+    (`bpfm.io.interrupts.check`)."""
     digest = hashlib.sha256()
     with (fs.open_input_stream(str(path)) if fs is not None else open(path, "rb")) as handle:
         while chunk := handle.read(block):

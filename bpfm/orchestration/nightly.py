@@ -97,7 +97,7 @@ def remove_work(work: Path) -> None:
 
 
 def _run_grid(profile, config: NightlyConfig, stamp: str) -> dict[str, Any]:
-    from bpfm.tune import run_grid
+    from bpfm.orchestration.ray_grid import run_grid
 
     result = run_grid(profile, name=f"nightly-{stamp}", gpus=config.gpus)
     return {"grid_run_id": result["grid_run_id"], "experiment_id": result["experiment_id"],

@@ -1,6 +1,6 @@
 """Optuna search over the training recipe of one grid cell, run by Ray Tune: `OptunaSearch`
 (TPE, seeded) proposes learning rate, weight decay, head type (paper, linear, mlp), MLP width and
-depth, dropout and warm-up; ASHA stops poor trials early. Besides `bpfm.tune`, the only module in
+depth, dropout and warm-up; ASHA stops poor trials early. Besides `bpfm.orchestration.ray_grid`, the only module in
 bpfm that imports ray.
 
 Resuming: the Optuna study lives in a storage (sqlite file or database URL), and every launch
@@ -145,7 +145,7 @@ def trial_train_values(config: dict[str, Any], ctx: SearchContext, out: str) -> 
 def search_trial(config: dict[str, Any], ctx: SearchContext) -> None:
     """Tune trainable: train the cell with the trial's recipe, reporting val_mae every epoch
     (ASHA's signal) and, at the last epoch, the test metrics as `test_*`."""
-    from bpfm.train import TrainConfig, fit
+    from bpfm.training.loop import TrainConfig, fit
 
     tracking.configure()
     out = Path(tune.get_context().get_trial_dir()) / "model"
@@ -179,7 +179,7 @@ class TrialRuns(tune.Callback):
         return tracking.client(self.tracking_uri)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        from bpfm.train import TrainConfig
+        from bpfm.training.loop import TrainConfig
 
         number = trial.config["optuna_trial"]
         values = trial_train_values(trial.config, self.ctx, "")
@@ -282,9 +282,9 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from bpfm import grid
-    from bpfm.storage import join
-    from bpfm.tune import _absolute, cluster_gpus, ensure_pretrained, init_ray, trial_resources
+    from bpfm.orchestration import plan as grid
+    from bpfm.io.storage import join
+    from bpfm.orchestration.ray_grid import _absolute, cluster_gpus, ensure_pretrained, init_ray, trial_resources
 
     cell = config.cell
     study_name = config.study or "search-" + grid.Cell(**cell).id

@@ -194,7 +194,7 @@ def head_calibrate(
     as the model pools it). `head` itself is never changed. Nothing is random (a copy in eval
     mode, so no dropout; full-batch Adam), so a fit depends on its subject alone and leaves the
     caller's RNG state (e.g. a training run's) untouched."""
-    from bpfm.predict import target_scaling
+    from bpfm.training.predict import target_scaling
 
     scale, shift = (torch.tensor(v, dtype=torch.float32) for v in target_scaling(meta))
     checkpoints = sorted({int(s) for s in np.atleast_1d(steps)})
@@ -230,7 +230,7 @@ def head_calibrate(
 def encode_view(model: nn.Module, view, meta: dict[str, Any], *, batch_size: int = 256):
     """(Predictions, pooled encoder features [N, D]) of a `BPModel` over a view in view order:
     one pass gives both the model's estimates and what its head sees."""
-    from bpfm.predict import Predictions, _view_loader, check_batch, model_device, target_scaling
+    from bpfm.training.predict import Predictions, _view_loader, check_batch, model_device, target_scaling
 
     device = model_device(model)
     scale, shift = target_scaling(meta)
@@ -314,7 +314,7 @@ def cal_view(split):
 
 
 def _concat(a, b):
-    from bpfm.predict import Predictions
+    from bpfm.training.predict import Predictions
 
     return Predictions(a.segment_id + b.segment_id, a.subject + b.subject,
                        np.concatenate([a.target, b.target]),
@@ -326,7 +326,7 @@ class EncodedSplit:
     """A model's estimates and pooled features over a split's test rows (with `AAMI_Cal` rows
     marked by `from_cal`) and validation rows: computed once, calibrated for any K."""
 
-    test: Any  # bpfm.predict.Predictions
+    test: Any  # bpfm.training.predict.Predictions
     test_features: np.ndarray
     from_cal: np.ndarray | None
     val: Any
@@ -443,7 +443,7 @@ def write_calibrated_estimates(model_dir, table) -> None:
     """Publish `ESTIMATES_FILE` in a model dir (atomically, as every model-dir file)."""
     import pyarrow.parquet as pq
 
-    from bpfm.predict import _publish
+    from bpfm.training.predict import _publish
 
     Path(model_dir).mkdir(parents=True, exist_ok=True)
     _publish(Path(model_dir) / ESTIMATES_FILE, lambda tmp: pq.write_table(table, tmp))

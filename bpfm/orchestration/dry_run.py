@@ -1,4 +1,4 @@
-"""What a dry run adds to the plan of cells and trials (`bpfm.grid.dry_run`): the work a launch
+"""What a dry run adds to the plan of cells and trials (`bpfm.orchestration.plan.dry_run`): the work a launch
 would do before and after training, and the device choice of `--gpus`, all without starting Ray."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 from bpfm.profiles import Profile
 
-QUANT_TASK_CPUS = 1.0  # bpfm.tune.run_grid's default: one CPU per quantization task, no GPU
+QUANT_TASK_CPUS = 1.0  # bpfm.orchestration.ray_grid.run_grid's default: one CPU per quantization task, no GPU
 
 
 def gpus_now(policy: str) -> tuple[float | None, str]:
@@ -73,7 +73,7 @@ def launch_notes(profile: Profile, plan: dict[str, Any], gpus: str) -> list[str]
 def _exists(uri: str) -> bool | str:
     """Whether `uri` exists, or why that cannot be told now (an unreachable S3 endpoint)."""
     from bpfm.errors import BpfmError
-    from bpfm.storage import exists
+    from bpfm.io.storage import exists
 
     try:
         return exists(uri)

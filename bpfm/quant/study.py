@@ -78,7 +78,7 @@ def calibration_batches(view, count: int, *, batch_size: int = 64, seed: int = 4
 
 def _test_metrics(model: nn.Module, split, meta: dict[str, Any], batch_size: int) -> dict:
     from bpfm.metrics import compute_metrics
-    from bpfm.predict import predict
+    from bpfm.training.predict import predict
 
     pred = predict(model, split.test, meta, batch_size=batch_size, device="cpu")
     return compute_metrics(pred.target, pred.estimate, pred.subject, meta.get("target_mean"))
@@ -118,13 +118,13 @@ def run_quantization(
     calib_batch_size: int = 64,
     baseline: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Quantize the model of `model_dir` (written by `bpfm.train.fit`), evaluate it on the test
+    """Quantize the model of `model_dir` (written by `bpfm.training.loop.fit`), evaluate it on the test
     view of its data (or of `data`/`source`/`protocol`), measure it against fp32, and write
     `out/quant.json` plus the model (`out/model.pt` or `out/model.pt2`).
 
     `latency_runs=0` skips latency. `baseline`: an earlier result of the same model dir (e.g. the
     fp32 variant's) whose `fp32` block is reused instead of evaluating and timing fp32 again."""
-    from bpfm.evaluate import load_trained, model_split
+    from bpfm.training.evaluate import load_trained, model_split
 
     config = config.validate()
     if threads < 1 or latency_runs < 0:
@@ -176,7 +176,7 @@ def run_quantization(
 
     out = Path(out)
     result["model_file"] = str(save_quantized(quantized, out))
-    from bpfm.predict import write_json
+    from bpfm.training.predict import write_json
 
     write_json(out / RESULT_FILE, result)
     log.info("%s: %.2f MiB (x%.2f smaller), MAE SBP %.2f / DBP %.2f mmHg, b64 %s ms", config.name,

@@ -36,7 +36,7 @@ from torch import nn
 from bpfm.errors import BpfmError, DataError
 from bpfm.model.cerebro import CerebroEncoder, size_config
 from bpfm.model.checkpoint import init_xavier, read_bytes, to_official_keys, write_bytes_atomic
-from bpfm.predict import WINDOW_SHAPE
+from bpfm.training.predict import WINDOW_SHAPE
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def _check(config: PretrainConfig, patches: int) -> None:
 def shard_view(config: PretrainConfig):
     """The train view of `config.data` for `source` and `protocol`: the only windows in-domain
     pretraining reads."""
-    from bpfm.evaluate import open_split
+    from bpfm.training.evaluate import open_split
 
     return open_split(config.data, config.source, config.protocol, config.split_seed).train
 

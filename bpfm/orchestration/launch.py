@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from bpfm import storage
+from bpfm.io import storage
 from bpfm.errors import BpfmError
 
 log = logging.getLogger(__name__)

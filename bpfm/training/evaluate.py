@@ -15,10 +15,10 @@ from torch import nn
 
 from bpfm.errors import BpfmError
 from bpfm.metrics import compute_metrics
-from bpfm.predict import Predictions, predict, resolve_device
+from bpfm.training.predict import Predictions, predict, resolve_device
 
 if TYPE_CHECKING:
-    from bpfm.train import TrainConfig
+    from bpfm.training.loop import TrainConfig
 
 
 def open_split(data: str, source: str, protocol: str, seed: int = 42, cache: bool = True,
@@ -121,7 +121,7 @@ def load_trained(model_dir: str | Path) -> tuple[nn.Module, TrainConfig, dict[st
     written by `fit` (`out/` or `out/epoch-<N>/`)."""
     from bpfm.model import load_model
     from bpfm.schema import field_problems
-    from bpfm.train import TrainConfig
+    from bpfm.training.loop import TrainConfig
 
     model_dir = Path(model_dir)
     config_file = model_dir / "config.json"
@@ -157,7 +157,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Test metrics of a trained model on the data, source and protocol it was trained with,
     or on others (e.g. a MIMIC model on VitalDB). The MASE baseline stays the train mean of the
-    model's own training data. `calibration` methods (bpfm.calibration) add a `calibration`
+    model's own training data. `calibration` methods (bpfm.training.calibration) add a `calibration`
     entry: each method, `none` and the trivial calibrated predictor on the windows left after
     each test subject's `calib_windows`."""
     model, config, meta = load_trained(model_dir)
@@ -173,7 +173,7 @@ def evaluate(
     )
     result = {**metrics, **overrides, "model_dir": str(model_dir), "split": split.label}
     if calibration:
-        from bpfm.calibration import check_methods, evaluate_calibration
+        from bpfm.training.calibration import check_methods, evaluate_calibration
 
         methods = check_methods(calibration, calib_windows, "evaluate: calibration")
         result["calibration"] = evaluate_calibration(

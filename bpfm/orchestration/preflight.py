@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from bpfm import storage
+from bpfm.io import storage
 from bpfm.errors import BpfmError
 
 TIMEOUT_S = 5

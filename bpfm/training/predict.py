@@ -162,7 +162,7 @@ def predict(
 def _publish(path: Path, write: Callable[[Path], None], needed: int | None = None) -> None:
     """Write through a temporary name in the same folder, then rename: readers never see half.
     A full disk is one line naming the file (and `needed`, its size, when known)."""
-    from bpfm.disk import reporting_full_disk
+    from bpfm.io.disk import reporting_full_disk
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with reporting_full_disk(path, needed):

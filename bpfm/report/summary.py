@@ -1,6 +1,6 @@
 """The grid's summary as the paper's Table II: per cell DBP and SBP SD / MAE / R² / MASE, the test
 set's size, BHS grade and AAMI verdict; then one line that reads the table and says where to look
-next. Pure functions of the summary rows `bpfm.stages.summarize` returns."""
+next. Pure functions of the summary rows `bpfm.orchestration.stages.summarize` returns."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""The Ray-free work of the grid's stages, called by `bpfm.tune` in the driver and in Ray
+"""The Ray-free work of the grid's stages, called by `bpfm.orchestration.ray_grid` in the driver and in Ray
 workers: a trial's MLflow cell runs (stage 1), every quantization variant of a trained model
 (stage 2), the best model per source and the summary (stage 3). Stage 0's data is
-`bpfm.grid.ensure_data`."""
+`bpfm.orchestration.plan.ensure_data`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from bpfm import tracking
 from bpfm.errors import BpfmError
-from bpfm.grid import QUANT_COLUMNS, SUMMARY_COLUMNS, TRAIN_COLUMNS, Cell, TrialPlan
+from bpfm.orchestration.plan import QUANT_COLUMNS, SUMMARY_COLUMNS, TRAIN_COLUMNS, Cell, TrialPlan
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,12 @@ class TrialContext:
 
 def train_config(config: dict[str, Any], ctx: TrialContext, out: str | Path):
     """The TrainConfig of one trial: the shared recipe, then this trial's axes and overrides."""
-    from bpfm.train import TrainConfig
+    from bpfm.training.loop import TrainConfig
 
     values = {**ctx.train, **{k: v for k, v in config.items() if k != "trial"}}
     values.update(data=ctx.data, out=str(out))
     if values.get("init", "xavier") != "xavier" and not values.get("checkpoint"):
-        from bpfm.backbones import backbone_key
+        from bpfm.orchestration.backbones import backbone_key
 
         key = backbone_key(values["init"], values.get("size", "small"), values.get("source", ""),
                            values.get("protocol", ""))  # fmt: skip
@@ -95,11 +95,11 @@ class CellLogger:
                 tracking.log_epoch(self.client, run_id, epoch, values)
 
     def finish_cell(self, epochs: int, model_dir: Path) -> None:
-        from bpfm.evaluate import read_metrics
+        from bpfm.training.evaluate import read_metrics
 
         if epochs in self.finished or epochs not in self.runs:
             return
-        from bpfm.mlflow_view import key_metrics
+        from bpfm.tracking_view import key_metrics
 
         run_id = self.runs[epochs]
         payload = read_metrics(model_dir)
@@ -120,7 +120,7 @@ def log_calibration(client, run_id: str, result: dict[str, Any], model_dir: Path
     `calibration/calibrated_estimates.parquet` (the leaderboard's Bland-Altman plot)."""
     from mlflow.entities import RunTag
 
-    from bpfm.calibration import ESTIMATES_FILE, flat_metrics
+    from bpfm.training.calibration import ESTIMATES_FILE, flat_metrics
 
     flat = flat_metrics(result)
     tracking.log_results(client, run_id, flat, extra=[k for k, v in flat.items()
@@ -195,7 +195,7 @@ def quantize_model(
 def _quant_params(variant: str, options: dict[str, Any]) -> dict[str, str]:
     from bpfm import tracking
     from bpfm.export import ExportConfig, is_export_variant
-    from bpfm.quantize import QuantConfig
+    from bpfm.quant.study import QuantConfig
 
     if is_export_variant(options):  # both runtimes quantize weights per output channel
         fields = {**ExportConfig.from_variant(options).to_dict(), "weights": "per_channel",
@@ -210,7 +210,7 @@ def _quantize_variant(tracking_uri: str, client, run_id: str, model_dir: Path, o
     from bpfm import tracking
     from bpfm.export import is_export_variant
     from bpfm.quant import FX_FILE
-    from bpfm.quantize import QuantConfig, load_quantized, run_quantization
+    from bpfm.quant.study import QuantConfig, load_quantized, run_quantization
 
     if is_export_variant(options):
         return _export_variant(client, run_id, model_dir, out, options, data, settings)
@@ -275,7 +275,7 @@ def register_best(client, tracking_uri: str, study: str, cell_runs: list) -> dic
     import tempfile
 
     from bpfm import tracking
-    from bpfm.evaluate import load_trained
+    from bpfm.training.evaluate import load_trained
 
     best: dict[str, Any] = {}
     for run in cell_runs:

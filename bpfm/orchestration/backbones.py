@@ -1,5 +1,5 @@
 """Named backbones of the grid's `init` axis, built in stage 0 (Ray-free: which checkpoints a grid
-needs and how to pretrain each; `bpfm.tune` runs them as tasks).
+needs and how to pretrain each; `bpfm.orchestration.ray_grid` runs them as tasks).
 
 - `pretrained`: the EEG backbone, one per size (`pretrain.checkpoint` with `{size}`);
 - `pretrained_ecgppg`: SimMIM on the ECG+PPG windows of the cell's source and protocol train

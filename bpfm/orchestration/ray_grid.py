@@ -2,7 +2,7 @@
 resources, the Tuner (created or restored), and Ray tasks for pretraining and quantization.
 
 The trainable is a plain function of `config` (Ray Tune's examples): it builds a TrainConfig,
-calls `bpfm.train.fit` with a callback that reports every epoch with a checkpoint, and resumes
+calls `bpfm.training.loop.fit` with a callback that reports every epoch with a checkpoint, and resumes
 from `ray.tune.get_checkpoint()`. It logs its cells to MLflow itself (the driver made the
 experiment and the grid's parent run), so MLflow holds every model even when the driver dies."""
 
@@ -25,10 +25,10 @@ from ray import tune
 
 from bpfm import progress, tracking
 from bpfm.errors import BpfmError
-from bpfm.grid import trial_from_config
+from bpfm.orchestration.plan import trial_from_config
 from bpfm.profiles import Profile
-from bpfm.scratch import process_runs
-from bpfm.stages import CellLogger, TrialContext, model_dir_for, train_config
+from bpfm.io.scratch import process_runs
+from bpfm.orchestration.stages import CellLogger, TrialContext, model_dir_for, train_config
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
                 marker.touch()
                 raise InjectedFault(f"injected fault after epoch {epoch} ({trial_id})")
 
-        from bpfm.train import fit
+        from bpfm.training.loop import fit
 
         checkpoint = tune.get_checkpoint()
         saved_epoch = checkpoint.get_metadata().get("epoch") if checkpoint else None
@@ -139,7 +139,7 @@ def _is_scalar(value: Any) -> bool:
 
 
 class TrialProgress(tune.Callback):
-    """Advances the grid's progress bar (`bpfm.progress.current`) as trials end. It holds no
+    """Advances the grid's progress bar (`bpfm.orchestration.progress.current`) as trials end. It holds no
     state: Tune pickles its run config, callbacks included, with the experiment."""
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -211,7 +211,7 @@ def make_tuner(
     """A Tuner for `storage/name`: restored when that experiment exists (finished trials are not
     run again, errored ones resume from their last checkpoint), else created. Run it inside
     `credentials_kept_from_trials()` (the AWS variables of the driver would reach Ray's logs)."""
-    from bpfm.storage import join
+    from bpfm.io.storage import join
 
     storage = _absolute(storage)
     trainable = tune.with_resources(trainable, resources)
@@ -299,7 +299,7 @@ def init_ray(**kwargs: Any) -> None:
     """Join the cluster named by RAY_ADDRESS (a `ray job submit` sets it), else start a new local
     Ray. A bare `ray.init()` would join whatever cluster `ray start` last left on this host, even
     a dead one, and hang."""
-    from bpfm import ray_hints
+    from bpfm.orchestration import ray_logs as ray_hints
 
     ray_hints.install()
     if ray.is_initialized():
@@ -315,7 +315,7 @@ def init_ray(**kwargs: Any) -> None:
 
 @ray.remote
 def _pretrain_task(spec: dict[str, Any]) -> str:
-    from bpfm.pretrain import PretrainConfig, pretrain
+    from bpfm.training.pretrain import PretrainConfig, pretrain
 
     return pretrain(PretrainConfig(**spec)).out
 
@@ -323,7 +323,7 @@ def _pretrain_task(spec: dict[str, Any]) -> str:
 def ensure_pretrained(profile: Profile, sizes: list[str], gpus: float) -> dict[str, str]:
     """Stage 0: a backbone checkpoint per size for the `pretrained` cells; a missing one is
     pretrained now (a Ray task with the size's resources, steps from the profile)."""
-    from bpfm.storage import exists
+    from bpfm.io.storage import exists
 
     if profile.pretrain is None:
         raise BpfmError(
@@ -348,11 +348,11 @@ def ensure_pretrained(profile: Profile, sizes: list[str], gpus: float) -> dict[s
 def ensure_backbones(
     profile: Profile, cells: list, data: str, gpus: float, split_seed: int = 42
 ) -> dict[str, str]:
-    """Stage 0: every named backbone of the `init` axis (bpfm.backbones), keyed as
+    """Stage 0: every named backbone of the `init` axis (bpfm.orchestration.backbones), keyed as
     `backbone_key`; missing ones are pretrained as Ray tasks, EEG ones before those that
     continue them."""
-    from bpfm.backbones import backbone_jobs
-    from bpfm.storage import exists
+    from bpfm.orchestration.backbones import backbone_jobs
+    from bpfm.io.storage import exists
 
     jobs = backbone_jobs(profile.pretrain, cells, data, split_seed) if profile.pretrain else []
     if not jobs:
@@ -376,7 +376,7 @@ def ensure_backbones(
 
 @ray.remote
 def _quantize_task(job: dict[str, Any]) -> list[dict[str, Any]]:
-    from bpfm.stages import quantize_model
+    from bpfm.orchestration.stages import quantize_model
 
     return quantize_model(**job)
 
@@ -460,7 +460,7 @@ def run_grid(
     when `storage/name` exists); stage 2: every trained model through every quantization variant;
     stage 3: the summary, read back from MLflow."""
     from bpfm import grid, preflight
-    from bpfm.job_paths import check_job_paths, launch_paths
+    from bpfm.orchestration.job_paths import check_job_paths, launch_paths
 
     grid.check_trials(profile, recipe or {})  # bad settings and unreachable servers fail here,
     preflight.check_launch(profile)  # in seconds, not after Ray and stage 0 ran
@@ -480,8 +480,8 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
                 quant_cpus: float, verbose: bool = True) -> dict[str, Any]:
     from bpfm import grid, launch, mlflow_view, stages
     from bpfm.data.shards import open_shards
-    from bpfm.storage import join
-    from bpfm.summary import table2_row
+    from bpfm.io.storage import join
+    from bpfm.report.summary import table2_row
 
     train = {**profile.train, "cache": profile.data.cache, **recipe}
     plan = grid.plan_grid(profile, train)
@@ -581,7 +581,7 @@ def _last_line(error: BaseException) -> str:
 
 
 def _absolute(storage: str) -> str:
-    from bpfm.storage import is_local
+    from bpfm.io.storage import is_local
 
     if is_local(storage):
         return str(Path(storage.removeprefix("file://")).expanduser().absolute())

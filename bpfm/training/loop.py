@@ -1,6 +1,6 @@
 """Fine-tune (or train from scratch) one configuration: `fit(TrainConfig)`.
 
-Plain PyTorch, no Ray: per-epoch callbacks receive an `EpochReport`, which is how `bpfm.tune`
+Plain PyTorch, no Ray: per-epoch callbacks receive an `EpochReport`, which is how `bpfm.orchestration.ray_grid`
 reports to Ray Tune. Recipe defaults are the paper's (MSE, Adam lr 1e-4, no weight decay, seed
 42, fixed epochs) except that targets are standardised with the train view's mean/SD (the head
 predicts z-scores and starts at 0, i.e. the train mean); `standardize_targets=False` replays the
@@ -11,7 +11,7 @@ a short run stays at the mean predictor (measured on synthetic data: MASE 0.99 a
 
 Every epoch ends with a full checkpoint (`out/checkpoints/epoch-NNNN/state.pt`: model,
 optimiser, scheduler, torch/CUDA/numpy/python RNG states, epoch, history, best val; see
-`bpfm.train_state`), and the loader's shuffle is seeded per (seed, epoch), so a resumed run
+`bpfm.training.state`), and the loader's shuffle is seeded per (seed, epoch), so a resumed run
 equals an uninterrupted one.
 Epoch-prefix reporting: with a schedule that does not depend on the total epochs, the model at
 epoch N of a longer run *is* the N-epoch model, so `report_epochs=(100, 200)` writes
@@ -33,15 +33,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from bpfm.calibration import (
+from bpfm.training.calibration import (
     check_methods,
     evaluate_calibration,
     parse_methods,
     write_calibrated_estimates,
 )
-from bpfm.calibration import flat_metrics as calibration_flat_metrics
+from bpfm.training.calibration import flat_metrics as calibration_flat_metrics
 from bpfm.errors import BpfmError
-from bpfm.evaluate import (
+from bpfm.training.evaluate import (
     evaluate,
     load_trained,
     mean_mae,
@@ -51,7 +51,7 @@ from bpfm.evaluate import (
     require_segments,
     split_summary,
 )
-from bpfm.predict import (
+from bpfm.training.predict import (
     Predictions,
     check_batch,
     predict,
@@ -60,7 +60,7 @@ from bpfm.predict import (
     write_json,
     write_model_dir,
 )
-from bpfm.train_state import (
+from bpfm.training.state import (
     check_resumable,
     latest_checkpoint,
     load_train_state,
@@ -87,7 +87,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("mimic", "vitaldb", "other")
 # Named backbones (DESIGN: `pretrained` is the EEG one; the others are in-domain SimMIM on the
-# train view's ECG+PPG windows, from scratch or continuing the EEG one; see bpfm.pretrain).
+# train view's ECG+PPG windows, from scratch or continuing the EEG one; see bpfm.training.pretrain).
 BACKBONE_INITS = ("pretrained", "pretrained_ecgppg", "pretrained_eeg_then_ecgppg")
 INITS = (*BACKBONE_INITS, "xavier")
 OPTIMIZERS = ("adam", "adamw")
@@ -133,7 +133,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # tiny runs (tests, demo)
     eval_batch_size: int = 256
     keep_checkpoints: int = 2
-    calibration: tuple[str, ...] = ()  # per-subject calibration methods (bpfm.calibration)
+    calibration: tuple[str, ...] = ()  # per-subject calibration methods (bpfm.training.calibration)
     calib_windows: int = 5  # K calibration windows per test subject
 
     def __post_init__(self) -> None:
@@ -383,7 +383,7 @@ def fit(
     resume_from: str | Path | None = None,
     allow_new_data: bool = False,
 ) -> FitResult:
-    """Train `config`, writing the model dir `config.out` (layout in `bpfm.predict`).
+    """Train `config`, writing the model dir `config.out` (layout in `bpfm.training.predict`).
 
     `resume`: continue from out/'s last checkpoint when there is one. `resume_from`: a checkpoint
     dir to continue from instead (what Ray Tune hands back after a failure). The run reads one
@@ -459,7 +459,7 @@ def fit(
         if model_dirs:
             payload, test_pred = model_dir_payload(model, split, meta, val_pred, **eval_kw)
             calibrated = None
-            if config.calibration:  # per-subject calibration (bpfm.calibration), model unchanged
+            if config.calibration:  # per-subject calibration (bpfm.training.calibration), model unchanged
                 try:
                     payload["calibration"] = evaluate_calibration(
                         model, meta, split, config.calibration, config.calib_windows,
