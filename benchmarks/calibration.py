@@ -36,11 +36,13 @@ import logging
 import os
 from pathlib import Path
 
-from bpfm.training.calibration import METHODS, encode_split, evaluate_calibration
 from bpfm.data.shards import MANIFEST, write_shards
-from bpfm.training.evaluate import load_trained, open_split
+from bpfm.training.calibration import METHODS, encode_split, evaluate_calibration
+from bpfm.training.config import TrainConfig
+from bpfm.training.evaluate import open_split
+from bpfm.training.loop import fit
+from bpfm.training.model_dir import load_trained
 from bpfm.training.pretrain import PretrainConfig, pretrain
-from bpfm.training.loop import TrainConfig, fit
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("BPFM_CHALLENGE2015", REPO.parent / "shared" / "data" /

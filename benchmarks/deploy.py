@@ -39,10 +39,10 @@ THREADS = 1
 
 
 def run(args, workdir: Path) -> dict:
-    from bpfm.training.evaluate import load_trained
     from bpfm.export import ExportConfig, load_export
     from bpfm.export.run import run_export
     from bpfm.quant.measure import timings
+    from bpfm.training.model_dir import load_trained
 
     data = prepare_data(workdir, args.subjects)
     model_dir = train(data, "small", args.steps, workdir / "model-small")

@@ -90,7 +90,8 @@ def fit_back_to_back(data: str, trials: int, folder: Path) -> float:
     """Sum of N plain `fit` calls (one thread, as each Ray trial gets)."""
     import torch
 
-    from bpfm.training.loop import TrainConfig, fit
+    from bpfm.training.config import TrainConfig
+    from bpfm.training.loop import fit
 
     torch.set_num_threads(1)
     total = 0.0
@@ -110,8 +111,14 @@ def bpfm_tune(data: str, trials: int, folder: Path) -> dict:
 
     from bpfm import tracking
     from bpfm.orchestration.plan import plan_grid
+    from bpfm.orchestration.ray_grid import (
+        TrialContext,
+        make_tuner,
+        search_space,
+        train_cell,
+        trial_resources,
+    )
     from bpfm.profiles import load_profile
-    from bpfm.orchestration.ray_grid import TrialContext, make_tuner, search_space, train_cell, trial_resources
 
     profile = load_profile(str(bpfm_profile(folder, data, trials)))
     uri = f"sqlite:///{folder / 'mlflow.db'}"

@@ -57,7 +57,8 @@ def prepare_data(workdir: Path, subjects: int) -> str:
 
 
 def train(data: str, size: str, steps: int, out: Path) -> Path:
-    from bpfm.training.loop import TrainConfig, fit
+    from bpfm.training.config import TrainConfig
+    from bpfm.training.loop import fit
 
     if not (out / "metrics.json").is_file():
         fit(TrainConfig(data=data, source="mimic", protocol="paper", size=size, epochs=1,
@@ -69,10 +70,11 @@ def train(data: str, size: str, steps: int, out: Path) -> Path:
 def bench_size(model_dir: Path, size: str, variants: dict, args, workdir: Path) -> dict:
     import torch
 
-    from bpfm.training.evaluate import load_trained
-    from bpfm.quant import QuantConfig, load_quantized
+    from bpfm.quant.convert import load_quantized
     from bpfm.quant.measure import fixed_threads, timings
+    from bpfm.quant.quantized import QuantConfig
     from bpfm.quant.study import run_quantization
+    from bpfm.training.model_dir import load_trained
 
     results = {"fp32": run_quantization(model_dir, QuantConfig("fp32"), out=workdir / "fp32",
                                         latency_runs=0, threads=args.threads)}  # fmt: skip

@@ -200,9 +200,10 @@ def _check_sections(path: Path, raw: dict) -> None:
     """`train:`, `quantize:`, `resources:` and `quantize_options:` against TrainConfig,
     QuantConfig, Resources and run_quantization, before anything starts."""
     from bpfm.export import ExportConfig, is_export_variant
-    from bpfm.quant.study import QuantConfig, run_quantization
+    from bpfm.quant.quantized import QuantConfig
+    from bpfm.quant.study import run_quantization
     from bpfm.schema import field_problems
-    from bpfm.training.loop import TrainConfig
+    from bpfm.training.config import TrainConfig
 
     train = _mapping(path, "train", raw.get("train") or {})
     for key in GRID_SET:
@@ -323,7 +324,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise BpfmError(f"{path}: recipe: must be a mapping of TrainConfig fields")
     from bpfm.schema import field_problems
-    from bpfm.training.loop import TrainConfig
+    from bpfm.training.config import TrainConfig
 
     recipe = {k: v for k, v in raw.items() if k not in AXES}
     _first_problem(path, "train", field_problems(TrainConfig, recipe))

@@ -14,10 +14,16 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bpfm import defaults
+from bpfm.errors import BpfmError
 from bpfm.io.redact import redact
+
+if TYPE_CHECKING:  # torch is a heavy import the report and search never need
+    from torch import nn
+
+    from bpfm.quant.quantized import QuantizedModel
 
 log = logging.getLogger(__name__)
 
@@ -312,10 +318,11 @@ def finish(mlflow_client, run_id: str, status: str = "FINISHED") -> None:
 
 
 def log_torch_model(
-    tracking_uri: str, run_id: str, model, name: str, registered_name: str | None = None
+    tracking_uri: str, run_id: str, model: nn.Module, name: str, registered_name: str | None = None
 ) -> str:
-    """Log a torch model as an MLflow model of the run (pickle: INT8 torch.ao models cannot be
-    exported as pt2); returns its model URI."""
+    """Log a torch model as an MLflow model of the run and return its model URI. Pickle format:
+    MLflow's default pt2 format cannot serialise torch.ao's packed INT8 weights, and one format
+    for every model keeps `mlflow.pytorch.load_model` the only way back."""
     import torch
 
     import mlflow
@@ -333,15 +340,17 @@ def log_torch_model(
     return info.model_uri
 
 
-def log_quantized_model(tracking_uri: str, run_id: str, quantized) -> str:
-    """The quantized model as an MLflow model of its run (pickle format: torch.ao INT8 modules
-    cannot be exported as pt2); returns its model URI."""
-    import mlflow
-    from bpfm.quant.study import log_to_mlflow
+def log_quantized_model(tracking_uri: str, run_id: str, quantized: QuantizedModel,
+                        name: str = "quantized_model") -> str:  # fmt: skip
+    """A quantized model as an MLflow model of its run; a pt2e model is an exported program
+    (no pickle), whose `model.pt2` is logged as an artifact instead."""
+    from bpfm.quant.fx import ao_warnings_filtered
 
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        return log_to_mlflow(quantized, name="quantized_model").model_uri
+    if quantized.config.backend == "pt2e" and quantized.config.mode != "fp32":
+        raise BpfmError("quantize: mlflow: a pt2e model is an exported program; log its "
+                        "model.pt2 (save_quantized) as an artifact instead")  # fmt: skip
+    with ao_warnings_filtered():
+        return log_torch_model(tracking_uri, run_id, quantized, name)
 
 
 def register_best(

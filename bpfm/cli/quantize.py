@@ -66,7 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bpfm.defaults import home
-    from bpfm.quant.study import QuantConfig, run_quantization
+    from bpfm.quant.quantized import QuantConfig
+    from bpfm.quant.study import run_quantization
 
     config = QuantConfig(
         mode=args.mode, observer=args.observer, weights=args.weights, backend=args.backend,

@@ -66,8 +66,8 @@ def handle(args: argparse.Namespace) -> int:
     import dataclasses
 
     from bpfm.errors import BpfmError
-    from bpfm.profiles import AXIS_CHOICES, load_profile
     from bpfm.orchestration.ray_search import SearchConfig, run_search
+    from bpfm.profiles import AXIS_CHOICES, load_profile
 
     profile = load_profile(args.profile)
     if args.data:

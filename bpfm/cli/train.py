@@ -154,7 +154,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _config_from_args(args: argparse.Namespace):
     from bpfm.defaults import home
-    from bpfm.training.loop import TrainConfig
+    from bpfm.training.config import TrainConfig
 
     return TrainConfig(
         data=args.data or "",
@@ -193,8 +193,8 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from bpfm.training.evaluate import read_metrics
     from bpfm.training.loop import fit
+    from bpfm.training.model_dir import read_metrics
 
     result = fit(
         _config_from_args(args), resume=not args.no_resume, allow_new_data=args.allow_new_data
@@ -220,7 +220,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from bpfm.training.calibration import parse_methods
-    from bpfm.training.loop import evaluate
+    from bpfm.training.evaluate import evaluate
 
     if not args.model:
         raise BpfmError("evaluate: model: no model dir given (--model DIR)")

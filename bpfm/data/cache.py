@@ -41,9 +41,9 @@ import psutil
 import pyarrow.fs as pafs
 from filelock import FileLock
 
-from bpfm.io import storage
 from bpfm.data.shardset import ShardSet
 from bpfm.errors import BpfmError
+from bpfm.io import storage
 
 log = logging.getLogger(__name__)
 

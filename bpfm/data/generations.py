@@ -15,9 +15,9 @@ import json
 import logging
 from collections.abc import Iterable
 
-from bpfm.io import storage
 from bpfm.data.shardset import MANIFEST, ShardSet, open_shards, read_manifest
 from bpfm.errors import BpfmError
+from bpfm.io import storage
 
 log = logging.getLogger(__name__)
 

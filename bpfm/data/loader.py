@@ -33,10 +33,10 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from bpfm.io import storage
 from bpfm.data.pages import RawPage, map_raw_column
 from bpfm.data.shards import ROW_GROUP_SIZE, SIGNAL_PAIR, WINDOW, signal_array
 from bpfm.data.splits import View
+from bpfm.io import storage
 
 EPS = 1e-6
 # Granularity of the shuffle pool (zero-copy slices of a row group): a whole row group, so a

@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bpfm.io import storage
 from bpfm.data.shardset import ROWS_PER_PART, ShardOptions
 from bpfm.errors import DataError
+from bpfm.io import storage
 
 
 def conversion_key(sources: list[dict], options: dict) -> str:

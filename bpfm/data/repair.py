@@ -14,9 +14,9 @@ import uuid
 
 import pyarrow.fs as pafs
 
-from bpfm.io import storage
 from bpfm.data.shardset import ROWS_PER_PART, ShardSet
 from bpfm.errors import BpfmError
+from bpfm.io import storage
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from bpfm.io import storage
 from bpfm.errors import BpfmError
+from bpfm.io import storage
 
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "_manifest.json"

@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bpfm.io import storage
 from bpfm.data.shards import ShardSet, open_shards
 from bpfm.errors import BpfmError
+from bpfm.io import storage
 
 PROTOCOLS = ("paper", "calbased", "calfree", "aami")
 PULSEDB_SUBSETS = ("train", "calbased_test", "calfree_test", "aami_test", "aami_cal")

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from bpfm.io import storage
 from bpfm.data.shardset import MANIFEST, ShardSet
 from bpfm.errors import BpfmError
+from bpfm.io import storage
 
 THREADS = 8  # footers are small reads: on S3 each is a round trip, so several at once
 HASH_BLOCK = 8 << 20

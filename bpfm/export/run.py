@@ -30,7 +30,8 @@ from torch import nn
 
 from bpfm.errors import BpfmError
 from bpfm.export import ExportConfig, RuntimeModel, export_model, format_of, load_export
-from bpfm.training.predict import WINDOW_SHAPE, Predictions, target_scaling, write_json
+from bpfm.io.atomic import write_json
+from bpfm.training.predict import WINDOW_SHAPE, Predictions, target_scaling
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ def _int8_reference(model: nn.Module, config: ExportConfig, exported: dict[str, 
         return None, None
     if exported.get("reference") is not None:
         return exported["reference"], "the converted pt2e graph (XNNPACK quantizer), lowered"
-    from bpfm.quant import QuantConfig, quantize
+    from bpfm.quant.convert import quantize
+    from bpfm.quant.quantized import QuantConfig
 
     qconfig = QuantConfig(mode=config.mode, observer=REFERENCE_OBSERVER[config.observer],
                           backend="pt2e", compile=False)  # fmt: skip
@@ -121,11 +123,12 @@ def run_export(
     """Export the model of `model_dir` (or take the export `file` made earlier), evaluate the
     runtime on the test view, compare it with the torch model, measure it; write the out dir.
     `latency_runs=0` skips latency, `rss=False` the peak-RSS process."""
-    from bpfm.training.evaluate import load_trained, model_split
     from bpfm.metrics import compute_metrics
-    from bpfm.training.predict import predict
     from bpfm.quant.measure import MIB, latency_ms, state_dict_bytes
     from bpfm.quant.study import calibration_batches
+    from bpfm.training.evaluate import model_split
+    from bpfm.training.model_dir import load_trained
+    from bpfm.training.predict import predict
 
     if file is None and config is None:
         raise BpfmError("export: give an ExportConfig or an export file")

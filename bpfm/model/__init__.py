@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from bpfm.errors import BpfmError
+from bpfm.model.bp_model import HEADS, BPModel, make_head
 from bpfm.model.cerebro import SIZE_ALIASES, SIZES, CerebroConfig, CerebroEncoder, size_config
 from bpfm.model.checkpoint import (
     LoadReport,
@@ -18,7 +19,6 @@ from bpfm.model.checkpoint import (
     load_pretrained_backbone,
     save_model,
 )
-from bpfm.model.bp_model import HEADS, BPModel, make_head
 
 __all__ = [
     "HEADS",

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bpfm.io.disk import reporting_full_disk
 from bpfm.errors import BpfmError
-from bpfm.model.cerebro import CerebroEncoder
+from bpfm.io.disk import reporting_full_disk
 from bpfm.model.bp_model import LinearHead, PaperHead
+from bpfm.model.cerebro import CerebroEncoder
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import json
 import logging
 from typing import Any
 
-from bpfm.io import storage
 from bpfm.errors import BpfmError
+from bpfm.io import storage
 
 log = logging.getLogger(__name__)
 

@@ -106,7 +106,7 @@ def expand_cells(axes: dict[str, tuple]) -> list[Cell]:
 
 def shares_epoch_prefix(train: dict[str, Any]) -> bool:
     """Whether the recipe's schedule lets a longer run stand in for the shorter ones."""
-    from bpfm.training.loop import TOTAL_DEPENDENT_SCHEDULES, TrainConfig
+    from bpfm.training.config import TOTAL_DEPENDENT_SCHEDULES, TrainConfig
 
     return train.get("schedule", TrainConfig.schedule) not in TOTAL_DEPENDENT_SCHEDULES
 
@@ -149,7 +149,7 @@ def check_trials(profile: Profile, recipe: dict[str, Any], recipe_path: str | No
     """Every trial's TrainConfig (profile recipe, --recipe, the trial's axes) validated the way
     the trial will validate it, so that a bad value fails before Ray or stage 0 start, not in
     every trial after them. Errors name the file the value came from."""
-    from bpfm.training.loop import TrainConfig
+    from bpfm.training.config import TrainConfig
 
     train = {**profile.train, **recipe}
     for trial in plan_grid(profile, train).trials:
@@ -244,8 +244,8 @@ def ensure_data(profile: Profile) -> str:
     and the profile says how (the demo / nightly), else a one-line error."""
     import tempfile
 
-    from bpfm.io import storage
     from bpfm.data.shards import MANIFEST, write_shards
+    from bpfm.io import storage
 
     uri = profile.data.uri
     if storage.exists(storage.join(uri, MANIFEST)):

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from bpfm.io import storage
 from bpfm.errors import BpfmError
+from bpfm.io import storage
 
 TIMEOUT_S = 5
 # requests' failures -> what went wrong (its own text is a page of urllib3's repr)

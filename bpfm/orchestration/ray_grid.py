@@ -25,10 +25,10 @@ from ray import tune
 
 from bpfm import progress, tracking
 from bpfm.errors import BpfmError
-from bpfm.orchestration.plan import trial_from_config
-from bpfm.profiles import Profile
 from bpfm.io.scratch import process_runs
+from bpfm.orchestration.plan import trial_from_config
 from bpfm.orchestration.stages import CellLogger, TrialContext, model_dir_for, train_config
+from bpfm.profiles import Profile
 
 log = logging.getLogger(__name__)
 
@@ -351,8 +351,8 @@ def ensure_backbones(
     """Stage 0: every named backbone of the `init` axis (bpfm.orchestration.backbones), keyed as
     `backbone_key`; missing ones are pretrained as Ray tasks, EEG ones before those that
     continue them."""
-    from bpfm.orchestration.backbones import backbone_jobs
     from bpfm.io.storage import exists
+    from bpfm.orchestration.backbones import backbone_jobs
 
     jobs = backbone_jobs(profile.pretrain, cells, data, split_seed) if profile.pretrain else []
     if not jobs:

@@ -145,7 +145,8 @@ def trial_train_values(config: dict[str, Any], ctx: SearchContext, out: str) -> 
 def search_trial(config: dict[str, Any], ctx: SearchContext) -> None:
     """Tune trainable: train the cell with the trial's recipe, reporting val_mae every epoch
     (ASHA's signal) and, at the last epoch, the test metrics as `test_*`."""
-    from bpfm.training.loop import TrainConfig, fit
+    from bpfm.training.config import TrainConfig
+    from bpfm.training.loop import fit
 
     tracking.configure()
     out = Path(tune.get_context().get_trial_dir()) / "model"
@@ -179,7 +180,7 @@ class TrialRuns(tune.Callback):
         return tracking.client(self.tracking_uri)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        from bpfm.training.loop import TrainConfig
+        from bpfm.training.config import TrainConfig
 
         number = trial.config["optuna_trial"]
         values = trial_train_values(trial.config, self.ctx, "")
@@ -282,9 +283,15 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from bpfm.orchestration import plan as grid
     from bpfm.io.storage import join
-    from bpfm.orchestration.ray_grid import _absolute, cluster_gpus, ensure_pretrained, init_ray, trial_resources
+    from bpfm.orchestration import plan as grid
+    from bpfm.orchestration.ray_grid import (
+        _absolute,
+        cluster_gpus,
+        ensure_pretrained,
+        init_ray,
+        trial_resources,
+    )
 
     cell = config.cell
     study_name = config.study or "search-" + grid.Cell(**cell).id

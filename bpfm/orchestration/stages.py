@@ -39,7 +39,7 @@ class TrialContext:
 
 def train_config(config: dict[str, Any], ctx: TrialContext, out: str | Path):
     """The TrainConfig of one trial: the shared recipe, then this trial's axes and overrides."""
-    from bpfm.training.loop import TrainConfig
+    from bpfm.training.config import TrainConfig
 
     values = {**ctx.train, **{k: v for k, v in config.items() if k != "trial"}}
     values.update(data=ctx.data, out=str(out))
@@ -95,7 +95,7 @@ class CellLogger:
                 tracking.log_epoch(self.client, run_id, epoch, values)
 
     def finish_cell(self, epochs: int, model_dir: Path) -> None:
-        from bpfm.training.evaluate import read_metrics
+        from bpfm.training.model_dir import read_metrics
 
         if epochs in self.finished or epochs not in self.runs:
             return
@@ -195,7 +195,7 @@ def quantize_model(
 def _quant_params(variant: str, options: dict[str, Any]) -> dict[str, str]:
     from bpfm import tracking
     from bpfm.export import ExportConfig, is_export_variant
-    from bpfm.quant.study import QuantConfig
+    from bpfm.quant.quantized import QuantConfig
 
     if is_export_variant(options):  # both runtimes quantize weights per output channel
         fields = {**ExportConfig.from_variant(options).to_dict(), "weights": "per_channel",
@@ -209,8 +209,9 @@ def _quantize_variant(tracking_uri: str, client, run_id: str, model_dir: Path, o
                       options: dict[str, Any], data: str, settings: dict[str, Any]) -> dict:
     from bpfm import tracking
     from bpfm.export import is_export_variant
-    from bpfm.quant import FX_FILE
-    from bpfm.quant.study import QuantConfig, load_quantized, run_quantization
+    from bpfm.quant.convert import load_quantized
+    from bpfm.quant.quantized import FX_FILE, QuantConfig
+    from bpfm.quant.study import run_quantization
 
     if is_export_variant(options):
         return _export_variant(client, run_id, model_dir, out, options, data, settings)
@@ -275,7 +276,7 @@ def register_best(client, tracking_uri: str, study: str, cell_runs: list) -> dic
     import tempfile
 
     from bpfm import tracking
-    from bpfm.training.evaluate import load_trained
+    from bpfm.training.model_dir import load_trained
 
     best: dict[str, Any] = {}
     for run in cell_runs:

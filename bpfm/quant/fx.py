@@ -210,7 +210,7 @@ def save(quantized: nn.Module, path: Path) -> Path:
 
 
 def load(path: Path) -> nn.Module:
-    from bpfm.quant import QuantizedModel
+    from bpfm.quant.quantized import QuantizedModel
 
     with ao_warnings_filtered(QTENSOR_LOAD_WARNING), quantized_engine(select_engine()):
         try:

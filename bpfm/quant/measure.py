@@ -101,7 +101,7 @@ def timings(models: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
     passes each (the first pass of a compiled model compiles it). `cpu_ms` is the CPU time of
     the calling thread, exact as a latency only at threads=1; on a shared machine it leaves
     out the time other processes held the core, so its ratios are steadier than wall time's."""
-    from bpfm.quant import WINDOW_SHAPE
+    from bpfm.quant.quantized import WINDOW_SHAPE
 
     generator = torch.Generator().manual_seed(seed)
     result: dict[str, dict[int, dict[str, float]]] = {name: {} for name in models}

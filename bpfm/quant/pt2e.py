@@ -113,7 +113,7 @@ def quantize_pt2e(model: nn.Module, config, batches: list[torch.Tensor],
 
 def save(quantized, path: Path) -> Path:
     """torch.export.save of the converted graph; the config rides along as an extra file."""
-    from bpfm.quant import CONFIG_EXTRA, WINDOW_SHAPE, config_json
+    from bpfm.quant.quantized import CONFIG_EXTRA, WINDOW_SHAPE, config_json
 
     program = export(quantized.net, torch.zeros(2, *WINDOW_SHAPE))
     tmp = path.with_name(f".tmp-{path.name}")  # torch.export.save wants the .pt2 suffix
@@ -125,7 +125,7 @@ def save(quantized, path: Path) -> Path:
 def load(path: Path) -> nn.Module:
     import zipfile
 
-    from bpfm.quant import CONFIG_EXTRA, InputQuantizer, QuantConfig, QuantizedModel
+    from bpfm.quant.quantized import CONFIG_EXTRA, InputQuantizer, QuantConfig, QuantizedModel
 
     if not zipfile.is_zipfile(path):  # checked first: torch.export.load logs a traceback
         raise BpfmError(f"{path}: not a bpfm quantized model (not a .pt2 zip archive)")

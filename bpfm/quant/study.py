@@ -22,37 +22,13 @@ import torch
 from torch import nn
 
 from bpfm.errors import BpfmError
-from bpfm.quant import (
-    BACKENDS,
-    MODES,
-    OBSERVERS,
-    WEIGHTS,
+from bpfm.quant.convert import quantize, save_quantized
+from bpfm.quant.measure import MIB, fixed_threads, latency_ms, state_dict_bytes
+from bpfm.quant.quantized import (
     WINDOW_SHAPE,
-    InputQuantizer,
     QuantConfig,
     QuantizedModel,
-    load_quantized,
-    log_to_mlflow,
-    quantize,
-    save_quantized,
 )
-from bpfm.quant.measure import MIB, fixed_threads, latency_ms, state_dict_bytes
-
-__all__ = [
-    "BACKENDS",
-    "MODES",
-    "OBSERVERS",
-    "WEIGHTS",
-    "InputQuantizer",
-    "QuantConfig",
-    "QuantizedModel",
-    "calibration_batches",
-    "load_quantized",
-    "log_to_mlflow",
-    "quantize",
-    "run_quantization",
-    "save_quantized",
-]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +100,8 @@ def run_quantization(
 
     `latency_runs=0` skips latency. `baseline`: an earlier result of the same model dir (e.g. the
     fp32 variant's) whose `fp32` block is reused instead of evaluating and timing fp32 again."""
-    from bpfm.training.evaluate import load_trained, model_split
+    from bpfm.training.evaluate import model_split
+    from bpfm.training.model_dir import load_trained
 
     config = config.validate()
     if threads < 1 or latency_runs < 0:
@@ -176,7 +153,7 @@ def run_quantization(
 
     out = Path(out)
     result["model_file"] = str(save_quantized(quantized, out))
-    from bpfm.training.predict import write_json
+    from bpfm.io.atomic import write_json
 
     write_json(out / RESULT_FILE, result)
     log.info("%s: %.2f MiB (x%.2f smaller), MAE SBP %.2f / DBP %.2f mmHg, b64 %s ms", config.name,

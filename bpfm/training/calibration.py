@@ -230,7 +230,8 @@ def head_calibrate(
 def encode_view(model: nn.Module, view, meta: dict[str, Any], *, batch_size: int = 256):
     """(Predictions, pooled encoder features [N, D]) of a `BPModel` over a view in view order:
     one pass gives both the model's estimates and what its head sees."""
-    from bpfm.training.predict import Predictions, _view_loader, check_batch, model_device, target_scaling
+    from bpfm.devices import model_device
+    from bpfm.training.predict import Predictions, _view_loader, check_batch, target_scaling
 
     device = model_device(model)
     scale, shift = target_scaling(meta)
@@ -443,7 +444,7 @@ def write_calibrated_estimates(model_dir, table) -> None:
     """Publish `ESTIMATES_FILE` in a model dir (atomically, as every model-dir file)."""
     import pyarrow.parquet as pq
 
-    from bpfm.training.predict import _publish
+    from bpfm.io.atomic import publish_file as _publish
 
     Path(model_dir).mkdir(parents=True, exist_ok=True)
     _publish(Path(model_dir) / ESTIMATES_FILE, lambda tmp: pq.write_table(table, tmp))

@@ -1,24 +1,21 @@
-"""Evaluate BP models on a split's test view and read back the model dirs `fit` writes.
-
-`load_trained(model_dir)` and `evaluate(model_dir, ...)` are the entry points for
-`bpfm evaluate`, quantization and the leaderboard; `model_dir_payload` builds the `metrics.json`
-of a model dir while training."""
+"""Evaluate BP models on a split's views: `evaluate(model_dir, ...)` is the entry point of
+`bpfm evaluate`; `model_split` finds the views a trained model is measured on (for quantization
+and export too); `model_dir_payload` builds the `metrics.json` of a model dir while training."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from torch import nn
 
+from bpfm.devices import resolve_device
 from bpfm.errors import BpfmError
 from bpfm.metrics import compute_metrics
-from bpfm.training.predict import Predictions, predict, resolve_device
-
-if TYPE_CHECKING:
-    from bpfm.training.loop import TrainConfig
+from bpfm.training.config import TrainConfig
+from bpfm.training.model_dir import load_trained
+from bpfm.training.predict import Predictions, predict
 
 
 def open_split(data: str, source: str, protocol: str, seed: int = 42, cache: bool = True,
@@ -106,42 +103,6 @@ def model_dir_payload(
         ),
     }
     return payload, test_pred
-
-
-def read_metrics(model_dir: str | Path) -> dict[str, Any]:
-    """A model dir's metrics.json (present only once the dir is complete)."""
-    path = Path(model_dir) / "metrics.json"
-    if not path.is_file():
-        raise BpfmError(f"{path}: missing (not a finished bpfm model dir)")
-    return json.loads(path.read_text())
-
-
-def load_trained(model_dir: str | Path) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
-    """(model in eval mode on CPU, the TrainConfig it was trained with, meta) from a model dir
-    written by `fit` (`out/` or `out/epoch-<N>/`)."""
-    from bpfm.model import load_model
-    from bpfm.schema import field_problems
-    from bpfm.training.loop import TrainConfig
-
-    model_dir = Path(model_dir)
-    config_file = model_dir / "config.json"
-    if not model_dir.is_dir():
-        raise BpfmError(f"{model_dir}: model dir: no such folder")
-    if not config_file.is_file():
-        raise BpfmError(f"{config_file}: missing (not a bpfm model dir)")
-    try:
-        values = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise BpfmError(f"{config_file}: not valid JSON ({err})") from None
-    if not isinstance(values, dict):
-        raise BpfmError(f"{config_file}: not a mapping of TrainConfig fields (holds a "
-                        f"{type(values).__name__}; a hand-edited file?)")  # fmt: skip
-    values.pop("trained_in_run_of", None)  # epoch-prefix dirs note the run they came from
-    for key, problem in field_problems(TrainConfig, values)[:1]:
-        raise BpfmError(f"{config_file}: {key}: {problem}")
-    config = TrainConfig.from_dict(values)
-    model, meta = load_model(model_dir / "model.safetensors")
-    return model.eval(), config, meta
 
 
 def evaluate(

@@ -1,31 +1,24 @@
-"""Run a trained BP model over a data view and write a model dir.
+"""Run a trained BP model over windows in memory (`predict_arrays`) or a data view (`predict`).
 
 The model predicts targets in training units; `meta` (saved beside the weights) says how to turn
 them into mmHg: `estimate = output * target_scale + target_shift` (z-scores with standardised
-targets; the identity for raw-mmHg training).
-
-A model dir (`out/` and each `out/epoch-<N>/`) holds `model.safetensors` (+ meta),
-`config.json`, `predictions.parquet` and `metrics.json`; each file is published atomically and
-`metrics.json` comes last, so a dir with `metrics.json` is complete.
+targets; the identity for raw-mmHg training). The model dir these come from is
+`bpfm.training.model_dir`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from bpfm.devices import model_device, resolve_device
 from bpfm.errors import BpfmError
 
 WINDOW_SHAPE = (2, 1250)  # (ECG, PPG) x 10 s at 125 Hz
-PREDICTION_COLUMNS = ("segment_id", "subject", "sbp", "dbp", "sbp_hat", "dbp_hat")
 
 
 @dataclass
@@ -64,28 +57,6 @@ def check_batch(x: torch.Tensor, where: str = "input") -> None:
         raise BpfmError(f"{where}: x: expected [batch, 2, 1250] (ECG, PPG), got {list(x.shape)}")
     if not torch.isfinite(x).all():
         raise BpfmError(f"{where}: x: contains NaN or infinite samples")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """`auto` (CUDA when present), `cpu`, `cuda[:N]`; CUDA asked for but absent is an error."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BpfmError(f"device: {device!r} requested but CUDA is not available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise BpfmError(f"device: unknown device {device!r} (auto, cpu, cuda[:N])") from None
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model's tensors live (CPU for a model without any, e.g. some quantized ones)."""
-    tensor = next(iter(model.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 @torch.inference_mode()
@@ -157,55 +128,3 @@ def predict(
     if not targets:
         raise BpfmError("predict: view: the view holds no segments")
     return Predictions(segment_ids, subjects, np.concatenate(targets), np.concatenate(estimates))
-
-
-def _publish(path: Path, write: Callable[[Path], None], needed: int | None = None) -> None:
-    """Write through a temporary name in the same folder, then rename: readers never see half.
-    A full disk is one line naming the file (and `needed`, its size, when known)."""
-    from bpfm.io.disk import reporting_full_disk
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with reporting_full_disk(path, needed):
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic JSON (NaN stays NaN, which Python's json reads back as a float)."""
-    text = json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n"
-    _publish(path, lambda tmp: tmp.write_text(text), len(text.encode()))
-
-
-def write_model_dir(
-    model_dir: Path,
-    model: nn.Module,
-    meta: dict[str, Any],
-    config: dict[str, Any],
-    metrics: dict[str, Any],
-    predictions: Predictions,
-) -> Path:
-    """Publish a complete model dir (weights + meta, config, predictions, metrics last)."""
-    import pyarrow.parquet as pq
-
-    from bpfm.model import save_model
-
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "metrics.json").unlink(missing_ok=True)  # incomplete until rewritten
-    save_model(model_dir / "model.safetensors", model, meta)  # atomic itself
-    write_json(model_dir / "config.json", config)
-    _publish(
-        model_dir / "predictions.parquet", lambda tmp: pq.write_table(predictions.table(), tmp)
-    )
-    write_json(model_dir / "metrics.json", metrics)
-    return model_dir

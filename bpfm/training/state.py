@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from bpfm.io.disk import reporting_full_disk
 from bpfm.errors import BpfmError
-from bpfm.model.checkpoint import load_failure, safe_torch_load, saved_size
+from bpfm.io.disk import reporting_full_disk
 from bpfm.io.scratch import left_by_dead_process, owner
+from bpfm.model.checkpoint import load_failure, safe_torch_load, saved_size
 
 log = logging.getLogger(__name__)
 

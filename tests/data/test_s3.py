@@ -7,12 +7,12 @@ import threading
 import numpy as np
 import pytest
 
-from bpfm.io import storage
 from bpfm.cli import main
 from bpfm.data.loader import ShardDataset
 from bpfm.data.shards import MANIFEST, inspect_shards, open_shards, write_shards
 from bpfm.data.splits import make_split
 from bpfm.errors import BpfmError
+from bpfm.io import storage
 
 
 def _batches_by_id(view) -> dict[str, np.ndarray]:

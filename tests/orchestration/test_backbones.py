@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from bpfm.orchestration.backbones import backbone_jobs, backbone_key
 from bpfm.errors import BpfmError
+from bpfm.orchestration.backbones import backbone_jobs, backbone_key
 from bpfm.orchestration.plan import plan_grid
-from bpfm.profiles import PROFILE_DIR, load_profile
 from bpfm.orchestration.stages import TrialContext, train_config
+from bpfm.profiles import PROFILE_DIR, load_profile
 
 
 def _profile(tmp_path, **axes):

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from bpfm.orchestration import costs
 from bpfm.cli import main
 from bpfm.data.shards import open_shards
+from bpfm.orchestration import costs
 
 
 def test_throughput_table_is_seeded_by_the_measured_h100_large():

@@ -13,7 +13,8 @@ import torch
 def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_shards: str) -> Path:
     """A `small` model trained for a few steps: weights no longer at their init, so that
     quantization error shows in the metrics as it would on a real model."""
-    from bpfm.training.loop import TrainConfig, fit
+    from bpfm.training.config import TrainConfig
+    from bpfm.training.loop import fit
 
     out = tmp_path_factory.mktemp("quant-model") / "model"
     config = TrainConfig(data=synthetic_shards, source="mimic", protocol="paper", size="small",
@@ -26,7 +27,7 @@ def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_shards
 @pytest.fixture(scope="session")
 def trained(trained_model_dir: Path):
     """(model, TrainConfig, meta) of the trained model dir."""
-    from bpfm.training.evaluate import load_trained
+    from bpfm.training.model_dir import load_trained
 
     return load_trained(trained_model_dir)
 

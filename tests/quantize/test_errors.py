@@ -8,7 +8,8 @@ import torch
 
 from bpfm.cli import main
 from bpfm.errors import BpfmError
-from bpfm.quant import InputQuantizer, QuantConfig, load_quantized, quantize
+from bpfm.quant.convert import load_quantized, quantize
+from bpfm.quant.quantized import InputQuantizer, QuantConfig
 
 
 @pytest.mark.parametrize(
@@ -60,11 +61,12 @@ def test_a_file_that_is_not_a_model(tmp_path):
 
 
 def test_pt2e_model_is_not_logged_as_a_pickle():
-    from bpfm.quant import QuantizedModel, log_to_mlflow
+    from bpfm.quant.quantized import QuantizedModel
+    from bpfm.tracking import log_quantized_model
 
     exported = QuantizedModel(torch.nn.Identity(), QuantConfig(backend="pt2e"), None)
     with pytest.raises(BpfmError, match="log its model.pt2"):
-        log_to_mlflow(exported)
+        log_quantized_model("sqlite:///unused.db", "no-run", exported)
 
 
 @pytest.mark.parametrize(

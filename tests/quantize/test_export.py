@@ -26,7 +26,8 @@ def _check_out_dir(out, result, suffix):
     assert metrics["n"] == parity["n"] > 0
     assert {"sbp_mae", "dbp_r2", "sbp_bhs_grade", "aami", "sbp_mae_ci_low"} <= set(metrics)
     # metrics.json comes from the runtime's outputs: re-running the file gives the same numbers
-    from bpfm.training.evaluate import load_trained, open_split
+    from bpfm.training.evaluate import open_split
+    from bpfm.training.model_dir import load_trained
     from bpfm.training.predict import predict
 
     _, config, meta = load_trained(result["model_dir"])

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from bpfm.quant import QuantConfig, load_quantized, quantize, save_quantized
+from bpfm.quant.convert import load_quantized, quantize, save_quantized
 from bpfm.quant.measure import state_dict_bytes
+from bpfm.quant.quantized import QuantConfig
 
 # the histogram observer runs in test_run's CLI test (fx) and in test_pt2e
 FX_VARIANTS = [
@@ -114,16 +115,17 @@ def test_mlflow_pickle_round_trip(trained, calib_batches, test_windows, tmp_path
     import mlflow.pytorch
 
     import mlflow
-    from bpfm.quant import log_to_mlflow
+    from bpfm.tracking import log_quantized_model
 
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model, _, _ = trained
     quantized = quantize(model, QuantConfig("static", observer="minmax"), calib_batches)
     experiment = mlflow.MlflowClient().create_experiment("quant-test")
-    with mlflow.start_run(experiment_id=experiment):
-        info = log_to_mlflow(quantized, "int8")
-    loaded = mlflow.pytorch.load_model(info.model_uri)
+    run_id = mlflow.MlflowClient().create_run(experiment).info.run_id
+    model_uri = log_quantized_model(uri, run_id, quantized, "int8")
+    loaded = mlflow.pytorch.load_model(model_uri)
     assert isinstance(loaded, type(quantized))
     with torch.inference_mode():
         assert torch.equal(loaded(test_windows), quantized(test_windows))

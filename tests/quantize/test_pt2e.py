@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bpfm.quant import QuantConfig, load_quantized, quantize, save_quantized
+from bpfm.quant.convert import load_quantized, quantize, save_quantized
 from bpfm.quant.measure import MIB, state_dict_bytes
+from bpfm.quant.quantized import QuantConfig
 
 
 def test_pt2e_static_stays_close_to_fp32_and_round_trips(

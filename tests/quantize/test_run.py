@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 from bpfm.cli import main
-from bpfm.quant import load_quantized
+from bpfm.quant.convert import load_quantized
 
 
 def _reloaded_metrics(out, trained, split) -> dict:
@@ -49,7 +49,8 @@ def test_cli_static_fx_writes_result_and_model(trained_model_dir, trained, split
 
 
 def test_pt2e_dynamic_with_an_fp32_baseline(trained_model_dir, trained, split, tmp_path):
-    from bpfm.quant.study import QuantConfig, run_quantization
+    from bpfm.quant.quantized import QuantConfig
+    from bpfm.quant.study import run_quantization
 
     fp32 = run_quantization(trained_model_dir, QuantConfig("fp32"), out=tmp_path / "fp32",
                             latency_runs=0)  # fmt: skip

@@ -7,6 +7,9 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from bpfm import tracking
+from bpfm.orchestration.stages import log_calibration
+from bpfm.report.calibration import calibration_sections
+from bpfm.report.runs import load_study
 from bpfm.training.calibration import (
     ESTIMATES_FILE,
     calibrate,
@@ -15,9 +18,6 @@ from bpfm.training.calibration import (
     estimates_table,
     write_calibrated_estimates,
 )
-from bpfm.report.calibration import calibration_sections
-from bpfm.report.runs import load_study
-from bpfm.orchestration.stages import log_calibration
 
 
 def _calibrated_result(seed: int, k: int = 5) -> tuple[dict, object]:

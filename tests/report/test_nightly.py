@@ -12,9 +12,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bpfm.cli import main
+from bpfm.orchestration.nightly import NightlyConfig, run_nightly
 from bpfm.regression import baseline_document
 from bpfm.report.leaderboard import LeaderboardConfig, build_leaderboard
-from bpfm.orchestration.nightly import NightlyConfig, run_nightly
 from tests.report.conftest import write_profile
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from bpfm.profiles import load_profile, load_recipe
-from bpfm.training.loop import TrainConfig
 from bpfm.orchestration.ray_search import (
     DefineByRun,
     SearchConfig,
@@ -21,6 +19,8 @@ from bpfm.orchestration.ray_search import (
     recipe_overrides,
     run_search,
 )
+from bpfm.profiles import load_profile, load_recipe
+from bpfm.training.config import TrainConfig
 from tests.report.conftest import write_profile
 
 CELL = {"size": "small", "freeze": "unfrozen", "init": "xavier", "source": "mimic",

@@ -39,7 +39,7 @@ def challenge2015_shards(tmp_path_factory: pytest.TempPathFactory, challenge2015
 @pytest.fixture
 def tiny_config(synthetic_shards: str, tmp_path: Path):
     """TrainConfig factory for runs of a few steps on the shared synthetic shards."""
-    from bpfm.training.loop import TrainConfig
+    from bpfm.training.config import TrainConfig
 
     def make(**overrides) -> TrainConfig:
         values = dict(

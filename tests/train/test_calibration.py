@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from bpfm.cli import main
+from bpfm.model.bp_model import PaperHead
 from bpfm.training.calibration import (
     affine_fit,
     calibrate,
@@ -20,8 +22,6 @@ from bpfm.training.calibration import (
     head_calibrate,
     segment_order_key,
 )
-from bpfm.cli import main
-from bpfm.model.bp_model import PaperHead
 
 META = {"target_scale": [20.0, 10.0], "target_shift": [120.0, 70.0]}
 
@@ -196,9 +196,9 @@ def test_evaluate_cli_calibrates_a_model_dir_and_rejects_unknown_methods(calfree
 def test_aami_protocol_calibrates_on_each_subjects_aami_cal_segments(synthetic_shards):
     from collections import Counter
 
+    from bpfm.model import create_model
     from bpfm.training.calibration import cal_view, evaluate_calibration
     from bpfm.training.evaluate import open_split
-    from bpfm.model import create_model
 
     split = open_split(synthetic_shards, "mimic", "aami")
     cal = cal_view(split)

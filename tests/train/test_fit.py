@@ -12,7 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from bpfm.errors import BpfmError
-from bpfm.training.loop import TrainConfig, evaluate, fit, load_trained, predict_arrays
+from bpfm.training.config import TrainConfig
+from bpfm.training.evaluate import evaluate
+from bpfm.training.loop import fit
+from bpfm.training.model_dir import load_trained
+from bpfm.training.predict import predict_arrays
 
 
 class Interrupt(Exception):

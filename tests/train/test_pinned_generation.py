@@ -21,7 +21,8 @@ from bpfm.cli import main
 from bpfm.data.generations import KEEP
 from bpfm.data.shards import MANIFEST, open_shards, write_shards
 from bpfm.errors import BpfmError
-from bpfm.training.loop import TrainConfig, fit
+from bpfm.training.config import TrainConfig
+from bpfm.training.loop import fit
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -139,8 +140,9 @@ def test_publishing_keeps_the_previous_two_generations_and_gc_drops_them(
 def test_evaluate_and_quantize_read_the_generation_the_model_trained_on(editable_set, tmp_path):
     """A model evaluated (or quantized, as stage 2 does) on its own shard set after a republish
     sees the rows it trained and was tested on, not the republished ones."""
+    from bpfm.quant.quantized import QuantConfig
+    from bpfm.quant.study import run_quantization
     from bpfm.training.evaluate import evaluate
-    from bpfm.quant.study import QuantConfig, run_quantization
 
     source, data, republish = editable_set
     out = tmp_path / "run"
