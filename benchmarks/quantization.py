@@ -8,8 +8,8 @@ Targets (issue 4): reduction >= 3.5 (small), >= 3.85 (medium, large) (paper 3.57
     .venv/bin/python benchmarks/quantization.py [--sizes small,medium] [--steps 60]
         [--subjects 120] [--threads 1] [--runs 20] [--backends fx,pt2e] [--workdir DIR]
 
-Everything runs in a temporary folder (or --workdir): synthetic PulseDB (bpfm.data.synth),
-shards, `bpfm.training.loop.fit` for --steps steps of 32 windows, then `run_quantization` per variant
+Everything runs in a temporary folder (or --workdir): synthetic PulseDB (bpfm.data.synth), shards,
+`bpfm.training.loop.fit` for --steps steps of 32 windows, then `run_quantization` per variant
 (metrics, size) and one interleaved latency measurement of all variants of a size (median of
 --runs, after warm-up, at --threads torch threads) against the fp32 model in eager mode, as the
 paper ran it. pt2e variants are timed compiled (Inductor, freezing, compiled at --threads);

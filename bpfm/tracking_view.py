@@ -45,8 +45,8 @@ def key_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def log_leaderboard_table(client, grid_run_id: str, rows: list[dict[str, Any]]) -> None:
-    """The grid's summary (`bpfm.report.summary.table2_row` of every cell) as an MLflow table artifact
-    of the grid run: the UI shows it in the run's Artifacts tab, sortable."""
+    """The grid's summary (`bpfm.report.summary.table2_row` of every cell) as an MLflow table
+    artifact of the grid run: the UI shows it in the run's Artifacts tab, sortable."""
     import tempfile
     from pathlib import Path
 

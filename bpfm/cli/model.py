@@ -32,7 +32,7 @@ def parse_hidden(text: str) -> tuple[int, ...]:
 
 def run_info(args: argparse.Namespace) -> int:
     from bpfm.model import apply_freeze, count_parameters, create_model, size_config
-    from bpfm.model.checkpoint import state_dict_bytes
+    from bpfm.quant.measure import state_dict_bytes
 
     config = size_config(args.size)
     model = create_model(

@@ -7,11 +7,10 @@
   calibrator), run by an ONNX Runtime `InferenceSession`.
 
 `ExportConfig` names one export; `export_model` writes its file; `load_export` opens a file as a
-`RuntimeModel` (an `nn.Module` without parameters, so `bpfm.training.predict.predict` and the latency
-code run it like the torch model). `bpfm.export.run.run_export` adds the data, metrics, parity
-and measurements. The runtimes are the optional extra `.[edge]`; a missing one is a one-line
-error.
-"""
+`RuntimeModel` (an `nn.Module` without parameters, so `bpfm.training.predict.predict` and the
+latency code run it like the torch model). `bpfm.export.run.run_export` adds the data, metrics,
+parity and measurements. The runtimes are the optional extra `.[edge]`; a missing one is a one-line
+error. """
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Blood-pressure heads on the pooled encoder features. Every head ends in a Linear named `fc`
+"""The BP model: CEReBrO's encoder, a blood-pressure head on the pooled features, the paper's
+xavier init and freeze policies; `create_model(size, head=...)` builds one.
+
+Heads sit on the pooled encoder features. Every head ends in a Linear named `fc`
 (the official `model_head.mlp.0.fc.*` maps onto the paper head's `fc`) and has
 `set_output_bias(values)` so training can start from the target mean.
 
@@ -12,14 +15,17 @@ offset 0 it is exactly the paper's head.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from bpfm.errors import BpfmError
+from bpfm.model.cerebro import SIZE_ALIASES, CerebroEncoder, size_config
 
 HEADS = ("paper", "linear", "mlp")
+FREEZE_POLICIES = ("frozen", "unfrozen")
 GELU_MARGIN = 4.0  # GELU(z) ~= z for z > ~3; 4 leaves room for targets 4 std below the mean
 
 
@@ -116,3 +122,92 @@ class BPModel(nn.Module):
     def set_output_bias(self, values: Sequence[float] | torch.Tensor) -> None:
         """Start the outputs at `values` (e.g. the training targets' mean, in the loss's units)."""
         self.head.set_output_bias(values)
+
+
+def create_model(
+    size: str,
+    *,
+    head: str = "paper",
+    head_hidden: Sequence[int] = (),
+    head_dropout: float = 0.0,
+    in_channels: int = 2,
+    drop_path: float = 0.2,
+    device: str | torch.device | None = None,
+) -> BPModel:
+    """A CEReBrO BP model with the paper's xavier init. `device="meta"` builds it without memory
+    (for parameter counts); `in_channels` is recorded for checks, the encoder takes any count."""
+    config = size_config(size, drop_path=drop_path)
+    if not 1 <= in_channels <= config.max_channels:
+        raise BpfmError(f"in_channels: {in_channels} not in 1..{config.max_channels}")
+    spec = {
+        "size": SIZE_ALIASES.get(size, size),
+        "head": head,
+        "head_hidden": [int(h) for h in head_hidden],
+        "head_dropout": float(head_dropout),
+        "in_channels": int(in_channels),
+        "drop_path": float(drop_path),
+    }
+    with torch.device(device or "cpu"):
+        model = BPModel(
+            CerebroEncoder(config),
+            make_head(head, config.dim, 2, head_hidden, head_dropout),
+            spec,
+        )
+        init_xavier(model)
+    return model
+
+
+def _trunc_normal_tight(tensor: torch.Tensor, std: float = 0.02) -> None:
+    # The paper's wrapper passes a=-std, b=std: truncation at one standard deviation.
+    nn.init.trunc_normal_(tensor, std=std, a=-std, b=std)
+
+
+@torch.no_grad()
+def init_xavier(model: nn.Module) -> nn.Module:
+    """The paper code's init: xavier-uniform Linears (bias 0), LayerNorm 1/0, xavier patch conv
+    (bias left at PyTorch's default), tokens and encodings trunc-normal(0.02, +-1 std),
+    attn.proj and mlp.fc2 weights divided by sqrt(2 * layer_id), head Linear trunc-normal(0.02)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in model.modules():
+        if isinstance(module, CerebroEncoder):
+            conv = module.patch_embed.patch_embed.proj.weight
+            nn.init.xavier_uniform_(conv.view(conv.shape[0], -1))
+            for tensor in (
+                module.mask_token,
+                module.pad_token,
+                module.channel_encoding,
+                module.patch_encoding,
+            ):
+                _trunc_normal_tight(tensor)
+            for layer_id, block in enumerate(module.blocks, start=1):
+                block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+        elif isinstance(module, PaperHead | LinearHead):
+            nn.init.trunc_normal_(module.fc.weight, std=0.02)
+            nn.init.zeros_(module.fc.bias)
+    return model
+
+
+def apply_freeze(model: nn.Module, policy: str) -> nn.Module:
+    """`frozen`: only the patch embedding and the head train (the paper's
+    `freeze_attention_blocks`); `unfrozen`: everything trains."""
+    if policy not in FREEZE_POLICIES:
+        raise BpfmError(f"freeze: unknown policy {policy!r} (valid: {', '.join(FREEZE_POLICIES)})")
+    frozen = policy == "frozen"
+    for name, parameter in model.named_parameters():
+        trainable = name.startswith(("encoder.patch_embed.", "head."))
+        parameter.requires_grad_(trainable or not frozen)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

@@ -1,5 +1,5 @@
-"""Model files: bpfm's own (safetensors + JSON meta, or torch with weights_only=True), the official
-CEReBrO Lightning `.ckpt` layout, the paper's xavier init, and freeze policies.
+"""Model files: bpfm's own (safetensors + JSON meta, or torch with weights_only=True) and the
+official CEReBrO Lightning `.ckpt` layout.
 
 Official keys are `model.*` (encoder) and `model_head.mlp.0.fc.*` (head, rows [DBP, SBP]); bpfm's
 are `encoder.*` and `head.fc.*` (rows [SBP, DBP]). `checkpoint_filter_fn` is the only place that
@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import re
 import struct
 import warnings
@@ -25,12 +24,10 @@ from torch import nn
 
 from bpfm.errors import BpfmError
 from bpfm.io.disk import reporting_full_disk
-from bpfm.model.bp_model import LinearHead, PaperHead
-from bpfm.model.cerebro import CerebroEncoder
+from bpfm.model.bp_model import create_model
 
 log = logging.getLogger(__name__)
 
-FREEZE_POLICIES = ("frozen", "unfrozen")
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 
@@ -198,8 +195,6 @@ def save_model(path: str | Path, model: nn.Module, meta: dict | None = None) -> 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """A model saved by `save_model` (a file, or a folder holding `model.safetensors`)."""
-    from bpfm.model import create_model
-
     path = str(path)
     if not _is_remote(path) and Path(path).is_dir():
         path = str(Path(path) / MODEL_FILE)
@@ -264,63 +259,7 @@ def load_pretrained_backbone(model: nn.Module, uri: str | Path) -> LoadReport:
     return report
 
 
-# ---------------------------------------------------------------- init, freeze, counts
-
-
-def _trunc_normal_tight(tensor: torch.Tensor, std: float = 0.02) -> None:
-    # The paper's wrapper passes a=-std, b=std: truncation at one standard deviation.
-    nn.init.trunc_normal_(tensor, std=std, a=-std, b=std)
-
-
-@torch.no_grad()
-def init_xavier(model: nn.Module) -> nn.Module:
-    """The paper code's init: xavier-uniform Linears (bias 0), LayerNorm 1/0, xavier patch conv
-    (bias left at PyTorch's default), tokens and encodings trunc-normal(0.02, +-1 std),
-    attn.proj and mlp.fc2 weights divided by sqrt(2 * layer_id), head Linear trunc-normal(0.02)."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-    for module in model.modules():
-        if isinstance(module, CerebroEncoder):
-            conv = module.patch_embed.patch_embed.proj.weight
-            nn.init.xavier_uniform_(conv.view(conv.shape[0], -1))
-            for tensor in (
-                module.mask_token,
-                module.pad_token,
-                module.channel_encoding,
-                module.patch_encoding,
-            ):
-                _trunc_normal_tight(tensor)
-            for layer_id, block in enumerate(module.blocks, start=1):
-                block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
-                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
-        elif isinstance(module, PaperHead | LinearHead):
-            nn.init.trunc_normal_(module.fc.weight, std=0.02)
-            nn.init.zeros_(module.fc.bias)
-    return model
-
-
-def apply_freeze(model: nn.Module, policy: str) -> nn.Module:
-    """`frozen`: only the patch embedding and the head train (the paper's
-    `freeze_attention_blocks`); `unfrozen`: everything trains."""
-    if policy not in FREEZE_POLICIES:
-        raise BpfmError(f"freeze: unknown policy {policy!r} (valid: {', '.join(FREEZE_POLICIES)})")
-    frozen = policy == "frozen"
-    for name, parameter in model.named_parameters():
-        trainable = name.startswith(("encoder.patch_embed.", "head."))
-        parameter.requires_grad_(trainable or not frozen)
-    return model
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(total, trainable) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
+# ---------------------------------------------------------------- sizes
 
 
 def saved_size(obj: object) -> int:
@@ -340,10 +279,3 @@ class _ByteCounter(io.RawIOBase):
     def write(self, data) -> int:
         self.size += len(data)
         return len(data)
-
-
-def state_dict_bytes(model: nn.Module) -> int:
-    """Bytes of `torch.save(model.state_dict())`, as the paper measured model size."""
-    if any(t.is_meta for t in model.state_dict().values()):
-        model = model.to_empty(device="cpu")  # values do not change the size
-    return saved_size(model.state_dict())

@@ -1,5 +1,6 @@
-"""What a dry run adds to the plan of cells and trials (`bpfm.orchestration.plan.dry_run`): the work a launch
-would do before and after training, and the device choice of `--gpus`, all without starting Ray."""
+"""What a dry run adds to the plan of cells and trials (`bpfm.orchestration.plan.dry_run`): the
+work a launch would do before and after training, and the device choice of `--gpus`, all without
+starting Ray."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 
 from bpfm.profiles import Profile
 
-QUANT_TASK_CPUS = 1.0  # bpfm.orchestration.ray_grid.run_grid's default: one CPU per quantization task, no GPU
+# bpfm.orchestration.ray_grid.run_grid's default: one CPU per quantization task, no GPU
+QUANT_TASK_CPUS = 1.0
 
 
 def gpus_now(policy: str) -> tuple[float | None, str]:
@@ -63,8 +65,7 @@ def launch_notes(profile: Profile, plan: dict[str, Any], gpus: str) -> list[str]
         asks = "; ".join(
             f"{size}: " + ", ".join(f"{k}={v:g}" for k, v in
                                     profile.resources_for(size).on_cluster(gpu_count).items())
-            for size in sizes_all
-        )  # fmt: skip
+            for size in sizes_all )  # fmt: skip
         why += f" (per trial {asks})"
     notes.append(why)
     return notes

@@ -1,10 +1,10 @@
 """The bridge to Ray (the only module in bpfm that imports ray): the grid-cell trainable, its
 resources, the Tuner (created or restored), and Ray tasks for pretraining and quantization.
 
-The trainable is a plain function of `config` (Ray Tune's examples): it builds a TrainConfig,
-calls `bpfm.training.loop.fit` with a callback that reports every epoch with a checkpoint, and resumes
-from `ray.tune.get_checkpoint()`. It logs its cells to MLflow itself (the driver made the
-experiment and the grid's parent run), so MLflow holds every model even when the driver dies."""
+The trainable is a plain function of `config` (Ray Tune's examples): it builds a TrainConfig, calls
+`bpfm.training.loop.fit` with a callback that reports every epoch with a checkpoint, and resumes
+from `ray.tune.get_checkpoint()`. It logs its cells to MLflow itself (the driver made the experiment
+and the grid's parent run), so MLflow holds every model even when the driver dies."""
 
 from __future__ import annotations
 
@@ -139,8 +139,8 @@ def _is_scalar(value: Any) -> bool:
 
 
 class TrialProgress(tune.Callback):
-    """Advances the grid's progress bar (`bpfm.orchestration.progress.current`) as trials end. It holds no
-    state: Tune pickles its run config, callbacks included, with the experiment."""
+    """Advances the grid's progress bar (`bpfm.orchestration.progress.current`) as trials end. It
+    holds no state: Tune pickles its run config, callbacks included, with the experiment."""
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         progress.advance()

@@ -1,7 +1,7 @@
-"""Optuna search over the training recipe of one grid cell, run by Ray Tune: `OptunaSearch`
-(TPE, seeded) proposes learning rate, weight decay, head type (paper, linear, mlp), MLP width and
-depth, dropout and warm-up; ASHA stops poor trials early. Besides `bpfm.orchestration.ray_grid`, the only module in
-bpfm that imports ray.
+"""Optuna search over the training recipe of one grid cell, run by Ray Tune: `OptunaSearch` (TPE,
+seeded) proposes learning rate, weight decay, head type (paper, linear, mlp), MLP width and depth,
+dropout and warm-up; ASHA stops poor trials early. Besides `bpfm.orchestration.ray_grid`, the only
+module in bpfm that imports ray.
 
 Resuming: the Optuna study lives in a storage (sqlite file or database URL), and every launch
 asks for `trials - finished` new trials of that study, so an interrupted search continues where it

@@ -1,5 +1,5 @@
-"""The Ray-free work of the grid's stages, called by `bpfm.orchestration.ray_grid` in the driver and in Ray
-workers: a trial's MLflow cell runs (stage 1), every quantization variant of a trained model
+"""The Ray-free work of the grid's stages, called by `bpfm.orchestration.ray_grid` in the driver and
+in Ray workers: a trial's MLflow cell runs (stage 1), every quantization variant of a trained model
 (stage 2), the best model per source and the summary (stage 3). Stage 0's data is
 `bpfm.orchestration.plan.ensure_data`."""
 

@@ -10,7 +10,6 @@ them alike.
 from __future__ import annotations
 
 import contextlib
-import io
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -18,32 +17,21 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from bpfm.model.checkpoint import saved_size
+
 MIB = 2**20
 
 
-class _ByteCounter(io.RawIOBase):
-    """A write-only stream that counts bytes (no copy of a large model in memory)."""
-
-    def __init__(self) -> None:
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self.size += len(data)
-        return len(data)
-
-
 def state_dict_bytes(module: nn.Module) -> int:
-    """Bytes of `torch.save(module.state_dict())` (packed int8 weights and their dtype/qparams
-    entries included, which `bpfm.model.checkpoint.state_dict_bytes` does not expect)."""
+    """Bytes of `torch.save(module.state_dict())`, as the paper measured model size (packed int8
+    weights and their dtype/qparams entries included; a model on the meta device is sized as
+    if materialised, since values do not change the size)."""
     from bpfm.quant.fx import ao_warnings_filtered
 
-    counter = _ByteCounter()
+    if any(t.is_meta for t in module.state_dict().values()):
+        module = module.to_empty(device="cpu")
     with ao_warnings_filtered():
-        torch.save(module.state_dict(), counter)
-    return counter.size
+        return saved_size(module.state_dict())
 
 
 def graph_tensor_bytes(module: nn.Module) -> int:

@@ -94,8 +94,8 @@ def run_quantization(
     calib_batch_size: int = 64,
     baseline: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Quantize the model of `model_dir` (written by `bpfm.training.loop.fit`), evaluate it on the test
-    view of its data (or of `data`/`source`/`protocol`), measure it against fp32, and write
+    """Quantize the model of `model_dir` (written by `bpfm.training.loop.fit`), evaluate it on the
+    test view of its data (or of `data`/`source`/`protocol`), measure it against fp32, and write
     `out/quant.json` plus the model (`out/model.pt` or `out/model.pt2`).
 
     `latency_runs=0` skips latency. `baseline`: an earlier result of the same model dir (e.g. the

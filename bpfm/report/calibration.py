@@ -1,9 +1,10 @@
 """The leaderboard's calibration table and the Bland-Altman plot of the best calibrated model.
 
-Cells trained with `calibration` methods log `cal_<method>_<metric>` (bpfm.orchestration.stages.log_calibration):
-every method, `none` and the trivial calibrated predictor on the same windows (each test subject's
-windows after its K calibration windows). Per source, protocol and K the table lists the methods
-of the cell with the lowest validation MAE (chosen without looking at test numbers)."""
+Cells trained with `calibration` methods log `cal_<method>_<metric>`
+(bpfm.orchestration.stages.log_calibration): every method, `none` and the trivial calibrated
+predictor on the same windows (each test subject's windows after its K calibration windows). Per
+source, protocol and K the table lists the methods of the cell with the lowest validation MAE
+(chosen without looking at test numbers)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """Fine-tune (or train from scratch) one configuration: `fit(TrainConfig)`.
 
-Plain PyTorch, no Ray: per-epoch callbacks receive an `EpochReport`, which is how `bpfm.orchestration.ray_grid`
-reports to Ray Tune. Recipe defaults are the paper's (MSE, Adam lr 1e-4, no weight decay, seed
-42, fixed epochs) except that targets are standardised with the train view's mean/SD (the head
-predicts z-scores and starts at 0, i.e. the train mean); `standardize_targets=False` replays the
-paper's raw-mmHg training. Inputs are z-scored per window and channel by default
-(`normalize_inputs`): PulseDB's ECG_F / PPG_F are min-max scaled to [0, 1], and on that scale
-a short run stays at the mean predictor (measured on synthetic data: MASE 0.99 after 3 epochs vs
-0.65 with z-scored windows); `normalize_inputs=False` is the paper's input.
+Plain PyTorch, no Ray: per-epoch callbacks receive an `EpochReport`, which is how
+`bpfm.orchestration.ray_grid` reports to Ray Tune. Recipe defaults are the paper's (MSE, Adam lr
+1e-4, no weight decay, seed 42, fixed epochs) except that targets are standardised with the train
+view's mean/SD (the head predicts z-scores and starts at 0, i.e. the train mean);
+`standardize_targets=False` replays the paper's raw-mmHg training. Inputs are z-scored per window
+and channel by default (`normalize_inputs`): PulseDB's ECG_F / PPG_F are min-max scaled to [0, 1],
+and on that scale a short run stays at the mean predictor (measured on synthetic data: MASE 0.99
+after 3 epochs vs 0.65 with z-scored windows); `normalize_inputs=False` is the paper's input.
 
 Every epoch ends with a full checkpoint (`out/checkpoints/epoch-NNNN/state.pt`: model,
 optimiser, scheduler, torch/CUDA/numpy/python RNG states, epoch, history, best val; see
@@ -321,7 +321,8 @@ def fit(
         if model_dirs:
             payload, test_pred = model_dir_payload(model, split, meta, val_pred, **eval_kw)
             calibrated = None
-            if config.calibration:  # per-subject calibration (bpfm.training.calibration), model unchanged
+            # per-subject calibration (bpfm.training.calibration), model unchanged
+            if config.calibration:
                 try:
                     payload["calibration"] = evaluate_calibration(
                         model, meta, split, config.calibration, config.calib_windows,

@@ -1,5 +1,5 @@
-"""The dry run's cost plan (`bpfm.orchestration.costs`): throughput table, samples from the manifest, data
-read with and without the node cache, and the GPU packing it plans."""
+"""The dry run's cost plan (`bpfm.orchestration.costs`): throughput table, samples from the
+manifest, data read with and without the node cache, and the GPU packing it plans."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Which launch paths a job on a Ray cluster refuses (bpfm.orchestration.job_paths; the job itself is
-tests/orchestration/test_job_submit.py)."""
+"""Which launch paths a job on a Ray cluster refuses (bpfm.orchestration.job_paths; the job itself
+is tests/orchestration/test_job_submit.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""A launch's identity (bpfm.orchestration.launch) holds what decides its results: turning the node cache off
-or the grid pinning the generation it reads starts no new experiment; a recipe change does."""
+"""A launch's identity (bpfm.orchestration.launch) holds what decides its results: turning the node
+cache off or the grid pinning the generation it reads starts no new experiment; a recipe change
+does."""
 
 from __future__ import annotations
 

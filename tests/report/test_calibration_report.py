@@ -1,4 +1,5 @@
-"""Calibrated results through a real MLflow store: what a cell logs (bpfm.orchestration.stages.log_calibration)
+"""Calibrated results through a real MLflow store: what a cell logs
+(bpfm.orchestration.stages.log_calibration)
 and the leaderboard's calibration table and Bland-Altman plot built from it."""
 
 from __future__ import annotations
