@@ -35,7 +35,8 @@ from torch import nn
 
 from bpfm.errors import BpfmError, DataError
 from bpfm.model.cerebro import CerebroEncoder, size_config
-from bpfm.model.checkpoint import init_xavier, read_bytes, to_official_keys, write_bytes_atomic
+from bpfm.model.bp_model import init_xavier
+from bpfm.model.checkpoint import read_bytes, to_official_keys, write_bytes_atomic
 from bpfm.training.predict import WINDOW_SHAPE
 
 log = logging.getLogger(__name__)
