@@ -110,7 +110,7 @@ def bpfm_tune(data: str, trials: int, folder: Path) -> dict:
     from ray import tune
 
     from bpfm import tracking
-    from bpfm.orchestration.plan import plan_grid
+    from bpfm.orchestration.grid import plan_grid
     from bpfm.orchestration.ray_grid import (
         TrialContext,
         make_tuner,
@@ -144,7 +144,7 @@ def bpfm_tune(data: str, trials: int, folder: Path) -> dict:
 
 
 def prefix_sharing() -> dict:
-    from bpfm.orchestration.plan import plan_grid
+    from bpfm.orchestration.grid import plan_grid
     from bpfm.profiles import load_profile
 
     plan = plan_grid(load_profile("paper"))

@@ -70,7 +70,7 @@ def train(data: str, size: str, steps: int, out: Path) -> Path:
 def bench_size(model_dir: Path, size: str, variants: dict, args, workdir: Path) -> dict:
     import torch
 
-    from bpfm.quant.convert import load_quantized
+    from bpfm.quant.convert import load_quantized, runnable
     from bpfm.quant.measure import fixed_threads, timings
     from bpfm.quant.quantized import QuantConfig
     from bpfm.quant.study import run_quantization
@@ -86,7 +86,7 @@ def bench_size(model_dir: Path, size: str, variants: dict, args, workdir: Path) 
     model, _, _ = load_trained(model_dir)
     runnable = {"fp32": model}
     for name in variants:
-        runnable[name] = load_quantized(workdir / name).compiled()
+        runnable[name] = runnable(load_quantized(workdir / name))
         # compile (pt2e) outside the timing, at the thread count it is timed at
         with torch.inference_mode(), fixed_threads(args.threads):
             for batch in (1, 64):

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 KIND = "bpfm.kind"  # grid | train | quant | search | nightly | leaderboard
 STUDY = "bpfm.study"
 PROFILE = "bpfm.profile"
-# the cell id (bpfm.orchestration.plan.Cell.id) of a train run and of its quant runs
+# the cell id (bpfm.orchestration.grid.Cell.id) of a train run and of its quant runs
 CELL = "bpfm.cell"
 TRIAL = "bpfm.trial"  # the Tune trial that trained the cell (cells of one trial share a prefix)
 VARIANT = "bpfm.variant"  # the quantization variant of a quant run

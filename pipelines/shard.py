@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a job's unpacked
 
 import ray  # noqa: E402
 
-from bpfm import storage  # noqa: E402
 from bpfm.data import shards  # noqa: E402
 from bpfm.data.generations import publish_manifest, published_manifest  # noqa: E402
 from bpfm.errors import BpfmError, DataError  # noqa: E402
+from bpfm.io import storage  # noqa: E402
 
 log = logging.getLogger("bpfm.shard")
 PARTS_PER_FILE = 1000  # part numbers reserved per input: Subj_Wins files share one partition

@@ -79,9 +79,9 @@ def load_profile_from_args(args: argparse.Namespace):
 
 def _cost_plan(args: argparse.Namespace, profile, train: dict) -> dict:
     """The cost plan of a dry run; samples per epoch from the manifest when it can be read."""
-    from bpfm import costs, grid
     from bpfm.data.shardset import read_manifest
     from bpfm.errors import BpfmError
+    from bpfm.orchestration import costs, grid
 
     if args.gpu_kind not in costs.BF16_PEAK_TFLOPS or min(args.plan_gpus, args.gpus_per_node) < 1:
         raise BpfmError(
@@ -100,7 +100,7 @@ def _cost_plan(args: argparse.Namespace, profile, train: dict) -> dict:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from bpfm import costs, grid
+    from bpfm.orchestration import costs, grid
 
     profile, recipe = load_profile_from_args(args)
     grid.check_trials(profile, recipe, args.recipe)
@@ -124,8 +124,9 @@ def handle(args: argparse.Namespace) -> int:
 
     import logging
 
-    from bpfm import progress, summary
+    from bpfm.orchestration import progress
     from bpfm.orchestration.ray_grid import run_grid
+    from bpfm.report import summary
 
     if not args.verbose:  # a progress bar and the summary; -v: every log line, Ray's and Tune's
         for name in ("", "mlflow", "ray"):

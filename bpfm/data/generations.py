@@ -15,7 +15,8 @@ import json
 import logging
 from collections.abc import Iterable
 
-from bpfm.data.shardset import MANIFEST, ShardSet, open_shards, read_manifest
+from bpfm.data.published import open_shards
+from bpfm.data.shardset import MANIFEST, ShardSet, read_manifest
 from bpfm.errors import BpfmError
 from bpfm.io import storage
 

@@ -30,11 +30,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bpfm import interrupts, storage
 from bpfm.data import repair
 from bpfm.data.generations import publish_manifest, published_manifest
 from bpfm.data.manifest import build_manifest, conversion_key, describe_sources
 from bpfm.data.parallel import run_conversions
+from bpfm.data.published import inspect_shards, open_shards
 from bpfm.data.shardset import (
     MANIFEST,
     ROW_GROUP_SIZE,
@@ -48,12 +48,11 @@ from bpfm.data.shardset import (
     WINDOW,
     ShardOptions,
     ShardSet,
-    inspect_shards,
-    open_shards,
     read_manifest,
     signal_array,
 )
 from bpfm.errors import BpfmError, DataError
+from bpfm.io import interrupts, storage
 
 __all__ = [  # the reading side and the manifest helpers are re-exported: import them from here
     "MANIFEST",

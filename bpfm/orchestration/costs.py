@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from bpfm.orchestration.plan import GridPlan, TrialPlan
+from bpfm.orchestration.grid import GridPlan, TrialPlan
 from bpfm.profiles import Profile
 
 MEASURED_GPU = "H100"

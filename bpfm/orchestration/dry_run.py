@@ -1,4 +1,4 @@
-"""What a dry run adds to the plan of cells and trials (`bpfm.orchestration.plan.dry_run`): the
+"""What a dry run adds to the plan of cells and trials (`bpfm.orchestration.grid.dry_run`): the
 work a launch would do before and after training, and the device choice of `--gpus`, all without
 starting Ray."""
 

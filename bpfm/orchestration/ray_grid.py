@@ -23,30 +23,15 @@ from typing import Any
 import ray
 from ray import tune
 
-from bpfm import progress, tracking
+from bpfm import tracking
 from bpfm.errors import BpfmError
 from bpfm.io.scratch import process_runs
-from bpfm.orchestration.plan import trial_from_config
+from bpfm.orchestration import progress
+from bpfm.orchestration.grid import trial_from_config
 from bpfm.orchestration.stages import CellLogger, TrialContext, model_dir_for, train_config
 from bpfm.profiles import Profile
 
 log = logging.getLogger(__name__)
-
-# Test hook: the trainable raises once, right after this epoch's report, per trial (a marker file
-# under BPFM_FAULT_MARKER_DIR records that the fault fired), to prove retries from checkpoints.
-FAULT_ENV = "BPFM_FAULT_AFTER_EPOCH"
-FAULT_MARKER_ENV = "BPFM_FAULT_MARKER_DIR"
-
-
-class InjectedFault(RuntimeError):
-    pass
-
-
-def _fault_marker(ctx: TrialContext, trial_id: str) -> Path | None:
-    if ctx.fault_after_epoch is None or not ctx.fault_marker_dir:
-        return None
-    return Path(ctx.fault_marker_dir) / f"{trial_id}.fired"
-
 
 TRIAL_WORK_PREFIX = "bpfm-trial-"
 
@@ -85,7 +70,6 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
         if cells.finished == set(cells.cells):  # a resumed launch: this trial's work is done
             log.info("trial %s: every cell already finished in MLflow", trial_id)
             return
-        marker = _fault_marker(ctx, trial_id)
 
         def report(epoch_report) -> None:
             epoch = epoch_report.epoch
@@ -108,10 +92,6 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
                 tune.report(metrics, checkpoint=checkpoint)
             else:
                 tune.report(metrics)
-            if marker is not None and epoch == ctx.fault_after_epoch and not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
-                raise InjectedFault(f"injected fault after epoch {epoch} ({trial_id})")
 
         from bpfm.training.loop import fit
 
@@ -459,7 +439,7 @@ def run_grid(
     """The study as one job. Stage 0: data and backbones; stage 1: Tune over the grid (resumed
     when `storage/name` exists); stage 2: every trained model through every quantization variant;
     stage 3: the summary, read back from MLflow."""
-    from bpfm import grid, preflight
+    from bpfm.orchestration import grid, preflight
     from bpfm.orchestration.job_paths import check_job_paths, launch_paths
 
     grid.check_trials(profile, recipe or {})  # bad settings and unreachable servers fail here,
@@ -478,9 +458,10 @@ def run_grid(
 
 def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus: str,
                 quant_cpus: float, verbose: bool = True) -> dict[str, Any]:
-    from bpfm import grid, launch, mlflow_view, stages
+    from bpfm import tracking_view
     from bpfm.data.shards import open_shards
     from bpfm.io.storage import join
+    from bpfm.orchestration import grid, launch, stages
     from bpfm.report.summary import table2_row
 
     train = {**profile.train, "cache": profile.data.cache, **recipe}
@@ -498,7 +479,7 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
                                   explicit=name is not None)  # fmt: skip
     client = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(client, profile.study)
-    mlflow_view.mark_experiment(client, experiment_id)
+    tracking_view.mark_experiment(client, experiment_id)
     path = join(_absolute(profile.storage), name)
     resuming = tune.Tuner.can_restore(path)
     grid_run = tracking.start_grid_run(
@@ -519,13 +500,10 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
         tracking.redact(uri),
         grid_run,
     )
-    fault = os.environ.get(FAULT_ENV)
     ctx = TrialContext(
         data=data, train=train, tracking_uri=uri, experiment_id=experiment_id,
         parent_run_id=grid_run, study=profile.study, profile=profile.name, pretrained=pretrained,
         checkpoint_every=profile.tune.checkpoint_every,
-        fault_after_epoch=int(fault) if fault else None,
-        fault_marker_dir=os.environ.get(FAULT_MARKER_ENV),
     )  # fmt: skip
     tuner = make_tuner(
         tune.with_parameters(train_cell, ctx=ctx),
@@ -564,7 +542,7 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
 
     registered = stages.register_best(client, uri, profile.study, cells)
     summary = stages.summarize(client, experiment_id, grid_run)
-    mlflow_view.log_leaderboard_table(client, grid_run, [table2_row(c) for c in summary["cells"]])
+    tracking_view.log_leaderboard_table(client, grid_run, [table2_row(c) for c in summary["cells"]])
     tracking.finish(client, grid_run, "FAILED" if errors else "FINISHED")
     return {
         "profile": profile.name, "study": profile.study, "experiment_id": experiment_id,

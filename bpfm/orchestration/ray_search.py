@@ -284,7 +284,7 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
     from ray.tune.search.optuna import OptunaSearch
 
     from bpfm.io.storage import join
-    from bpfm.orchestration import plan as grid
+    from bpfm.orchestration import grid
     from bpfm.orchestration.ray_grid import (
         _absolute,
         cluster_gpus,

@@ -1,7 +1,7 @@
 """The Ray-free work of the grid's stages, called by `bpfm.orchestration.ray_grid` in the driver and
 in Ray workers: a trial's MLflow cell runs (stage 1), every quantization variant of a trained model
 (stage 2), the best model per source and the summary (stage 3). Stage 0's data is
-`bpfm.orchestration.plan.ensure_data`."""
+`bpfm.orchestration.grid.ensure_data`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from bpfm import tracking
 from bpfm.errors import BpfmError
-from bpfm.orchestration.plan import QUANT_COLUMNS, SUMMARY_COLUMNS, TRAIN_COLUMNS, Cell, TrialPlan
+from bpfm.orchestration.grid import QUANT_COLUMNS, SUMMARY_COLUMNS, TRAIN_COLUMNS, Cell, TrialPlan
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,6 @@ class TrialContext:
     pretrained: dict[str, str] = field(default_factory=dict)  # size -> backbone checkpoint URI
     kind: str = "train"  # MLflow bpfm.kind of the cell runs (REPORT's search uses "search")
     checkpoint_every: int = 1
-    fault_after_epoch: int | None = None
-    fault_marker_dir: str | None = None
 
 
 def train_config(config: dict[str, Any], ctx: TrialContext, out: str | Path):

@@ -17,6 +17,7 @@ from torch import nn
 
 from bpfm.errors import BpfmError
 from bpfm.quant import fx, pt2e
+from bpfm.quant.measure import graph_tensor_bytes, state_dict_bytes
 from bpfm.quant.quantized import (
     FX_FILE,
     PT2E_FILE,
@@ -102,3 +103,26 @@ def load_quantized(path: str | Path) -> QuantizedModel:
     if path.suffix == ".pt2":
         return pt2e.load(path)
     return fx.load(path)
+
+
+def runnable(quantized: QuantizedModel, batch_sizes: tuple[int, ...] = (1, 64)) -> nn.Module:
+    """The fastest runnable form: for pt2e the Inductor-compiled graph (freezing on), one per
+    batch size, compiled lazily on first use (~20 s each on an idle machine, minutes on a busy
+    one) and kept with the model; for fx and fp32 the model itself."""
+    config = quantized.config
+    if config.backend != "pt2e" or not config.compile or config.mode == "fp32":
+        return quantized
+    kept = quantized._compiled
+    if kept is None or kept.batch_sizes != tuple(sorted(set(batch_sizes))):
+        # kept out of the submodules: it wraps the model, and is neither saved nor sized
+        quantized.__dict__["_compiled"] = pt2e.CompiledModel(quantized, batch_sizes)
+    return quantized._compiled
+
+
+def size_bytes(quantized: QuantizedModel) -> tuple[int, str]:
+    """(bytes, kind): the saved state_dict as the paper measured it (fx, fp32), or the bytes of
+    the tensors the pt2e graph holds (int8 weights + fp32 rest), whose state_dict is not a
+    meaningful size."""
+    if quantized.config.backend == "pt2e" and quantized.config.mode != "fp32":
+        return graph_tensor_bytes(quantized.net), "int8_tensor_bytes"
+    return state_dict_bytes(quantized.net), "state_dict"

@@ -3,7 +3,7 @@
 The model is exported (batch dimension dynamic), annotated, calibrated and converted into a
 reference graph of quantize/dequantize ops around fp32 ops with int8 weight constants. That graph
 is slow in eager mode; `torch.compile` with Inductor freezing turns the Q/DQ patterns into int8
-kernels (`QuantizedModel.compiled()`). Static mode uses the same activation observers as `fx`
+kernels (`bpfm.quant.convert.runnable`). Static mode uses the same activation observers as `fx`
 (quint8 affine) and int8 symmetric weights; dynamic mode quantizes activations on the fly.
 """
 

@@ -128,35 +128,12 @@ class QuantizedModel(nn.Module):
         self.input_quantizer = input_quantizer
         self.config = config
         self.engine = engine  # fx: the torch.backends.quantized engine; pt2e: x86_inductor
-        self._compiled: Any = None
+        self._compiled: Any = None  # bpfm.quant.convert.runnable's compiled graph, kept
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return self.net(x)
-
-    def compiled(self, batch_sizes: tuple[int, ...] = (1, 64)) -> nn.Module:
-        """The fastest runnable form: for pt2e the Inductor-compiled graph (freezing on), one
-        per batch size, compiled lazily on first use (~20 s each on an idle machine, minutes on
-        a busy one); for fx and fp32 the model itself."""
-        if self.config.backend != "pt2e" or not self.config.compile or self.config.mode == "fp32":
-            return self
-        if self._compiled is None or self._compiled.batch_sizes != tuple(sorted(batch_sizes)):
-            from bpfm.quant.pt2e import CompiledModel
-
-            # kept out of the submodules: it wraps this module, and is neither saved nor sized
-            self.__dict__["_compiled"] = CompiledModel(self, batch_sizes)
-        return self._compiled
-
-    def size_bytes(self) -> tuple[int, str]:
-        """(bytes, kind): the saved state_dict as the paper measured it (fx, fp32), or the bytes
-        of the tensors the pt2e graph holds (int8 weights + fp32 rest), whose state_dict is not
-        a meaningful size."""
-        from bpfm.quant.measure import graph_tensor_bytes, state_dict_bytes
-
-        if self.config.backend == "pt2e" and self.config.mode != "fp32":
-            return graph_tensor_bytes(self.net), "int8_tensor_bytes"
-        return state_dict_bytes(self.net), "state_dict"
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bpfm.errors import BpfmError
-from bpfm.quant.convert import quantize, save_quantized
+from bpfm.quant.convert import quantize, runnable, save_quantized, size_bytes
 from bpfm.quant.measure import MIB, fixed_threads, latency_ms, state_dict_bytes
 from bpfm.quant.quantized import (
     WINDOW_SHAPE,
@@ -65,19 +65,19 @@ def _runnable(quantized: QuantizedModel, threads: int) -> tuple[nn.Module, float
     its eager reference form is several times slower than fp32. Its graphs for the timed batch
     sizes are compiled here, at the thread count they are timed at (Inductor's kernels keep
     the count they were compiled for), so that compile time is reported apart from latency."""
-    runnable = quantized.compiled(BATCH_SIZES)
-    if runnable is quantized:
+    fast = runnable(quantized, BATCH_SIZES)
+    if fast is quantized:
         return quantized, None
     start = time.perf_counter()
     try:
         with torch.inference_mode(), fixed_threads(threads):
             for batch in BATCH_SIZES:
-                runnable(torch.zeros(batch, *WINDOW_SHAPE))
+                fast(torch.zeros(batch, *WINDOW_SHAPE))
     except Exception as err:  # Inductor needs a working C++ compiler; its errors vary
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise BpfmError(f"quantize: compile: Inductor failed ({first}); pass --no-compile "
                         "(QuantConfig compile=False) to run the slower eager graph") from None
-    return runnable, time.perf_counter() - start
+    return fast, time.perf_counter() - start
 
 
 def run_quantization(
@@ -120,12 +120,12 @@ def run_quantization(
     start = time.perf_counter()
     quantized = quantize(model, config, calib)
     quantize_s = time.perf_counter() - start
-    runnable, compile_s = _runnable(quantized, threads)
-    size, size_kind = quantized.size_bytes()
-    test = _test_metrics(runnable, split, meta, batch_size)
+    timed, compile_s = _runnable(quantized, threads)
+    size, size_kind = size_bytes(quantized)
+    test = _test_metrics(timed, split, meta, batch_size)
 
     fp32 = dict(baseline["fp32"]) if baseline and "fp32" in baseline else None
-    models: dict[str, nn.Module] = {"quantized": runnable}
+    models: dict[str, nn.Module] = {"quantized": timed}
     if fp32 is None:
         fp32 = {"size_mib": state_dict_bytes(model) / MIB,
                 "test": _test_metrics(model, split, meta, batch_size)}  # fmt: skip

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfm.errors import BpfmError, DataError
-from bpfm.model.cerebro import CerebroEncoder, size_config
 from bpfm.model.bp_model import init_xavier
+from bpfm.model.cerebro import CerebroEncoder, size_config
 from bpfm.model.checkpoint import read_bytes, to_official_keys, write_bytes_atomic
 from bpfm.training.predict import WINDOW_SHAPE
 

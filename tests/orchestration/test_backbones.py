@@ -9,7 +9,7 @@ import yaml
 
 from bpfm.errors import BpfmError
 from bpfm.orchestration.backbones import backbone_jobs, backbone_key
-from bpfm.orchestration.plan import plan_grid
+from bpfm.orchestration.grid import plan_grid
 from bpfm.orchestration.stages import TrialContext, train_config
 from bpfm.profiles import PROFILE_DIR, load_profile
 

@@ -12,9 +12,10 @@ import logging
 import pytest
 import yaml
 
-from bpfm import summary, tracking
+from bpfm import tracking
 from bpfm.cli import main
 from bpfm.profiles import load_profile
+from bpfm.report import summary
 from bpfm.report.runs import load_study
 from bpfm.report.tables import table5
 from tests.orchestration.conftest import local_ray

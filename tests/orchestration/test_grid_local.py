@@ -3,18 +3,23 @@ store, a real MLflow server. One Ray instance for the module."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from bpfm import tracking
+from bpfm.io.scratch import process_runs
 from bpfm.profiles import load_profile
 from tests.orchestration.conftest import (
     BASE_PROFILE,
@@ -186,19 +191,69 @@ def test_mlflow_shows_the_study_at_a_glance(first_grid, grid_env, synthetic_shar
         assert not [v for v in params.values() if "bpfm-trial-" in v or "/ray/session" in v]
 
 
-def test_a_trial_that_fails_once_resumes_from_its_checkpoint(first_grid, grid_env,
-                                                             synthetic_shards, monkeypatch):
-    from bpfm.orchestration.ray_grid import FAULT_ENV, FAULT_MARKER_ENV, run_grid
+@contextlib.contextmanager
+def killing_the_trial_process(epoch: int) -> Iterator[list[int]]:
+    """SIGKILLs the trial process (a real fault: a worker dying) while it writes the checkpoint
+    of `epoch`, after it reported the epoch before to Tune and before it reports this one. The
+    process is found by its scratch folder, `bpfm-trial-<host>-<pid>-*` in the temp folder; once
+    it has finished the epoch before, it runs in 2 ms slices between SIGSTOPs, so that the kill
+    lands inside that window however fast the epoch is. Yields the PIDs it killed."""
+    from bpfm.orchestration.ray_grid import TRIAL_WORK_PREFIX
 
-    markers = grid_env.root / "markers"
-    monkeypatch.setenv(FAULT_ENV, "1")
-    monkeypatch.setenv(FAULT_MARKER_ENV, str(markers))
+    killed: list[int] = []
+    done = threading.Event()
+    started = time.time()
+
+    def trial_folders() -> list[tuple[int, Path]]:
+        found = []
+        for folder in Path(tempfile.gettempdir()).glob(f"{TRIAL_WORK_PREFIX}*-*-*"):
+            pid = folder.name.rsplit("-", 2)[1]
+            if pid.isdigit() and folder.stat().st_mtime >= started - 1 and process_runs(int(pid)):
+                found.append((int(pid), folder))
+        return found
+
+    def watch() -> None:
+        while not done.is_set() and not killed:
+            for pid, folder in trial_folders():
+                checkpoints = folder / "out" / "checkpoints"
+                if not (checkpoints / f"epoch-{epoch - 1:04d}").is_dir():
+                    continue
+                try:
+                    while not done.is_set():
+                        os.kill(pid, signal.SIGSTOP)
+                        if any(f"{epoch:04d}" in p.name for p in checkpoints.iterdir()):
+                            os.kill(pid, signal.SIGKILL)
+                            killed.append(pid)
+                            return
+                        os.kill(pid, signal.SIGCONT)
+                        time.sleep(0.002)
+                except (ProcessLookupError, FileNotFoundError):
+                    break  # the trial ended before its epoch
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        watcher.join()
+        for pid in killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def test_a_trial_whose_process_dies_resumes_from_its_checkpoint(first_grid, grid_env,
+                                                                synthetic_shards):
+    from bpfm.orchestration.ray_grid import run_grid
+
     axes = {**BASE_PROFILE["axes"], "freeze": ["unfrozen"]}
     path = write_profile(grid_env.root, "fault", study="orch-fault", axes=axes,
                          data={"uri": synthetic_shards}, storage=str(grid_env.root / "tune"))
-    result = run_grid(load_profile(str(path)))
+    with killing_the_trial_process(epoch=2) as killed:
+        result = run_grid(load_profile(str(path)))
+    assert len(killed) == 1  # the fault did happen, once
     assert result["errors"] == []
-    assert len(list(markers.glob("*.fired"))) == 1  # the fault did fire, once
     faulted = {c["cell"]: c for c in result["cells"]}
     clean = {c["cell"]: c for c in first_grid["cells"]}
     for cell, row in faulted.items():

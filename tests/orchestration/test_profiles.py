@@ -8,7 +8,7 @@ import pytest
 
 from bpfm.cli import main
 from bpfm.errors import BpfmError
-from bpfm.orchestration.plan import dry_run, expand_cells, plan_grid, plan_trials
+from bpfm.orchestration.grid import dry_run, expand_cells, plan_grid, plan_trials
 from bpfm.profiles import load_profile, load_recipe
 
 

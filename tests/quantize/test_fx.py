@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bpfm.quant.convert import load_quantized, quantize, save_quantized
+from bpfm.quant.convert import load_quantized, quantize, save_quantized, size_bytes
 from bpfm.quant.measure import state_dict_bytes
 from bpfm.quant.quantized import QuantConfig
 
@@ -56,7 +56,7 @@ def test_fx_variant_stays_close_to_fp32_and_round_trips(
     assert np.all(np.abs(quant_mae - fp32_mae) <= 0.05 * fp32_mae), (quant_mae, fp32_mae)
     assert not np.array_equal(estimate, fp32_predictions.estimate)  # really an int8 model
 
-    size, kind = quantized.size_bytes()
+    size, kind = size_bytes(quantized)
     assert kind == "state_dict"
     assert state_dict_bytes(model) / size >= 3.5  # paper: small 13.73 -> 3.85 MB, x3.57
 

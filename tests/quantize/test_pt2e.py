@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bpfm.quant.convert import load_quantized, quantize, save_quantized
+from bpfm.quant.convert import load_quantized, quantize, runnable, save_quantized, size_bytes
 from bpfm.quant.measure import MIB, state_dict_bytes
 from bpfm.quant.quantized import QuantConfig
 
@@ -30,7 +30,7 @@ def test_pt2e_static_stays_close_to_fp32_and_round_trips(
     assert np.all(np.abs(quant_mae - fp32_mae) <= 0.05 * fp32_mae), (quant_mae, fp32_mae)
     assert not np.array_equal(estimate, fp32.estimate)
 
-    size, kind = quantized.size_bytes()
+    size, kind = size_bytes(quantized)
     assert kind == "int8_tensor_bytes"
     assert state_dict_bytes(model) / size >= 3.5
     constants = [attrgetter(n.target)(quantized.net) for n in quantized.net.graph.nodes
@@ -63,8 +63,8 @@ def test_compiled_pt2e_matches_its_reference_graph_at_any_batch_size():
     model = Toy().eval()
     calib = [torch.randn(16, 2, 1250)]
     quantized = quantize(model, QuantConfig("static", backend="pt2e"), calib)
-    compiled = quantized.compiled((4,))
-    assert compiled is quantized.compiled((4,))  # compiled once, kept
+    compiled = runnable(quantized, (4,))
+    assert compiled is runnable(quantized, (4,))  # compiled once, kept
     assert "_compiled" not in dict(quantized.named_children())  # not saved or sized with it
     x = torch.randn(6, 2, 1250)  # not a compiled size: run as 4 + (2 padded to 4)
     with torch.inference_mode():
@@ -74,5 +74,5 @@ def test_compiled_pt2e_matches_its_reference_graph_at_any_batch_size():
     # the int8 kernels round differently from the reference Q/DQ graph, by about one step
     assert torch.allclose(out, reference, atol=0.05), (out - reference).abs().max()
     assert (reference - model(x)).abs().max() < 0.1
-    assert quantized.size_bytes()[0] < state_dict_bytes(model) / 3.5
+    assert size_bytes(quantized)[0] < state_dict_bytes(model) / 3.5
     assert MIB == 2**20

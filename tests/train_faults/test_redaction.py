@@ -7,8 +7,9 @@ import logging
 
 import pytest
 
-from bpfm import storage, tracking
+from bpfm import tracking
 from bpfm.errors import BpfmError, DataError
+from bpfm.io import storage
 from bpfm.io.redact import RedactingFormatter, redact
 from tests.services.s3 import free_ports
 from tests.train_faults.conftest import error_line, run_bpfm
@@ -78,7 +79,7 @@ def test_error_lines_of_real_commands_hold_no_inline_credentials(
 
 
 def test_mlflow_params_and_tags_of_a_grid_and_its_cells_hold_no_inline_credentials(tmp_path):
-    from bpfm.orchestration.plan import TrialPlan
+    from bpfm.orchestration.grid import TrialPlan
     from bpfm.orchestration.stages import CellLogger, TrialContext, train_config
 
     client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
