@@ -84,15 +84,15 @@ def bench_size(model_dir: Path, size: str, variants: dict, args, workdir: Path) 
                                          threads=args.threads,
                                          baseline=results["fp32"])  # fmt: skip
     model, _, _ = load_trained(model_dir)
-    runnable = {"fp32": model}
+    models = {"fp32": model}
     for name in variants:
-        runnable[name] = runnable(load_quantized(workdir / name))
+        models[name] = runnable(load_quantized(workdir / name))
         # compile (pt2e) outside the timing, at the thread count it is timed at
         with torch.inference_mode(), fixed_threads(args.threads):
             for batch in (1, 64):
-                runnable[name](torch.zeros(batch, 2, 1250))
+                models[name](torch.zeros(batch, 2, 1250))
     load_before = os.getloadavg()
-    timed = timings(runnable, (1, 64), runs=args.runs, threads=args.threads)
+    timed = timings(models, (1, 64), runs=args.runs, threads=args.threads)
     load = {"before": load_before, "after": os.getloadavg()}
     for name, result in results.items():
         result["latency"] = {b: t["wall_ms"] for b, t in timed[name].items()}
