@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from bpfm import defaults
 from bpfm.errors import BpfmError
 from bpfm.io.redact import redact
+from bpfm.metrics import TARGETS
 
 if TYPE_CHECKING:  # torch is a heavy import the report and search never need
     from torch import nn
@@ -44,7 +45,6 @@ TRIAL_STARTED = "bpfm.trial_started"  # when the trial's process began and ended
 TRIAL_ENDED = "bpfm.trial_ended"  # (Unix seconds): when it held its resources
 PARENT = "mlflow.parentRunId"
 
-TARGETS = ("sbp", "dbp")
 FINAL_METRICS = tuple(
     f"{t}_{m}"
     for t in TARGETS
@@ -256,62 +256,25 @@ def log_model_dir(mlflow_client, run_id: str, model_dir: str | Path) -> None:
         if predictions.is_file():
             mlflow_client.log_artifact(run_id, str(predictions), "predictions")
             plots = Path(tmp) / "plots"
-            if write_plots(predictions, plots):
-                mlflow_client.log_artifacts(run_id, str(plots), "plots")
+            _draw_plots(predictions, plots, title=model_dir.name)
+            mlflow_client.log_artifacts(run_id, str(plots), "plots")
+
+
+def _draw_plots(predictions: Path, folder: Path, title: str) -> None:
+    # matplotlib and pandas load only where plots are drawn (trial workers, not the driver)
+    import pandas as pd
+
+    from bpfm.report.plots import bland_altman, scatter
+
+    frame = pd.read_parquet(predictions)
+    bland_altman(frame, folder / "bland_altman.png", title)
+    scatter(frame, folder / "scatter.png", title)
 
 
 def download_model_dir(mlflow_client, run_id: str, dst: str | Path) -> Path:
     """A trained cell's model dir back from its run's artifacts (stage 2 runs on any node)."""
     path = mlflow_client.download_artifacts(run_id, "model", str(dst))
     return Path(path)
-
-
-def write_plots(predictions: Path, out: Path) -> list[Path]:
-    """Bland-Altman and scatter plots (SBP and DBP side by side) of a predictions Parquet file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(predictions).to_pydict()
-    pairs = {t: _pred_columns(table, t) for t in TARGETS}
-    if any(p is None for p in pairs.values()):
-        log.warning("%s: no target/estimate columns, plots skipped", predictions)
-        return []
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for kind in ("bland_altman", "scatter"):
-        fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-        for ax, (target, (y, yhat)) in zip(axes, pairs.items(), strict=True):
-            y, yhat = np.asarray(y, float), np.asarray(yhat, float)
-            if kind == "scatter":
-                ax.scatter(y, yhat, s=4, alpha=0.5)
-                lo, hi = float(min(y.min(), yhat.min())), float(max(y.max(), yhat.max()))
-                ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-                ax.set(xlabel=f"{target.upper()} target (mmHg)", ylabel="estimate (mmHg)")
-            else:
-                err, mean = y - yhat, (y + yhat) / 2
-                bias, sd = float(err.mean()), float(err.std(ddof=1)) if err.size > 1 else 0.0
-                ax.scatter(mean, err, s=4, alpha=0.5)
-                for level in (bias, bias - 1.96 * sd, bias + 1.96 * sd):
-                    ax.axhline(level, color="k", ls="--", lw=1)
-                ax.set(xlabel="mean of target and estimate (mmHg)", ylabel="target - estimate")
-            ax.set_title(target.upper())
-        fig.tight_layout()
-        path = out / f"{kind}.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def _pred_columns(table: dict, target: str) -> tuple[list, list] | None:
-    """(targets, estimates) of `sbp`/`dbp` in a predictions file (`<t>` and `<t>_hat` columns)."""
-    if target in table and f"{target}_hat" in table:
-        return table[target], table[f"{target}_hat"]
-    return None
 
 
 def finish(mlflow_client, run_id: str, status: str = "FINISHED") -> None:

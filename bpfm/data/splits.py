@@ -67,11 +67,6 @@ class View:
             return "segment_id"
         return "subject" if self.subjects is not None else None
 
-    @property
-    def filter(self) -> pc.Expression:
-        """The partition filter, as a pyarrow dataset expression."""
-        return (pc.field("source") == self.source) & pc.field("subset").isin(list(self.subsets))
-
     def parts(self) -> list[dict]:
         return self.shards.parts(self.source, self.subsets)
 

@@ -1,12 +1,15 @@
 """Publishing a local file atomically: write a temporary name in the same folder, then rename, so
-that a reader sees the old file or the new one, never half of one. Every local write of a result
-(model dirs, checkpoints, quantized models, state files) goes through `publish_file`;
-`bpfm.io.storage.publish_bytes` does the same for URIs (local or S3)."""
+that a reader sees the old file or the new one, never half of one. Every local file a reader may
+open while it is written goes through `publish_file` (model dirs, model files, quantized models,
+exports); `bpfm.io.storage.publish_bytes` uses it for local URIs (an S3 upload is visible only
+once complete). Training checkpoints are folders and are published by renaming the folder
+(`bpfm.training.state`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,10 +20,14 @@ from bpfm.io.disk import reporting_full_disk
 def publish_file(path: Path, write: Callable[[Path], None], needed: int | None = None) -> None:
     """Write through a temporary name in the same folder, then rename: readers never see half.
     A full disk is one line naming the file (and `needed`, its size, when known)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # unique per writer; the suffix stays, since some writers go by it (torch.export.save: .pt2)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
     with reporting_full_disk(path, needed):
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             write(tmp)
+            with open(tmp, "rb") as handle:  # on disk before the rename makes it visible
+                os.fsync(handle.fileno())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

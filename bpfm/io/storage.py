@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from bpfm.errors import BpfmError
+from bpfm.io.atomic import publish_file
 from bpfm.io.redact import redact
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -125,24 +124,15 @@ def write_bytes(uri: str, data: bytes) -> None:
 def publish_bytes(uri: str, data: bytes) -> None:
     """Write a file so that readers see either the old content or the new, never a part.
 
-    Locally: a temporary file beside the target, then an atomic rename. On object stores a
-    single upload only becomes visible once complete, so a plain write is already atomic."""
+    Locally: `bpfm.io.atomic.publish_file` (a full disk is one line naming the file and the
+    bytes it needed). On object stores a single upload only becomes visible once complete, so a
+    plain write is already atomic."""
     if not is_local(uri):
         write_bytes(uri, data)
         return
     _, path = filesystem_for(uri)
-    target = Path(path)
     with storage_errors(uri):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(temp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, target)
-        finally:
-            temp.unlink(missing_ok=True)
+        publish_file(Path(path), lambda temp: temp.write_bytes(data), len(data))
 
 
 def delete_dir(uri: str, *, missing_ok: bool = True) -> None:

@@ -270,11 +270,3 @@ class CerebroEncoder(nn.Module):
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens).reshape(b, c * p, d)
-
-
-def check_input(x: torch.Tensor, encoder: CerebroEncoder) -> None:
-    """Shape and finiteness checks with one-line errors (finiteness costs a device sync, so
-    `forward` checks only shapes; loaders and `bpfm evaluate` call this)."""
-    encoder.check_shape(x)
-    if not torch.isfinite(x).all():
-        raise BpfmError("input: contains NaN or infinite samples")

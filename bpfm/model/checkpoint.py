@@ -15,7 +15,6 @@ import re
 import struct
 import warnings
 from collections.abc import Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from bpfm.errors import BpfmError
-from bpfm.io.disk import reporting_full_disk
+from bpfm.io import storage
 from bpfm.model.bp_model import create_model
 
 log = logging.getLogger(__name__)
@@ -91,25 +90,11 @@ def read_bytes(uri: str | Path) -> bytes:
     """A local file, or any URI `bpfm.io.storage` understands (s3://)."""
     uri = str(uri)
     if _is_remote(uri):
-        from bpfm.io import storage
-
         return storage.read_bytes(uri)
     try:
         return Path(uri.removeprefix("file://")).read_bytes()
     except OSError as err:
         raise BpfmError(f"{uri}: cannot read ({err.strerror or err})") from None
-
-
-def write_bytes_atomic(uri: str | Path, data: bytes) -> None:
-    """Readers never see half a file: `bpfm.io.storage.publish_bytes` (a local temporary file
-    renamed into place, created like any other file of its folder; an S3 object appears whole
-    or not at all). A full local disk is one line naming the file and the bytes it needed."""
-    from bpfm.io import storage
-
-    uri = str(uri)
-    local = not _is_remote(uri)
-    with reporting_full_disk(uri.removeprefix("file://"), len(data)) if local else nullcontext():
-        storage.publish_bytes(uri, data)
 
 
 def safe_torch_load(file) -> object:
@@ -190,7 +175,7 @@ def save_model(path: str | Path, model: nn.Module, meta: dict | None = None) -> 
             {"state_dict": state, "meta": json.loads(json.dumps(meta, default=_jsonable))}, buffer
         )
         data = buffer.getvalue()
-    write_bytes_atomic(path, data)
+    storage.publish_bytes(str(path), data)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

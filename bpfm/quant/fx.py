@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from bpfm.errors import BpfmError
+from bpfm.io.atomic import publish_file
 from bpfm.model.attention import attention_core
 from bpfm.model.cerebro import Attention
 
@@ -200,12 +201,10 @@ def _picklable(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def save(quantized: nn.Module, path: Path) -> Path:
     """The whole module, pickled (a GraphModule re-creates its code on load)."""
-    from bpfm.model.checkpoint import write_bytes_atomic
-
     buffer = io.BytesIO()
     with ao_warnings_filtered():
         torch.save(quantized, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    publish_file(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
     return path
 
 

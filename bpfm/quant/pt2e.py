@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bpfm.errors import BpfmError
+from bpfm.io.atomic import publish_file
 
 MAX_BATCH = 1 << 16
 INDUCTOR_INT8_LOWERING = r"torch\._inductor\.mkldnn_lowerings"
@@ -116,9 +117,8 @@ def save(quantized, path: Path) -> Path:
     from bpfm.quant.quantized import CONFIG_EXTRA, WINDOW_SHAPE, config_json
 
     program = export(quantized.net, torch.zeros(2, *WINDOW_SHAPE))
-    tmp = path.with_name(f".tmp-{path.name}")  # torch.export.save wants the .pt2 suffix
-    torch.export.save(program, tmp, extra_files={CONFIG_EXTRA: config_json(quantized)})
-    tmp.replace(path)
+    extra = {CONFIG_EXTRA: config_json(quantized)}
+    publish_file(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
     return path
 
 

@@ -12,7 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-TARGETS = (("sbp", "SBP"), ("dbp", "DBP"))
+from bpfm.metrics import TARGETS  # noqa: E402
+
+LABELS = {target: target.upper() for target in TARGETS}
 DPI = 100
 
 
@@ -34,7 +36,7 @@ def _save(figure, path: Path) -> Path:
 def bland_altman(predictions: pd.DataFrame, path: Path, title: str) -> Path:
     """Difference (reference - estimate) against the mean of both, with bias and 95% limits."""
     figure, axes = _two_panels(f"Bland-Altman: {title}")
-    for ax, (key, label) in zip(axes, TARGETS, strict=True):
+    for ax, (key, label) in zip(axes, LABELS.items(), strict=True):
         reference, estimate = predictions[key].to_numpy(), predictions[f"{key}_hat"].to_numpy()
         mean, diff = (reference + estimate) / 2, reference - estimate
         bias = float(diff.mean())
@@ -53,7 +55,7 @@ def bland_altman(predictions: pd.DataFrame, path: Path, title: str) -> Path:
 def scatter(predictions: pd.DataFrame, path: Path, title: str) -> Path:
     """Estimate against reference, with the identity line."""
     figure, axes = _two_panels(f"Estimate vs reference: {title}")
-    for ax, (key, label) in zip(axes, TARGETS, strict=True):
+    for ax, (key, label) in zip(axes, LABELS.items(), strict=True):
         reference, estimate = predictions[key].to_numpy(), predictions[f"{key}_hat"].to_numpy()
         low = float(min(reference.min(), estimate.min()))
         high = float(max(reference.max(), estimate.max()))
@@ -68,7 +70,7 @@ def scatter(predictions: pd.DataFrame, path: Path, title: str) -> Path:
 def error_histogram(predictions: pd.DataFrame, path: Path, title: str) -> Path:
     """Histogram of reference - estimate, with the BHS bands (+-5/10/15 mmHg) marked."""
     figure, axes = _two_panels(f"Error histogram: {title}")
-    for ax, (key, label) in zip(axes, TARGETS, strict=True):
+    for ax, (key, label) in zip(axes, LABELS.items(), strict=True):
         err = predictions[key].to_numpy() - predictions[f"{key}_hat"].to_numpy()
         ax.hist(err, bins=min(60, max(10, int(np.sqrt(err.size)))), color="tab:blue", alpha=0.8)
         for band in (5, 10, 15):

@@ -14,7 +14,7 @@ import pandas as pd
 from bpfm.metrics import AAMI_MIN_SUBJECTS, aami_verdict, bhs_grade
 from bpfm.report.literature import LITERATURE, SOURCE_NAMES, protocol_label
 
-TARGETS = ("dbp", "sbp")  # the paper's column order
+TARGETS_AS_THE_PAPER = ("dbp", "sbp")  # Tables II-V list DBP before SBP
 GRADE_ORDER = "ABCD"
 SIZE_ORDER = {"small": 0, "medium": 1, "base": 1, "large": 2}
 CELL = ["source", "protocol", "method", "frozen", "epochs", "size"]
@@ -78,7 +78,7 @@ def with_cell_columns(train: pd.DataFrame) -> pd.DataFrame:
     frame = train.copy()
     frame["method"] = frame["init"].map(method_of)
     frame["frozen"] = frame["freeze"].map(lambda f: "yes" if f == "frozen" else "no")
-    for target in TARGETS:
+    for target in TARGETS_AS_THE_PAPER:
         frame[f"{target}_grade"] = frame.apply(run_grade, axis=1, target=target)
         frame[f"{target}_aami_verdict"] = frame.apply(run_aami, axis=1, target=target)
     return frame
@@ -104,11 +104,11 @@ def table2(train: pd.DataFrame) -> pd.DataFrame:
     for key, cell in frame.groupby(group, dropna=False, sort=False):
         row = dict(zip(group, key, strict=True))
         row["seeds"] = len(cell)
-        for target in TARGETS:
+        for target in TARGETS_AS_THE_PAPER:
             for metric in ("sd", "mae", "r2"):
                 row[f"{target}_{metric}"] = cell[f"{target}_{metric}"].map(_number).mean()
-        row["bhs"] = "/".join(_joined(cell[f"{t}_grade"]) for t in TARGETS)
-        verdicts = [_joined(cell[f"{t}_aami_verdict"]) for t in TARGETS]
+        row["bhs"] = "/".join(_joined(cell[f"{t}_grade"]) for t in TARGETS_AS_THE_PAPER)
+        verdicts = [_joined(cell[f"{t}_aami_verdict"]) for t in TARGETS_AS_THE_PAPER]
         row["aami"] = aami_label(*verdicts)
         rows.append(row)
     return _sort(pd.DataFrame(rows), group)
@@ -279,7 +279,7 @@ def calibration_gap(train: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     pairs = based.merge(free, on=keys, suffixes=("_calbased", "_calfree"))
     out = pairs[keys].copy()
-    for target in TARGETS:
+    for target in TARGETS_AS_THE_PAPER:
         low = pairs[f"{target}_mae_calbased"].map(_number)
         high = pairs[f"{target}_mae_calfree"].map(_number)
         out[f"{target}_mae_calbased"] = low

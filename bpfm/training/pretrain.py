@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfm.errors import BpfmError, DataError
+from bpfm.io import storage
 from bpfm.model.bp_model import init_xavier
 from bpfm.model.cerebro import CerebroEncoder, size_config
-from bpfm.model.checkpoint import read_bytes, to_official_keys, write_bytes_atomic
+from bpfm.model.checkpoint import read_bytes, to_official_keys
 from bpfm.training.predict import WINDOW_SHAPE
 
 log = logging.getLogger(__name__)
@@ -425,5 +426,5 @@ def save_pretrain_checkpoint(
     }
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
-    write_bytes_atomic(out, buffer.getvalue())
+    storage.publish_bytes(str(out), buffer.getvalue())
     log.info("wrote %s", out)

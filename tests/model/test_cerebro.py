@@ -78,13 +78,13 @@ def test_wrong_input_shapes_give_one_line_errors(small_model, shape):
     assert "\n" not in str(err.value)
 
 
-def test_check_input_rejects_nan(small_model):
-    from bpfm.model.cerebro import check_input
+def test_a_window_with_nan_is_refused_before_the_model():
+    from bpfm.training.predict import check_batch
 
     x = torch.randn(1, 2, 1250)
     x[0, 1, 5] = float("nan")
     with pytest.raises(BpfmError, match="NaN"):
-        check_input(x, small_model.encoder)
+        check_batch(x)
 
 
 def explicit_attention(attn, x):
