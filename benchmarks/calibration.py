@@ -46,7 +46,7 @@ from bpfm.training.pretrain import PretrainConfig, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("BPFM_CHALLENGE2015", REPO.parent / "shared" / "data" /
-              "challenge2015" / "Challenge2015_Sample_Subset.mat"))  # fmt: skip
+              "challenge2015" / "Challenge2015_Sample_Subset.mat"))
 log = logging.getLogger("calibration-bench")
 
 
@@ -65,7 +65,7 @@ def ensure_backbone(init: str, args, data: str, work: Path) -> str | None:
     eeg = work / "backbones" / "eeg.ckpt"
     if init in ("pretrained", "pretrained_eeg_then_ecgppg") and not eeg.is_file():
         pretrain(PretrainConfig(out=str(eeg), steps=args.eeg_steps, synthetic_windows=256,
-                                **common))  # fmt: skip
+                                **common))
     if init == "pretrained":
         return str(eeg)
     out = work / "backbones" / f"{init}-{args.source}-{args.protocol}.ckpt"
@@ -74,7 +74,7 @@ def ensure_backbone(init: str, args, data: str, work: Path) -> str | None:
             out=str(out), steps=args.pretrain_steps, data=data, source=args.source,
             protocol=args.protocol,
             init_checkpoint=str(eeg) if init == "pretrained_eeg_then_ecgppg" else None, **common,
-        ))  # fmt: skip
+        ))
     return str(out)
 
 
@@ -84,7 +84,7 @@ def train(init: str, checkpoint: str | None, args, data: str, work: Path) -> Pat
         init=init, checkpoint=checkpoint, epochs=args.epochs, batch_size=32, lr=1e-4,
         eval_batch_size=256, device="cpu", report_epochs=tuple(args.report_epochs),
         out=str(work / "runs" / init),
-    )  # fmt: skip
+    )
     fit(config)
     return Path(config.out)
 
@@ -101,7 +101,7 @@ def from_checkpoint(out: Path, data: str):
     config = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
     state = load_train_state(latest_checkpoint(out))
     model = build_model(TrainConfig.from_dict({**config.to_dict(), "init": "xavier",
-                                               "checkpoint": None}))  # fmt: skip
+                                               "checkpoint": None}))
     model.load_state_dict(state["model"])
     split = open_split(data, config.source, config.protocol, config.split_seed)
     mean, std = (np.asarray(v, np.float64) for v in view_target_stats(split.train))
@@ -113,12 +113,12 @@ def measure(model_dir: Path, args, data: str, loaded=None) -> dict:
     split = open_split(data, config.source, config.protocol, config.split_seed)
     encoded = encode_split(model, meta, split)  # the model runs once for every K
     return {k: evaluate_calibration(model, meta, split, METHODS[1:], k, encoded=encoded)
-            for k in args.ks}  # fmt: skip
+            for k in args.ks}
 
 
 def print_table(rows: list[dict]) -> None:
     header = (f"{'init':28s} {'ep':>3s} {'K':>3s} {'method':8s} {'n':>4s} "
-              f"{'MAE sbp/dbp':>13s} {'MASE sbp/dbp':>13s} {'cal_mase sbp/dbp':>17s}")  # fmt: skip
+              f"{'MAE sbp/dbp':>13s} {'MASE sbp/dbp':>13s} {'cal_mase sbp/dbp':>17s}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -126,7 +126,7 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['init']:28s} {r['epochs']:>3d} {r['k']:>3d} {r['method']:8s} {m['n']:>4d} "
               f"{m['sbp_mae']:6.2f}/{m['dbp_mae']:<6.2f} "
               f"{m['sbp_mase']:6.3f}/{m['dbp_mase']:<6.3f} "
-              f"{m['sbp_cal_mase']:8.3f}/{m['dbp_cal_mase']:<8.3f}")  # fmt: skip
+              f"{m['sbp_cal_mase']:8.3f}/{m['dbp_cal_mase']:<8.3f}")
 
 
 def main() -> None:
@@ -136,14 +136,14 @@ def main() -> None:
     parser.add_argument("--protocol", default="calfree")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--report-epochs", type=lambda s: [int(v) for v in s.split(",") if v],
-                        default=[10])  # fmt: skip
+                        default=[10])
     parser.add_argument("--ks", type=lambda s: [int(v) for v in s.split(",")], default=[3, 5, 10])
     parser.add_argument("--inits", default="xavier,pretrained_ecgppg,pretrained_eeg_then_ecgppg")
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--eeg-steps", type=int, default=150)
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--measure-only", action="store_true",
-                        help="train nothing: measure the model dirs under --work")  # fmt: skip
+                        help="train nothing: measure the model dirs under --work")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = Path(args.work)
@@ -153,7 +153,7 @@ def main() -> None:
         out_dirs = {i: work / "runs" / i for i in inits}
     else:
         out_dirs = {i: train(i, ensure_backbone(i, args, data, work), args, data, work)
-                    for i in inits}  # fmt: skip
+                    for i in inits}
     rows = []
     for init, out in out_dirs.items():
         measured = []
@@ -173,9 +173,9 @@ def main() -> None:
                     rows.append({"init": init, "epochs": epochs, "k": k, "method": method,
                                  "metrics": metrics, "chosen": {
                                      key: result.get(key) for key in ("affine_strength",
-                                                                      "head_steps")}})  # fmt: skip
+                                                                      "head_steps")}})
     print(f"\n{args.source} / {args.protocol}: small, unfrozen; each K: the test subjects' "
-          "windows after their first K (same windows for every method)")  # fmt: skip
+          "windows after their first K (same windows for every method)")
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float))

@@ -61,7 +61,7 @@ def trainer(uri: str, mode: str, epochs: int, workers: int) -> None:
     later = sum(samples[1:]) / sum(epoch_s[1:]) if epochs > 1 else float("nan")
     print(json.dumps({"samples": sum(samples), "seconds": seconds, "epoch_s": epoch_s,
                       "samples_per_s": sum(samples) / seconds,
-                      "later_samples_per_s": later}))  # fmt: skip
+                      "later_samples_per_s": later}))
 
 
 def run_trainers(uri: str, mode: str, k: int, epochs: int, workers: int, env: dict) -> list[dict]:
@@ -69,7 +69,7 @@ def run_trainers(uri: str, mode: str, k: int, epochs: int, workers: int, env: di
     processes = [
         subprocess.Popen(
             command, env=env, cwd=REPO, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )  # fmt: skip
+        )
         for _ in range(k)
     ]
     for process in processes:  # all imported: start them together
@@ -125,13 +125,13 @@ def main() -> None:
         shards = open_shards(local)
         view_bytes = sum(p["bytes"] for p in shards.parts("mimic", ["train"]))
         env = {**os.environ, **server.env(), "AWS_ENDPOINT_URL_S3": proxy.endpoint,
-               "PYTHONPATH": str(REPO)}  # fmt: skip
+               "PYTHONPATH": str(REPO)}
         print(f"shard set {shards.manifest['bytes'] / 1e6:.0f} MB, {shards.manifest['rows']} "
               f"rows; view mimic/train (paper) parts {view_bytes / 1e6:.0f} MB; E = "
-              f"{args.epochs} epochs, {args.workers} DataLoader workers per trainer")  # fmt: skip
+              f"{args.epochs} epochs, {args.workers} DataLoader workers per trainer")
         print(f"{'K':>2} {'mode':<7} {'S3 sent MB':>10} {'sent/view':>9} {'samples/s':>9} "
               f"{'vs local':>8} {'epochs 2+':>9} {'vs local':>8} {'epoch 1 s':>9} "
-              f"{'wall s':>7}")  # fmt: skip
+              f"{'wall s':>7}")
         rows = []
         modes = ("local", "cache", "stream")
         for round_ in range(args.rounds):
@@ -145,7 +145,7 @@ def main() -> None:
                     proxy.reset()
                     began = time.perf_counter()
                     results = run_trainers(local if mode == "local" else uri, mode, k,
-                                           args.epochs, args.workers, run_env)  # fmt: skip
+                                           args.epochs, args.workers, run_env)
                     by_mode[mode] = {
                         "round": round_, "k": k, "mode": mode, "epochs": args.epochs,
                         "sent_bytes": proxy.sent_to_clients, "view_bytes": view_bytes,
@@ -154,7 +154,7 @@ def main() -> None:
                         "later_samples_per_s": sum(r["later_samples_per_s"] for r in results) / k,
                         "first_epoch_s": max(r["epoch_s"][0] for r in results),
                         "wall_s": time.perf_counter() - began, "trainers": results,
-                    }  # fmt: skip
+                    }
                     shutil.rmtree(cache_dir, ignore_errors=True)
                 for mode in modes:
                     row = by_mode[mode]
@@ -186,7 +186,7 @@ def main() -> None:
     }
     print(f"cache vs local, median of {args.rounds} round(s): " + "; ".join(
         f"K={k[1:]}: sent/view {m['sent_over_view']:.3f}, samples/s {m['vs_local']:.2f}x "
-        f"(epochs 2+ {m['later_vs_local']:.2f}x)" for k, m in medians.items()))  # fmt: skip
+        f"(epochs 2+ {m['later_vs_local']:.2f}x)" for k, m in medians.items()))
     summary = {
         "max_cached_sent_over_view": max(r["sent_over_view"] for r in cached),
         "cached_medians": medians,

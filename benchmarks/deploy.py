@@ -56,9 +56,9 @@ def run(args, workdir: Path) -> dict:
             reuse = done if mode == "fp32" and done.is_file() else None
             results[config.name] = run_export(model_dir, config, out=workdir / config.name,
                                               file=reuse, latency_runs=0,
-                                              threads=THREADS)  # fmt: skip
+                                              threads=THREADS)
             runtimes[config.name] = load_export(results[config.name]["model_file"],
-                                                threads=THREADS)  # fmt: skip
+                                                threads=THREADS)
     model, _, _ = load_trained(model_dir)
     load_before = os.getloadavg()
     timed = timings({"torch-fp32": model, **runtimes}, (1, 64), runs=args.runs, threads=THREADS)
@@ -93,13 +93,13 @@ def report(measured: dict) -> dict:
             "mae_diff_int8_mmhg": r["parity_mae_diff_int8"],
             "rss_above_baseline_mib_b1": r.get("rss_above_baseline_mib_b1"),
             "mode": mode, "format": fmt,
-        }  # fmt: skip
+        }
         for b in (1, 64):
             ms = r["timing"][b]["wall_ms"]
             row[f"ms_b{b}"] = ms
             row[f"x_torch_b{b}"] = torch_fp32[b]["wall_ms"] / ms
             row[f"x_runtime_fp32_b{b}"] = (own_fp32["timing"][b]["wall_ms"] / ms
-                                           if own_fp32 else None)  # fmt: skip
+                                           if own_fp32 else None)
         print(f"{name:30} {row['size_mib']:6.2f} {_fmt(row['reduction_vs_runtime_fp32']):>6} "
               f"{row['max_abs_fp32']:11.2e} {_fmt(row['mae_diff_int8_mmhg'], '+.3f'):>9} "
               f"{row['ms_b1']:7.2f} {row['ms_b64']:8.1f} {row['x_torch_b1']:5.2f} "

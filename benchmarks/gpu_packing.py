@@ -67,7 +67,7 @@ def run_packed(k: int, args: argparse.Namespace) -> dict:
     late = [r for r in results if r["seconds"] < 0.8 * args.seconds]
     per = [r["samples_per_s"] for r in results]
     return {"procs": k, "per_process_samples_s": per, "aggregate_samples_s": sum(per),
-            "late_workers": len(late)}  # fmt: skip
+            "late_workers": len(late)}
 
 
 def main() -> None:
@@ -98,7 +98,7 @@ def main() -> None:
                   + (f"; {row['late_workers']} started late" if row["late_workers"] else ""))
     if args.json:
         print(json.dumps({"device": args.device, "size": args.size, "batch": args.batch,
-                          "load_avg_1m": os.getloadavg()[0], "results": rows}))  # fmt: skip
+                          "load_avg_1m": os.getloadavg()[0], "results": rows}))
 
 
 if __name__ == "__main__":

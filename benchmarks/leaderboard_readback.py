@@ -32,7 +32,7 @@ def write_runs(client, experiment_id: str, runs: int, variants: int) -> None:
     for cell in range(cells):
         parent = client.create_run(experiment_id, tags={"bpfm.kind": "train"}).info.run_id
         params = {"source": "mimic", "protocol": "paper", "size": "small", "freeze": "frozen",
-                  "epochs": str(cell), "init": "xavier", "seed": "42"}  # fmt: skip
+                  "epochs": str(cell), "init": "xavier", "seed": "42"}
         client.log_batch(
             parent,
             metrics=[Metric(m, 1.0 + cell / 1000, now, 0) for m in METRICS],
@@ -41,7 +41,7 @@ def write_runs(client, experiment_id: str, runs: int, variants: int) -> None:
                 RunTag("sbp_bhs_grade", "B"),
                 RunTag("dbp_bhs_grade", "A"),
                 RunTag("aami", "fail"),
-            ],  # fmt: skip
+            ],
         )
         client.set_terminated(parent)
         for variant in range(variants):
@@ -57,7 +57,7 @@ def write_runs(client, experiment_id: str, runs: int, variants: int) -> None:
                     Param("observer", f"o{variant}"),
                     Param("weights", "per_channel"),
                     Param("backend", "fx"),
-                ],  # fmt: skip
+                ],
             )
             client.set_terminated(child)
 
@@ -100,7 +100,7 @@ def main() -> None:
             server.stop()
     result = {"runs": n, "write_s": written, "load_study_s": batched,
               "one_search_per_run_s_estimated": per_run * n,
-              "speedup": per_run * n / batched}  # fmt: skip
+              "speedup": per_run * n / batched}
     print(
         f"{n} runs: load_study {batched:.1f} s (pages of 1,000); one search per run would take "
         f"~{per_run * n:.0f} s ({per_run * 1000:.0f} ms each); writing them took {written:.0f} s"

@@ -69,7 +69,7 @@ def _overhead(trials: int, wall: float, work: float, concurrency: int) -> dict:
         "trials": trials, "wall_s": round(wall, 2), "sum_trial_compute_s": round(work, 2),
         "overhead_per_trial_s": round((wall * concurrency - work) / trials, 2),
         "efficiency": round(work / (wall * concurrency), 3),
-    }  # fmt: skip
+    }
 
 
 def bpfm_profile(folder: Path, data: str, trials: int) -> Path:
@@ -80,7 +80,7 @@ def bpfm_profile(folder: Path, data: str, trials: int) -> Path:
         "train": {"batch_size": 8, "eval_batch_size": 64, "max_steps_per_epoch": 1,
                   "keep_checkpoints": 1},
         "resources": {"small": {"cpu": 1}}, "tune": {"max_failures": 0}, "quantize": {},
-    }  # fmt: skip
+    }
     path = folder / "bench.yaml"
     path.write_text(yaml.safe_dump(profile))
     return path
@@ -99,7 +99,7 @@ def fit_back_to_back(data: str, trials: int, folder: Path) -> float:
         config = TrainConfig(data=data, source="mimic", protocol="paper", size="small",
                              freeze="unfrozen", init="xavier", epochs=1, seed=seed, batch_size=8,
                              eval_batch_size=64, max_steps_per_epoch=1, keep_checkpoints=1,
-                             out=str(folder / f"plain-{seed}"))  # fmt: skip
+                             out=str(folder / f"plain-{seed}"))
         start = time.perf_counter()
         fit(config, resume=False)
         total += time.perf_counter() - start
@@ -125,14 +125,14 @@ def bpfm_tune(data: str, trials: int, folder: Path) -> dict:
     client = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(client, profile.study)
     parent = tracking.start_grid_run(client, experiment_id, name="bench", tags={}, params={},
-                                     resume=False)  # fmt: skip
+                                     resume=False)
     ctx = TrialContext(data=data, train=profile.train, tracking_uri=uri,
                        experiment_id=experiment_id, parent_run_id=parent, study=profile.study)
     plan = plan_grid(profile)
     tuner = make_tuner(tune.with_parameters(train_cell, ctx=ctx),
                        param_space=search_space(profile.axes, plan.share_prefix),
                        storage=profile.storage, name="bench", resources=trial_resources(profile, 0),
-                       max_failures=0)  # fmt: skip
+                       max_failures=0)
     start = time.perf_counter()
     results = tuner.fit()
     wall = time.perf_counter() - start
@@ -140,7 +140,7 @@ def bpfm_tune(data: str, trials: int, folder: Path) -> dict:
     plain = fit_back_to_back(data, trials, folder)
     return {**_overhead(trials, wall, plain, concurrency=2),
             "mean_trainable_s": round(sum(r.metrics["time_total_s"] for r in results) / trials, 2),
-            "mean_plain_fit_s": round(plain / trials, 2)}  # fmt: skip
+            "mean_plain_fit_s": round(plain / trials, 2)}
 
 
 def prefix_sharing() -> dict:
@@ -152,7 +152,7 @@ def prefix_sharing() -> dict:
     return {"cells": len(plan.cells), "trials": len(plan.trials),
             "epochs_trained": plan.epochs_trained,
             "epochs_without_sharing": plan.epochs_without_sharing, "epochs_saved": saved,
-            "saved_fraction": round(saved / plan.epochs_without_sharing, 3)}  # fmt: skip
+            "saved_fraction": round(saved / plan.epochs_without_sharing, 3)}
 
 
 def synthetic_data(folder: Path) -> str:
@@ -161,7 +161,7 @@ def synthetic_data(folder: Path) -> str:
 
     synth = write_synthetic_pulsedb(folder / "pulsedb", SynthConfig(subjects=16,
                                                                       segments_per_subject=12,
-                                                                      seed=7))  # fmt: skip
+                                                                      seed=7))
     write_shards(synth.subset_files, str(folder / "shards"))
     return str(folder / "shards")
 

@@ -77,12 +77,12 @@ def bench_size(model_dir: Path, size: str, variants: dict, args, workdir: Path) 
     from bpfm.training.model_dir import load_trained
 
     results = {"fp32": run_quantization(model_dir, QuantConfig("fp32"), out=workdir / "fp32",
-                                        latency_runs=0, threads=args.threads)}  # fmt: skip
+                                        latency_runs=0, threads=args.threads)}
     for name, fields in variants.items():
         results[name] = run_quantization(model_dir, QuantConfig(**fields, calib_batches=8),
                                          out=workdir / name, latency_runs=0,
                                          threads=args.threads,
-                                         baseline=results["fp32"])  # fmt: skip
+                                         baseline=results["fp32"])
     model, _, _ = load_trained(model_dir)
     models = {"fp32": model}
     for name in variants:
@@ -107,16 +107,16 @@ def print_tables(size: str, results: dict, threads: int, runs: int) -> dict:
     rows = {}
     load = " / ".join(f"{a:.2f}, {b:.2f}, {c:.2f}" for a, b, c in fp32["load"].values())
     print(f"\n## {size}: {fp32['test']['n']} test windows, threads={threads}, median of {runs}, "
-          f"load average (1, 5, 15 min) before / after timing: {load}")  # fmt: skip
+          f"load average (1, 5, 15 min) before / after timing: {load}")
     print("\nTable IV-like: size (MiB = 2^20 bytes) and reduction factor (paper: "
-          f"x{PAPER_RF.get(size, float('nan')):.2f})")  # fmt: skip
+          f"x{PAPER_RF.get(size, float('nan')):.2f})")
     print("| variant | size MiB | size kind | reduction |")
     print("|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['size_mib']:.2f} | {r['size_kind']} | x{r['reduction_factor']:.2f} |")
     print("\nLatency (ms, wall and thread CPU time) and speed-up against fp32 eager")
     print("| variant | b1 ms | b64 ms | speed-up b1 | speed-up b64 | CPU b1 ms | CPU b64 ms | "
-          "CPU speed-up b1 | CPU speed-up b64 | compile s |")  # fmt: skip
+          "CPU speed-up b1 | CPU speed-up b64 | compile s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         lat, cpu = r["latency"], r["cpu"]
@@ -129,18 +129,18 @@ def print_tables(size: str, results: dict, threads: int, runs: int) -> dict:
                       "latency_ms_b1": lat[1], "latency_ms_b64": lat[64], "speedup_b1": up1,
                       "speedup_b64": up64, "cpu_ms_b1": cpu[1], "cpu_ms_b64": cpu[64],
                       "cpu_speedup_b1": cpu1, "cpu_speedup_b64": cpu64,
-                      "load": r["load"]}  # fmt: skip
+                      "load": r["load"]}
     print("\nTable III-like: test R^2 and MAE (mmHg), change against fp32")
     print("| variant | SBP R2 | DBP R2 | dR2 SBP | dR2 DBP | SBP MAE | DBP MAE | dMAE SBP | "
-          "dMAE DBP |")  # fmt: skip
+          "dMAE DBP |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         t = r["test"]
         print(f"| {name} | {t['sbp_r2']:.4f} | {t['dbp_r2']:.4f} | {r['delta_sbp_r2']:+.4f} | "
               f"{r['delta_dbp_r2']:+.4f} | {t['sbp_mae']:.2f} | {t['dbp_mae']:.2f} | "
-              f"{r['delta_sbp_mae']:+.3f} | {r['delta_dbp_mae']:+.3f} |")  # fmt: skip
+              f"{r['delta_sbp_mae']:+.3f} | {r['delta_dbp_mae']:+.3f} |")
         rows[name].update({k: r[k] for k in ("delta_sbp_r2", "delta_dbp_r2", "delta_sbp_mae",
-                                             "delta_dbp_mae")})  # fmt: skip
+                                             "delta_dbp_mae")})
         rows[name].update(sbp_r2=t["sbp_r2"], dbp_r2=t["dbp_r2"])
     return rows
 

@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 NAMES = ("Train", "CalBased_Test", "CalFree_Test", "AAMI_Test", "AAMI_Cal", "VitalDB_Train",
-         "VitalDB_CalBased_Test", "VitalDB_CalFree_Test")  # fmt: skip
+         "VitalDB_CalBased_Test", "VitalDB_CalFree_Test")
 
 
 def main() -> None:
@@ -62,7 +62,7 @@ def main() -> None:
             job.convert_input = convert_on_node
             began = time.perf_counter()
             manifest = job.shard_with_ray([f"s3://{server.bucket}/raw"],
-                                          f"s3://{server.bucket}/out")  # fmt: skip
+                                          f"s3://{server.bucket}/out")
             seconds = time.perf_counter() - began
             ran = [p.read_text() for p in ran_on.iterdir()]
             per_node = {n: ran.count(n) for n in nodes}
@@ -71,7 +71,7 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     result = {"files": len(NAMES), "input_mb": size / 1e6, "seconds": seconds,
               "mb_per_s": size / 1e6 / seconds, "rows": manifest["rows"],
-              "files_per_node": list(per_node.values())}  # fmt: skip
+              "files_per_node": list(per_node.values())}
     print(
         f"{len(NAMES)} files, {size / 1e6:.0f} MB on 2 nodes ({args.cpus_per_node} CPU each): "
         f"{seconds:.1f} s, {size / 1e6 / seconds:.1f} MB/s; files per node "

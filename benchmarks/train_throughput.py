@@ -335,7 +335,7 @@ def main() -> None:
         row = bench_size(
             size, device, batch, args.iters, args.warmup, peak, cuda, names, args.adam,
             args.compile_mode,
-        )  # fmt: skip
+        )
         row["load_avg_1m_after"] = os.getloadavg()[0]
         rows.append(row)
         if not args.json:

@@ -32,7 +32,7 @@ WITHIN_TOLERANCE_MMHG = 1e-9
 PER_TARGET_KEYS = (
     "mae", "me", "sd", "rmse", "r2", "mase", "bhs5", "bhs10", "bhs15",
     "mae_ci_low", "mae_ci_high", "bhs_grade", "aami",
-)  # fmt: skip
+)
 
 
 def bhs_grade(within_counts: Sequence[int], n: int) -> str:

@@ -145,7 +145,7 @@ def _eval_axes(path: Path, raw: dict) -> dict[str, Any]:
     bad = [v for v in values if v not in METHODS]
     if bad:
         raise _fail(path, "axes.calibration",
-                    f"unknown value {bad[0]!r} (one of {', '.join(METHODS)})")  # fmt: skip
+                    f"unknown value {bad[0]!r} (one of {', '.join(METHODS)})")
     return {"calibration": [v for v in dict.fromkeys(values) if v != "none"]}
 
 
@@ -234,11 +234,11 @@ def _check_sections(path: Path, raw: dict) -> None:
                 raise _fail(path, f"resources.{size}.{key}", f"must be >= 0, got {value!r}")
         if spec.get("gpu", 0) > 1 and spec["gpu"] != int(spec["gpu"]):
             raise _fail(path, f"resources.{size}.gpu",
-                        f"more than one GPU must be a whole number, got {spec['gpu']}")  # fmt: skip
+                        f"more than one GPU must be a whole number, got {spec['gpu']}")
     options = _mapping(path, "quantize_options", raw.get("quantize_options") or {})
     _first_problem(path, "quantize_options", field_problems(run_quantization, options, QUANT_SET))
     for key, least in (("threads", 1), ("latency_runs", 0), ("batch_size", 1),
-                       ("calib_batch_size", 1)):  # fmt: skip
+                       ("calib_batch_size", 1)):
         if key in options and options[key] < least:
             raise _fail(path, f"quantize_options.{key}", f"must be >= {least}, got {options[key]}")
 

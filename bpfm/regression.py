@@ -186,13 +186,13 @@ def compare(
                 comparison.findings.append(
                     Finding(entry, metric, "missing", old_metrics[metric], None, None,
                             tolerance.direction)
-                )  # fmt: skip
+                )
                 continue
             status, allowed = compare_value(old_metrics[metric], new_metrics[metric], tolerance)
             comparison.findings.append(
                 Finding(entry, metric, status, old_metrics[metric], new_metrics[metric], allowed,
                         tolerance.direction)
-            )  # fmt: skip
+            )
         for metric in sorted(set(new_metrics) - set(old_metrics)):
             comparison.findings.append(Finding(entry, metric, "new", None, new_metrics[metric]))
     for entry in sorted(set(current) - set(baseline)):
@@ -221,7 +221,7 @@ def render_markdown(comparison: Comparison, title: str = "bpfm nightly regressio
         if not rows:
             continue
         lines += [f"## {heading}", "", "| entry | metric | baseline | current | allowed | better |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+                  "|---|---|---|---|---|---|"]
         lines += [
             f"| {f.entry} | {f.metric} | {_show(f.baseline)} | {_show(f.current)} | "
             f"{_show(f.allowed)} | {f.direction or '-'} |"
@@ -244,7 +244,7 @@ def _show_tolerance(direction: str, allowed: float | None) -> str:
 
 
 VERDICT_WORDS = {"ok": "ok", "regressed": "REGRESSED", "missing": "MISSING", "improved": "better",
-                 "new": "new"}  # fmt: skip
+                 "new": "new"}
 
 
 def _compared_table(comparison: Comparison) -> list[str]:
@@ -256,7 +256,7 @@ def _compared_table(comparison: Comparison) -> list[str]:
         entries.setdefault(finding.entry, []).append(finding)
     for entry, findings in sorted(entries.items()):
         lines += [f"### {entry}", "", "| metric | baseline | now | tolerance | verdict |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+                  "|---|---|---|---|---|"]
         lines += [
             f"| {f.metric} | {_show(f.baseline)} | {_show(f.current)} | "
             f"{_show_tolerance(f.direction, f.allowed)} | {VERDICT_WORDS.get(f.status, f.status)} |"

@@ -26,13 +26,13 @@ def _schema(target: type | Callable, exclude: tuple[str, ...]) -> type[BaseModel
     if dataclasses.is_dataclass(target):
         fields = {
             f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING
-                     else f.default_factory())  # fmt: skip
+                     else f.default_factory())
             for f in dataclasses.fields(target)
         }
     else:  # a function: its keyword-only parameters are the settings
         parameters = inspect.signature(target).parameters.values()
         fields = {p.name: (hints[p.name], p.default) for p in parameters
-                  if p.kind is inspect.Parameter.KEYWORD_ONLY}  # fmt: skip
+                  if p.kind is inspect.Parameter.KEYWORD_ONLY}
     fields = {name: spec for name, spec in fields.items() if name not in exclude}
     config = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
     return create_model(target.__name__, __config__=config, **fields)

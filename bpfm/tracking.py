@@ -305,14 +305,14 @@ def log_torch_model(
 
 
 def log_quantized_model(tracking_uri: str, run_id: str, quantized: QuantizedModel,
-                        name: str = "quantized_model") -> str:  # fmt: skip
+                        name: str = "quantized_model") -> str:
     """A quantized model as an MLflow model of its run; a pt2e model is an exported program
     (no pickle), whose `model.pt2` is logged as an artifact instead."""
     from bpfm.quant.fx import ao_warnings_filtered
 
     if quantized.config.backend == "pt2e" and quantized.config.mode != "fp32":
         raise BpfmError("quantize: mlflow: a pt2e model is an exported program; log its "
-                        "model.pt2 (save_quantized) as an artifact instead")  # fmt: skip
+                        "model.pt2 (save_quantized) as an artifact instead")
     with ao_warnings_filtered():
         return log_torch_model(tracking_uri, run_id, quantized, name)
 

@@ -54,7 +54,7 @@ def compare_url(base: str, tracking_uri: str, experiment: str) -> str:
     found = client.get_experiment_by_name(experiment)
     grid = tracking.find_runs(client, found.experiment_id, {tracking.KIND: "grid"})[0]
     runs = [r.info.run_id for r in tracking.runs_of(client, found.experiment_id,
-                                                     grid.info.run_id, "train")]  # fmt: skip
+                                                     grid.info.run_id, "train")]
     query = urllib.parse.urlencode({"runs": json.dumps(runs),
                                     "experiments": json.dumps([found.experiment_id])})
     return f"{base}/#/compare-runs?{query}"
@@ -82,7 +82,7 @@ async def screenshot(devtools: int, url: str, out: Path, width: int, height: int
             raise RuntimeError(f"DevTools closed during {method}")
 
         await call("Emulation.setDeviceMetricsOverride", width=width, height=height,
-                   deviceScaleFactor=1, mobile=False)  # fmt: skip
+                   deviceScaleFactor=1, mobile=False)
         async def js(expression: str):
             result = await call("Runtime.evaluate", expression=expression, returnByValue=True)
             return result.get("result", {}).get("value")
@@ -94,14 +94,14 @@ async def screenshot(devtools: int, url: str, out: Path, width: int, height: int
                 await asyncio.sleep(1.0)
                 for kind in ("keyDown", "keyUp"):
                     await call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter",
-                               windowsVirtualKeyCode=13)  # fmt: skip
+                               windowsVirtualKeyCode=13)
                 await asyncio.sleep(0.5)
 
         await call("Page.navigate", url=url)
         await asyncio.sleep(wait_s)  # the single-page app loads its runs and draws its plots
         await js(CLOSE_ASSISTANT)
         await js("[...document.querySelectorAll('button')].find(b => b.innerText.trim() == "
-                 "'Clear All')?.click()")  # fmt: skip
+                 "'Clear All')?.click()")
         await asyncio.sleep(1.0)
         await choose(0, PARAMS)
         await choose(1, METRICS)
@@ -125,7 +125,7 @@ def main() -> int:
         server = subprocess.Popen([mlflow, "server", "--backend-store-uri", args.tracking_uri,
                                    "--host", "127.0.0.1", "--port", str(port)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)  # fmt: skip
+                                  start_new_session=True)
         browser = None
         try:
             base = f"http://127.0.0.1:{port}"

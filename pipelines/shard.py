@@ -93,7 +93,7 @@ def _convert_input(item: dict, out: str, generation: str, index: int, options: d
         if not storage.is_local(item["uri"]):
             fs, path = storage.filesystem_for(item["uri"])
             with storage.storage_errors(item["uri"]), fs.open_input_stream(path) as src, \
-                    open(local, "wb") as dst:  # fmt: skip
+                    open(local, "wb") as dst:
                 while chunk := src.read(64 << 20):
                     dst.write(chunk)
         (source,) = shards.describe_sources([local], 1)
@@ -101,7 +101,7 @@ def _convert_input(item: dict, out: str, generation: str, index: int, options: d
         result = shards.convert_file(
             local, out, generation=generation, first_part=source["first_part"],
             options=shards.ShardOptions.from_dict(options),
-        )  # fmt: skip
+        )
     marker = {"source": source, "result": result}
     storage.publish_bytes(marker_uri, json.dumps(marker).encode())
     return {**marker, "skipped": False}
@@ -114,7 +114,7 @@ def shard_with_ray(inputs: list[str], out: str, *, include_abp: bool = True,
     options = shards.ShardOptions(include_abp, drop_invalid)
     items = list_inputs(inputs)
     listing = json.dumps([[i["name"], i["size"]] for i in items] + [options.as_dict()],
-                         sort_keys=True)  # fmt: skip
+                         sort_keys=True)
     generation = f"gen-r{hashlib.sha256(listing.encode()).hexdigest()[:15]}"
     log.info("%d input files -> %s (%s)", len(items), out, generation)
     refs = [convert_input.options(num_cpus=cpus_per_file).remote(
@@ -132,7 +132,7 @@ def shard_with_ray(inputs: list[str], out: str, *, include_abp: bool = True,
         if source["kind"] == "subset" and source["subset"] in names:
             raise DataError(source["path"], "input",
                             f"subset name '{source['subset']}' also comes from "
-                            f"{names[source['subset']]}")  # fmt: skip
+                            f"{names[source['subset']]}")
         names[source["subset"]] = source["path"]
     key = shards.conversion_key(sources, options.as_dict())
     current = published_manifest(out)  # an unreadable one counts as absent: publish again
@@ -159,12 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     add_json_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)  # fmt: skip
+                        datefmt="%H:%M:%S", stream=sys.stderr)
     try:
         init_ray()
         manifest = shard_with_ray(args.inputs, args.out, include_abp=not args.no_abp,
                                   drop_invalid=args.drop_invalid,
-                                  cpus_per_file=args.cpus_per_file)  # fmt: skip
+                                  cpus_per_file=args.cpus_per_file)
     except BpfmError as err:
         print(f"bpfm: error: {err}", file=sys.stderr)
         return 2

@@ -12,9 +12,9 @@ SUMMARY_KEYS = ("variant", "format", "size_mib", "reduction_factor", "runtime_re
                 "latency_ms_b1", "latency_ms_b64", "speedup_b1", "speedup_b64",
                 "peak_rss_mib_b1", "rss_above_baseline_mib_b1", "macs_per_window",
                 "parity_max_abs_fp32", "parity_mae_diff_int8", "delta_sbp_mae", "delta_dbp_mae",
-                "delta_sbp_r2", "delta_dbp_r2", "model_file")  # fmt: skip
+                "delta_sbp_r2", "delta_dbp_r2", "model_file")
 TEST_KEYS = ("sbp_mae", "dbp_mae", "sbp_r2", "dbp_r2", "sbp_bhs_grade", "dbp_bhs_grade", "aami",
-             "n", "n_subjects")  # fmt: skip
+             "n", "n_subjects")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,16 +55,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads < 1 or args.latency_runs < 0:
         raise BpfmError(f"export: threads/latency-runs: need >= 1 and >= 0, got {args.threads}/"
-                        f"{args.latency_runs}")  # fmt: skip
+                        f"{args.latency_runs}")
     config = None
     if args.file is None:
         config = ExportConfig(format=args.format, mode=args.mode, observer=args.observer,
-                              calib_batches=args.calib_batches).validate()  # fmt: skip
+                              calib_batches=args.calib_batches).validate()
     else:
         format_of(args.file)
     result = run_export(args.model, config, out=args.out, data=args.data, source=args.source,
                         protocol=args.protocol, file=args.file, threads=args.threads,
-                        latency_runs=args.latency_runs, rss=not args.no_rss)  # fmt: skip
+                        latency_runs=args.latency_runs, rss=not args.no_rss)
     if args.json:
         print_result(result, True)
     else:

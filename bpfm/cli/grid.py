@@ -56,7 +56,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
         help="every log line, Ray's and Tune's output (default: a progress bar and the summary)",
-    )  # fmt: skip
+    )
     cost = parser.add_argument_group("cost plan (with --dry-run)")
     cost.add_argument("--gpu-kind", default="H100", help="GPU of the throughput table (H100)")
     cost.add_argument("--plan-gpus", type=int, default=8, help="GPUs to pack the trials on")
@@ -96,7 +96,7 @@ def _cost_plan(args: argparse.Namespace, profile, train: dict) -> dict:
         manifest, note = None, str(err)
     return costs.cost_plan(grid.plan_grid(profile, train), profile, manifest,
                            gpu_kind=args.gpu_kind, gpus=args.plan_gpus,
-                           gpus_per_node=args.gpus_per_node, note=note)  # fmt: skip
+                           gpus_per_node=args.gpus_per_node, note=note)
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -139,7 +139,7 @@ def handle(args: argparse.Namespace) -> int:
         progress.use(progress.Progress())
     try:
         result = run_grid(profile, recipe=recipe, name=args.name, gpus=args.gpus,
-                          verbose=args.verbose)  # fmt: skip
+                          verbose=args.verbose)
     finally:
         progress.use(None)  # a process's bar is its launch's (tests launch several in one)
     print(

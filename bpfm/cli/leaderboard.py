@@ -20,12 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--experiment", action="append", required=True, metavar="NAME",
         help="MLflow experiment to report (repeat for several)",
-    )  # fmt: skip
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument(
         "--tracking-uri", default=None,
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the sqlite store in .bpfm/)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--no-log", action="store_true", help="do not log the report as an MLflow run"
     )

@@ -63,7 +63,7 @@ def handle(args: argparse.Namespace) -> int:
         profile=args.profile, baseline=args.baseline, update_baseline=args.update_baseline,
         out=args.out, reuse=args.reuse, grid_run=args.grid_run, gpus=args.gpus,
         keep_work=args.keep_work,
-    ))  # fmt: skip
+    ))
     if args.json:
         print_result(result, True)
     else:

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--data", help="shard set URI: in-domain pretraining on the ECG+PPG windows of its train "
         "view (--source, --protocol), never validation or test windows"
-    )  # fmt: skip
+    )
     parser.add_argument("--source", default="mimic", help="with --data: mimic | vitaldb | other")
     parser.add_argument(
         "--protocol", default="paper", help="with --data: paper | calbased | calfree | aami"

@@ -28,7 +28,7 @@ SUMMARY_KEYS = (
     "model_file",
 )
 TEST_KEYS = ("sbp_mae", "dbp_mae", "sbp_sd", "dbp_sd", "sbp_r2", "dbp_r2", "sbp_bhs_grade",
-             "dbp_bhs_grade", "aami", "n", "n_subjects")  # fmt: skip
+             "dbp_bhs_grade", "aami", "n", "n_subjects")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,11 +73,11 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode, observer=args.observer, weights=args.weights, backend=args.backend,
         calib_batches=args.calib_batches, quantize_input=args.quantize_input,
         compile=not args.no_compile,
-    ).validate()  # fmt: skip
+    ).validate()
     out = args.out or str(home() / "runs" / "quantize" / config.name)
     result = run_quantization(args.model, config, data=args.data, source=args.source,
                               protocol=args.protocol, out=out, threads=args.threads,
-                              latency_runs=args.latency_runs)  # fmt: skip
+                              latency_runs=args.latency_runs)
     if args.json:
         print_result(result, True)
     else:

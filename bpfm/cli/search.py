@@ -80,7 +80,7 @@ def handle(args: argparse.Namespace) -> int:
         "protocol": args.protocol or axes["protocol"][0],
         "seed": axes["seed"][0] if args.seed is None else args.seed,
         "epochs": args.epochs or max(axes["epochs"]),
-    }  # fmt: skip
+    }
     for axis in ("size", "source", "protocol"):
         if cell[axis] not in AXIS_CHOICES[axis]:
             raise BpfmError(
@@ -93,7 +93,7 @@ def handle(args: argparse.Namespace) -> int:
         experiment=args.experiment or "", recipe_out=args.recipe_out or "",
         seed=args.sampler_seed, grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent,
-    )  # fmt: skip
+    )
     result = run_search(profile, config, gpus=args.gpus)
     if args.json:
         print_result(result, True)

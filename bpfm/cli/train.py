@@ -50,11 +50,11 @@ def _add_calibration_flags(parser: argparse.ArgumentParser) -> None:
         "--calibration", default="none",
         help="per-subject calibration: none | offset | affine | head (comma-separated for "
         "several); each is reported beside none and the trivial calibrated predictor",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--calib-windows", type=int, default=5,
         help="K calibration windows per test subject (aami: its AAMI_Cal segments)",
-    )  # fmt: skip
+    )
 
 
 def _calibration_summary(result: dict) -> dict:
@@ -63,7 +63,7 @@ def _calibration_summary(result: dict) -> dict:
     return {
         "k": result["k"], "n_test": result["n_test"], "n_subjects": result["n_subjects"],
         **{name: {k: round(m[k], 3) for k in keys} for name, m in result["metrics"].items()},
-    }  # fmt: skip
+    }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--init", default="xavier",
         help="xavier | pretrained (EEG) | pretrained_ecgppg | pretrained_eeg_then_ecgppg",
-    )  # fmt: skip
+    )
     train.add_argument(
         "--checkpoint", help="backbone checkpoint (path or URI) for --init pretrained"
     )

@@ -175,7 +175,7 @@ class NodeCache:
                 used -= size
                 evicted.append(folder.name)
                 log.info("cache: evicted %s (%.1f MB, least recently used)", folder.name,
-                         size / 1e6)  # fmt: skip
+                         size / 1e6)
             if used + need > self.max_bytes:
                 raise BpfmError(
                     f"{self.root}: {MAX_GB_ENV}: {need / 1e9:.2f} GB more do not fit under "

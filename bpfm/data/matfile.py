@@ -255,7 +255,7 @@ def _check_element(dsid: h5d.DatasetID, expected: str) -> None:
 _TYPE_NAMES = {h5t.INTEGER: "integer", h5t.FLOAT: "float", h5t.STRING: "string",
                h5t.COMPOUND: "compound", h5t.REFERENCE: "reference", h5t.ENUM: "enum",
                h5t.VLEN: "variable-length", h5t.ARRAY: "array", h5t.OPAQUE: "opaque",
-               h5t.BITFIELD: "bitfield"}  # fmt: skip
+               h5t.BITFIELD: "bitfield"}
 
 
 def _element(fid: h5py.h5f.FileID, ref, index: int, expected: str) -> h5d.DatasetID:

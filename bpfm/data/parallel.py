@@ -40,7 +40,7 @@ def run_conversions(
     if workers <= 1 or len(sources) == 1:
         return [
             convert(s["path"], out_uri, first_part=s["first_part"],
-                    should_stop=interrupts.requested, **options)  # fmt: skip
+                    should_stop=interrupts.requested, **options)
             for s in sources
         ]
     context = multiprocessing.get_context("spawn")  # the caller may hold threads (torch, Ray)

@@ -91,5 +91,5 @@ def delete_suffixed(shards: ShardSet, suffix: str) -> None:
             pafs.FileSelector(folder, recursive=True, allow_not_found=True)
         )
     paths = {i.path.removeprefix(f"{shards.root}/") for i in infos if i.path.endswith(
-        f"{suffix}.parquet")}  # fmt: skip
+        f"{suffix}.parquet")}
     delete_parts(shards, paths)

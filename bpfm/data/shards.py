@@ -271,7 +271,7 @@ def convert_file(
         raise DataError(input_path, "Subset", "empty subset: no segments")
     seconds = time.monotonic() - start
     log.info("%s: %d rows in %d parts, %d dropped, %.1f s", Path(input_path).name, rows,
-             len(parts), sum(pulse.dropped.values()), seconds)  # fmt: skip
+             len(parts), sum(pulse.dropped.values()), seconds)
     return {
         "file": str(input_path),
         "subset": pulse.name,
@@ -285,7 +285,7 @@ def convert_file(
 
 
 def _write_batches(pulse, writer, out_uri: str, options: ShardOptions, chunk_size: int,
-                   should_stop: Callable[[], bool] | None) -> None:  # fmt: skip
+                   should_stop: Callable[[], bool] | None) -> None:
     """Stream validated batches into the per-source partition writers, logging progress."""
     done, last_log = 0, time.monotonic()
     for batch in pulse.iter_batches(chunk_size=chunk_size, drop_invalid=options.drop_invalid):
@@ -371,7 +371,7 @@ def _own_copy(out_uri: str, generation: str, key: str) -> dict | None:
 
 
 def _verified_or_repaired(out_uri: str, same: dict, current: dict | None, sources: list[dict],
-                          task_options: dict, workers: int) -> dict:  # fmt: skip
+                          task_options: dict, workers: int) -> dict:
     """An identical conversion exists: deep-verify it; publish it again when only the published
     manifest was missing or damaged, convert again only the sources whose parts fail (into new
     part files: the published ones stay readable until the new manifest replaces them)."""
@@ -390,10 +390,10 @@ def _verified_or_repaired(out_uri: str, same: dict, current: dict | None, source
     suffix = repair.new_suffix()
     todo = [sources[i] for i in bad]
     log.info("%s: converting %d of %d inputs again (%s)", out_uri, len(todo), len(sources),
-             ", ".join(Path(s["path"]).name for s in todo) or "none; republishing")  # fmt: skip
+             ", ".join(Path(s["path"]).name for s in todo) or "none; republishing")
     try:
         fresh = run_conversions(convert_file, todo, out_uri, {**task_options,
-                                "part_suffix": suffix}, workers)  # fmt: skip
+                                "part_suffix": suffix}, workers)
     except BaseException:
         repair.delete_suffixed(shards, suffix)
         raise
@@ -403,6 +403,6 @@ def _verified_or_repaired(out_uri: str, same: dict, current: dict | None, source
     interrupts.check()
     manifest = publish_manifest(out_uri, manifest, current)
     repair.delete_parts(shards, {p["path"] for p in same["parts"]} -
-                        {p["path"] for p in manifest["parts"]})  # fmt: skip
+                        {p["path"] for p in manifest["parts"]})
     log.info("%s: repaired %s (%d rows)", out_uri, same["generation"], manifest["rows"])
     return {**manifest, "up_to_date": False, "repaired": [Path(s["path"]).name for s in todo]}

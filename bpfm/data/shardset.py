@@ -59,7 +59,7 @@ def _schema(signals: str, include_abp: bool) -> pa.Schema:
         pa.field("weight", pa.float32()),
         pa.field("bmi", pa.float32()),
         pa.field("gender", pa.string()),
-    ])  # fmt: skip
+    ])
 
 
 SCHEMA = _schema("packed", include_abp=True)
@@ -159,7 +159,7 @@ PARTITIONING = pa.schema([("source", pa.string()), ("subset", pa.string())])
 # What every reader relies on: key -> type (a manifest lacking one is refused in one line).
 MANIFEST_KEYS = {"format": str, "schema_version": int, "key": str, "generation": str,
                  "options": dict, "rows": int, "bytes": int, "partitions": dict,
-                 "dropped": dict, "sources": list, "parts": list}  # fmt: skip
+                 "dropped": dict, "sources": list, "parts": list}
 PART_KEYS = {"path": str, "source": str, "subset": str, "rows": int, "bytes": int}
 OPTION_KEYS = ("include_abp", "drop_invalid")
 

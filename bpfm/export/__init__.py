@@ -30,7 +30,7 @@ FORMATS = ("executorch", "onnx")
 MODES = ("fp32", "dynamic", "static")
 # static activations: each runtime's own calibrators (ExecuTorch's are torchao observers)
 OBSERVERS = {"executorch": ("minmax", "moving_average", "histogram"),
-             "onnx": ("minmax", "entropy", "percentile")}  # fmt: skip
+             "onnx": ("minmax", "entropy", "percentile")}
 # the grid's variant `backend:` names -> export format
 BACKENDS = {"executorch": "executorch", "onnxruntime": "onnx"}
 SUFFIXES = {"executorch": ".pte", "onnx": ".onnx"}
@@ -48,13 +48,13 @@ class ExportConfig:
     def validate(self) -> ExportConfig:
         if self.format not in FORMATS:
             raise BpfmError(f"export: format: unknown {self.format!r} "
-                            f"(valid: {', '.join(FORMATS)})")  # fmt: skip
+                            f"(valid: {', '.join(FORMATS)})")
         if self.mode not in MODES:
             raise BpfmError(f"export: mode: unsupported {self.mode!r} for {self.format} "
-                            f"(valid: {', '.join(MODES)})")  # fmt: skip
+                            f"(valid: {', '.join(MODES)})")
         if self.observer not in OBSERVERS[self.format]:
             raise BpfmError(f"export: observer: unknown {self.observer!r} for {self.format} "
-                            f"(valid: {', '.join(OBSERVERS[self.format])})")  # fmt: skip
+                            f"(valid: {', '.join(OBSERVERS[self.format])})")
         if not isinstance(self.calib_batches, int) or self.calib_batches < 1:
             raise BpfmError(f"export: calib_batches: must be >= 1, got {self.calib_batches!r}")
         return self
@@ -79,7 +79,7 @@ class ExportConfig:
         backend = values.pop("backend", None)
         if backend not in BACKENDS:
             raise BpfmError(f"quantize variant: backend: {backend!r} is not an export runtime "
-                            f"(valid: {', '.join(BACKENDS)})")  # fmt: skip
+                            f"(valid: {', '.join(BACKENDS)})")
         values.pop("weights", None)  # both runtimes quantize weights per channel
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -100,7 +100,7 @@ def runtime_module(fmt: str):
         importlib.import_module(PACKAGES[fmt])
     except ImportError:
         raise BpfmError(f"export: {fmt}: the {PACKAGES[fmt]} package is not installed "
-                        "(pip install -e '.[edge]')") from None  # fmt: skip
+                        "(pip install -e '.[edge]')") from None
     return importlib.import_module(f"bpfm.export.{fmt}")
 
 
@@ -121,7 +121,7 @@ class RuntimeModel(nn.Module, abc.ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().to(torch.float32).contiguous()
         parts = [torch.from_numpy(np.asarray(self.run(x[i : i + MAX_BATCH].numpy())))
-                 for i in range(0, x.shape[0], MAX_BATCH)]  # fmt: skip
+                 for i in range(0, x.shape[0], MAX_BATCH)]
         return torch.cat(parts)
 
     def check(self) -> RuntimeModel:
@@ -132,10 +132,10 @@ class RuntimeModel(nn.Module, abc.ABC):
             raise
         except Exception as err:  # each runtime raises its own types for a wrong input
             raise BpfmError(f"{self.path}: not a bpfm BP model (a [1, 2, 1250] window fails: "
-                            f"{first_line(err)})") from None  # fmt: skip
+                            f"{first_line(err)})") from None
         if out.shape != (1, 2):
             raise BpfmError(f"{self.path}: not a bpfm BP model (output shape {list(out.shape)}, "
-                            "expected [1, 2])")  # fmt: skip
+                            "expected [1, 2])")
         return self
 
 
@@ -157,7 +157,7 @@ def load_export(path: str | Path, *, threads: int = 1) -> RuntimeModel:
 
 
 def export_model(model: nn.Module, config: ExportConfig, calib: list[torch.Tensor],
-                 path: Path) -> dict[str, Any]:  # fmt: skip
+                 path: Path) -> dict[str, Any]:
     """Write the export file of a fp32 model (eval, CPU) to `path`; returns what it learnt on the
     way (e.g. ExecuTorch's torch int8 reference graph under "reference")."""
     config = config.validate()

@@ -51,7 +51,7 @@ def quantizer_for(config: ExportConfig):
     qconfig = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
     if not dynamic:
         observer = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
-                    "histogram": HistogramObserver}[config.observer]  # fmt: skip
+                    "histogram": HistogramObserver}[config.observer]
         spec = dataclasses.replace(qconfig.input_activation,
                                    observer_or_fake_quant_ctr=observer.with_args(eps=2**-12))
         qconfig = dataclasses.replace(qconfig, input_activation=spec, output_activation=spec)
@@ -62,14 +62,14 @@ def _exported(module: nn.Module) -> torch.export.ExportedProgram:
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     try:
         return torch.export.export(module, (torch.zeros(2, *WINDOW_SHAPE),),
-                                   dynamic_shapes=({0: batch},))  # fmt: skip
+                                   dynamic_shapes=({0: batch},))
     except Exception as err:  # a model torch.export cannot capture
         raise BpfmError(f"export: model: torch.export failed ({first_line(err)})") from None
 
 
 @torch.no_grad()
 def quantized_reference(model: nn.Module, config: ExportConfig,
-                        calib: list[torch.Tensor]) -> nn.Module:  # fmt: skip
+                        calib: list[torch.Tensor]) -> nn.Module:
     """The converted pt2e graph: the torch int8 model that the .pte runs."""
     with _quiet():
         from torchao.quantization.pt2e import allow_exported_model_train_eval
@@ -82,7 +82,7 @@ def quantized_reference(model: nn.Module, config: ExportConfig,
 
 
 def export(model: nn.Module, config: ExportConfig, calib: list[torch.Tensor],
-           path: Path) -> dict[str, Any]:  # fmt: skip
+           path: Path) -> dict[str, Any]:
     import warnings
 
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -110,7 +110,7 @@ def _delegation(lowered) -> dict[str, int]:
     calls = [n for n in graph.nodes if n.op == "call_function"]
     delegate = sum("executorch_call_delegate" in str(n.target) for n in calls)
     portable = [n for n in calls if "executorch_call_delegate" not in str(n.target)
-                and "getitem" not in str(n.target)]  # fmt: skip
+                and "getitem" not in str(n.target)]
     return {"xnnpack_partitions": delegate, "portable_ops": len(portable)}
 
 
@@ -146,7 +146,7 @@ class ExecutorchModel(RuntimeModel):
                 self.method = program.load_method("forward")
             except Exception as err:  # the runtime's errors for a broken program vary
                 raise BpfmError(f"{path}: not a valid ExecuTorch program "
-                                f"({first_line(err)})") from None  # fmt: skip
+                                f"({first_line(err)})") from None
         if self.method is None:
             raise BpfmError(f"{path}: not a bpfm BP model (no forward method)")
 
@@ -166,11 +166,11 @@ def load(path: Path, *, threads: int = 1) -> ExecutorchModel:
 
 # ETDump events that wrap others (a delegate call holds its XNNPACK ops) or are not per run
 WRAPPER_EVENTS = {"DELEGATE_CALL", "OPERATOR_CALL", "Method::init", "Program::load_method",
-                  "Method::execute"}  # fmt: skip
+                  "Method::execute"}
 
 
 def profile(path: Path, x: torch.Tensor, runs: int = 5,
-            threads: int = 1) -> list[tuple[str, float]]:  # fmt: skip
+            threads: int = 1) -> list[tuple[str, float]]:
     """(op, share of op time) from the runtime's ETDump (XNNPACK ops by kind, e.g. `Fully
     Connected (NC, QS8, QC8W) GEMM`, and portable kernels such as `native_layer_norm.out`),
     largest first."""
@@ -199,6 +199,6 @@ def profile(path: Path, x: torch.Tensor, runs: int = 5,
     for name, raw in zip(frame["event_name"], frame["raw"], strict=True):
         if name not in WRAPPER_EVENTS and len(raw):
             per_op[re.sub(r" #\d+$", "", name).removeprefix("native_call_")] += \
-                statistics.median(raw)  # fmt: skip
+                statistics.median(raw)
     total = sum(per_op.values()) or 1.0
     return sorted(((op, ms / total) for op, ms in per_op.items()), key=lambda t: -t[1])

@@ -39,7 +39,7 @@ def export_fp32(model: nn.Module, path: Path) -> None:
             torch.onnx.export(model, (torch.zeros(2, *WINDOW_SHAPE),), str(path), dynamo=True,
                               dynamic_shapes=({0: batch},), input_names=[INPUT],
                               output_names=[OUTPUT], opset_version=OPSET,
-                              external_data=False, verbose=False)  # fmt: skip
+                              external_data=False, verbose=False)
         except Exception as err:  # a model the exporter cannot translate
             raise BpfmError(f"export: onnx: torch.onnx.export failed ({first_line(err)})") from None
 
@@ -57,7 +57,7 @@ class _Batches:
 
 
 def export(model: nn.Module, config: ExportConfig, calib: list[torch.Tensor],
-           path: Path) -> dict[str, Any]:  # fmt: skip
+           path: Path) -> dict[str, Any]:
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -85,18 +85,18 @@ def export(model: nn.Module, config: ExportConfig, calib: list[torch.Tensor],
                 if config.mode == "dynamic":
                     quantize_dynamic(str(ready), str(final), per_channel=True,
                                      weight_type=QuantType.QInt8,
-                                     op_types_to_quantize=QUANTIZED_OPS)  # fmt: skip
+                                     op_types_to_quantize=QUANTIZED_OPS)
                 else:
                     method = {"minmax": CalibrationMethod.MinMax,
                               "entropy": CalibrationMethod.Entropy,
-                              "percentile": CalibrationMethod.Percentile}  # fmt: skip
+                              "percentile": CalibrationMethod.Percentile}
                     method = method[config.observer]
                     with contextlib.redirect_stdout(io.StringIO()):
                         quantize_static(str(ready), str(final), _Batches(calib),
                                         quant_format=QuantFormat.QDQ, per_channel=True,
                                         activation_type=QuantType.QUInt8,
                                         weight_type=QuantType.QInt8, calibrate_method=method,
-                                        op_types_to_quantize=QUANTIZED_OPS)  # fmt: skip
+                                        op_types_to_quantize=QUANTIZED_OPS)
             except Exception as err:  # an op or calibration onnxruntime cannot handle
                 raise BpfmError(f"export: onnx: quantization failed ({first_line(err)})") from None
             finally:
@@ -121,14 +121,14 @@ class OnnxModel(RuntimeModel):
             options.profile_file_prefix = profile_prefix
         try:
             self.session = ort.InferenceSession(str(path), options,
-                                                providers=["CPUExecutionProvider"])  # fmt: skip
+                                                providers=["CPUExecutionProvider"])
         except Exception as err:  # InvalidProtobuf, Fail, ... for a broken or foreign file
             raise BpfmError(f"{path}: not a valid ONNX model ({first_line(err)})") from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or list(inputs[0].shape[1:]) != list(WINDOW_SHAPE):
             shapes = [i.shape for i in inputs]
             raise BpfmError(f"{path}: not a bpfm BP model (inputs {shapes}, expected one "
-                            "[batch, 2, 1250])")  # fmt: skip
+                            "[batch, 2, 1250])")
         self.input = inputs[0].name
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -140,7 +140,7 @@ def load(path: Path, *, threads: int = 1) -> OnnxModel:
 
 
 def profile(path: Path, x: torch.Tensor, runs: int = 5,
-            threads: int = 1) -> list[tuple[str, float]]:  # fmt: skip
+            threads: int = 1) -> list[tuple[str, float]]:
     """(op type, share of node time) from ONNX Runtime's own profiler, largest first."""
     with tempfile.TemporaryDirectory(prefix="bpfm-ort-profile-") as tmp:
         model = OnnxModel(path, threads, profile_prefix=str(Path(tmp) / "ort"))

@@ -74,7 +74,7 @@ def main() -> None:
         run()
     peak = _peak_mib()
     print(json.dumps({"baseline_mib": baseline, "peak_mib": peak,
-                      "above_baseline_mib": max(peak - baseline, 0.0)}))  # fmt: skip
+                      "above_baseline_mib": max(peak - baseline, 0.0)}))
 
 
 if __name__ == "__main__":

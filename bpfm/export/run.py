@@ -40,7 +40,7 @@ PARITY_FILE = "parity.json"
 BATCH_SIZES = (1, 64)
 DELTA_KEYS = ("sbp_mae", "dbp_mae", "sbp_r2", "dbp_r2")
 REFERENCE_OBSERVER = {"minmax": "minmax", "entropy": "histogram", "percentile": "histogram",
-                      "moving_average": "moving_average", "histogram": "histogram"}  # fmt: skip
+                      "moving_average": "moving_average", "histogram": "histogram"}
 
 
 def check_size(model_dir: Path, train_config, meta: dict[str, Any]) -> None:
@@ -51,7 +51,7 @@ def check_size(model_dir: Path, train_config, meta: dict[str, Any]) -> None:
     named = SIZE_ALIASES.get(train_config.size, train_config.size)
     if spec.get("size") != named:
         raise BpfmError(f"{model_dir / 'config.json'}: size: {train_config.size!r}, but "
-                        f"model.safetensors holds a {spec.get('size')!r} model")  # fmt: skip
+                        f"model.safetensors holds a {spec.get('size')!r} model")
 
 
 def macs_per_window(model: nn.Module) -> int:
@@ -71,7 +71,7 @@ def peak_rss(path: Path, threads: int = 1) -> dict[str, float]:
     # runtimes' own packages
     done = subprocess.run([sys.executable, "-P", str(script), str(path), "--threads",
                            str(threads)],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+                          capture_output=True, text=True, check=False)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise BpfmError(f"{path}: peak RSS: the runtime process failed ({last})")
@@ -87,12 +87,12 @@ def _compare(pred: Predictions, ref: Predictions, meta: dict[str, Any]) -> dict[
         "max_abs_output": float((diff / scale).max()),  # in the model's own output units
         "max_abs_mmhg": float(diff.max()),
         "mae_diff_mmhg": {"sbp": float(mae[0] - mae_ref[0]), "dbp": float(mae[1] - mae_ref[1]),
-                          "mean": float((mae - mae_ref).mean())},  # fmt: skip
+                          "mean": float((mae - mae_ref).mean())},
     }
 
 
 def _int8_reference(model: nn.Module, config: ExportConfig, exported: dict[str, Any],
-                    calib: list[torch.Tensor]) -> tuple[nn.Module | None, str | None]:  # fmt: skip
+                    calib: list[torch.Tensor]) -> tuple[nn.Module | None, str | None]:
     if config.mode == "fp32":
         return None, None
     if exported.get("reference") is not None:
@@ -101,7 +101,7 @@ def _int8_reference(model: nn.Module, config: ExportConfig, exported: dict[str, 
     from bpfm.quant.quantized import QuantConfig
 
     qconfig = QuantConfig(mode=config.mode, observer=REFERENCE_OBSERVER[config.observer],
-                          backend="pt2e", compile=False)  # fmt: skip
+                          backend="pt2e", compile=False)
     return quantize(model, qconfig, calib), f"bpfm quantize {qconfig.name} (torch, eager)"
 
 
@@ -147,7 +147,7 @@ def run_export(
     calib: list[torch.Tensor] = []
     if config is not None and config.mode == "static":
         calib = calibration_batches(split.train, config.calib_batches, batch_size=calib_batch_size,
-                                    seed=train_config.seed, normalize=normalize)  # fmt: skip
+                                    seed=train_config.seed, normalize=normalize)
         if not calib:
             raise BpfmError(f"{data}: train view: no segments to calibrate static export on")
 
@@ -174,7 +174,7 @@ def run_export(
     fp32_test = compute_metrics(fp32_pred.target, fp32_pred.estimate, fp32_pred.subject, baseline)
     parity: dict[str, Any] = {"torch_fp32": _compare(pred, fp32_pred, meta), "torch_int8": None,
                               "torch_int8_model": None, "split": split.label,
-                              "n": int(len(pred.target))}  # fmt: skip
+                              "n": int(len(pred.target))}
     if config is not None:
         reference, described = _int8_reference(model, config, exported, calib)
         if reference is not None:
@@ -187,7 +187,7 @@ def run_export(
     latency: dict[str, dict[int, float]] = {"runtime": {}, "fp32": {}}
     if latency_runs:
         latency = latency_ms({"runtime": runtime, "fp32": model}, BATCH_SIZES,
-                             runs=latency_runs, threads=threads)  # fmt: skip
+                             runs=latency_runs, threads=threads)
     result: dict[str, Any] = {
         "variant": config.name if config else f"{runtime.format}-file",
         "format": runtime.format, "config": config.to_dict() if config else None,
@@ -200,7 +200,7 @@ def run_export(
                  **{f"latency_ms_b{b}": latency["fp32"].get(b) for b in BATCH_SIZES}},
         "parity_max_abs_fp32": parity["torch_fp32"]["max_abs_output"],
         "parity_mae_diff_int8": (parity["torch_int8"] or {}).get("mae_diff_mmhg", {}).get("mean"),
-    }  # fmt: skip
+    }
     if "fp32_file_bytes" in exported:  # ONNX: the fp32 file of the same runtime, made on the way
         result["runtime_fp32_size_mib"] = exported["fp32_file_bytes"] / MIB
         result["runtime_reduction_factor"] = exported["fp32_file_bytes"] / size
@@ -220,9 +220,9 @@ def run_export(
     write_json(out / PARITY_FILE, parity)
     write_json(out / RESULT_FILE, result)
     write_json(out / "metrics.json", {"test": test, "variant": result["variant"],
-                                      "split": split.label, "format": runtime.format})  # fmt: skip
+                                      "split": split.label, "format": runtime.format})
     log.info("%s: %.2f MiB (x%.2f smaller than torch fp32), MAE SBP %.2f / DBP %.2f mmHg, "
              "max |out - torch fp32| %.2g", result["variant"], result["size_mib"],
              result["reduction_factor"], test["sbp_mae"], test["dbp_mae"],
-             result["parity_max_abs_fp32"])  # fmt: skip
+             result["parity_max_abs_fp32"])
     return result

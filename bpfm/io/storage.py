@@ -36,7 +36,7 @@ _HINTS = (
      "cannot reach the S3 endpoint (check AWS_ENDPOINT_URL_S3 and the network)"),
     (("No response body", "MISSING_AUTHENTICATION", "credentials"),
      "request refused (check the AWS_* credential variables)"),
-)  # fmt: skip
+)
 
 
 def is_local(uri: str | Path) -> bool:

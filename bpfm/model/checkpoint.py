@@ -111,7 +111,7 @@ def load_failure(file: str | Path, err: BaseException) -> BpfmError:
     blocked = re.search(r"GLOBAL (\S+)", str(err))  # torch names the global it refused
     if blocked:
         problem = (f"not a checkpoint: it holds Python code ({blocked.group(1)}) that a safe "
-                   "load refuses to run")  # fmt: skip
+                   "load refuses to run")
     elif "central directory" in str(err) or isinstance(err, EOFError):
         problem = "corrupt checkpoint: truncated or damaged"
     else:

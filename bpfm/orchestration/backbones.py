@@ -48,13 +48,13 @@ def backbone_jobs(pretrain_spec, cells, data: str, split_seed: int = 42) -> list
         eeg_uri = pretrain_spec.checkpoint_for(cell.size)
         if cell.init == EEG or cell.init == "pretrained_eeg_then_ecgppg":
             eeg.setdefault(cell.size, BackboneJob(cell.size, {**base, "out": eeg_uri,
-                                                              "size": cell.size}))  # fmt: skip
+                                                              "size": cell.size}))
         if cell.init in IN_DOMAIN:
             key = backbone_key(cell.init, cell.size, cell.source, cell.protocol)
             spec = {**base, "size": cell.size, "data": data, "source": cell.source,
                     "protocol": cell.protocol, "split_seed": split_seed,
                     "out": _in_domain_uri(eeg_uri, IN_DOMAIN[cell.init], cell.source,
-                                          cell.protocol)}  # fmt: skip
+                                          cell.protocol)}
             after: tuple[str, ...] = ()
             if cell.init == "pretrained_eeg_then_ecgppg":
                 spec["init_checkpoint"] = eeg_uri

@@ -36,7 +36,7 @@ ROW_STORED_BYTES = 15_100  # a part's bytes per row with abp (when no manifest i
 PUBLISHED_TRAIN_ROWS = {"mimic": 612_000, "vitaldb": 465_480}
 # (train, validation) shares of the train subset's rows per protocol
 SPLIT_SHARES = {"paper": (0.8, 0.1), "calbased": (0.9, 0.1), "calfree": (0.9, 0.1),
-                "aami": (0.9, 0.1)}  # fmt: skip
+                "aami": (0.9, 0.1)}
 
 
 def samples_per_s(size: str, gpu_kind: str) -> float:
@@ -49,7 +49,7 @@ def samples_per_s(size: str, gpu_kind: str) -> float:
         raise ValueError(f"gpu kind {gpu_kind!r} unknown (known: {known})")
     flops = TRAIN_GFLOP_PER_SAMPLE[MEASURED_SIZE] / TRAIN_GFLOP_PER_SAMPLE[size]
     return (MEASURED_SAMPLES_PER_S * flops * BF16_PEAK_TFLOPS[gpu_kind]
-            / BF16_PEAK_TFLOPS[MEASURED_GPU])  # fmt: skip
+            / BF16_PEAK_TFLOPS[MEASURED_GPU])
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def trial_cost(trial: TrialPlan, profile: Profile, sizes: DataSizes, gpu_kind: s
     streamed = trial.epochs * 2 * subset_rows * ROW_READ_BYTES
     # int8 weights take about a byte per parameter
     quantized = sum(4 * total if v.get("mode") == "fp32" else total
-                    for v in profile.quantize.values())  # fmt: skip
+                    for v in profile.quantize.values())
     return {
         "trial": trial.id,
         "size": trial.size,

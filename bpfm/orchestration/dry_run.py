@@ -22,7 +22,7 @@ def gpus_now(policy: str) -> tuple[float | None, str]:
         return 1.0, "--gpus always: trials request their profile's GPUs even if none are up yet"
     if os.environ.get("RAY_ADDRESS"):
         return None, ("--gpus auto: decided at launch from the GPUs the cluster at RAY_ADDRESS "
-                      "has then (not queried by a dry run)")  # fmt: skip
+                      "has then (not queried by a dry run)")
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -36,14 +36,14 @@ def launch_notes(profile: Profile, plan: dict[str, Any], gpus: str) -> list[str]
     task resources, and what `--gpus` chooses now."""
     notes = []
     sizes = sorted({c.split("-")[0] for t in plan["trials"] for c in t["cells"]
-                    if "-pretrained-" in c})  # fmt: skip
+                    if "-pretrained-" in c})
     if sizes and profile.pretrain is not None:
         found = {s: _exists(profile.pretrain.checkpoint_for(s)) for s in sizes}
         missing = [s for s, there in found.items() if there is not True]
         unknown = [s for s, there in found.items() if isinstance(there, str)]
         if unknown:
             notes.append(f"stage 0: cannot check the backbones of {', '.join(unknown)} now "
-                         f"({found[unknown[0]]}); counted as missing")  # fmt: skip
+                         f"({found[unknown[0]]}); counted as missing")
         if missing:
             notes.append(
                 f"stage 0: would pretrain {len(missing)} backbone{'s' if len(missing) > 1 else ''} "
@@ -65,7 +65,7 @@ def launch_notes(profile: Profile, plan: dict[str, Any], gpus: str) -> list[str]
         asks = "; ".join(
             f"{size}: " + ", ".join(f"{k}={v:g}" for k, v in
                                     profile.resources_for(size).on_cluster(gpu_count).items())
-            for size in sizes_all )  # fmt: skip
+            for size in sizes_all )
         why += f" (per trial {asks})"
     notes.append(why)
     return notes

@@ -157,7 +157,7 @@ def check_trials(profile: Profile, recipe: dict[str, Any], recipe_path: str | No
         if trial.init != "xavier" and not values.get("checkpoint"):
             if profile.pretrain is None:
                 raise BpfmError(f"{profile.path}: pretrain: the grid has pretrained cells but no "
-                                "pretrain.checkpoint")  # fmt: skip
+                                "pretrain.checkpoint")
             # stage 0 builds it (the EEG one per size, in-domain ones from it): the trial gets
             # a checkpoint either way, so check with the EEG one's URI
             values["checkpoint"] = profile.pretrain.checkpoint_for(trial.size)

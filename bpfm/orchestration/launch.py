@@ -51,7 +51,7 @@ def differences(stored: dict, wanted: dict) -> list[str]:
             found.append(f"recipe {key}: {old_recipe.get(key)} -> {new_recipe.get(key)}")
     if stored.get("data_generation") != wanted.get("data_generation"):
         found.append(f"data generation: {stored.get('data_generation')} -> "
-                     f"{wanted.get('data_generation')}")  # fmt: skip
+                     f"{wanted.get('data_generation')}")
     if stored.get("tracking") != wanted.get("tracking"):
         found.append(f"MLflow store: {stored.get('tracking')} -> {wanted.get('tracking')}")
     return found
@@ -82,11 +82,11 @@ def experiment_name(storage_uri: str, name: str, wanted: dict, *, explicit: bool
         )
     derived = f"{name}-{_short_hash(stored, wanted)}"
     log.warning("launch differs from experiment %s (%s): running as experiment %s",
-                name, "; ".join(changed), derived)  # fmt: skip
+                name, "; ".join(changed), derived)
     other = _stored(storage_uri, derived)
     if other is not None and other != wanted:  # a hash collision of different launches
         raise BpfmError(f"{storage.join(storage_uri, derived)}: differs from this launch too "
-                        f"({'; '.join(differences(other, wanted))}): give --name")  # fmt: skip
+                        f"({'; '.join(differences(other, wanted))}): give --name")
     return derived
 
 
@@ -94,4 +94,4 @@ def record(storage_uri: str, name: str, wanted: dict) -> None:
     """Write the launch's identity beside its Tune experiment (once: an existing one matched)."""
     if _stored(storage_uri, name) is None:
         storage.publish_bytes(storage.join(storage_uri, name + SUFFIX),
-                              json.dumps(wanted, sort_keys=True, indent=1).encode())  # fmt: skip
+                              json.dumps(wanted, sort_keys=True, indent=1).encode())

@@ -101,7 +101,7 @@ def _run_grid(profile, config: NightlyConfig, stamp: str) -> dict[str, Any]:
 
     result = run_grid(profile, name=f"nightly-{stamp}", gpus=config.gpus)
     return {"grid_run_id": result["grid_run_id"], "experiment_id": result["experiment_id"],
-            "errors": result["errors"]}  # fmt: skip
+            "errors": result["errors"]}
 
 
 def _write_baseline(path: Path, entries, profile: str, stamp: str) -> None:
@@ -113,12 +113,12 @@ def _write_baseline(path: Path, entries, profile: str, stamp: str) -> None:
 
 
 def _log_nightly_run(client, experiment_id: str, grid_run_id: str, out: Path,
-                     summary: dict[str, Any]) -> str:  # fmt: skip
+                     summary: dict[str, Any]) -> str:
     run = client.create_run(
         experiment_id, run_name="nightly",
         tags={tracking.KIND: "nightly", tracking.GRID_RUN: grid_run_id,
               "bpfm.nightly.status": summary["status"]},
-    )  # fmt: skip
+    )
     run_id = run.info.run_id
     client.log_param(run_id, "baseline", tracking.redact(summary["baseline"]))
     for key in ("regressions", "improvements", "entries"):
@@ -150,7 +150,7 @@ def run_nightly(config: NightlyConfig) -> dict[str, Any]:
         except MlflowException:
             raise BpfmError(f"--grid-run: {config.grid_run}: no such MLflow run") from None
         grid = {"grid_run_id": config.grid_run, "experiment_id": run.info.experiment_id,
-                "errors": []}  # fmt: skip
+                "errors": []}
     else:
         fresh = not (config.reuse or os.environ.get("RAY_ADDRESS"))
         if fresh:
@@ -168,7 +168,7 @@ def run_nightly(config: NightlyConfig) -> dict[str, Any]:
         "profile": profile.name, "grid_run_id": grid["grid_run_id"], "entries": len(entries),
         "baseline": str(config.baseline), "errors": errors, "out": str(out),
         "regressions": 0, "improvements": 0,
-    }  # fmt: skip
+    }
     if config.update_baseline:
         if errors:
             raise BpfmError(

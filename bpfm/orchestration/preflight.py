@@ -23,7 +23,7 @@ _TRACKING_HINTS = (
     (("Connection refused",), "connection refused"),
     (("No route to host",), "no route to host"),
     (("timed out", "Timeout"), f"no answer within {TIMEOUT_S} s"),
-)  # fmt: skip
+)
 
 
 def check_launch(profile) -> None:
@@ -37,7 +37,7 @@ def check_launch(profile) -> None:
     found = _answers(storage.join(data, MANIFEST), f"{profile.path}: data.uri")
     if not found and profile.data.synthesize is None:  # else stage 0 makes it
         raise BpfmError(f"{profile.path}: data.uri: {data} has no {MANIFEST} (shard PulseDB "
-                        "first: pipelines/shard.py or `bpfm data shard`)")  # fmt: skip
+                        "first: pipelines/shard.py or `bpfm data shard`)")
     check_writable(profile.storage, f"{profile.path}: storage")
 
 
@@ -58,16 +58,16 @@ def _check_tracking_server(uri: str) -> None:
     insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
     try:
         answer = requests.get(url, params={"max_results": 1}, timeout=(TIMEOUT_S, TIMEOUT_S),
-                              verify=not insecure)  # fmt: skip
+                              verify=not insecure)
     except requests.RequestException as err:
         text = " ".join(str(err).split())
         hint = next((h for needles, h in _TRACKING_HINTS if any(n in text for n in needles)),
-                    f"unreachable ({type(err).__name__})")  # fmt: skip
+                    f"unreachable ({type(err).__name__})")
         raise BpfmError(f"{uri}: MLflow tracking server: {hint} (check MLFLOW_TRACKING_URI and "
-                        "that the server runs)") from None  # fmt: skip
+                        "that the server runs)") from None
     if answer.status_code == 404 or answer.status_code >= 500:
         raise BpfmError(f"{uri}: MLflow tracking server: answers HTTP {answer.status_code} to "
-                        "MLflow's API (not an MLflow server, or a broken one?)")  # fmt: skip
+                        "MLflow's API (not an MLflow server, or a broken one?)")
 
 
 def check_writable(uri: str, what: str) -> None:
@@ -106,15 +106,15 @@ def _quick_s3(uri: str):
     parts = urlsplit(uri)
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     endpoint = query.get("endpoint_override") or os.environ.get("AWS_ENDPOINT_URL_S3") \
-        or os.environ.get("AWS_ENDPOINT_URL")  # fmt: skip
+        or os.environ.get("AWS_ENDPOINT_URL")
     options = {"region": query.get("region"), "endpoint_override": endpoint,
                "access_key": unquote(parts.username) if parts.username else None,
-               "secret_key": unquote(parts.password) if parts.password else None}  # fmt: skip
+               "secret_key": unquote(parts.password) if parts.password else None}
     if "scheme" in query:
         options["scheme"] = query["scheme"]
     fs = pafs.S3FileSystem(
         **{k: v for k, v in options.items() if v is not None},
         connect_timeout=TIMEOUT_S, request_timeout=TIMEOUT_S,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
-    )  # fmt: skip
+    )
     return fs, f"{parts.hostname}{parts.path}".rstrip("/")

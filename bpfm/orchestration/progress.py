@@ -44,7 +44,7 @@ class Progress:
         filled = WIDTH * self.done // max(self.total, 1)
         elapsed = time.monotonic() - self.started
         return (f"{self.stage:<28} [{'#' * filled}{'.' * (WIDTH - filled)}] "
-                f"{self.done}/{self.total}  {elapsed:4.0f} s")  # fmt: skip
+                f"{self.done}/{self.total}  {elapsed:4.0f} s")
 
     def _draw(self, force: bool = False) -> None:
         if self.tty:

@@ -74,7 +74,7 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
         def report(epoch_report) -> None:
             epoch = epoch_report.epoch
             values = {"epoch": epoch, "train_loss": epoch_report.train_loss,
-                      "val_mae": epoch_report.val_mae}  # fmt: skip
+                      "val_mae": epoch_report.val_mae}
             cells.on_epoch(epoch, values)
             if epoch in cells.cells and epoch_report.model_dir is not None:
                 cells.finish_cell(epoch, model_dir_for(train.out, epoch))
@@ -213,17 +213,17 @@ def make_tuner(
         reuse_actors=True,  # a new actor per trial costs seconds of process start and imports
         trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname,
         **(tune_config or {}),
-    )  # fmt: skip
+    )
     return tune.Tuner(trainable, param_space=param_space, tune_config=config, run_config=run_config)
 
 
 # Ray Tune copies these from the driver's environment into every trial's runtime_env, which Ray
 # logs in plain text (runtime_env_agent.log) and keeps in its GCS.
 TUNE_PROPAGATED_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                           "AWS_SECURITY_TOKEN")  # fmt: skip
+                           "AWS_SECURITY_TOKEN")
 _CREDENTIAL_FILE_KEYS = {"AWS_ACCESS_KEY_ID": "aws_access_key_id",
                          "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
-                         "AWS_SESSION_TOKEN": "aws_session_token"}  # fmt: skip
+                         "AWS_SESSION_TOKEN": "aws_session_token"}
 
 
 @contextlib.contextmanager
@@ -260,7 +260,7 @@ def credentials_kept_from_trials() -> Iterator[None]:
     saved_file = os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
     lines = [f"[{os.environ.get('AWS_PROFILE', 'default')}]"]
     lines += [f"{_CREDENTIAL_FILE_KEYS[k]} = {v}" for k, v in found.items()
-              if k in _CREDENTIAL_FILE_KEYS]  # fmt: skip
+              if k in _CREDENTIAL_FILE_KEYS]
     with _private_file("\n".join(lines) + "\n") as path:
         for key in found:
             del os.environ[key]
@@ -318,7 +318,7 @@ def ensure_pretrained(profile: Profile, sizes: list[str], gpus: float) -> dict[s
         log.info("stage 0: pretraining %s -> %s (%d steps)", size, uri, profile.pretrain.steps)
         wanted = profile.resources_for(size).on_cluster(gpus)
         spec = {**profile.pretrain.options, "out": uri, "size": size,
-                "steps": profile.pretrain.steps}  # fmt: skip
+                "steps": profile.pretrain.steps}
         task = _pretrain_task.options(num_cpus=wanted["cpu"], num_gpus=wanted.get("gpu", 0))
         pending.append(task.remote(spec))
     ray.get(pending)
@@ -338,7 +338,7 @@ def ensure_backbones(
     if not jobs:
         if any(c.init != "xavier" for c in cells):
             raise BpfmError(f"{profile.path}: pretrain: the grid has pretrained cells but no "
-                            "pretrain.checkpoint")  # fmt: skip
+                            "pretrain.checkpoint")
         return {}
     for wave in ([j for j in jobs if not j.after], [j for j in jobs if j.after]):
         pending = []
@@ -346,7 +346,7 @@ def ensure_backbones(
             if exists(job.spec["out"]):
                 continue
             log.info("stage 0: pretraining %s -> %s (%d steps)", job.key, job.spec["out"],
-                     job.spec["steps"])  # fmt: skip
+                     job.spec["steps"])
             wanted = profile.resources_for(job.spec["size"]).on_cluster(gpus)
             task = _pretrain_task.options(num_cpus=wanted["cpu"], num_gpus=wanted.get("gpu", 0))
             pending.append(task.remote(job.spec))
@@ -423,7 +423,7 @@ def _gather(pending: list[tuple[dict[str, Any], Any]]) -> list[dict[str, Any]]:
             message = _last_line(err)
             log.error("quantization of %s failed: %s", job["cell"], message)
             results.extend({"cell": job["cell"], "variant": v, "error": message}
-                           for v in job["variants"])  # fmt: skip
+                           for v in job["variants"])
     return results
 
 
@@ -448,7 +448,7 @@ def run_grid(
     init_ray(**quiet)
     check_job_paths(launch_paths(profile, tracking.configure()),
                     on_cluster=bool(os.environ.get("RAY_ADDRESS")),
-                    nodes=sum(1 for node in ray.nodes() if node["Alive"]))  # fmt: skip
+                    nodes=sum(1 for node in ray.nodes() if node["Alive"]))
     with credentials_kept_from_trials():
         try:
             return _run_stages(profile, recipe or {}, name, gpus, quant_cpus, verbose)
@@ -471,12 +471,12 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
     data = grid.ensure_data(profile)
     train["data_generation"] = open_shards(data).generation  # every trial reads this one
     pretrained = ensure_backbones(profile, plan.cells, data, gpu_count,
-                                  int(train.get("split_seed", 42)))  # fmt: skip
+                                  int(train.get("split_seed", 42)))
 
     uri = tracking.configure()
     identity = launch.identity(train, launch.data_generation(data), uri)
     name = launch.experiment_name(_absolute(profile.storage), name or profile.study, identity,
-                                  explicit=name is not None)  # fmt: skip
+                                  explicit=name is not None)
     client = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(client, profile.study)
     tracking_view.mark_experiment(client, experiment_id)
@@ -491,7 +491,7 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
                 "n_cells": len(plan.cells), "n_trials": len(plan.trials),
                 "epoch_prefix_sharing": plan.share_prefix, "recipe": recipe,
                 "quantize_variants": list(profile.quantize)},
-    )  # fmt: skip
+    )
     log.info(
         "stage 1: %d cells in %d trials -> %s (MLflow %s, run %s)",
         len(plan.cells),
@@ -504,7 +504,7 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
         data=data, train=train, tracking_uri=uri, experiment_id=experiment_id,
         parent_run_id=grid_run, study=profile.study, profile=profile.name, pretrained=pretrained,
         checkpoint_every=profile.tune.checkpoint_every,
-    )  # fmt: skip
+    )
     tuner = make_tuner(
         tune.with_parameters(train_cell, ctx=ctx),
         param_space=search_space(profile.axes, plan.share_prefix),
@@ -513,7 +513,7 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
         max_failures=profile.tune.max_failures,
         max_concurrent=profile.tune.max_concurrent_trials,
         callbacks=[TrialProgress()], verbose=1 if verbose else 0,
-    )  # fmt: skip
+    )
     progress.start("stage 1: training trials", len(plan.trials))
     launch.record(_absolute(profile.storage), name, identity)
 
@@ -521,15 +521,15 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
         return {"tracking_uri": uri, "experiment_id": experiment_id, "grid_run_id": grid_run,
                 "study": profile.study, "cell": run.data.tags[tracking.CELL],
                 "cell_run_id": run.info.run_id, "variants": profile.quantize, "data": data,
-                "settings": profile.quantize_options}  # fmt: skip
+                "settings": profile.quantize_options}
 
     log.info("stage 2: %d variants per trained model, each model as soon as it is logged",
-             len(profile.quantize))  # fmt: skip
+             len(profile.quantize))
     if profile.quantize:
         results, quantized = train_while_quantizing(
             tuner.fit, lambda: stages.launch_cells(client, experiment_id, grid_run), job,
             cpus=quant_cpus,
-        )  # fmt: skip
+        )
     else:
         results, quantized = tuner.fit(), []
     errors = [_last_line(r.error) for r in results if r.error is not None]
@@ -537,7 +537,7 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
     cells = stages.launch_cells(client, experiment_id, grid_run)
     if not cells and not errors:  # never an empty success
         errors.append(f"stage 1: no finished train run in MLflow experiment {profile.study} "
-                      f"(grid run {grid_run}) for Tune experiment {path}")  # fmt: skip
+                      f"(grid run {grid_run}) for Tune experiment {path}")
     progress.start("stage 3: registering, summary", 1)
 
     registered = stages.register_best(client, uri, profile.study, cells)
@@ -549,7 +549,7 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
         "grid_run_id": grid_run, "tune_path": path, "tracking_uri": tracking.redact(uri),
         "resumed": resuming, "n_cells": len(plan.cells), "n_trials": len(plan.trials),
         "registered": registered, "errors": errors, **summary,
-    }  # fmt: skip
+    }
 
 
 def _last_line(error: BaseException) -> str:

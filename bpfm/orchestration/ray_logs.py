@@ -10,7 +10,7 @@ import logging
 TUNE_LOGGER = "ray.tune.tune"
 RAY_HINT = ("\nResume experiment with:", "\nResume training with:")
 RERUN = ("\nbpfm: to resume, run the same bpfm command again (it restores this Tune experiment "
-         "itself; ignore Ray's Tuner.restore hint)")  # fmt: skip
+         "itself; ignore Ray's Tuner.restore hint)")
 
 
 class RerunHint(logging.Filter):

@@ -154,9 +154,9 @@ def search_trial(config: dict[str, Any], ctx: SearchContext) -> None:
 
     def report(epoch_report) -> None:
         metrics = {"epoch": epoch_report.epoch, "val_mae": epoch_report.val_mae,
-                   "train_loss": epoch_report.train_loss}  # fmt: skip
+                   "train_loss": epoch_report.train_loss}
         metrics.update({k: v for k, v in epoch_report.metrics.items()
-                        if k.startswith("test_") and isinstance(v, int | float | str)})  # fmt: skip
+                        if k.startswith("test_") and isinstance(v, int | float | str)})
         tune.report(metrics)
 
     try:
@@ -171,7 +171,7 @@ class TrialRuns(tune.Callback):
     stopped it), FAILED when it errors."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, study_run: str, study: str,
-                 ctx: SearchContext):  # fmt: skip
+                 ctx: SearchContext):
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.study_run, self.study, self.ctx = study_run, study, ctx
         self.runs: dict[str, str] = {}
@@ -186,10 +186,10 @@ class TrialRuns(tune.Callback):
         values = trial_train_values(trial.config, self.ctx, "")
         params = tracking.safe_params(values, TrainConfig.__dataclass_fields__)
         tags = {tracking.KIND: "search", ROLE: "trial", STUDY_NAME: self.study,
-                OPTUNA_TRIAL: str(number), "bpfm.tune_trial_id": trial.trial_id}  # fmt: skip
+                OPTUNA_TRIAL: str(number), "bpfm.tune_trial_id": trial.trial_id}
         run_id, _ = tracking.child_run(self._client(), self.experiment_id, self.study_run,
                                        key=f"trial-{number}", name=f"trial-{number}",
-                                       tags=tags, params=params)  # fmt: skip
+                                       tags=tags, params=params)
         self.runs[trial.trial_id] = run_id
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -228,7 +228,7 @@ def open_study(storage: optuna.storages.BaseStorage, name: str) -> tuple[optuna.
     PRUNED). Trials left RUNNING by a driver that died are told FAIL, so they do not count: run
     one launch per study at a time."""
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize",
-                                load_if_exists=True)  # fmt: skip
+                                load_if_exists=True)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(trial.number, state=TrialState.FAIL)
         log.info("study %s: trial %d was interrupted; marked FAIL", name, trial.number)
@@ -249,7 +249,7 @@ def write_recipe(path: Path, study: optuna.Study, cell: dict[str, Any]) -> dict[
             "val_mae": best.value,
             "cell": dict(cell),
             "trials": len(study.trials),
-        },  # fmt: skip
+        },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (
@@ -300,7 +300,7 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
     study, finished = open_study(storage, study_name)
     remaining = config.trials - finished
     log.info("study %s (%s): %d finished, %d to run", study_name, shown_url(url),
-             finished, max(remaining, 0))  # fmt: skip
+             finished, max(remaining, 0))
     init_ray()
     gpu_count = cluster_gpus(gpus)
     data = grid.ensure_data(profile)
@@ -315,16 +315,16 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
     experiment_id = tracking.ensure_experiment(client, experiment)
     study_run = _study_run(client, experiment_id, study_name,
                            {**cell, "profile": profile.name, "storage": shown_url(url),
-                            "trials": config.trials, "sampler_seed": config.seed})  # fmt: skip
+                            "trials": config.trials, "sampler_seed": config.seed})
     if remaining > 0:
         # Offset by the study's size: a resumed search must not replay the first suggestions.
         sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials))
         searcher = OptunaSearch(
             space=DefineByRun(config.space, cell), metric="val_mae", mode="min",
             sampler=sampler, study_name=study_name, storage=storage,
-        )  # fmt: skip
+        )
         scheduler = ASHAScheduler(max_t=int(cell["epochs"]), grace_period=config.grace_period,
-                                  reduction_factor=config.reduction_factor)  # fmt: skip
+                                  reduction_factor=config.reduction_factor)
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(search_trial, ctx=ctx),
                                 trial_resources(profile, gpu_count)),
@@ -338,7 +338,7 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
                 callbacks=[TrialRuns(uri, experiment_id, study_run, study_name, ctx)],
                 verbose=1,
             ),
-        )  # fmt: skip
+        )
         tuner.fit()
     study, finished = open_study(storage, study_name)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -358,4 +358,4 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
         "pruned": sum(t.state == TrialState.PRUNED for t in study.trials),
         "best_trial": best.number, "best_val_mae": best.value, "recipe": str(recipe_path),
         "best": overrides, "study_run_id": study_run,
-    }  # fmt: skip
+    }

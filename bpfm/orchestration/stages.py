@@ -45,7 +45,7 @@ def train_config(config: dict[str, Any], ctx: TrialContext, out: str | Path):
         from bpfm.orchestration.backbones import backbone_key
 
         key = backbone_key(values["init"], values.get("size", "small"), values.get("source", ""),
-                           values.get("protocol", ""))  # fmt: skip
+                           values.get("protocol", ""))
         values["checkpoint"] = ctx.pretrained.get(key)
     values["report_epochs"] = tuple(values.get("report_epochs") or ())
     try:
@@ -82,7 +82,7 @@ class CellLogger:
                       tracking.GRID_RUN: ctx.parent_run_id, "bpfm.tune_trial_id": trial_id,
                       tracking.NODE: node_id},
                 params=params,
-            )  # fmt: skip
+            )
             self.runs[epochs] = run_id
             if done:
                 self.finished.add(epochs)
@@ -122,9 +122,9 @@ def log_calibration(client, run_id: str, result: dict[str, Any], model_dir: Path
 
     flat = flat_metrics(result)
     tracking.log_results(client, run_id, flat, extra=[k for k, v in flat.items()
-                                                      if not isinstance(v, str)])  # fmt: skip
+                                                      if not isinstance(v, str)])
     tags = [RunTag(k, v) for k, v in flat.items()
-            if isinstance(v, str) and k.endswith(("bhs_grade", "aami"))]  # fmt: skip
+            if isinstance(v, str) and k.endswith(("bhs_grade", "aami"))]
     client.log_batch(run_id, tags=tags)
     estimates = Path(model_dir) / ESTIMATES_FILE
     if estimates.is_file():
@@ -160,7 +160,7 @@ def quantize_model(
 
     client = tracking.client(tracking_uri)
     tags = {tracking.KIND: "quant", tracking.CELL: cell, tracking.STUDY: study,
-            tracking.GRID_RUN: grid_run_id}  # fmt: skip
+            tracking.GRID_RUN: grid_run_id}
     results: list[dict[str, Any]] = []
     baseline: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="bpfm-quant-") as tmp:
@@ -170,7 +170,7 @@ def quantize_model(
             run_id, done = tracking.child_run(
                 client, experiment_id, cell_run_id, key=f"{cell}/{variant}", name=variant,
                 tags={**tags, tracking.VARIANT: variant}, params=_quant_params(variant, options),
-            )  # fmt: skip
+            )
             if done:
                 results.append({**entry, "run_id": run_id, "skipped": True})
                 continue
@@ -197,7 +197,7 @@ def _quant_params(variant: str, options: dict[str, Any]) -> dict[str, str]:
 
     if is_export_variant(options):  # both runtimes quantize weights per output channel
         fields = {**ExportConfig.from_variant(options).to_dict(), "weights": "per_channel",
-                  "backend": options["backend"]}  # fmt: skip
+                  "backend": options["backend"]}
     else:
         fields = QuantConfig(**options).to_dict()  # every field, defaults included
     return tracking.safe_params({**fields, "variant": variant}, [*fields, "variant"])
@@ -229,7 +229,7 @@ def _quantize_variant(tracking_uri: str, client, run_id: str, model_dir: Path, o
 
 
 def _export_variant(client, run_id: str, model_dir: Path, out: Path, options: dict[str, Any],
-                    data: str, settings: dict[str, Any]) -> dict:  # fmt: skip
+                    data: str, settings: dict[str, Any]) -> dict:
     """A variant that names a runtime (`backend: executorch|onnxruntime`): `bpfm export`, the
     file and its metrics / parity / export JSON logged as artifacts under `exported/`."""
     from bpfm import tracking
@@ -246,9 +246,9 @@ def _export_variant(client, run_id: str, model_dir: Path, out: Path, options: di
 
 EXPORT_METRICS = ("peak_rss_mib_b1", "rss_above_baseline_mib_b1", "macs_per_window",
                   "runtime_reduction_factor", "parity_max_abs_fp32", "parity_mae_diff_int8",
-                  "export_s")  # fmt: skip
+                  "export_s")
 QUANT_EXTRA_METRICS = ("reduction_factor", "speedup_b1", "speedup_b64", "delta_sbp_mae",
-                       "delta_dbp_mae", "delta_sbp_r2", "delta_dbp_r2")  # fmt: skip
+                       "delta_dbp_mae", "delta_sbp_r2", "delta_dbp_r2")
 
 
 def _flat_metrics(result: dict[str, Any]) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def quantize(
     batches = [_as_input(b) for b in itertools.islice(calib_batches or (), config.calib_batches)]
     if config.needs_calibration and not batches:
         raise BpfmError("quantize: calib_batches: static quantization needs calibration data "
-                        "(training batches), got none")  # fmt: skip
+                        "(training batches), got none")
     model = copy.deepcopy(model).float().cpu().eval()
     input_quantizer = _input_quantizer(config, batches)
     if input_quantizer is not None:  # later layers calibrate on what they will see

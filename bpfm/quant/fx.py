@@ -33,7 +33,7 @@ from bpfm.model.cerebro import Attention
 AO_WARNINGS = (
     (DeprecationWarning, r"torch\.ao\.quantization is deprecated"),
     (UserWarning, r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized "
-                  r"tensor creation functions"),  # fmt: skip
+                  r"tensor creation functions"),
     (UserWarning, r"Please use quant_min and quant_max to specify the range for observers"),
 )
 # torch's own unpickler of quantized tensors (`_rebuild_qtensor`) still reads TypedStorage.
@@ -104,9 +104,9 @@ def qconfig(config, engine: str):
         )
     else:
         observer = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
-                    "histogram": HistogramObserver}[config.observer]  # fmt: skip
+                    "histogram": HistogramObserver}[config.observer]
         activation = observer.with_args(dtype=torch.quint8, qscheme=torch.per_tensor_affine,
-                                        quant_min=0, quant_max=activation_max(engine))  # fmt: skip
+                                        quant_min=0, quant_max=activation_max(engine))
     return QConfig(activation=activation, weight=weight)
 
 
@@ -169,7 +169,7 @@ def qconfig_mapping(model: nn.Module, config, engine: str):
 
 @torch.no_grad()
 def quantize_fx(model: nn.Module, config, batches: list[torch.Tensor],
-                example: torch.Tensor) -> tuple[nn.Module, str]:  # fmt: skip
+                example: torch.Tensor) -> tuple[nn.Module, str]:
     """(converted GraphModule, engine) for a model in eval mode on CPU (changed in place)."""
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -215,7 +215,7 @@ def load(path: Path) -> nn.Module:
         try:
             module = torch.load(path, map_location="cpu", weights_only=False)
         except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError,
-                ModuleNotFoundError, ValueError) as err:  # fmt: skip
+                ModuleNotFoundError, ValueError) as err:
             raise BpfmError(f"{path}: not a bpfm quantized model ({_first_line(err)})") from None
     if not isinstance(module, QuantizedModel):
         raise BpfmError(f"{path}: holds a {type(module).__name__}, not a bpfm quantized model")
@@ -243,7 +243,7 @@ def _register_conv_pickling() -> None:
     from torch.ao.nn import quantized
 
     for name in ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-                 "ConvTranspose3d"):  # fmt: skip
+                 "ConvTranspose3d"):
         copyreg.pickle(getattr(quantized, name), _reduce_quantized_conv)
 
 

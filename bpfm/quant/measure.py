@@ -74,7 +74,7 @@ def fixed_threads(threads: int) -> Iterator[None]:
 @torch.inference_mode()
 def latency_ms(models: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
                batch_sizes: Sequence[int] = (1, 64), *, runs: int = 20, warmup: int = 3,
-               threads: int = 1, seed: int = 0) -> dict[str, dict[int, float]]:  # fmt: skip
+               threads: int = 1, seed: int = 0) -> dict[str, dict[int, float]]:
     """{model name: {batch size: median wall ms}}; see `timings`."""
     result = timings(models, batch_sizes, runs=runs, warmup=warmup, threads=threads, seed=seed)
     return {name: {b: t["wall_ms"] for b, t in per.items()} for name, per in result.items()}
@@ -83,7 +83,7 @@ def latency_ms(models: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
 @torch.inference_mode()
 def timings(models: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
             batch_sizes: Sequence[int] = (1, 64), *, runs: int = 20, warmup: int = 3,
-            threads: int = 1, seed: int = 0) -> dict[str, dict[int, dict[str, float]]]:  # fmt: skip
+            threads: int = 1, seed: int = 0) -> dict[str, dict[int, dict[str, float]]]:
     """{model name: {batch size: {"wall_ms", "cpu_ms"}}}: medians over `runs` timed forward
     passes of random windows [B, 2, 1250], the models interleaved, after `warmup` untimed
     passes each (the first pass of a compiled model compiles it). `cpu_ms` is the CPU time of
@@ -109,5 +109,5 @@ def timings(models: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
                     wall[name].append(time.perf_counter() - start)
             for name in models:
                 result[name][batch] = {"wall_ms": statistics.median(wall[name]) * 1000.0,
-                                       "cpu_ms": statistics.median(cpu[name]) * 1000.0}  # fmt: skip
+                                       "cpu_ms": statistics.median(cpu[name]) * 1000.0}
     return result

@@ -63,14 +63,14 @@ def quantizer_for(config):
         observer = PlaceholderObserver
     else:
         observer = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
-                    "histogram": HistogramObserver}[config.observer]  # fmt: skip
+                    "histogram": HistogramObserver}[config.observer]
     # 7-bit activations without VNNI, dynamic ones too: Inductor's int8 kernels saturate on
     # such CPUs (toy check: compiled output off by 0.064 with 0..255, 0.005 with 0..127)
     activation = QuantizationSpec(
         dtype=torch.uint8, quant_min=0, quant_max=activation_max("x86"),
         qscheme=torch.per_tensor_affine, is_dynamic=dynamic,
         observer_or_fake_quant_ctr=observer.with_args(**eps),
-    )  # fmt: skip
+    )
     per_channel = config.weights == "per_channel"
     weight = QuantizationSpec(
         dtype=torch.int8, quant_min=-128, quant_max=127,
@@ -78,7 +78,7 @@ def quantizer_for(config):
         ch_axis=0 if per_channel else None, is_dynamic=False,
         observer_or_fake_quant_ctr=(PerChannelMinMaxObserver if per_channel
                                     else MinMaxObserver).with_args(**eps),
-    )  # fmt: skip
+    )
     # Linear layers only: Inductor cannot constant-fold the int8 Conv2d of the patch embedding
     # under freezing (no fake kernel for onednn.qconv_prepack in torch 2.13), and that conv
     # holds 0.3 % of the weights. Every other op X86InductorQuantizer would annotate here
@@ -98,7 +98,7 @@ def export(module: nn.Module, example: torch.Tensor) -> torch.export.ExportedPro
 
 @torch.no_grad()
 def quantize_pt2e(model: nn.Module, config, batches: list[torch.Tensor],
-                  example: torch.Tensor) -> nn.Module:  # fmt: skip
+                  example: torch.Tensor) -> nn.Module:
     """The converted (reference Q/DQ) GraphModule of a model in eval mode on CPU."""
     with _quiet_torchao_import():
         from torchao.quantization.pt2e import allow_exported_model_train_eval
@@ -143,7 +143,7 @@ def load(path: Path) -> nn.Module:
     quantizer = InputQuantizer.from_description(described) if described else None
     net = allow_exported_model_train_eval(program.module())
     return QuantizedModel(net, QuantConfig.from_dict(values["config"]), quantizer,
-                          ENGINE).eval()  # fmt: skip
+                          ENGINE).eval()
 
 
 class CompiledModel(nn.Module):

@@ -37,7 +37,7 @@ class QuantConfig:
     def validate(self) -> QuantConfig:
         """One-line errors for every setting a user can get wrong; returns self."""
         for name, valid in (("mode", MODES), ("observer", OBSERVERS), ("weights", WEIGHTS),
-                            ("backend", BACKENDS)):  # fmt: skip
+                            ("backend", BACKENDS)):
             if getattr(self, name) not in valid:
                 raise BpfmError(
                     f"quantize: {name}: unknown {getattr(self, name)!r} (valid: {', '.join(valid)})"
@@ -122,7 +122,7 @@ class QuantizedModel(nn.Module):
     """A quantized BP model: forward(x [B, 2, 1250]) -> [B, 2] in the fp32 model's units."""
 
     def __init__(self, net: nn.Module, config: QuantConfig, input_quantizer: InputQuantizer | None,
-                 engine: str | None = None):  # fmt: skip
+                 engine: str | None = None):
         super().__init__()
         self.net = net
         self.input_quantizer = input_quantizer
@@ -146,4 +146,4 @@ def config_json(quantized: QuantizedModel) -> str:
     """The config and input quantizer as JSON (stored inside a .pt2 archive)."""
     quantizer = quantized.input_quantizer
     return json.dumps({"config": quantized.config.to_dict(),
-                       "input_quantizer": quantizer.describe() if quantizer else None})  # fmt: skip
+                       "input_quantizer": quantizer.describe() if quantizer else None})

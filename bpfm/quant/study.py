@@ -38,12 +38,12 @@ DELTA_KEYS = ("sbp_mae", "dbp_mae", "sbp_r2", "dbp_r2")
 
 
 def calibration_batches(view, count: int, *, batch_size: int = 64, seed: int = 42,
-                        normalize: bool = False) -> list[torch.Tensor]:  # fmt: skip
+                        normalize: bool = False) -> list[torch.Tensor]:
     """The first `count` shuffled batches [B, 2, 1250] of a view (the training view)."""
     from bpfm.data.loader import ShardDataset
 
     dataset = ShardDataset(view, batch_size=batch_size, shuffle=True, seed=seed,
-                           normalize=normalize)  # fmt: skip
+                           normalize=normalize)
     batches = []
     for batch in dataset:
         batches.append(batch["x"])
@@ -106,14 +106,14 @@ def run_quantization(
     config = config.validate()
     if threads < 1 or latency_runs < 0:
         raise BpfmError(f"quantize: threads/latency_runs: need threads >= 1 and runs >= 0, got "
-                        f"{threads}/{latency_runs}")  # fmt: skip
+                        f"{threads}/{latency_runs}")
     model, train_config, meta = load_trained(model_dir)
     split, data, source, protocol = model_split(model_dir, train_config, data, source, protocol)
     normalize = bool(meta.get("normalize_inputs"))
     calib = []
     if config.mode == "static":
         calib = calibration_batches(split.train, config.calib_batches, batch_size=calib_batch_size,
-                                    seed=train_config.seed, normalize=normalize)  # fmt: skip
+                                    seed=train_config.seed, normalize=normalize)
         if not calib:
             raise BpfmError(f"{data}: train view: no segments to calibrate static quantization on")
 
@@ -128,10 +128,10 @@ def run_quantization(
     models: dict[str, nn.Module] = {"quantized": timed}
     if fp32 is None:
         fp32 = {"size_mib": state_dict_bytes(model) / MIB,
-                "test": _test_metrics(model, split, meta, batch_size)}  # fmt: skip
+                "test": _test_metrics(model, split, meta, batch_size)}
         models["fp32"] = model
     latency = latency_ms(models, BATCH_SIZES, runs=latency_runs, threads=threads) \
-        if latency_runs else {name: {} for name in models}  # fmt: skip
+        if latency_runs else {name: {} for name in models}
     if "fp32" in models:
         fp32.update({f"latency_ms_b{b}": latency["fp32"].get(b) for b in BATCH_SIZES})
 
@@ -143,7 +143,7 @@ def run_quantization(
         "reduction_factor": fp32["size_mib"] / (size / MIB),
         "threads": threads, "latency_runs": latency_runs,
         "quantize_s": quantize_s, "compile_s": compile_s,
-    }  # fmt: skip
+    }
     for b in BATCH_SIZES:
         ms, base = latency["quantized"].get(b), fp32.get(f"latency_ms_b{b}")
         result[f"latency_ms_b{b}"] = ms
@@ -158,7 +158,7 @@ def run_quantization(
     write_json(out / RESULT_FILE, result)
     log.info("%s: %.2f MiB (x%.2f smaller), MAE SBP %.2f / DBP %.2f mmHg, b64 %s ms", config.name,
              result["size_mib"], result["reduction_factor"], test["sbp_mae"], test["dbp_mae"],
-             _fmt(result["latency_ms_b64"]))  # fmt: skip
+             _fmt(result["latency_ms_b64"]))
     return result
 
 

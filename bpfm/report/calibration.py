@@ -46,7 +46,7 @@ def method_rows(train: pd.DataFrame) -> pd.DataFrame:
             if math.isnan(_number(values.get("sbp_mae"))):
                 continue
             base = {c: run.get(c) for c in ("source", "protocol", "size", "freeze", "init",
-                                            "epochs", "seed", "run_id", "val_mae")}  # fmt: skip
+                                            "epochs", "seed", "run_id", "val_mae")}
             rows.append({**base, "k": int(k), "method": method, **values})
     return pd.DataFrame(rows)
 
@@ -58,7 +58,7 @@ def calibration_table(train: pd.DataFrame) -> pd.DataFrame:
         return rows
     rows["_val"] = rows["val_mae"].map(_number)
     best_runs = (rows.sort_values("_val").drop_duplicates(["source", "protocol", "k"])
-                 .set_index(["source", "protocol", "k"])["run_id"])  # fmt: skip
+                 .set_index(["source", "protocol", "k"])["run_id"])
     out = []
     for (source, protocol, k), run_id in best_runs.items():
         picked = rows[rows["run_id"] == run_id]
@@ -70,7 +70,7 @@ def calibration_table(train: pd.DataFrame) -> pd.DataFrame:
             entry = {"source": source, "protocol": protocol, "k": k, "method": method,
                      "cell": f"{row['size']}-{row['freeze']}-e{row['epochs']}-{row['init']}",
                      "n": _number(row.get("n")),
-                     "n_subjects": _number(row.get("n_subjects"))}  # fmt: skip
+                     "n_subjects": _number(row.get("n_subjects"))}
             for target in TARGETS:
                 for metric in ("mae", "sd", "mase", "cal_mase"):
                     entry[f"{target}_{metric}"] = _number(row.get(f"{target}_{metric}"))
@@ -98,14 +98,14 @@ def calibration_sections(client: MlflowClient, train: pd.DataFrame, out: Path) -
     table = calibration_table(train)
     if table.empty:
         return [Section("Per-subject calibration", table,
-                        "No cell was trained with calibration methods.")]  # fmt: skip
+                        "No cell was trained with calibration methods.")]
     sections = [Section("Per-subject calibration", table.drop(columns="run_id"), NOTE,
-                        "calibration.csv")]  # fmt: skip
+                        "calibration.csv")]
     best = best_calibrated(table)
     if best is None:
         return sections
     label = (f"{best['method']}, K={best['k']}: {best['source']} / {best['protocol']}, "
-             f"{best['cell']} (run {best['run_id'][:8]})")  # fmt: skip
+             f"{best['cell']} (run {best['run_id'][:8]})")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = client.download_artifacts(best["run_id"], ARTIFACT, tmp)

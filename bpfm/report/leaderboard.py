@@ -84,7 +84,7 @@ def with_model_sizes(client: MlflowClient, study: StudyRuns) -> StudyRuns:
         if run["run_id"] not in quantized or pd.notna(run["size_mib"]):
             continue
         files = [f for f in client.list_artifacts(run["run_id"], "model")
-                 if f.path.endswith(".safetensors") and f.file_size]  # fmt: skip
+                 if f.path.endswith(".safetensors") and f.file_size]
         if files:
             train.loc[index, "size_mib"] = files[0].file_size / 2**20
     return StudyRuns(train=train, quant=study.quant)
@@ -127,7 +127,7 @@ def compile_report(
         *calibration,
         subgroups,
         plots,
-    ]  # fmt: skip
+    ]
     preamble = (
         f"Experiments: {', '.join(config.experiments)} at "
         f"{redact(client.tracking_uri)}; {len(study.train)} model runs, "
@@ -168,7 +168,7 @@ def build_leaderboard(config: LeaderboardConfig) -> dict:
                 "dbp_mae": float(r["dbp_mae"]),
             }
             for _, r in tables.best_per_source(study.train).iterrows()
-        ],  # fmt: skip
+        ],
         "report": str(written["report.html"]),
     }
     if config.log_run:

@@ -69,7 +69,7 @@ LITERATURE = (
         "mimic", "CEReBrO fine-tuned (the paper)", 1.57, 2.72, PAPER_CITATION,
         PROTOCOL_LABELS["paper"],
     ),
-)  # fmt: skip
+)
 
 
 def protocol_label(protocol: str | None) -> str:

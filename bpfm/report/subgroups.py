@@ -15,7 +15,7 @@ from bpfm.metrics import compute_metrics
 
 AGE_BANDS = (
     (0.0, 40.0, "<40"), (40.0, 60.0, "40-59"), (60.0, 80.0, "60-79"), (80.0, math.inf, ">=80"),
-)  # fmt: skip
+)
 UNKNOWN = "unknown"
 
 

@@ -16,9 +16,9 @@ METHOD = {"pretrained": "FT", "xavier": "TFS"}
 LEARNED_MASE = 0.8
 COLUMNS = ("source", "method", "frozen", "epochs",
            "dbp_sd", "dbp_mae", "dbp_r2", "dbp_mase",
-           "sbp_sd", "sbp_mae", "sbp_r2", "sbp_mase", "n", "subj", "bhs", "aami")  # fmt: skip
+           "sbp_sd", "sbp_mae", "sbp_r2", "sbp_mase", "n", "subj", "bhs", "aami")
 HEADER = ("source", "method", "frozen", "epochs", "DBP SD", "MAE", "R²", "MASE",
-          "SBP SD", "MAE", "R²", "MASE", "n", "subj.", "BHS", "AAMI")  # fmt: skip
+          "SBP SD", "MAE", "R²", "MASE", "n", "subj.", "BHS", "AAMI")
 
 
 def _number(value: Any) -> float:
@@ -43,7 +43,7 @@ def table2_row(row: dict[str, Any]) -> dict[str, Any]:
         **{k: _number(row.get(k)) for k in COLUMNS[4:12]},
         "n": int(_number(row.get("n"))) if not math.isnan(_number(row.get("n"))) else None,
         "subj": subjects,
-    }  # fmt: skip
+    }
     if subjects is not None and subjects < BHS_MIN_SUBJECTS:
         out["bhs"] = "n/a"
     else:
@@ -62,7 +62,7 @@ def _show(value: Any) -> str:
 def format_table2(cells: list[dict[str, Any]]) -> str:
     rows = sorted((table2_row(c) for c in cells),
                   key=lambda r: (str(r["source"]), r["method"], r["frozen"],
-                                 _number(r["epochs"])))  # fmt: skip
+                                 _number(r["epochs"])))
     text = [[_show(r[c]) for c in COLUMNS] for r in rows]
     widths = [max([len(h)] + [len(t[i]) for t in text]) for i, h in enumerate(HEADER)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True))]
@@ -90,7 +90,7 @@ def reading(cells: list[dict[str, Any]], study: str) -> str:
     learned = [r for r in scored if max(r["dbp_mase"], r["sbp_mase"]) < LEARNED_MASE]
     verdict = (f"{len(learned)} of {len(scored)} cells clearly beat predicting the training mean "
                f"(MASE < {LEARNED_MASE:g} for DBP and SBP); " if learned
-               else "no cell clearly beats predicting the training mean yet; ")  # fmt: skip
+               else "no cell clearly beats predicting the training mean yet; ")
     return (
         f"Reading: {verdict}best {best['source']} {best['method']} frozen={best['frozen']} "
         f"{best['epochs']} ep (MASE DBP {best['dbp_mase']:.2f}, SBP {best['sbp_mase']:.2f}). "
@@ -115,5 +115,5 @@ def format_quantized(quantized: list[dict[str, Any]]) -> str:
 
         lines.append(f"{variant}: {len(rows)} models, median {median('size_mib'):.2f} MiB, "
                      f"{median('latency_ms_b1'):.1f} ms at batch 1, "
-                     f"SBP/DBP MAE {median('sbp_mae'):.2f}/{median('dbp_mae'):.2f}")  # fmt: skip
+                     f"SBP/DBP MAE {median('sbp_mae'):.2f}/{median('dbp_mae'):.2f}")
     return "\n".join(lines)

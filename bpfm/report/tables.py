@@ -20,7 +20,7 @@ SIZE_ORDER = {"small": 0, "medium": 1, "base": 1, "large": 2}
 CELL = ["source", "protocol", "method", "frozen", "epochs", "size"]
 RUNTIMES = ("executorch", "onnxruntime")  # the grid's export backends (bpfm.export.BACKENDS)
 RUNTIME_COLUMNS = ("peak_rss_mib_b1", "macs_per_window", "delta_dbp_r2", "delta_sbp_r2",
-                   "delta_dbp_mae", "delta_sbp_mae")  # fmt: skip
+                   "delta_dbp_mae", "delta_sbp_mae")
 
 
 def method_of(init: str | None) -> str:
@@ -157,7 +157,7 @@ def table3(quant: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
     out = frame[
         ["source", "protocol", "size", "method", "frozen", "epochs", "variant",
          "fp32_dbp_r2", "fp32_sbp_r2", "dbp_r2", "sbp_r2"]
-    ].copy()  # fmt: skip
+    ].copy()
     out["delta_dbp_r2"] = out["dbp_r2"] - out["fp32_dbp_r2"]
     out["delta_sbp_r2"] = out["sbp_r2"] - out["fp32_sbp_r2"]
     return _sort(out, ["source", "protocol", "size", "method", "frozen", "epochs", "variant"])
@@ -183,7 +183,7 @@ def table4(quant: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
         # each variant was timed against its fp32 model in the same task: speed-up = fp32 / int8
         for batch in (1, 64):
             timed = frame.reindex(columns=["parent_run_id", f"latency_ms_b{batch}",
-                                           f"speedup_b{batch}"]).dropna()  # fmt: skip
+                                           f"speedup_b{batch}"]).dropna()
             base = timed[f"latency_ms_b{batch}"] * timed[f"speedup_b{batch}"]
             per_trial = base.groupby(timed["parent_run_id"]).median()
             fp32[f"latency_ms_b{batch}"] = fp32["run_id"].map(per_trial)
@@ -208,7 +208,7 @@ def table4(quant: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
         speedup = logged.fillna(base / frame[f"latency_ms_b{batch}"])
         frame[f"speedup_b{batch}"] = speedup.mask(frame["variant"] == "fp32", 1.0)
     metrics = ["size_mib", "reduction_factor", "latency_ms_b1", "latency_ms_b64", "speedup_b1",
-               "speedup_b64"]  # fmt: skip
+               "speedup_b64"]
     if runtime.any():
         metrics += [m for m in RUNTIME_COLUMNS if m in frame.columns]
     frame = frame.reindex(columns=["size", "variant", *metrics])
@@ -248,7 +248,7 @@ def table5(train: pd.DataFrame) -> pd.DataFrame:
             "reference": r.reference,
         }
         for r in LITERATURE
-    ]  # fmt: skip
+    ]
     for _, run in best_per_source(study_rows(train)).iterrows():
         rows.append(
             {

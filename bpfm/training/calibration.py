@@ -291,7 +291,7 @@ def choose_strength(predictions, k: int) -> list[float]:
         _mean_mae(target, calibrate("affine", predictions.estimate, predictions.target,
                                     predictions.subject, rows, strength=s))
         for s in AFFINE_STRENGTHS
-    ]  # fmt: skip
+    ]
     best = []
     for t in range(len(TARGETS)):
         values = [m[t] for m in maes]
@@ -319,7 +319,7 @@ def _concat(a, b):
 
     return Predictions(a.segment_id + b.segment_id, a.subject + b.subject,
                        np.concatenate([a.target, b.target]),
-                       np.concatenate([a.estimate, b.estimate]))  # fmt: skip
+                       np.concatenate([a.estimate, b.estimate]))
 
 
 @dataclass
@@ -381,21 +381,21 @@ def evaluate_calibration(
     test_subjects = [s for s, keep in zip(subjects, rows.test, strict=True) if keep]
     target = test_pred.target[rows.test]
     estimates = {m: calibrate(m, test_pred.estimate, test_pred.target, subjects, rows)
-                 for m in ("none", "trivial", *(set(methods) & {"offset"}))}  # fmt: skip
+                 for m in ("none", "trivial", *(set(methods) & {"offset"}))}
     result: dict[str, Any] = {
         "methods": list(methods), "k": k, "n_calib": rows.n_calib, "n_test": rows.n_test,
         "n_subjects": len(set(test_subjects)),
-    }  # fmt: skip
+    }
     if "affine" in methods:
         strength = choose_strength(enc.val, k)
         result["affine_strength"] = strength
         estimates["affine"] = calibrate("affine", test_pred.estimate, test_pred.target,
-                                        subjects, rows, strength=strength)  # fmt: skip
+                                        subjects, rows, strength=strength)
     if "head" in methods:
         steps = _choose_head_steps(model.head, enc.val, enc.val_features, meta, k)
         result["head_steps"] = steps
         by_steps = head_calibrate(model.head, enc.test_features, test_pred.target, subjects,
-                                  rows, meta, steps=steps)  # fmt: skip
+                                  rows, meta, steps=steps)
         estimates["head"] = by_steps[steps]
     result["metrics"] = {
         name: calibration_metrics(target, est, estimates["trivial"], test_subjects, train_mean)
@@ -412,7 +412,7 @@ def estimates_table(segment_ids, subjects, target: np.ndarray, estimates: dict[s
     import pyarrow as pa
 
     columns = {"segment_id": pa.array(segment_ids, pa.string()),
-               "subject": pa.array(subjects, pa.string())}  # fmt: skip
+               "subject": pa.array(subjects, pa.string())}
     for t, name in enumerate(TARGETS):
         columns[name] = pa.array(target[:, t], pa.float32())
     for method, est in estimates.items():
@@ -426,7 +426,7 @@ def _choose_head_steps(head, val_pred, val_feats, meta, k: int) -> int:
     if rows.n_test == 0:
         return HEAD_STEPS[0]
     by_steps = head_calibrate(head, val_feats, val_pred.target, val_pred.subject, rows, meta,
-                              steps=HEAD_STEPS)  # fmt: skip
+                              steps=HEAD_STEPS)
     target = val_pred.target[rows.test]
     scores = {s: float(_mean_mae(target, est).mean()) for s, est in by_steps.items()}
     return min(scores, key=lambda s: (scores[s], s))

@@ -75,7 +75,7 @@ class TrainConfig:
             "source": SOURCES, "protocol": PROTOCOLS, "size": (*SIZES, *SIZE_ALIASES),
             "freeze": ("frozen", "unfrozen"), "init": INITS, "head": HEADS,
             "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "loss": LOSSES,
-        }  # fmt: skip
+        }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise BpfmError(
@@ -88,7 +88,7 @@ class TrainConfig:
         check_methods(self.calibration, self.calib_windows, "train: calibration")
         positive = {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
                     "eval_batch_size": self.eval_batch_size, "huber_delta": self.huber_delta,
-                    "keep_checkpoints": self.keep_checkpoints}  # fmt: skip
+                    "keep_checkpoints": self.keep_checkpoints}
         for name, value in positive.items():
             if not 0 < value < math.inf:
                 raise BpfmError(f"train: {name}: must be positive and finite, got {value}")

@@ -19,7 +19,7 @@ from bpfm.training.predict import Predictions, predict
 
 
 def open_split(data: str, source: str, protocol: str, seed: int = 42, cache: bool = True,
-               generation: str | None = None):  # fmt: skip
+               generation: str | None = None):
     """The `bpfm.data.splits.Split` of a shard set (train / val / test views); `cache`: a remote
     set's parts are read from this node's copy (`bpfm.data.cache`); `generation`: a pinned one
     (`model_generation`) instead of the one published now."""
@@ -38,7 +38,7 @@ def model_generation(config: TrainConfig, data: str | None) -> str | None:
 
 
 def model_split(model_dir: str | Path, config: TrainConfig, data: str | None = None,
-                source: str | None = None, protocol: str | None = None):  # fmt: skip
+                source: str | None = None, protocol: str | None = None):
     """(split, data, source, protocol): the views a trained model is measured on, its own data
     (at the generation it trained on) unless others are given."""
     generation = model_generation(config, data)
@@ -123,11 +123,11 @@ def evaluate(
     each test subject's `calib_windows`."""
     model, config, meta = load_trained(model_dir)
     overrides = {"data": data or config.data, "source": source or config.source,
-                 "protocol": protocol or config.protocol}  # fmt: skip
+                 "protocol": protocol or config.protocol}
     checked = type(config).from_dict({**config.to_dict(), **overrides}).validate()
     target_device = resolve_device(device)
     split = open_split(checked.data, checked.source, checked.protocol, checked.split_seed,
-                       checked.cache, model_generation(config, data))  # fmt: skip
+                       checked.cache, model_generation(config, data))
     predictions = predict(model.to(target_device), split.test, meta, batch_size=batch_size)
     metrics = compute_metrics(
         predictions.target, predictions.estimate, predictions.subject, meta.get("target_mean")

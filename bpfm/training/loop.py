@@ -159,7 +159,7 @@ def _train_loader(config: TrainConfig, view, epoch: int, device: torch.device):
     dataset.set_epoch(epoch)  # the shuffle depends on (seed, epoch) only: resumable
     # Pinned host batches make the non-blocking copies asynchronous, so the host runs ahead.
     return DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
-                      pin_memory=device.type == "cuda")  # fmt: skip
+                      pin_memory=device.type == "cuda")
 
 
 def _autocasts(config: TrainConfig, device: torch.device) -> bool:
@@ -176,7 +176,7 @@ FINITE_CHECK_STEPS = 50
 def _check_finite(loss_sum: torch.Tensor, epoch: int, first_step: int, last_step: int) -> None:
     if not bool(torch.isfinite(loss_sum)):
         raise BpfmError(f"train: loss: not finite at epoch {epoch} in steps "
-                        f"{first_step}-{last_step} (lr too high?)")  # fmt: skip
+                        f"{first_step}-{last_step} (lr too high?)")
 
 
 def _train_epoch(
@@ -215,7 +215,7 @@ def _train_epoch(
     _check_finite(loss_sum, epoch, checked + 1, steps)  # waits for the device: time after it
     seconds = time.perf_counter() - started
     return {"train_loss": float(loss_sum) / samples, "samples_per_s": samples / seconds,
-            "steps": steps, "lr": optimizer.param_groups[0]["lr"]}  # fmt: skip
+            "steps": steps, "lr": optimizer.param_groups[0]["lr"]}
 
 
 def compile_for_training(model: nn.Module) -> nn.Module:
@@ -266,7 +266,7 @@ def fit(
     summary = require_segments(split_summary(split), config.data)
     mean, std = (np.asarray(v, dtype=np.float64) for v in view_target_stats(split.train))
     meta = {**_target_meta(config, mean, std), "source": config.source,
-            "protocol": config.protocol, "split": split.label}  # fmt: skip
+            "protocol": config.protocol, "split": split.label}
 
     seed_everything(config.seed)
     model = build_model(config).to(device)
@@ -280,14 +280,14 @@ def fit(
     if checkpoint is not None:
         saved = load_train_state(checkpoint)
         check_same_generation(saved["config"].get("data_generation"), shards.generation,
-                              checkpoint, allow_new_data=allow_new_data)  # fmt: skip
+                              checkpoint, allow_new_data=allow_new_data)
         check_resumable(saved["config"], config.to_dict(), checkpoint,
-                        total_dependent=config.schedule in TOTAL_DEPENDENT_SCHEDULES)  # fmt: skip
+                        total_dependent=config.schedule in TOTAL_DEPENDENT_SCHEDULES)
         state = restore_train_state(saved, model, optimizer, scheduler)
         log.info("resuming %s after epoch %d (%s)", out, state["epoch"], checkpoint)
     if state["epoch"] > config.epochs:
         raise BpfmError(f"{checkpoint}: epoch: checkpoint is at epoch {state['epoch']}, "
-                        f"past the {config.epochs} epochs asked for")  # fmt: skip
+                        f"past the {config.epochs} epochs asked for")
     if state["epoch"] == config.epochs and (out / "metrics.json").is_file():
         log.info("%s: already trained for %d epochs", out, config.epochs)
         return _result(out, config, summary)
@@ -295,26 +295,26 @@ def fit(
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config.to_dict())
     log.info("%s: train %d / val %d / test %d segments; %s", config.data, summary["n_train"],
-             summary["n_val"], summary["n_test"], split.label)  # fmt: skip
+             summary["n_val"], summary["n_test"], split.label)
     log.info("training %s (%s, %s) on %s%s%s", config.size, config.freeze, config.init, device,
              " with bf16 autocast" if _autocasts(config, device) else "",
-             ", compiled" if config.compile else "")  # fmt: skip
+             ", compiled" if config.compile else "")
     step_model = compile_for_training(model) if config.compile else model
     eval_kw = {"batch_size": config.eval_batch_size}
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         stats = _train_epoch(config, step_model, split.train, epoch, optimizer, scheduler, meta,
-                             device)  # fmt: skip
+                             device)
         val_pred = predict(model, split.val, meta, **eval_kw)
         val_mae, val_sbp, val_dbp = mean_mae(val_pred)
         if val_mae < state["best_val_mae"]:
             state["best_val_mae"], state["best_epoch"] = val_mae, epoch
         record = {"epoch": epoch, **stats, "val_mae": val_mae, "val_sbp_mae": val_sbp,
-                  "val_dbp_mae": val_dbp, "best_val_mae": state["best_val_mae"]}  # fmt: skip
+                  "val_dbp_mae": val_dbp, "best_val_mae": state["best_val_mae"]}
         state["history"].append(record)
         state["epoch"] = epoch
         log.info("epoch %d/%d  train_loss %.4f  val_mae %.2f mmHg (SBP %.2f, DBP %.2f)  "
                  "%.0f samples/s", epoch, config.epochs, stats["train_loss"], val_mae, val_sbp,
-                 val_dbp, stats["samples_per_s"])  # fmt: skip
+                 val_dbp, stats["samples_per_s"])
         metrics = dict(record)
         model_dirs = [out / f"epoch-{epoch}"] if epoch in config.report_epochs else []
         model_dirs += [out] if epoch == config.epochs else []
@@ -327,7 +327,7 @@ def fit(
                     payload["calibration"] = evaluate_calibration(
                         model, meta, split, config.calibration, config.calib_windows,
                         keep_estimates=True, **eval_kw,
-                    )  # fmt: skip
+                    )
                     calibrated = payload["calibration"].pop("estimates")
                 except BpfmError as err:  # e.g. too few windows per subject: keep the model
                     log.warning("epoch %d: no calibrated results: %s", epoch, err)
@@ -338,14 +338,14 @@ def fit(
                 if calibrated is not None:  # before metrics.json, which completes the dir
                     write_calibrated_estimates(model_dir, calibrated)
                 write_model_dir(model_dir, model, {**meta, "epoch": epoch}, dir_config, payload,
-                                test_pred)  # fmt: skip
+                                test_pred)
             test = payload["test"]
             metrics.update({f"test_{k}": v for k, v in test.items()})
             if "calibration" in payload:
                 metrics.update(calibration_flat_metrics(payload["calibration"]))
             log.info("epoch %d test: MAE SBP %.2f / DBP %.2f mmHg, BHS %s/%s, AAMI %s", epoch,
                      test["sbp_mae"], test["dbp_mae"], test["sbp_bhs_grade"],
-                     test["dbp_bhs_grade"], test["aami"])  # fmt: skip
+                     test["dbp_bhs_grade"], test["aami"])
         checkpoint_dir = save_train_state(
             out,
             epoch,
@@ -353,7 +353,7 @@ def fit(
             keep=config.keep_checkpoints,
         )
         report = EpochReport(epoch, stats["train_loss"], val_mae, checkpoint_dir, metrics,
-                             model_dirs[-1] if model_dirs else None)  # fmt: skip
+                             model_dirs[-1] if model_dirs else None)
         for callback in callbacks:
             callback(report)
     return _result(out, config, summary)
@@ -363,4 +363,4 @@ def _result(out: Path, config: TrainConfig, summary: dict[str, Any]) -> FitResul
     payload = read_metrics(out)
     report_dirs = {e: out / f"epoch-{e}" for e in config.report_epochs}
     return FitResult(out, payload["epoch"], payload["test"], payload["val"], payload["history"],
-                     summary, report_dirs)  # fmt: skip
+                     summary, report_dirs)

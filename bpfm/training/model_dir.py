@@ -68,7 +68,7 @@ def load_trained(model_dir: str | Path) -> tuple[nn.Module, TrainConfig, dict[st
         raise BpfmError(f"{config_file}: not valid JSON ({err})") from None
     if not isinstance(values, dict):
         raise BpfmError(f"{config_file}: not a mapping of TrainConfig fields (holds a "
-                        f"{type(values).__name__}; a hand-edited file?)")  # fmt: skip
+                        f"{type(values).__name__}; a hand-edited file?)")
     values.pop("trained_in_run_of", None)  # epoch-prefix dirs note the run they came from
     for key, problem in field_problems(TrainConfig, values)[:1]:
         raise BpfmError(f"{config_file}: {key}: {problem}")

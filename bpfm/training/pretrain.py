@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bpfm.devices import resolve_device
 from bpfm.errors import BpfmError, DataError
 from bpfm.io import storage
 from bpfm.model.bp_model import init_xavier
@@ -256,12 +257,6 @@ def load_windows(config: PretrainConfig) -> np.ndarray:
 # ---------------------------------------------------------------- training
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _check(config: PretrainConfig, patches: int) -> None:
     if config.steps < 1 or config.batch_size < 1:
         raise BpfmError("pretrain: --steps and --batch-size must be at least 1")
@@ -288,7 +283,7 @@ def _shard_batches(config: PretrainConfig, view, subjects: set[str]):
     from bpfm.data.loader import ShardDataset
 
     dataset = ShardDataset(view, batch_size=config.batch_size, shuffle=True, seed=config.seed,
-                           normalize=True, with_meta=True)  # fmt: skip
+                           normalize=True, with_meta=True)
     for epoch in itertools.count():
         dataset.set_epoch(epoch)
         empty = True
@@ -329,7 +324,7 @@ def load_init_checkpoint(model: PretrainModel, uri: str) -> None:
         if key not in target or target[key].shape != value.shape:
             shape = list(target[key].shape) if key in target else "absent"
             raise BpfmError(f"{uri}: {key}: shape {list(value.shape)} does not fit {shape} "
-                            f"(another model size?)")  # fmt: skip
+                            f"(another model size?)")
     model.load_state_dict(state, strict=False)
     log.info("continuing from %s (%d tensors)", uri, len(state))
 
@@ -355,7 +350,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         n_windows = len(windows)
         batches = _array_batches(config, windows, generator)
         what = f"{n_windows} windows"
-    device = _device(config.device)
+    device = resolve_device(config.device)
     model = init_xavier(PretrainModel(CerebroEncoder(encoder_config)))
     if config.init_checkpoint:
         load_init_checkpoint(model, config.init_checkpoint)
@@ -367,7 +362,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     patches = config.window // encoder_config.patch_size
     log.info("pretraining %s on %s [%d x %d] for %d steps on %s", config.size, what,
-             config.channels, config.window, config.steps, device)  # fmt: skip
+             config.channels, config.window, config.steps, device)
     model.train()
     losses: list[float] = []
     started = time.perf_counter()

@@ -27,7 +27,7 @@ STATE_FILE = "state.pt"
 RESUMABLE_CHANGES = {"data", "cache", "epochs", "report_epochs", "out", "device", "num_workers",
                      "calibration", "calib_windows",  # evaluation only, not training
                      "eval_batch_size", "keep_checkpoints", "amp", "compile",
-                     "data_generation"}  # fmt: skip
+                     "data_generation"}
 PROGRESS_KEYS = ("epoch", "history", "best_val_mae", "best_epoch")
 
 

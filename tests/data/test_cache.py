@@ -70,7 +70,7 @@ def _start_readers(uri: str, env: dict, count: int, cache: str) -> list[subproce
         subprocess.Popen([sys.executable, "-c", READER, uri, cache], env=env, cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(count)
-    ]  # fmt: skip
+    ]
 
 
 def _results(processes: list[subprocess.Popen]) -> list[dict]:
@@ -87,7 +87,7 @@ def test_concurrent_trainers_copy_each_part_once_and_read_what_s3_holds(
 ):
     proxy = counting_proxy_for(s3_env.endpoint)
     env = {**os.environ, "AWS_ENDPOINT_URL_S3": proxy.endpoint, "BPFM_CACHE_DIR": str(tmp_path),
-           "PYTHONPATH": str(REPO)}  # fmt: skip
+           "PYTHONPATH": str(REPO)}
     view_bytes, readers = _view_bytes(s3_shards), 4
     try:
         cached = _results(_start_readers(s3_shards, env, readers, "on"))
@@ -120,7 +120,7 @@ def test_a_cached_view_reads_the_same_batches_as_the_remote_one(s3_env, s3_shard
     cache = NodeCache(tmp_path, 10**9)
     remote = make_split(s3_shards, "mimic", "calfree").train
     local = make_split(CachedShardSet(s3_shards, open_shards(s3_shards).manifest, cache),
-                       "mimic", "calfree").train  # fmt: skip
+                       "mimic", "calfree").train
     assert isinstance(local.shards.filesystem, pafs.LocalFileSystem)
     a = list(ShardDataset(remote, batch_size=32, shuffle=True, seed=3))
     b = list(ShardDataset(local, batch_size=32, shuffle=True, seed=3))
@@ -155,7 +155,7 @@ KILLED_COPIER = textwrap.dedent(
 def test_a_killed_copier_leaves_nothing_taken_as_complete(s3_env, s3_shards, tmp_path):
     env = {**os.environ, "BPFM_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
     process = subprocess.run([sys.executable, "-c", KILLED_COPIER, s3_shards], env=env, cwd=REPO,
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
+                             capture_output=True, text=True, timeout=120)
     assert process.returncode == -signal.SIGKILL and "copying" in process.stdout
     part = open_shards(s3_shards).parts("mimic", ["train"])[0]
     target = tmp_path / part["path"]
@@ -214,7 +214,7 @@ def test_eviction_drops_the_least_recently_used_generation_no_live_process_holds
         roomy.fetch(fs, str(remote / parts[name]["path"]), parts[name], "remote")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root), "gen-a"], env=env,
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "leased"
         now = time.time()
@@ -263,7 +263,7 @@ def test_bpfm_train_on_s3_fills_the_node_cache_unless_told_not_to(
     monkeypatch.setenv("BPFM_CACHE_DIR", str(cache))
     args = ["train", "--data", s3_shards, "--source", "mimic", "--size", "small", "--epochs", "1",
             "--batch-size", "8", "--max-steps-per-epoch", "1", "--out", str(tmp_path / "run"),
-            *filter(None, [flag])]  # fmt: skip
+            *filter(None, [flag])]
     assert main(args) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["cache"] is (flag == "")

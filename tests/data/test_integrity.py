@@ -32,7 +32,7 @@ def shard_set(tmp_path, synthetic_subset_files) -> tuple[list[Path], Path]:
 
 def _part(out: Path, subset: str) -> tuple[dict, Path]:
     part = next(p for p in json.loads((out / MANIFEST).read_text())["parts"]
-                if p["subset"] == subset)  # fmt: skip
+                if p["subset"] == subset)
     return part, out / part["path"]
 
 
@@ -56,7 +56,7 @@ def _last_error(capsys) -> str:
 
 def _train_args(out: Path, run: Path) -> list[str]:
     return ["train", "--data", str(out), "--epochs", "1", "--freeze", "frozen", "--batch-size",
-            "4", "--max-steps-per-epoch", "1", "--device", "cpu", "--out", str(run)]  # fmt: skip
+            "4", "--max-steps-per-epoch", "1", "--device", "cpu", "--out", str(run)]
 
 
 def test_changed_bytes_fail_deep_verification_and_data_shard_repairs_that_file_only(
@@ -77,7 +77,7 @@ def test_changed_bytes_fail_deep_verification_and_data_shard_repairs_that_file_o
     error = captured.err.strip().splitlines()[-1]
     assert error == (f"bpfm: error: {out}: {part['path']}: sha256 differs from the manifest's: "
                      "its bytes changed; the set fails verification (`bpfm data shard` with the "
-                     "same inputs repairs it)")  # fmt: skip
+                     "same inputs repairs it)")
     repaired = write_shards(files, str(out))  # before: "already up to date"
     assert repaired["up_to_date"] is False and repaired["repaired"] == ["CalFree_Test_Subset.mat"]
     assert verify_shards(open_shards(str(out)), deep=True)["ok"]
@@ -108,7 +108,7 @@ def test_a_truncated_part_fails_the_cheap_check_and_training_refuses_to_start(
     (lambda m: m["parts"][0].update(rows=m["parts"][0]["rows"] + 5), "rows in its footer"),
     (lambda m: m.update(rows=m["rows"] + 1), "_manifest.json: rows: "),
     (lambda m: m["partitions"]["mimic"].update(train=1), "partitions: row counts differ"),
-])  # fmt: skip
+])
 def test_a_manifest_whose_counts_were_edited_fails_and_data_shard_republishes(
     shard_set, capsys, edit, problem
 ):
@@ -134,7 +134,7 @@ MANIFEST_DAMAGE = {
                               {k: v for k, v in p.items() if k != "path"}
                               for p in json.loads(text)["parts"]]}),
                           "parts[0].path: missing key"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(MANIFEST_DAMAGE))
@@ -147,7 +147,7 @@ def test_a_corrupt_manifest_is_one_line_everywhere_and_data_shard_republishes(
     (out / MANIFEST).write_text(damage((out / MANIFEST).read_text()))
     expected = f"bpfm: error: {out / MANIFEST}: {problem}"
     for args in (["data", "inspect", str(out)], ["data", "verify", str(out)],
-                 _train_args(out, tmp_path / "run")):  # fmt: skip
+                 _train_args(out, tmp_path / "run")):
         assert main(args) == 2, args
         assert _last_error(capsys).startswith(expected), args
     with pytest.raises(BpfmError, match=re.escape(problem)):
@@ -172,7 +172,7 @@ def test_bpfm_data_inspect_of_a_truncated_manifest_prints_one_line(shard_set):
     (out / MANIFEST).write_text((out / MANIFEST).read_text()[:-40])
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run([sys.executable, "-m", "bpfm.cli", "data", "inspect", str(out)],
-                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+                          capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
         f"bpfm: error: {out / MANIFEST}: not valid JSON "

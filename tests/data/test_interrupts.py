@@ -30,9 +30,9 @@ def many_inputs(challenge2015_file, tmp_path_factory) -> Path:
 def _shard_then_signal(inputs: Path, out: Path, signum: int, workers: int, group: bool):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     command = [sys.executable, "-m", "bpfm.cli", "data", "shard", str(inputs), "--out", str(out),
-               "--workers", str(workers)]  # fmt: skip
+               "--workers", str(workers)]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True)
     seen, children = [], []
     for line in proc.stderr:  # signal once the first file is being converted
         seen.append(line)
@@ -52,7 +52,7 @@ def _shard_then_signal(inputs: Path, out: Path, signum: int, workers: int, group
 @pytest.mark.parametrize("signum, workers, group", [
     (signal.SIGINT, 1, False), (signal.SIGTERM, 1, False), (signal.SIGINT, 2, False),
     (signal.SIGTERM, 2, False), (signal.SIGINT, 2, True),
-])  # fmt: skip
+])
 def test_a_signal_during_data_shard_aborts_and_publishes_nothing(
     many_inputs, challenge2015_file, tmp_path, signum, workers, group
 ):

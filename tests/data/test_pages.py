@@ -30,7 +30,7 @@ def _write(path, nullable=False, nulls=False, **options) -> np.ndarray:
 def _read(path) -> list:
     meta = pq.ParquetFile(path).metadata
     return [map_raw_column(str(path), meta.row_group(g).column(1), WIDTH)
-            for g in range(meta.num_row_groups)]  # fmt: skip
+            for g in range(meta.num_row_groups)]
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_pages_hold_the_values_pyarrow_decodes(tmp_path, options):
         assert len(groups[0]) > 1
     for pages in groups:
         assert [p.first_row for p in pages] == list(np.cumsum([0] + [len(p.values) for p in
-                                                                    pages[:-1]]))  # fmt: skip
+                                                                    pages[:-1]]))
 
 
 @pytest.mark.parametrize(

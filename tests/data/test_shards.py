@@ -70,7 +70,7 @@ def test_parts_follow_schema_v2_raw_signals_zstd_rest_and_hive_layout(synthetic_
         meta = pq.ParquetFile(shards.part_path(part)).metadata
         assert meta.schema.to_arrow_schema().equals(SCHEMA)
         codecs = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i)
-                  .compression for i in range(meta.num_columns)}  # fmt: skip
+                  .compression for i in range(meta.num_columns)}
         assert codecs["ecg_ppg"] == codecs["abp"] == "UNCOMPRESSED"
         assert codecs["sbp"] == codecs["subject"] == "ZSTD"
         assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == part[

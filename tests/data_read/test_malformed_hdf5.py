@@ -97,7 +97,7 @@ SUBSET_CASES = {
                                    "Subset/Signals", "link does not resolve"),
     "dbp_external_link_missing_file": (_link("Subset/DBP", h5py.ExternalLink("/no.h5", "/x")),
                                        "Subset/DBP", "link does not resolve"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(SUBSET_CASES))
@@ -152,7 +152,7 @@ SUBJ_WINS_CASES = {
                               "Subj_Wins/PPG_F", "MATLAB class char, expected a number"),
     "dangling_link": (_link("Subj_Wins/ABP_Raw", h5py.SoftLink("/x")), "Subj_Wins/ABP_Raw",
                       "link does not resolve"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(SUBJ_WINS_CASES))
@@ -169,7 +169,7 @@ def test_malformed_subj_wins_structure_is_one_line(subj_wins_copy, tmp_path, cas
 def _bpfm(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return subprocess.run([sys.executable, "-m", "bpfm.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=120)  # fmt: skip
+                          text=True, env=env, timeout=120)
 
 
 def test_bpfm_data_shard_exits_2_with_one_line_for_malformed_files(subset_copy, tmp_path):

@@ -38,6 +38,6 @@ def fuzz_base(challenge2015_file, tmp_path_factory) -> Path:
         for end in [*np.flatnonzero(np.diff([hash(s) for s in subjects])) + 1, ROWS]:
             rows = slice(start, int(end))
             writer.append(subjects[start], signals[rows],
-                          {k: v[rows] for k, v in values.items()}, gender[rows])  # fmt: skip
+                          {k: v[rows] for k, v in values.items()}, gender[rows])
             start = int(end)
     return path

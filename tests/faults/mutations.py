@@ -100,7 +100,7 @@ def _redirect(field: str, row: int, target: str) -> Callable[[Path], None]:
 
 
 REDIRECT_TARGETS = ("/", "/Subset", "/#refs#", "/Subset/Signals", "/Subset/SBP",
-                    "/Subset/Subject", "/#refs#/a", "null", "row:0")  # fmt: skip
+                    "/Subset/Subject", "/#refs#/a", "null", "row:0")
 
 
 def mutations(path: Path, seed: int = 0, total: int = 240) -> list[Mutation]:
@@ -121,7 +121,7 @@ def mutations(path: Path, seed: int = 0, total: int = 240) -> list[Mutation]:
         for target in REDIRECT_TARGETS:
             row = int(rng.integers(n))
             out.append(Mutation("redirect", f"redirect:{field}[{row}]->{target}",
-                                _redirect(field, row, target)))  # fmt: skip
+                                _redirect(field, row, target)))
     size = path.stat().st_size
     ranges = _metadata_ranges(path)
     while len(out) < total:

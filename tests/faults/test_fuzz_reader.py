@@ -89,7 +89,7 @@ def test_every_seeded_mutation_ends_in_one_line_or_a_valid_set(fuzz_base, tmp_pa
 def _bpfm(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return subprocess.run([sys.executable, "-m", "bpfm.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=120)  # fmt: skip
+                          text=True, env=env, timeout=120)
 
 
 @pytest.mark.parametrize("family", ["flip", "truncate", "swap", "redirect"])
@@ -97,7 +97,7 @@ def test_a_real_bpfm_process_prints_one_line_for_a_mutated_file(fuzz_base, tmp_p
     """One failing mutation per family through `bpfm data shard`: exit 2, one stderr line
     naming the file, no traceback, nothing published."""
     for i, case in enumerate(c for c in mutations(fuzz_base, seed=SEED, total=TOTAL)
-                             if c.family == family):  # fmt: skip
+                             if c.family == family):
         path = tmp_path / f"{i}" / fuzz_base.name
         path.parent.mkdir()
         shutil.copyfile(fuzz_base, path)

@@ -49,7 +49,7 @@ def imports_of(name: str, path: Path, modules: set[str]) -> tuple[set[str], set[
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
-                       for a in node.names]  # fmt: skip
+                       for a in node.names]
         for target in targets:
             external.add(target.split(".")[0])
             if target in modules and target != name:

@@ -140,7 +140,7 @@ def test_pretrain_on_shards_reads_only_the_train_views_ecg_ppg_windows(synthetic
 
     split = open_split(synthetic_shards, "mimic", "calfree")
     subjects = {name: set(getattr(split, name).read(["subject"])["subject"].to_pylist())
-                for name in ("train", "val", "test")}  # fmt: skip
+                for name in ("train", "val", "test")}
     n_train = view_size(split.train)
     out = tmp_path / "ecgppg.ckpt"
     result = pretrain(PretrainConfig(
@@ -162,11 +162,11 @@ def test_pretrain_continues_an_eeg_backbone_on_ecg_ppg(synthetic_shards, tmp_pat
 
     eeg = tmp_path / "eeg.ckpt"
     pretrain(PretrainConfig(out=str(eeg), steps=1, batch_size=2, synthetic_windows=4,
-                            device="cpu"))  # fmt: skip
+                            device="cpu"))
     out = tmp_path / "eeg_then_ecgppg.ckpt"
     args = ["pretrain", "--out", str(out), "--data", synthetic_shards, "--source", "mimic",
             "--protocol", "calfree", "--init-checkpoint", str(eeg), "--steps", "1",
-            "--batch-size", "2", "--lr", "1e-12", "--device", "cpu", "--json"]  # fmt: skip
+            "--batch-size", "2", "--lr", "1e-12", "--device", "cpu", "--json"]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 1
     before = torch.load(eeg, weights_only=True)["state_dict"]

@@ -27,7 +27,7 @@ BASE_PROFILE = {
     "tune": {"max_failures": 1},
     "quantize": {},
     "quantize_options": {"latency_runs": 1},
-}  # fmt: skip
+}
 
 
 def write_profile(folder: Path, name: str, **overrides) -> Path:

@@ -31,7 +31,7 @@ def test_calibration_axis_reaches_every_cell_without_multiplying_cells(tmp_path)
     cell = plan_grid(profile).cells[0]
     ctx = TrialContext(data="shards", train={**profile.train, "calib_windows": 3},
                        tracking_uri="", experiment_id="", parent_run_id="", study="s",
-                       pretrained={"small": "eeg.ckpt"})  # fmt: skip
+                       pretrained={"small": "eeg.ckpt"})
     config = train_config({**cell.axes(), "trial": "t"}, ctx, tmp_path / "out")
     assert config.calibration == ("offset", "affine", "head") and config.calib_windows == 3
     with pytest.raises(BpfmError, match="axes.calibration: unknown value 'cuff'"):
@@ -41,7 +41,7 @@ def test_calibration_axis_reaches_every_cell_without_multiplying_cells(tmp_path)
 def test_stage0_plans_one_in_domain_backbone_per_size_source_and_protocol(tmp_path):
     profile = _profile(tmp_path, init=["pretrained", "pretrained_ecgppg",
                                        "pretrained_eeg_then_ecgppg", "xavier"],
-                       protocol=["paper", "calfree"])  # fmt: skip
+                       protocol=["paper", "calfree"])
     cells = plan_grid(profile).cells
     jobs = backbone_jobs(profile.pretrain, cells, "s3://b/shards", split_seed=7)
     eeg = str(tmp_path / "backbones" / "cerebro-small.ckpt")
@@ -59,7 +59,7 @@ def test_stage0_plans_one_in_domain_backbone_per_size_source_and_protocol(tmp_pa
 
     ctx = TrialContext(data="shards", train=profile.train, tracking_uri="", experiment_id="",
                        parent_run_id="", study="s",
-                       pretrained={j.key: j.spec["out"] for j in jobs})  # fmt: skip
+                       pretrained={j.key: j.spec["out"] for j in jobs})
     for cell in cells:
         config = train_config(cell.axes(), ctx, tmp_path / "out")
         expected = None if cell.init == "xavier" else ctx.pretrained[

@@ -24,7 +24,7 @@ def _overlaps(schedule: list[dict], at: float) -> list[dict]:
 
 def test_packing_never_overcommits_a_gpu_and_large_never_shares():
     trials = [{"trial": f"s{i}", "size": "small", "gpu": 0.25, "wall_hours": 1.0 + i / 10}
-              for i in range(10)]  # fmt: skip
+              for i in range(10)]
     trials += [{"trial": f"l{i}", "size": "large", "gpu": 1.0, "wall_hours": 2.0} for i in range(3)]
     schedule = costs.pack(trials, gpus=2)
     assert sorted(p["trial"] for p in schedule) == sorted(t["trial"] for t in trials)
@@ -40,7 +40,7 @@ def test_packing_never_overcommits_a_gpu_and_large_never_shares():
 
 def test_paper_dry_run_json_has_a_cost_plan_from_the_manifest(synthetic_shards, capsys):
     args = ["grid", "--profile", "paper", "--data", synthetic_shards, "--dry-run", "--json",
-            "--plan-gpus", "4", "--gpus-per-node", "2"]  # fmt: skip
+            "--plan-gpus", "4", "--gpus-per-node", "2"]
     assert main(args) == 0
     out = capsys.readouterr().out
     cost = json.loads(out.strip().splitlines()[-1])["cost"]

@@ -43,7 +43,7 @@ def test_a_killed_driver_leaves_no_credentials_on_disk(tmp_path):
     env = {**os.environ, **KEYS, "TMPDIR": str(tmp_path)}
     env.pop("AWS_SHARED_CREDENTIALS_FILE", None)
     process = subprocess.Popen([sys.executable, "-c", driver], env=env, stdout=subprocess.PIPE,
-                               text=True)  # fmt: skip
+                               text=True)
     try:
         path, copies = process.stdout.readline().split()
     finally:

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_grid_builds_the_in_domain_backbone_and_logs_calibrated_cells(synthetic_shards,
-                                                                        tmp_path):  # fmt: skip
+                                                                        tmp_path):
     from bpfm.orchestration.ray_grid import run_grid
 
     path = write_profile(
@@ -27,7 +27,7 @@ def test_grid_builds_the_in_domain_backbone_and_logs_calibrated_cells(synthetic_
                "keep_checkpoints": 1, "calib_windows": 3},
         pretrain={"checkpoint": str(tmp_path / "backbones" / "cerebro-{size}.ckpt"), "steps": 2,
                   "options": {"batch_size": 4}},
-    )  # fmt: skip
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with local_ray({"MLFLOW_TRACKING_URI": uri, "BPFM_HOME": str(tmp_path / "home")}):
         result = run_grid(load_profile(str(path)))

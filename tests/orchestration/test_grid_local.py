@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 def grid_env(s3_server, mlflow_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("grid")
     env = {**s3_server.env(), "MLFLOW_TRACKING_URI": mlflow_server.uri,
-           "BPFM_HOME": str(root / "home")}  # fmt: skip
+           "BPFM_HOME": str(root / "home")}
     with local_ray(env) as address:
         yield SimpleNamespace(root=root, s3=s3_server, mlflow=mlflow_server, address=address,
                               client=tracking.client(mlflow_server.uri))
@@ -52,7 +52,7 @@ def first_grid(grid_env, synthetic_shards):
         grid_env.root, "first", study="orch-first", data={"uri": synthetic_shards},
         storage=f"s3://{grid_env.s3.bucket}/tune", tune={"max_failures": 1},
         quantize={"dynamic": {"mode": "dynamic", "weights": "per_channel"}},
-    )  # fmt: skip
+    )
     return run_grid(load_profile(str(path)))
 
 
@@ -126,7 +126,7 @@ def test_leaderboard_reads_the_server_it_is_given_with_no_stray_store(first_grid
     bpfm = str(Path(sys.executable).parent / "bpfm")
     done = subprocess.run([bpfm, "leaderboard", "--experiment", "orch-first", "--tracking-uri",
                            grid_env.mlflow.uri, "--out", "r", "--no-log"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "r" / "report.html").is_file()
     assert not (tmp_path / "mlflow.db").exists()
@@ -143,11 +143,11 @@ def test_a_rerun_that_changes_nothing_registers_no_version_and_models_are_logged
     assert len(client.search_model_versions("name = 'orch-first-mimic'")) == len(versions)
     quant = tracking.find_runs(client, first_grid["experiment_id"],
                                {tracking.GRID_RUN: first_grid["grid_run_id"],
-                                tracking.KIND: "quant"})  # fmt: skip
+                                tracking.KIND: "quant"})
     files = [f.path for f in client.list_artifacts(quant[0].info.run_id, "quantized")]
     assert files and "quantized/model.pt" not in files  # the model is the MLflow model only
     assert client.search_logged_models([first_grid["experiment_id"]],
-                                       filter_string="name = 'quantized_model'")  # fmt: skip
+                                       filter_string="name = 'quantized_model'")
 
 
 def test_a_changed_recipe_or_store_is_a_new_experiment_or_an_error(first_grid, grid_env,
@@ -180,10 +180,10 @@ def test_mlflow_shows_the_study_at_a_glance(first_grid, grid_env, synthetic_shar
     experiment = client.get_experiment(first_grid["experiment_id"])
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     table = client.load_table(first_grid["experiment_id"], "leaderboard.json",
-                              run_ids=[first_grid["grid_run_id"]])  # fmt: skip
+                              run_ids=[first_grid["grid_run_id"]])
     assert len(table) == 4 and {"dbp_mae", "sbp_mase", "n", "bhs", "aami"} <= set(table.columns)
     for run in tracking.runs_of(client, first_grid["experiment_id"], first_grid["grid_run_id"],
-                                "train"):  # fmt: skip
+                                "train"):
         metrics, params = run.data.metrics, run.data.params
         assert metrics["mae_mean"] == pytest.approx((metrics["sbp_mae"] + metrics["dbp_mae"]) / 2)
         assert metrics["bhs_sbp"] in {1, 2, 3, 4} and metrics["aami_pass"] in {-1, 0, 1}

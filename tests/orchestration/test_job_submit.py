@@ -43,18 +43,18 @@ def test_job_submit_runs_the_grid_and_no_secret_leaks(tmp_path, s3_server, mlflo
     }
     try:
         cli_env = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("RAY_", "AWS_", "MLFLOW_", "BPFM_"))}  # fmt: skip
+                   if not k.startswith(("RAY_", "AWS_", "MLFLOW_", "BPFM_"))}
         cli_env.update(head.client_env())
         ray_cli = str(Path(sys.executable).parent / "ray")
         job = ["--", "python", "pipelines/grid.py", "--profile", "tiny", "--json"]
         refused = subprocess.run([ray_cli, "job", "submit", "--working-dir", ".", *job],
                                  cwd=REPO, env=cli_env, capture_output=True, text=True,
-                                 timeout=600)  # fmt: skip
+                                 timeout=600)
         submit = subprocess.run(
             [ray_cli, "job", "submit", "--working-dir", ".",
              "--runtime-env-json", json.dumps({"env_vars": job_env}), *job],
             cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
+        )
         ray_logs = _read_tree(head.session_logs())
     finally:
         head.stop()

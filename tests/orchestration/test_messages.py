@@ -20,7 +20,7 @@ def test_paper_dry_run_says_what_stage_0_2_and_gpus_auto_would_do(tmp_path, monk
     assert main(["grid", "--profile", "paper", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"stage 0: would pretrain 3 backbones \(large, medium, small\) for 20,000 "
-                     r"SimMIM steps each", out)  # fmt: skip
+                     r"SimMIM steps each", out)
     assert ("stage 2: 48 Ray tasks (one per trained model, 14 variants each), 1 CPU and no GPU"
             in out)
     assert re.search(r"--gpus auto: this machine has (no GPU|\d+ GPUs?) now", out)
@@ -39,7 +39,7 @@ def test_profile_help_lists_every_shipped_profile(capsys):
 
 def test_search_summary_says_what_ran_and_what_the_study_holds():
     line = search_summary({"study": "s", "trials": 3, "complete": 2, "pruned": 1, "ran": 4,
-                           "best_trial": 1, "best_val_mae": 7.25})  # fmt: skip
+                           "best_trial": 1, "best_val_mae": 7.25})
     assert line == ("study s: this launch ran 4 trials; the study holds 3 (2 trained to the end, "
                     "1 stopped early by ASHA); best: trial #1, validation MAE 7.250 mmHg")
 

@@ -56,7 +56,7 @@ def test_child_runs_are_found_again_by_key_and_nest_under_their_parent(store):
     parent = tracking.start_grid_run(
         client, experiment_id, name="grid", resume=False,
         tags={tracking.KIND: "grid", tracking.TUNE_PATH: "/x/study"}, params={"profile": "demo"},
-    )  # fmt: skip
+    )
     tags = {tracking.KIND: "train", tracking.CELL: "c1"}
     run_id, done = tracking.child_run(client, experiment_id, parent, key="c1", name="c1",
                                       tags=tags, params={"size": "small"})
@@ -77,7 +77,7 @@ def test_child_runs_are_found_again_by_key_and_nest_under_their_parent(store):
     resumed = tracking.start_grid_run(
         client, experiment_id, name="grid", resume=True,
         tags={tracking.KIND: "grid", tracking.TUNE_PATH: "/x/study"}, params={},
-    )  # fmt: skip
+    )
     assert resumed == parent
 
 

@@ -14,7 +14,7 @@ from bpfm.orchestration.ray_grid import TRIAL_WORK_PREFIX, trial_work_dir
 def test_new_trials_remove_the_scratch_of_dead_trial_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True, check=True)  # fmt: skip
+                              capture_output=True, text=True, check=True)
     mine = f"{TRIAL_WORK_PREFIX}{socket.gethostname()}"
     dead = tmp_path / f"{mine}-{finished.stdout.strip()}-abc123"
     (dead / "out" / "epoch-1").mkdir(parents=True)

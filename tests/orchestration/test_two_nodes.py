@@ -58,11 +58,11 @@ def test_paper_resource_table_packs_trials_on_logical_gpus_and_stage_2_overlaps(
     resources = {s: {"cpu": r.cpu, "gpu": r.gpu} for s, r in paper.resources.items()}
     assert resources["small"]["gpu"] == 0.25 and resources["large"]["gpu"] == 1
     axes = {**BASE_PROFILE["axes"], "size": ["small", "large"], "freeze": ["frozen"],
-            "epochs": [1], "seed": [1, 2]}  # fmt: skip
+            "epochs": [1], "seed": [1, 2]}
     path = write_profile(tmp_path, "packing", study="orch-packing", axes=axes,
                          data={"uri": synthetic_shards}, storage=str(tmp_path / "tune"),
                          resources=resources, quantize={"dynamic": {"mode": "dynamic"}},
-                         quantize_options={"latency_runs": 0})  # fmt: skip
+                         quantize_options={"latency_runs": 0})
     # 14 logical CPUs a node: the 4 trials hold at most 24 of 28, stage 2 runs on the rest
     with two_node_ray(env, num_cpus=14, num_gpus=2) as nodes:
         began = time.time()
@@ -98,5 +98,5 @@ def test_paper_resource_table_packs_trials_on_logical_gpus_and_stage_2_overlaps(
     first_quant = min(q.info.start_time / 1000 for q in quant)
     stage_1 = last_trial_end - min(start for start, _, _ in trials)
     print(f"packing test: wall {wall:.0f} s, stage 1 {stage_1:.0f} s, first quantization "
-          f"{first_quant - last_trial_end:+.0f} s from the last trial's end")  # fmt: skip
+          f"{first_quant - last_trial_end:+.0f} s from the last trial's end")
     assert first_quant < last_trial_end

@@ -19,7 +19,7 @@ def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_shards
     out = tmp_path_factory.mktemp("quant-model") / "model"
     config = TrainConfig(data=synthetic_shards, source="mimic", protocol="paper", size="small",
                          epochs=1, batch_size=32, max_steps_per_epoch=4, lr=1e-3, drop_path=0.0,
-                         eval_batch_size=64, out=str(out), device="cpu")  # fmt: skip
+                         eval_batch_size=64, out=str(out), device="cpu")
     fit(config, resume=False)
     return out
 

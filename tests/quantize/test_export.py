@@ -44,13 +44,13 @@ def test_onnx_runtime_fp32_and_static_int8(trained_model_dir, tmp_path):
     from bpfm.export.run import run_export
 
     fp32 = run_export(trained_model_dir, ExportConfig("onnx", "fp32"), out=tmp_path / "fp32",
-                      latency_runs=2, rss=False)  # fmt: skip
+                      latency_runs=2, rss=False)
     _, parity = _check_out_dir(tmp_path / "fp32", fp32, ".onnx")
     assert parity["torch_fp32"]["max_abs_output"] < 1e-4
     assert parity["torch_int8"] is None
 
     static = run_export(trained_model_dir, ExportConfig("onnx", "static", "percentile", 2),
-                        out=tmp_path / "static", latency_runs=2)  # fmt: skip
+                        out=tmp_path / "static", latency_runs=2)
     metrics, parity = _check_out_dir(tmp_path / "static", static, ".onnx")
     # int8: outputs move, but by a fraction of a mmHg on this model
     assert 0 < parity["torch_fp32"]["max_abs_output"] < 0.5
@@ -69,7 +69,7 @@ def test_executorch_static_int8_through_the_cli(trained_model_dir, tmp_path, cap
     out = tmp_path / "pte"
     code = main(["export", "--model", str(trained_model_dir), "--format", "executorch",
                  "--mode", "static", "--observer", "histogram", "--calib-batches", "2",
-                 "--latency-runs", "2", "--out", str(out), "--json"])  # fmt: skip
+                 "--latency-runs", "2", "--out", str(out), "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     metrics, parity = _check_out_dir(out, result, ".pte")
@@ -91,7 +91,7 @@ def _one_line_exit_2(argv, capsys, *needles):
 
 def test_corrupt_and_foreign_export_files(trained_model_dir, tmp_path, capsys):
     base = ["export", "--model", str(trained_model_dir), "--out", str(tmp_path / "out"),
-            "--no-rss", "--latency-runs", "0"]  # fmt: skip
+            "--no-rss", "--latency-runs", "0"]
     corrupt = tmp_path / "corrupt.pte"
     corrupt.write_bytes(b"\x1c\x00\x00\x00ET12" + bytes(range(256)) * 4)
     _one_line_exit_2([*base, "--file", str(corrupt)], capsys, "corrupt.pte",
@@ -121,7 +121,7 @@ def test_corrupt_and_foreign_export_files(trained_model_dir, tmp_path, capsys):
 )
 def test_unsupported_settings(trained_model_dir, tmp_path, capsys, flags, needle):
     _one_line_exit_2(["export", "--model", str(trained_model_dir), "--out", str(tmp_path),
-                      *flags], capsys, needle)  # fmt: skip
+                      *flags], capsys, needle)
 
 
 def test_model_whose_size_does_not_match_its_config(trained_model_dir, tmp_path, capsys):
@@ -132,7 +132,7 @@ def test_model_whose_size_does_not_match_its_config(trained_model_dir, tmp_path,
     (model_dir / "config.json").write_text(json.dumps(config))
     _one_line_exit_2(["export", "--model", str(model_dir), "--format", "onnx", "--out",
                       str(tmp_path / "out")], capsys, "config.json: size: 'medium'",
-                     "holds a 'small' model")  # fmt: skip
+                     "holds a 'small' model")
 
 
 def test_grid_variants_name_a_runtime():
@@ -140,18 +140,18 @@ def test_grid_variants_name_a_runtime():
     from bpfm.export import ExportConfig, is_export_variant
 
     variant = {"backend": "onnxruntime", "mode": "static", "observer": "entropy",
-               "weights": "per_channel", "calib_batches": 32}  # fmt: skip
+               "weights": "per_channel", "calib_batches": 32}
     assert is_export_variant(variant) and not is_export_variant({"backend": "pt2e"})
     assert ExportConfig.from_variant(variant) == ExportConfig("onnx", "static", "entropy", 32)
     assert ExportConfig.from_variant({"backend": "executorch", "mode": "dynamic"}).name == \
-        "executorch-dynamic"  # fmt: skip
+        "executorch-dynamic"
     with pytest.raises(BpfmError, match="threads: not an export field"):
         ExportConfig.from_variant({"backend": "executorch", "threads": 2})
 
 
 @pytest.mark.slow
 def test_grid_stage_logs_a_runtime_variant_to_mlflow(trained_model_dir, synthetic_shards,
-                                                     tmp_path):  # fmt: skip
+                                                     tmp_path):
     from bpfm import tracking
     from bpfm.orchestration.stages import quantize_model
 
@@ -160,13 +160,13 @@ def test_grid_stage_logs_a_runtime_variant_to_mlflow(trained_model_dir, syntheti
     experiment = tracking.ensure_experiment(client, "bpfm-export-test")
     grid = client.create_run(experiment, run_name="grid").info.run_id
     cell, _ = tracking.child_run(client, experiment, grid, key="cell", name="cell",
-                                 tags={tracking.KIND: "train"}, params={})  # fmt: skip
+                                 tags={tracking.KIND: "train"}, params={})
     tracking.log_model_dir(client, cell, trained_model_dir)
     variants = {"onnx_dynamic": {"backend": "onnxruntime", "mode": "dynamic"}}
     results = quantize_model(tracking_uri=uri, experiment_id=experiment, grid_run_id=grid,
                              study="bpfm-export-test", cell="cell", cell_run_id=cell,
                              variants=variants, data=synthetic_shards,
-                             settings={"latency_runs": 2, "threads": 1})  # fmt: skip
+                             settings={"latency_runs": 2, "threads": 1})
     assert [r.get("error") for r in results] == [None]
     run = client.get_run(results[0]["run_id"])
     assert run.info.status == "FINISHED"

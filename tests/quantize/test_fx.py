@@ -21,7 +21,7 @@ FX_VARIANTS = [
     QuantConfig("static", observer="moving_average", weights="per_tensor", quantize_input=True),
 ]
 AO_WARNING_TEXTS = ("torch.ao.quantization is deprecated", "quantized tensor creation functions",
-                    "reduce_range will be deprecated")  # fmt: skip
+                    "reduce_range will be deprecated")
 
 
 def _mae(estimate: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ def test_pt2e_static_stays_close_to_fp32_and_round_trips(
     assert kind == "int8_tensor_bytes"
     assert state_dict_bytes(model) / size >= 3.5
     constants = [attrgetter(n.target)(quantized.net) for n in quantized.net.graph.nodes
-                 if n.op == "get_attr"]  # fmt: skip
+                 if n.op == "get_attr"]
     int8 = [t for t in constants if isinstance(t, torch.Tensor) and t.dtype == torch.int8]
     assert len(int8) == sum(isinstance(m, nn.Linear) for m in model.modules())  # conv stays fp32
 

@@ -21,11 +21,11 @@ def _reloaded_metrics(out, trained, split) -> dict:
 
 
 def test_cli_static_fx_writes_result_and_model(trained_model_dir, trained, split, tmp_path,
-                                               capsys):  # fmt: skip
+                                               capsys):
     out = tmp_path / "static"
     code = main(["quantize", "--model", str(trained_model_dir), "--mode", "static",
                  "--observer", "histogram", "--calib-batches", "1", "--latency-runs", "1",
-                 "--out", str(out), "--json"])  # fmt: skip
+                 "--out", str(out), "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result == json.loads((out / "quant.json").read_text())
@@ -41,7 +41,7 @@ def test_cli_static_fx_writes_result_and_model(trained_model_dir, trained, split
     assert result["threads"] == 1
     assert result["test"]["n"] == result["fp32"]["test"]["n"] > 0
     assert np.isclose(result["delta_sbp_r2"],
-                      result["test"]["sbp_r2"] - result["fp32"]["test"]["sbp_r2"])  # fmt: skip
+                      result["test"]["sbp_r2"] - result["fp32"]["test"]["sbp_r2"])
     assert result["model_file"] == str(out / "model.pt")
     reloaded = _reloaded_metrics(out, trained, split)
     assert reloaded["sbp_mae"] == result["test"]["sbp_mae"]
@@ -53,13 +53,13 @@ def test_pt2e_dynamic_with_an_fp32_baseline(trained_model_dir, trained, split, t
     from bpfm.quant.study import run_quantization
 
     fp32 = run_quantization(trained_model_dir, QuantConfig("fp32"), out=tmp_path / "fp32",
-                            latency_runs=0)  # fmt: skip
+                            latency_runs=0)
     assert fp32["variant"] == "fp32" and fp32["reduction_factor"] == 1.0
     assert fp32["test"] == fp32["fp32"]["test"] and fp32["delta_dbp_mae"] == 0.0
 
     config = QuantConfig("dynamic", backend="pt2e", compile=False)
     result = run_quantization(trained_model_dir, config, out=tmp_path / "pt2e",
-                              latency_runs=0, baseline=fp32)  # fmt: skip
+                              latency_runs=0, baseline=fp32)
     assert result["fp32"] == fp32["fp32"]  # reused, not measured again
     assert result["size_kind"] == "int8_tensor_bytes" and result["reduction_factor"] >= 3.5
     assert result["latency_ms_b64"] is None and result["speedup_b64"] is None

@@ -79,7 +79,7 @@ def write_profile(path: Path, *, data: str | dict, storage: Path, **overrides) -
         "resources": {"small": {"cpu": 1}},
         "tune": {"max_failures": 0},
         "quantize_options": {"latency_runs": 1},
-    }  # fmt: skip
+    }
     profile.update(overrides)
     path.write_text(yaml.safe_dump(profile))
     return path

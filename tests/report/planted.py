@@ -85,7 +85,7 @@ def log_trial(
         "source": trial.source, "protocol": trial.protocol, "size": trial.size,
         "freeze": trial.freeze, "init": trial.init, "epochs": trial.epochs, "seed": trial.seed,
         "data": "/nonexistent/shards", "lr": 1e-4, "head": "paper",
-    }  # fmt: skip
+    }
     history = [Metric("val_mae", 10.0 - epoch, 0, epoch) for epoch in range(3)]
     client.log_batch(
         run_id,
@@ -133,7 +133,7 @@ TRIALS = {
     "vital_calfree": PlantedTrial(
         "vitaldb", "calfree", "small", "unfrozen", "pretrained", 100, [6.0], [4.0], subjects=20
     ),
-}  # fmt: skip
+}
 
 QUANT = [
     ({"mode": "fp32", "observer": "none", "weights": "none", "backend": "none"},
@@ -142,7 +142,7 @@ QUANT = [
      {"dbp_r2": 0.899, "sbp_r2": 0.929, "size_mib": 3.85, "latency_ms_b1": 3.0}),
     ({"mode": "static", "observer": "histogram", "weights": "per_channel", "backend": "fx"},
      {"dbp_r2": 0.895, "sbp_r2": 0.925, "size_mib": 3.83, "latency_ms_b1": 2.5}),
-]  # fmt: skip
+]
 
 
 def plant_study(tracking_uri: str, artifacts: Path, experiment: str = "planted") -> dict[str, str]:

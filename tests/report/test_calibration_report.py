@@ -35,9 +35,9 @@ def _calibrated_result(seed: int, k: int = 5) -> tuple[dict, object]:
     tested = [s for s, t in zip(subjects, rows.test, strict=True) if t]
     target = ref[rows.test]
     metrics = {m: calibration_metrics(target, e, estimates["trivial"], tested, [120, 70])
-               for m, e in estimates.items()}  # fmt: skip
+               for m, e in estimates.items()}
     result = {"methods": ["offset"], "k": k, "n_calib": rows.n_calib, "n_test": rows.n_test,
-              "n_subjects": 30, "metrics": metrics}  # fmt: skip
+              "n_subjects": 30, "metrics": metrics}
     test_ids = [i for i, t in zip(ids, rows.test, strict=True) if t]
     return result, estimates_table(test_ids, tested, target, estimates)
 
@@ -54,7 +54,7 @@ def test_leaderboard_tables_calibrated_cells_and_plots_the_best(tracking_uri, tm
         run_id = run.info.run_id
         params = {"source": "other", "protocol": "calfree", "size": "small", "freeze": "unfrozen",
                   "init": "xavier", "epochs": "3", "seed": str(seed), "calibration": "offset",
-                  "calib_windows": "5"}  # fmt: skip
+                  "calib_windows": "5"}
         for key, value in params.items():
             client.log_param(run_id, key, value)
         client.log_metric(run_id, "val_mae", val_mae)

@@ -52,7 +52,7 @@ def test_table5_puts_literature_with_citations_next_to_best_per_source_and_proto
     ours = table[table["reference"].str.startswith("this study")]
     assert sorted(zip(ours["source"], ours["protocol"].str.split(":").str[0], strict=True)) == [
         ("MIMIC-III", "paper"), ("VitalDB", "calbased"), ("VitalDB", "calfree"),
-    ]  # fmt: skip
+    ]
     best_mimic = _row(ours, source="MIMIC-III")
     assert best_mimic["sbp_mae"] == pytest.approx(2.0) and "subjects leak" in best_mimic["protocol"]
 
@@ -62,7 +62,7 @@ def test_quantization_tables_compare_with_fp32(report):
     table3 = pd.read_csv(out / "table3.csv")
     assert set(table3["variant"]) == {
         "dynamic (per_channel, fx)", "static/histogram (per_channel, fx)",
-    }  # fmt: skip
+    }
     dynamic = _row(table3, variant="dynamic (per_channel, fx)")
     assert dynamic["delta_sbp_r2"] == pytest.approx(-0.001)
     table4 = pd.read_csv(out / "table4.csv")
@@ -88,7 +88,7 @@ def test_subgroups_use_planted_demographics_or_say_unknown(report):
     assert set(mimic[mimic["group"] == "gender"]["subgroup"]) == {"F", "M"}
     assert set(mimic[mimic["group"] == "BP range"]["subgroup"]) == {
         "SBP <90", "SBP 90-139", "SBP >=140",
-    }  # fmt: skip
+    }
     vital = groups[(groups["protocol"] == "calfree") & (groups["group"] == "gender")]
     assert list(vital["subgroup"]) == ["unknown"]  # its data URI does not exist
     everyone = _row(mimic, group="all")
@@ -113,7 +113,7 @@ def test_experiment_without_finished_runs_is_a_one_line_error(planted_store, tmp
     uri, _ = planted_store
     for name in ("empty", "missing"):
         code = main(["leaderboard", "--experiment", name, "--out", str(tmp_path),
-                     "--tracking-uri", uri])  # fmt: skip
+                     "--tracking-uri", uri])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2
         assert len(err) == 1 and err[0].startswith("bpfm: error:") and name in err[0]

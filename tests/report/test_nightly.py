@@ -30,14 +30,14 @@ def nightly(tmp_path_factory, mlflow_db_template, challenge2015_file, local_ray)
     shutil.copyfile(mlflow_db_template, root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     data = {"uri": str(root / "unused"), "inputs": [str(challenge2015_file)],
-            "synthesize": {"subjects": 10, "segments_per_subject": 8, "seed": 7}}  # fmt: skip
+            "synthesize": {"subjects": 10, "segments_per_subject": 8, "seed": 7}}
     profile = write_profile(
         root / "nightly.yaml", data=data, storage=root / "unused-ray", study=STUDY,
         axes={"size": ["small"], "freeze": ["unfrozen"], "epochs": [2], "init": ["xavier"],
               "source": ["mimic", "other"], "protocol": ["paper"], "seed": [42]},
         tune={"max_failures": 0, "max_concurrent_trials": 2},
         quantize={"dynamic_per_channel": {"mode": "dynamic", "weights": "per_channel"}},
-    )  # fmt: skip
+    )
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", uri)
         env.setenv("BPFM_HOME", str(root / "home"))
@@ -50,12 +50,12 @@ def nightly(tmp_path_factory, mlflow_db_template, challenge2015_file, local_ray)
         result = run_nightly(NightlyConfig(profile=str(profile), baseline=baseline,
                                            update_baseline=True, out=root / "first"))
         yield {"uri": uri, "root": root, "profile": profile, "baseline": baseline,
-               "result": result}  # fmt: skip
+               "result": result}
 
 
 def _nightly_cli(nightly: dict, baseline: Path, out: Path) -> int:
     return main(["nightly", "--profile", str(nightly["profile"]), "--baseline", str(baseline),
-                 "--grid-run", nightly["result"]["grid_run_id"], "--out", str(out)])  # fmt: skip
+                 "--grid-run", nightly["result"]["grid_run_id"], "--out", str(out)])
 
 
 def test_first_run_writes_a_baseline_of_every_cell_and_variant(nightly):
@@ -127,16 +127,16 @@ def test_leaderboard_from_the_grid_store(nightly, tmp_path):
     assert len(dynamic) == 1 and table4.loc[dynamic[0], "reduction_factor"] > 2
     groups = pd.read_csv(tmp_path / "subgroups.csv", keep_default_na=False)
     mimic_ages = set(groups[(groups["source"] == "mimic") & (groups["group"] == "age band")]
-                     ["subgroup"])  # fmt: skip
+                     ["subgroup"])
     assert mimic_ages and "unknown" not in mimic_ages  # joined from the synthetic shards
     other_ages = set(groups[(groups["source"] == "other") & (groups["group"] == "age band")]
-                     ["subgroup"])  # fmt: skip
+                     ["subgroup"])
     assert other_ages == {"unknown"}  # challenge2015 records carry no age
 
 
 def test_an_unknown_grid_run_or_missing_baseline_is_a_one_line_error(nightly, tmp_path, capsys):
     assert _nightly_cli({**nightly, "result": {"grid_run_id": "nosuchrun"}}, nightly["baseline"],
-                        tmp_path) == 2  # fmt: skip
+                        tmp_path) == 2
     assert _nightly_cli(nightly, tmp_path / "none.json", tmp_path) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and "nosuchrun" in errors[0] and "--update-baseline" in errors[1]

@@ -26,7 +26,7 @@ BASE = {
         "delta_sbp_mae": 0.05, "speedup_b64": 1.5,
     },
     "quant/cell/dynamic": {"size_mib": 3.85, "sbp_r2": 0.4},
-}  # fmt: skip
+}
 
 
 def _current(**changes) -> dict:
@@ -95,7 +95,7 @@ def test_missing_entries_and_metrics_regress_new_ones_do_not():
     assert missing == {("quant/cell/dynamic", "*"), ("train/cell", "aami")}
     assert {(f.entry, f.metric) for f in comparison.findings if f.status == "new"} == {
         ("train/other", "*"), ("train/cell", "new_metric"),
-    }  # fmt: skip
+    }
 
 
 def test_unknown_metrics_may_not_move_either_way():

@@ -11,7 +11,7 @@ from bpfm.report import tables
 
 def _frames():
     train = pd.DataFrame([{"run_id": "t1", "size": "small", "freeze": "unfrozen", "size_mib": 13.7,
-                           "dbp_r2": 0.5, "sbp_r2": 0.6}])  # fmt: skip
+                           "dbp_r2": 0.5, "sbp_r2": 0.6}])
     common = {"parent_run_id": "t1", "size": "small", "freeze": "unfrozen", "source": "mimic",
               "protocol": "paper",
               "init": "xavier", "epochs": 1, "weights": "per_channel",
@@ -27,7 +27,7 @@ def _frames():
         {**common, "mode": "static", "observer": "minmax", "backend": "executorch",
          "size_mib": 3.6, "peak_rss_mib_b1": 25.0, "macs_per_window": 1.0e8,
          "delta_sbp_mae": 0.04},
-    ])  # fmt: skip
+    ])
     return quant, train
 
 
@@ -50,5 +50,5 @@ def test_runtime_fp32_is_not_the_torch_reference():
     quant, train = _frames()
     table = tables.table3(quant, train).set_index("variant")
     assert table.loc["static/entropy (per_channel, onnxruntime)", "delta_sbp_r2"] == \
-        pytest.approx(-0.02)  # fmt: skip
+        pytest.approx(-0.02)
     assert "fp32 (onnxruntime)" in table.index

@@ -24,12 +24,12 @@ from bpfm.training.config import TrainConfig
 from tests.report.conftest import write_profile
 
 CELL = {"size": "small", "freeze": "unfrozen", "init": "xavier", "source": "mimic",
-        "protocol": "paper", "seed": 42, "epochs": 2}  # fmt: skip
+        "protocol": "paper", "seed": 42, "epochs": 2}
 
 
 def test_mlp_width_and_depth_become_hidden_sizes():
     params = {"lr": 1e-3, "weight_decay": 1e-4, "head": "mlp", "mlp_width": 128,
-              "mlp_depth": 3, "head_dropout": 0.1, "warmup_epochs": 1}  # fmt: skip
+              "mlp_depth": 3, "head_dropout": 0.1, "warmup_epochs": 1}
     overrides = recipe_overrides(params)
     assert overrides["head_hidden"] == [128, 128, 128]
     TrainConfig.from_dict({**overrides, "data": "x"}).validate()
@@ -97,7 +97,7 @@ def test_recipe_file_has_the_format_the_grid_reads(tmp_path, capsys):
 
     study = optuna.create_study()
     study.enqueue_trial({"lr": 2e-4, "weight_decay": 1e-3, "head": "mlp", "mlp_width": 64,
-                         "mlp_depth": 2, "head_dropout": 0.2, "warmup_epochs": 1})  # fmt: skip
+                         "mlp_depth": 2, "head_dropout": 0.2, "warmup_epochs": 1})
     trial = study.ask()
     DefineByRun(SearchSpace(), CELL)(trial)
     study.tell(trial, 7.5)
@@ -105,7 +105,7 @@ def test_recipe_file_has_the_format_the_grid_reads(tmp_path, capsys):
     write_recipe(path, study, CELL)
     assert load_recipe(path) == {"lr": 2e-4, "weight_decay": 1e-3, "head": "mlp",
                                  "head_hidden": [64, 64], "head_dropout": 0.2,
-                                 "warmup_epochs": 1}  # fmt: skip
+                                 "warmup_epochs": 1}
     assert main(["grid", "--profile", "tiny", "--recipe", str(path), "--dry-run"]) == 0
     assert "cells" in capsys.readouterr().out
 

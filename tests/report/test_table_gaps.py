@@ -14,7 +14,7 @@ def _train(run_id: str, freeze: str, sbp_mae: float, val_mae: float, profile: st
     return {"experiment": "e", "run_id": run_id, "source": "mimic", "protocol": "paper",
             "size": "small", "freeze": freeze, "init": "pretrained", "epochs": "100",
             "seed": "42", "sbp_mae": sbp_mae, "dbp_mae": sbp_mae / 2, "val_mae": val_mae,
-            "sbp_r2": 0.5, "dbp_r2": 0.4, "size_mib": 13.7, "profile": profile}  # fmt: skip
+            "sbp_r2": 0.5, "dbp_r2": 0.4, "size_mib": 13.7, "profile": profile}
 
 
 def _quant(parent: str, r2: float, latency: float, speedup: float):
@@ -23,7 +23,7 @@ def _quant(parent: str, r2: float, latency: float, speedup: float):
             "sbp_r2": r2, "latency_ms_b1": latency, "speedup_b1": speedup,
             "latency_ms_b64": 10 * latency, "speedup_b64": speedup, "source": "mimic",
             "protocol": "paper", "size": "small", "init": "pretrained",
-            "epochs": "100", "seed": "42"}  # fmt: skip
+            "epochs": "100", "seed": "42"}
 
 
 TRAIN = pd.DataFrame([_train("frozen-run", "frozen", 9.0, 3.0),

@@ -84,13 +84,13 @@ def start_ray_head(workdir: str | Path, *, num_cpus: int = 2,
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     names = ("gcs", "dashboard", "client", "node_manager", "object_manager", "agent_listen",
-             "agent_grpc", "runtime_env_agent", "metrics")  # fmt: skip
+             "agent_grpc", "runtime_env_agent", "metrics")
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     temp_dir = Path(f"/tmp/ray-{secrets.token_hex(3)}")
     token = secrets.token_hex(16)
     bin_dir = Path(sys.executable).parent
     head_env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-                "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+                "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     head_env.pop("RAY_ADDRESS", None)
     command = [
         str(bin_dir / "ray"), "start", "--head", "--block",
@@ -106,7 +106,7 @@ def start_ray_head(workdir: str | Path, *, num_cpus: int = 2,
         f"--runtime-env-agent-port={ports['runtime_env_agent']}",
         f"--metrics-export-port={ports['metrics']}",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
-    ]  # fmt: skip
+    ]
     log_path = workdir / "ray-head.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=workdir, env=head_env, stdout=log,

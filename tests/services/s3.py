@@ -130,7 +130,7 @@ def _command(weed: str, workdir: Path, ports: dict[str, int], config: Path) -> l
         f"-s3.localSocket={workdir / 's3.sock'}",
         "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra listeners crash on taken default ports
         f"-s3.config={config}",
-    ]  # fmt: skip
+    ]
 
 
 class _ServerExited(RuntimeError):
@@ -179,7 +179,7 @@ def start_seaweed_s3(workdir: str | Path, bucket: str = "bpfm", attempts: int = 
         config = run_dir / "s3.json"
         config.write_text(json.dumps(_identities(access_key, secret_key)))
         names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
-                 "s3", "s3_grpc")  # fmt: skip
+                 "s3", "s3_grpc")
         ports = dict(zip(names, free_ports(len(names)), strict=True))
         log_path = run_dir / "weed.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}

@@ -86,10 +86,10 @@ def test_calibration_never_reads_a_test_windows_reference(method):
         head = PaperHead(8)
         features = np.random.default_rng(2).normal(size=(len(ids), 8)).astype(np.float32)
         results = [head_calibrate(head, features, r, subjects, rows, META, steps=5)[5]
-                   for r in (ref, poisoned, wild)]  # fmt: skip
+                   for r in (ref, poisoned, wild)]
     else:
         results = [calibrate(method, est, r, subjects, rows, strength=4.0)
-                   for r in (ref, poisoned, wild)]  # fmt: skip
+                   for r in (ref, poisoned, wild)]
     assert np.isfinite(results[0]).all()
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0], results[2])
@@ -100,20 +100,20 @@ def test_per_subject_fits_are_deterministic_and_do_not_depend_on_other_subjects(
     rows = calibration_rows(ids, subjects, 5)
     first = calibrate("affine", est, ref, subjects, rows, strength=[2.0, 8.0])
     np.testing.assert_array_equal(first, calibrate("affine", est, ref, subjects, rows,
-                                                   strength=[2.0, 8.0]))  # fmt: skip
+                                                   strength=[2.0, 8.0]))
     torch.manual_seed(0)
     head = PaperHead(8, dropout=0.5)  # dropout must not make the per-subject fit random
     features = np.random.default_rng(4).normal(size=(len(ids), 8)).astype(np.float32)
     runs = [head_calibrate(head, features, ref, subjects, rows, META, steps=(3, 10))
-            for _ in range(2)]  # fmt: skip
+            for _ in range(2)]
     for steps in (3, 10):
         np.testing.assert_array_equal(runs[0][steps], runs[1][steps])
     # subject s0 alone gets the same head fit as among all four subjects
     mine = np.asarray(subjects) == "s0"
     alone_rows = calibration_rows([i for i, m in zip(ids, mine, strict=True) if m],
-                                  ["s0"] * int(mine.sum()), 5)  # fmt: skip
+                                  ["s0"] * int(mine.sum()), 5)
     alone = head_calibrate(head, features[mine], ref[mine], ["s0"] * int(mine.sum()),
-                           alone_rows, META, steps=10)[10]  # fmt: skip
+                           alone_rows, META, steps=10)[10]
     np.testing.assert_allclose(alone, runs[0][10][mine[rows.test]], rtol=1e-6)
 
 
@@ -153,7 +153,7 @@ def calfree_model(challenge2015_shards, tmp_path_factory):
     args = ["train", "--data", challenge2015_shards, "--source", "other", "--protocol", "calfree",
             "--size", "small", "--freeze", "unfrozen", "--epochs", "1", "--batch-size", "32",
             "--max-steps-per-epoch", "6", "--device", "cpu", "--out", str(out),
-            "--calibration", "offset,affine,head", "--calib-windows", "5"]  # fmt: skip
+            "--calibration", "offset,affine,head", "--calib-windows", "5"]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main(args) == 0
@@ -182,7 +182,7 @@ def test_offset_lowers_subject_disjoint_mae_below_none_on_challenge2015(calfree_
 def test_evaluate_cli_calibrates_a_model_dir_and_rejects_unknown_methods(calfree_model, capsys):
     calfree_model, _ = calfree_model
     args = ["evaluate", "--model", str(calfree_model), "--calibration", "offset",
-            "--calib-windows", "3", "--json"]  # fmt: skip
+            "--calib-windows", "3", "--json"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["calibration"]
     assert result["k"] == 3 and set(result["metrics"]) == {"none", "trivial", "offset"}
@@ -208,7 +208,7 @@ def test_aami_protocol_calibrates_on_each_subjects_aami_cal_segments(synthetic_s
     torch.manual_seed(0)
     meta = {**META, "target_mean": [120.0, 70.0], "normalize_inputs": True}
     result = evaluate_calibration(create_model("small").eval(), meta, split, ["offset"], 2,
-                                  keep_estimates=True)  # fmt: skip
+                                  keep_estimates=True)
     assert set(result["estimates"]["segment_id"].to_pylist()) == test_ids  # all AAMI_Test
     assert result["n_calib"] == sum(min(2, n) for n in cal_counts.values())
     assert result["n_test"] == len(test_ids) and result["metrics"]["offset"]["n"] == len(test_ids)
@@ -220,21 +220,21 @@ def test_calibrating_while_training_leaves_the_trained_model_unchanged(tiny_conf
     from bpfm.training.loop import fit
 
     plain = tiny_config(out=str(tmp_path / "plain"), protocol="calfree", epochs=2,
-                        report_epochs=(1,))  # fmt: skip
+                        report_epochs=(1,))
     calibrated = tiny_config(out=str(tmp_path / "calibrated"), protocol="calfree", epochs=2,
                              report_epochs=(1,), calibration=("offset", "affine", "head"),
-                             calib_windows=2)  # fmt: skip
+                             calib_windows=2)
     fit(plain)
     fit(calibrated)
     too_many = tiny_config(out=str(tmp_path / "too_many"), protocol="calfree", epochs=1,
-                           calibration=("offset",), calib_windows=500)  # fmt: skip
+                           calibration=("offset",), calib_windows=500)
     assert "no test subject" in json.loads(
-        (fit(too_many).out / "metrics.json").read_text())["calibration_error"]  # fmt: skip
+        (fit(too_many).out / "metrics.json").read_text())["calibration_error"]
     a = load_file(str(tmp_path / "plain" / "model.safetensors"))
     b = load_file(str(tmp_path / "calibrated" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for model_dir in (tmp_path / "calibrated", tmp_path / "calibrated" / "epoch-1"):
         payload = json.loads((model_dir / "metrics.json").read_text())
         assert set(payload["calibration"]["metrics"]) == {"none", "trivial", "offset", "affine",
-                                                          "head"}  # fmt: skip
+                                                          "head"}
         assert (model_dir / "calibrated_estimates.parquet").is_file()

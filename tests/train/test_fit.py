@@ -32,7 +32,7 @@ def test_small_beats_the_mean_predictor_on_synthetic(learnable_shards, tmp_path)
         data=learnable_shards, source="mimic", protocol="paper", size="small", epochs=3,
         batch_size=32, drop_path=0.0, out=str(tmp_path / "run"),
         device="cpu",
-    )  # fmt: skip
+    )
     result = fit(config)
     assert result.test["sbp_mase"] < 0.8, result.test
     assert result.test["dbp_mase"] < 0.8, result.test
@@ -43,7 +43,7 @@ def test_training_loss_falls_on_challenge2015(challenge2015_shards, tmp_path):
         data=challenge2015_shards, source="other", protocol="paper", size="small", epochs=3,
         batch_size=32, max_steps_per_epoch=6, drop_path=0.0,
         out=str(tmp_path / "run"), device="cpu",
-    )  # fmt: skip
+    )
     losses = [h["train_loss"] for h in fit(config).history]
     assert losses[-1] < losses[0], losses
 
@@ -218,5 +218,5 @@ def test_a_non_finite_loss_is_caught_within_its_check_window(
     meta = {"target_scale": [1.0, 1.0], "target_shift": [0.0, 0.0]}
     with pytest.raises(BpfmError, match=f"loss: not finite at epoch 1 in steps {expected} "):
         train_module._train_epoch(config, model, split.train, 1, optimizer, scheduler, meta,
-                                  torch.device("cpu"))  # fmt: skip
+                                  torch.device("cpu"))
     assert model.calls >= bad_step

@@ -48,7 +48,7 @@ def editable_set(tmp_path, synthetic_subset_files):
 def _config(data: str, out: Path, **overrides) -> TrainConfig:
     values = dict(data=data, source="mimic", protocol="paper", size="small", freeze="frozen",
                   epochs=1, batch_size=4, max_steps_per_epoch=1, eval_batch_size=64,
-                  out=str(out), device="cpu")  # fmt: skip
+                  out=str(out), device="cpu")
     return TrainConfig(**{**values, **overrides})
 
 
@@ -67,9 +67,9 @@ def test_republishing_under_a_running_train_lets_it_finish_on_its_generation(
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "bpfm.cli", "train", "--data", data, "--epochs", "3",
                "--freeze", "frozen", "--batch-size", "4", "--max-steps-per-epoch", "1",
-               "--device", "cpu", "--out", str(out)]  # fmt: skip
+               "--device", "cpu", "--out", str(out)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            text=True)  # fmt: skip
+                            text=True)
     deadline = time.monotonic() + 120
     while not (out / "checkpoints" / "epoch-0001").is_dir():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
@@ -98,7 +98,7 @@ def test_resuming_on_a_republished_set_is_refused_naming_both_generations(
     assert old in message and new in message and "--allow-new-data" in message
     assert "\n" not in message
     args = ["train", "--data", data, "--epochs", "2", "--freeze", "frozen", "--batch-size", "4",
-            "--max-steps-per-epoch", "1", "--device", "cpu", "--out", str(out)]  # fmt: skip
+            "--max-steps-per-epoch", "1", "--device", "cpu", "--out", str(out)]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("bpfm: error: ") and old in err[-1] and new in err[-1]
@@ -153,7 +153,7 @@ def test_evaluate_and_quantize_read_the_generation_the_model_trained_on(editable
     write_shards([source], data)
     assert evaluate(out, device="cpu")["sbp_mae"] == pytest.approx(trained["sbp_mae"])
     result = run_quantization(out, QuantConfig(mode="fp32"), out=str(tmp_path / "q"),
-                              latency_runs=0)  # fmt: skip
+                              latency_runs=0)
     assert result["test"]["sbp_mae"] == pytest.approx(trained["sbp_mae"])
     for _ in range(KEEP):  # the trained generation is dropped: an error, never other rows
         republish()

@@ -26,14 +26,14 @@ class Finished:
 
 
 def run_bpfm(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
-             preexec_fn=None) -> Finished:  # fmt: skip
+             preexec_fn=None) -> Finished:
     """`python -m bpfm.cli ARGS` as its own process, with this checkout on the path."""
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
     start = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "bpfm.cli", *args], capture_output=True, text=True,
         env=environment, timeout=timeout, cwd=REPO_ROOT, preexec_fn=preexec_fn,
-    )  # fmt: skip
+    )
     return Finished(done.returncode, done.stdout, done.stderr, time.monotonic() - start)
 
 
@@ -59,7 +59,7 @@ class SmallDisk:
     def resize(self, size_mb: int) -> None:
         if self.kind == "tmpfs":
             subprocess.run(["mount", "-o", f"remount,size={size_mb}m", str(self.path)],
-                           check=True)  # fmt: skip
+                           check=True)
         self.size_mb = size_mb
 
     def preexec(self):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def _train(data: str, out, epochs: int) -> list[str]:
     return ["train", "--data", data, "--size", "small", "--freeze", "unfrozen",
             "--epochs", str(epochs), "--batch-size", "8", "--max-steps-per-epoch", "1",
-            "--device", "cpu", "--out", str(out)]  # fmt: skip
+            "--device", "cpu", "--out", str(out)]
 
 
 def _dead_pid() -> int:
@@ -33,7 +33,7 @@ def test_full_disk_while_checkpointing_is_one_line_and_the_rerun_cleans_up(
     out = small_disk.path / "run"
     # unfrozen small: the epoch-1 state (weights + Adam moments) is ~43 MB > 30 MB
     failed = run_bpfm(*_train(synthetic_shards, out, 2),
-                      preexec_fn=small_disk.preexec())  # fmt: skip
+                      preexec_fn=small_disk.preexec())
     line = error_line(failed)
     state = out / "checkpoints" / "epoch-0001" / "state.pt"
     reason = "no space left on device" if small_disk.kind == "tmpfs" else "file too large"
@@ -61,7 +61,7 @@ def test_full_disk_while_checkpointing_is_one_line_and_the_rerun_cleans_up(
     (stale / "state.pt").write_bytes(b"\0" * 60_000_000)
     # needs ~58 MB (state + model): it only fits in 100 MB once the stale 60 MB are gone
     rerun = run_bpfm(*_train(synthetic_shards, out, 1),
-                     preexec_fn=small_disk.preexec())  # fmt: skip
+                     preexec_fn=small_disk.preexec())
     assert rerun.rc == 0, rerun.stderr
     assert "Traceback" not in rerun.stderr
     assert not stale.exists() and not legacy.exists()

@@ -37,7 +37,7 @@ def _launch(tmp_path, env: dict[str, str], data: str | None = None):
     profile = tmp_path / "profile.yaml"
     profile.write_text(yaml.safe_dump(raw))
     result = run_bpfm("grid", "--profile", str(profile), timeout=120,
-                      env={"BPFM_HOME": str(tmp_path / "home"), **env})  # fmt: skip
+                      env={"BPFM_HOME": str(tmp_path / "home"), **env})
     # nothing ran: no shards synthesized, no Tune experiment, no Ray
     assert not (tmp_path / "shards").exists() and not (tmp_path / "ray-results").exists()
     assert "ray" not in result.stderr.lower()
@@ -67,7 +67,7 @@ def test_a_refused_tracking_server_and_its_credentials_in_one_redacted_line(tmp_
 def test_an_s3_endpoint_that_never_answers_fails_the_data_check_in_seconds(tmp_path, silent_server):
     env = {"AWS_ENDPOINT_URL_S3": silent_server, "AWS_ACCESS_KEY_ID": "preflight",
            "AWS_SECRET_ACCESS_KEY": "preflight-secret", "AWS_REGION": "us-east-1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"}  # fmt: skip
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"}
     profile, result = _launch(tmp_path, env, data="s3://bpfm-preflight/shards")
     line = error_line(result)
     assert line == (

@@ -18,7 +18,7 @@ TINY = yaml.safe_load((PROFILE_DIR / "tiny.yaml").read_text())
 def _profile(tmp_path, **sections) -> str:
     raw = copy.deepcopy(TINY)
     raw.update(data={**raw["data"], "uri": str(tmp_path / "shards")},
-               storage=str(tmp_path / "ray-results"))  # fmt: skip
+               storage=str(tmp_path / "ray-results"))
     for section, value in sections.items():
         raw[section] = value if not isinstance(value, dict) else {**raw.get(section, {}), **value}
     path = tmp_path / "bad.yaml"
@@ -95,11 +95,11 @@ def test_a_recipe_file_is_checked_and_named(tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("train:\n  weight_decay: lots\n")
     message = _in_process_error(capsys, "grid", "--profile", "tiny", "--dry-run",
-                                "--recipe", str(recipe))  # fmt: skip
+                                "--recipe", str(recipe))
     assert message == f"{recipe}: train.weight_decay: should be a valid number, got 'lots'"
     recipe.write_text("train:\n  optimizer: sgd\n")
     message = _in_process_error(capsys, "grid", "--profile", "tiny", "--dry-run",
-                                "--recipe", str(recipe))  # fmt: skip
+                                "--recipe", str(recipe))
     assert message.startswith(f"{recipe}: train.optimizer: unknown 'sgd'")
 
 
@@ -116,7 +116,7 @@ def test_the_shipped_profiles_pass(capsys):
          "export: observer: unknown 'histogram' for onnx"),
         ({"backend": "executorch", "calib_batchez": 4}, "calib_batchez: not an export field"),
     ],
-)  # fmt: skip
+)
 def test_runtime_variants_are_checked_as_exports(tmp_path, capsys, variant, expected):
     path = _profile(tmp_path, quantize={"deploy": variant})
     line = _in_process_error(capsys, "grid", "--profile", path, "--dry-run")

@@ -69,7 +69,7 @@ def test_error_lines_of_real_commands_hold_no_inline_credentials(
 ):
     (port,) = free_ports(1)  # nothing listens: every S3 request is refused
     env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1",
-           "AWS_ACCESS_KEY_ID": "unused", "AWS_SECRET_ACCESS_KEY": "unused-too"}  # fmt: skip
+           "AWS_ACCESS_KEY_ID": "unused", "AWS_SECRET_ACCESS_KEY": "unused-too"}
     args = [a.format(input=synthetic_pulsedb, out=tmp_path / "run") for a in args]
     result = run_bpfm(*args, env=env, timeout=180)
     line = error_line(result)
@@ -89,11 +89,11 @@ def test_mlflow_params_and_tags_of_a_grid_and_its_cells_hold_no_inline_credentia
         client, experiment, name="grid", resume=False,
         tags={tracking.KIND: "grid", tracking.TUNE_PATH: storage_uri},
         params={"data": URI, "storage": storage_uri},
-    )  # fmt: skip
+    )
     trial = TrialPlan("small", "unfrozen", "xavier", "mimic", "paper", 42, (1,))
     ctx = TrialContext(data=URI, train={}, tracking_uri=client.tracking_uri,
                        experiment_id=experiment, parent_run_id=grid_run,
-                       study="redaction")  # fmt: skip
+                       study="redaction")
     train = train_config(trial.tune_config(), ctx, tmp_path / "out").to_dict()
     CellLogger(ctx, trial, train, "trial-1", "node-1")
     runs = client.search_runs([experiment])

@@ -30,7 +30,7 @@ def _in_process_error(capsys, *args: str) -> str:
 
 def _train_args(data: str, out, *extra: str) -> list[str]:
     return ["train", "--data", data, "--epochs", "1", "--batch-size", "8",
-            "--max-steps-per-epoch", "1", "--device", "cpu", "--out", str(out), *extra]  # fmt: skip
+            "--max-steps-per-epoch", "1", "--device", "cpu", "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +76,13 @@ def test_a_hand_edited_config_json_is_one_line(model_dir, tmp_path, capsys, edit
     message = _in_process_error(capsys, "evaluate", "--model", str(copy))
     assert message.startswith(f"{config}: {problem}"), message
     message = _in_process_error(capsys, "quantize", "--model", str(copy), "--mode", "dynamic",
-                                "--out", str(tmp_path / "q"))  # fmt: skip
+                                "--out", str(tmp_path / "q"))
     assert message.startswith(f"{config}: {problem}"), message
     assert _files(copy) == before and not (tmp_path / "q").exists()
 
 
 def test_a_state_pt_without_its_config_is_one_line_and_stays(model_dir, synthetic_shards,
-                                                             tmp_path, capsys):  # fmt: skip
+                                                             tmp_path, capsys):
     copy = _copy(model_dir, tmp_path)
     state_file = copy / "checkpoints" / "epoch-0001" / "state.pt"
     state = torch.load(state_file, weights_only=True)
@@ -108,7 +108,7 @@ def shards_with_an_empty_test_view(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-train")
     synth = write_synthetic_pulsedb(
         root / "pulsedb", SynthConfig(subjects=4, segments_per_subject=6, seed=1,
-                                      sources=("mimic",))  # fmt: skip
+                                      sources=("mimic",))
     )
     uri = str(root / "shards")
     write_shards([p for p in synth.subset_files if p.name.startswith("Train")], uri)
@@ -134,21 +134,21 @@ def test_an_empty_test_view_fails_before_training_naming_uri_protocol_and_view(
 
 @pytest.mark.parametrize("lr", ["inf", "nan", "0", "-1e-3"])
 def test_a_learning_rate_that_is_not_positive_and_finite_is_refused(lr, synthetic_shards,
-                                                                     tmp_path, capsys):  # fmt: skip
+                                                                     tmp_path, capsys):
     message = _in_process_error(capsys, *_train_args(synthetic_shards, tmp_path, f"--lr={lr}"))
     assert message.startswith("train: lr: must be positive and finite, got ")
     assert not (tmp_path / "config.json").exists()
 
 
 def test_a_checkpoint_holding_code_is_one_short_line_from_a_real_process(synthetic_shards,
-                                                                         tmp_path):  # fmt: skip
+                                                                         tmp_path):
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"x": _RunsCode()}}, evil)
     result = run_bpfm(*_train_args(synthetic_shards, tmp_path / "run", "--init", "pretrained",
-                                   "--checkpoint", str(evil)))  # fmt: skip
+                                   "--checkpoint", str(evil)))
     line = error_line(result)
     assert line == (f"bpfm: error: {evil}: not a checkpoint: it holds Python code "
-                    "(print) that a safe load refuses to run")  # fmt: skip
+                    "(print) that a safe load refuses to run")
     assert "this must never run" not in result.stdout + result.stderr
     assert "weights_only" not in result.stderr and "UserWarning" not in result.stderr
 
@@ -164,12 +164,12 @@ def test_a_checkpoint_holding_code_is_one_short_line_from_a_real_process(synthet
     ids=["truncated", "garbage", "bad-pickle"],
 )
 def test_a_corrupt_checkpoint_is_one_short_line(model_dir, synthetic_shards, tmp_path, capsys,
-                                                damage, problem):  # fmt: skip
+                                                damage, problem):
     backbone = tmp_path / "backbone.ckpt"
     good = (model_dir / "checkpoints" / "epoch-0001" / "state.pt").read_bytes()
     backbone.write_bytes(damage(good))
     args = _train_args(synthetic_shards, tmp_path / "a", "--init", "pretrained",
-                       "--checkpoint", str(backbone))  # fmt: skip
+                       "--checkpoint", str(backbone))
     message = _in_process_error(capsys, *args)
     assert message.startswith(f"{backbone}: {problem}") and len(message) < len(str(backbone)) + 80
     # the same file as the state.pt a run resumes from
