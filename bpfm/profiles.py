@@ -18,6 +18,7 @@ import yaml
 
 from bpfm import defaults
 from bpfm.errors import BpfmError
+from bpfm.schema import field_problems
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROFILE_DIR = REPO_ROOT / "pipelines" / "profiles"
@@ -135,7 +136,7 @@ def _fail(path: Path, key: str, problem: str) -> BpfmError:
 
 def _eval_axes(path: Path, raw: dict) -> dict[str, Any]:
     """`axes.calibration` -> the recipe's `calibration` methods (checked here, one line)."""
-    from bpfm.training.calibration import METHODS
+    from bpfm.training.calibration import METHODS  # lazy: torch
 
     values = raw.pop("calibration", None)
     if values is None:
@@ -199,11 +200,10 @@ def _mapping(path: Path, key: str, value: Any) -> dict:
 def _check_sections(path: Path, raw: dict) -> None:
     """`train:`, `quantize:`, `resources:` and `quantize_options:` against TrainConfig,
     QuantConfig, Resources and run_quantization, before anything starts."""
-    from bpfm.export import ExportConfig, is_export_variant
-    from bpfm.quant.quantized import QuantConfig
-    from bpfm.quant.study import run_quantization
-    from bpfm.schema import field_problems
-    from bpfm.training.config import TrainConfig
+    from bpfm.export import ExportConfig, is_export_variant  # lazy: torch
+    from bpfm.quant.quantized import QuantConfig  # lazy: torch
+    from bpfm.quant.study import run_quantization  # lazy: torch
+    from bpfm.training.config import TrainConfig  # lazy: torch
 
     train = _mapping(path, "train", raw.get("train") or {})
     for key in GRID_SET:
@@ -323,8 +323,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raw = raw["train"]  # a recipe may nest its overrides under `train:`
     if not isinstance(raw, dict):
         raise BpfmError(f"{path}: recipe: must be a mapping of TrainConfig fields")
-    from bpfm.schema import field_problems
-    from bpfm.training.config import TrainConfig
+    from bpfm.training.config import TrainConfig  # lazy: torch
 
     recipe = {k: v for k, v in raw.items() if k not in AXES}
     _first_problem(path, "train", field_problems(TrainConfig, recipe))

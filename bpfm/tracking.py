@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,7 +99,7 @@ def configure() -> str:
 def client(uri: str | None = None):
     """An MlflowClient for `uri` (default: this process's tracking URI), in a configured process
     whose MLflow store is `uri` too (see `use`)."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # lazy: mlflow
 
     uri = uri or configure()  # also in Ray workers, which get the URI passed in
     configure()
@@ -110,7 +112,7 @@ def use(uri: str) -> None:
     reach everything it calls: MLflow 3 resolves a run's logged models (`list_artifacts`,
     `download_artifacts` of `model/`) through the process-wide registry URI, whose default is
     `./mlflow.db` in the working folder (a stray store, and `Logged model ... not found`)."""
-    import mlflow
+    import mlflow  # lazy: mlflow
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -202,9 +204,7 @@ def _log(
     tags: Mapping[str, str] | None = None,
     step: int = 0,
 ) -> None:
-    import time
-
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param, RunTag  # lazy: mlflow
 
     now = int(time.time() * 1000)
     mlflow_client.log_batch(
@@ -223,8 +223,6 @@ def log_epoch(mlflow_client, run_id: str, epoch: int, values: Mapping[str, float
 
 
 def _is_number(value: Any) -> bool:
-    import math
-
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -262,9 +260,9 @@ def log_model_dir(mlflow_client, run_id: str, model_dir: str | Path) -> None:
 
 def _draw_plots(predictions: Path, folder: Path, title: str) -> None:
     # matplotlib and pandas load only where plots are drawn (trial workers, not the driver)
-    import pandas as pd
+    import pandas as pd  # lazy: pandas
 
-    from bpfm.report.plots import bland_altman, scatter
+    from bpfm.report.plots import bland_altman, scatter  # lazy: matplotlib, pandas
 
     frame = pd.read_parquet(predictions)
     bland_altman(frame, folder / "bland_altman.png", title)
@@ -287,9 +285,9 @@ def log_torch_model(
     """Log a torch model as an MLflow model of the run and return its model URI. Pickle format:
     MLflow's default pt2 format cannot serialise torch.ao's packed INT8 weights, and one format
     for every model keeps `mlflow.pytorch.load_model` the only way back."""
-    import torch
+    import torch  # lazy: torch
 
-    import mlflow
+    import mlflow  # lazy: mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     torch_pin = f"torch=={torch.__version__.split('+')[0]}"
@@ -308,7 +306,7 @@ def log_quantized_model(tracking_uri: str, run_id: str, quantized: QuantizedMode
                         name: str = "quantized_model") -> str:
     """A quantized model as an MLflow model of its run; a pt2e model is an exported program
     (no pickle), whose `model.pt2` is logged as an artifact instead."""
-    from bpfm.quant.fx import ao_warnings_filtered
+    from bpfm.quant.fx import ao_warnings_filtered  # lazy: torch
 
     if quantized.config.backend == "pt2e" and quantized.config.mode != "fp32":
         raise BpfmError("quantize: mlflow: a pt2e model is an exported program; log its "

@@ -7,7 +7,9 @@ summary as an MLflow table artifact (Table II of the paper, one row per cell).""
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -47,10 +49,7 @@ def key_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 def log_leaderboard_table(client, grid_run_id: str, rows: list[dict[str, Any]]) -> None:
     """The grid's summary (`bpfm.report.summary.table2_row` of every cell) as an MLflow table
     artifact of the grid run: the UI shows it in the run's Artifacts tab, sortable."""
-    import tempfile
-    from pathlib import Path
-
-    import pandas as pd
+    import pandas as pd  # lazy: pandas
 
     if not rows:
         return

@@ -4,8 +4,11 @@ summary, their integrity and their generations."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from bpfm.cli.common import add_json_flag, print_result
+from bpfm.errors import BpfmError
+from bpfm.io.interrupts import stop_on_signals
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -92,8 +95,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from bpfm.data.synth import SynthConfig, write_synthetic_pulsedb
 
     overrides = {
@@ -118,8 +119,6 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def run_shard(args: argparse.Namespace) -> int:
     from bpfm.data.shards import write_shards
-    from bpfm.io.interrupts import stop_on_signals
-
     if args.workers is not None and args.workers < 1:
         from bpfm.errors import BpfmError
 
@@ -174,8 +173,6 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from bpfm.data.shards import open_shards
     from bpfm.data.verify import describe_problems, verify_shards
-    from bpfm.errors import BpfmError
-
     report = verify_shards(open_shards(args.uri, args.generation), deep=args.deep)
     if args.json:
         print_result(report, True)

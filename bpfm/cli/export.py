@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from bpfm.cli.common import add_json_flag, print_result
+from bpfm.errors import BpfmError
 
 SUMMARY_KEYS = ("variant", "format", "size_mib", "reduction_factor", "runtime_reduction_factor",
                 "latency_ms_b1", "latency_ms_b64", "speedup_b1", "speedup_b64",
@@ -49,7 +50,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bpfm.errors import BpfmError
     from bpfm.export import ExportConfig, format_of
     from bpfm.export.run import run_export
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 
 from bpfm.cli.common import add_json_flag, print_result
+from bpfm.errors import BpfmError
 from bpfm.io.redact import redact
+from bpfm.orchestration import progress
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,7 +83,6 @@ def load_profile_from_args(args: argparse.Namespace):
 def _cost_plan(args: argparse.Namespace, profile, train: dict) -> dict:
     """The cost plan of a dry run; samples per epoch from the manifest when it can be read."""
     from bpfm.data.shardset import read_manifest
-    from bpfm.errors import BpfmError
     from bpfm.orchestration import costs, grid
 
     if args.gpu_kind not in costs.BF16_PEAK_TFLOPS or min(args.plan_gpus, args.gpus_per_node) < 1:
@@ -122,9 +124,7 @@ def handle(args: argparse.Namespace) -> int:
 
     preflight.check_launch(profile)  # before importing Ray: an unreachable server fails fast
 
-    import logging
 
-    from bpfm.orchestration import progress
     from bpfm.orchestration.ray_grid import run_grid
     from bpfm.report import summary
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from bpfm.cli.common import add_json_flag, print_result
+from bpfm.errors import BpfmError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,8 +23,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def parse_hidden(text: str) -> tuple[int, ...]:
-    from bpfm.errors import BpfmError
-
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from bpfm.cli.common import add_json_flag, print_result
+from bpfm.defaults import home
 
 # Result keys shown to people (everything goes to --json).
 SUMMARY_KEYS = (
@@ -65,7 +66,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bpfm.defaults import home
     from bpfm.quant.quantized import QuantConfig
     from bpfm.quant.study import run_quantization
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from bpfm.cli.common import add_json_flag, print_result
+from bpfm.errors import BpfmError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,9 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    import dataclasses
 
-    from bpfm.errors import BpfmError
     from bpfm.orchestration.ray_search import SearchConfig, run_search
     from bpfm.profiles import AXIS_CHOICES, load_profile
 

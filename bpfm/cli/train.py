@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from bpfm.cli.common import add_json_flag, print_result
+from bpfm.defaults import home
 from bpfm.errors import BpfmError
 
 # Result keys shown to people (everything goes to --json).
@@ -153,7 +154,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _config_from_args(args: argparse.Namespace):
-    from bpfm.defaults import home
     from bpfm.training.config import TrainConfig
 
     return TrainConfig(

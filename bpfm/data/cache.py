@@ -37,6 +37,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import platformdirs
 import psutil
 import pyarrow.fs as pafs
 from filelock import FileLock
@@ -57,8 +58,6 @@ _held: set[Path] = set()  # lease files this process wrote (removed at exit)
 
 
 def default_root() -> Path:
-    import platformdirs
-
     return Path(platformdirs.user_cache_dir("bpfm")) / "shards"
 
 

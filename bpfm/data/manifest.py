@@ -12,9 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bpfm import __version__
 from bpfm.data.shardset import ROWS_PER_PART, ShardOptions
 from bpfm.errors import DataError
 from bpfm.io import storage
+from bpfm.io.interrupts import check
 
 
 def conversion_key(sources: list[dict], options: dict) -> str:
@@ -31,9 +33,7 @@ def conversion_key(sources: list[dict], options: dict) -> str:
 def describe_sources(files: list[Path], workers: int) -> list[dict]:
     """Size, sha256 and partition name of every input; two inputs may not share a subset name
     unless they are Subj_Wins files (their parts are numbered apart, see `first_part`)."""
-    from bpfm.data.pulsedb import open_pulsedb
-    from bpfm.io.interrupts import check
-
+    from bpfm.data.pulsedb import open_pulsedb  # lazy: h5py
     with ThreadPoolExecutor(max(1, workers)) as pool:  # a stop request ends hashing too
         digests = list(pool.map(lambda f: storage.sha256_file(f, poll=check), files))
     sources, names = [], {}
@@ -67,8 +67,6 @@ def build_manifest(
     key: str, generation: str, sources: list[dict], results: list[dict], options: ShardOptions
 ) -> dict:
     """The manifest of a finished conversion: `results` are `convert_file`'s, one per source."""
-    from bpfm import __version__
-
     partitions: dict[str, dict[str, int]] = {}
     dropped: dict[str, int] = {}
     parts = []

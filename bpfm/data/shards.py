@@ -51,6 +51,7 @@ from bpfm.data.shardset import (
     read_manifest,
     signal_array,
 )
+from bpfm.data.verify import verify_shards
 from bpfm.errors import BpfmError, DataError
 from bpfm.io import interrupts, storage
 
@@ -239,7 +240,7 @@ def convert_file(
     A plain function of its arguments (a process-pool or Ray task). Streams the file in chunks,
     so memory stays bounded whatever its size. Returns the parts written (path, rows, row
     groups, bytes, sha256) and the rows dropped per reason."""
-    from bpfm.data.pulsedb import open_pulsedb
+    from bpfm.data.pulsedb import open_pulsedb  # lazy: h5py
 
     start = time.monotonic()
     fs, root = storage.filesystem_for(out_uri)
@@ -375,8 +376,6 @@ def _verified_or_repaired(out_uri: str, same: dict, current: dict | None, source
     """An identical conversion exists: deep-verify it; publish it again when only the published
     manifest was missing or damaged, convert again only the sources whose parts fail (into new
     part files: the published ones stay readable until the new manifest replaces them)."""
-    from bpfm.data.verify import verify_shards
-
     shards = ShardSet(out_uri, same)
     task_options = {**task_options, "generation": same["generation"]}
     report = verify_shards(shards, deep=True)

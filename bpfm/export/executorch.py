@@ -13,7 +13,12 @@ import contextlib
 import dataclasses
 import io
 import os
+import re
+import statistics
 import sys
+import tempfile
+import warnings
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,7 @@ from torch import nn
 
 from bpfm.errors import BpfmError
 from bpfm.export import MAX_BATCH, ExportConfig, RuntimeModel, first_line
+from bpfm.quant.pt2e import _quiet_torchao_import
 from bpfm.training.predict import WINDOW_SHAPE
 
 MAGIC = b"ET12"  # the flatbuffer file identifier of a .pte, bytes 4..8
@@ -30,8 +36,6 @@ LOWERING_WARNING = "isinstance(treespec, LeafSpec)"  # torch's own deprecation, 
 
 
 def _quiet():
-    from bpfm.quant.pt2e import _quiet_torchao_import
-
     return _quiet_torchao_import()
 
 
@@ -40,12 +44,12 @@ def quantizer_for(config: ExportConfig):
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
             get_symmetric_quantization_config,
-        )
+        )  # lazy: executorch
         from torchao.quantization.pt2e import (
             HistogramObserver,
             MinMaxObserver,
             MovingAverageMinMaxObserver,
-        )
+        )  # lazy: torchao
 
     dynamic = config.mode == "dynamic"
     qconfig = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
@@ -72,7 +76,9 @@ def quantized_reference(model: nn.Module, config: ExportConfig,
                         calib: list[torch.Tensor]) -> nn.Module:
     """The converted pt2e graph: the torch int8 model that the .pte runs."""
     with _quiet():
-        from torchao.quantization.pt2e import allow_exported_model_train_eval
+        from torchao.quantization.pt2e import allow_exported_model_train_eval  # lazy: torchao
+
+        # lazy: torchao
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     prepared = prepare_pt2e(_exported(model).module(), quantizer_for(config))
@@ -82,9 +88,8 @@ def quantized_reference(model: nn.Module, config: ExportConfig,
 
 
 def export(model: nn.Module, config: ExportConfig, calib: list[torch.Tensor],
-           path: Path) -> dict[str, Any]:
-    import warnings
-
+           path: Path) -> dict[str, Any]:  # lazy: executorch
+    # lazy: executorch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -133,9 +138,13 @@ def _native_stderr_silenced():
 class ExecutorchModel(RuntimeModel):
     format = "executorch"
 
-    def __init__(self, path: Path, threads: int = 1):
-        super().__init__(path)
+    def __init__(self, path: Path, threads: int = 1):  # lazy: executorch
+        super().__init__(path)  # lazy: executorch
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        # lazy: executorch
+        # lazy: executorch
+        # lazy: executorch
         from executorch.runtime import Runtime
 
         with _native_stderr_silenced():
@@ -174,12 +183,6 @@ def profile(path: Path, x: torch.Tensor, runs: int = 5,
     """(op, share of op time) from the runtime's ETDump (XNNPACK ops by kind, e.g. `Fully
     Connected (NC, QS8, QC8W) GEMM`, and portable kernels such as `native_layer_norm.out`),
     largest first."""
-    import re
-    import statistics
-    import tempfile
-    import warnings
-    from collections import defaultdict
-
     from executorch.devtools import Inspector
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
     from executorch.runtime import Runtime

@@ -64,8 +64,8 @@ def export(model: nn.Module, config: ExportConfig, calib: list[torch.Tensor],
         QuantType,
         quantize_dynamic,
         quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    )  # lazy: onnxruntime
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # lazy: onnxruntime
 
     with tempfile.TemporaryDirectory(prefix=".bpfm-onnx-", dir=path.parent) as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
@@ -110,7 +110,7 @@ class OnnxModel(RuntimeModel):
 
     def __init__(self, path: Path, threads: int = 1, profile_prefix: str | None = None):
         super().__init__(path)
-        import onnxruntime as ort
+        import onnxruntime as ort  # lazy: onnxruntime
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

@@ -13,6 +13,8 @@ import argparse
 import json
 import resource
 
+import numpy as np
+
 
 def _rss_mib() -> float:
     with open("/proc/self/statm") as handle:
@@ -41,11 +43,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
-    import numpy as np
-
     x = np.random.default_rng(0).standard_normal((1, 2, 1250)).astype(np.float32)
     if args.file.endswith(".pte"):
         import torch
+
+        # lazy: executorch
+        # lazy: executorch
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
         from executorch.runtime import Runtime
 
@@ -57,7 +60,7 @@ def main() -> None:
         method = runtime.load_program(args.file).load_method("forward")
 
         def run() -> None:
-            method.execute([tensor])
+            method.execute([tensor])  # lazy: onnxruntime
     else:
         import onnxruntime as ort
 

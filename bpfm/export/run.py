@@ -27,11 +27,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from bpfm.errors import BpfmError
 from bpfm.export import ExportConfig, RuntimeModel, export_model, format_of, load_export
 from bpfm.io.atomic import write_json
-from bpfm.training.predict import WINDOW_SHAPE, Predictions, target_scaling
+from bpfm.metrics import compute_metrics
+from bpfm.model import SIZE_ALIASES
+from bpfm.quant.convert import quantize
+from bpfm.quant.measure import MIB, latency_ms, state_dict_bytes
+from bpfm.quant.quantized import QuantConfig
+from bpfm.quant.study import calibration_batches
+from bpfm.training.evaluate import model_split
+from bpfm.training.model_dir import load_trained
+from bpfm.training.predict import WINDOW_SHAPE, Predictions, predict, target_scaling
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +55,6 @@ REFERENCE_OBSERVER = {"minmax": "minmax", "entropy": "histogram", "percentile": 
 def check_size(model_dir: Path, train_config, meta: dict[str, Any]) -> None:
     """The weights must be of the size config.json names (a copied-over model file is not)."""
     spec = meta.get("model") or {}
-    from bpfm.model import SIZE_ALIASES
-
     named = SIZE_ALIASES.get(train_config.size, train_config.size)
     if spec.get("size") != named:
         raise BpfmError(f"{model_dir / 'config.json'}: size: {train_config.size!r}, but "
@@ -56,8 +63,6 @@ def check_size(model_dir: Path, train_config, meta: dict[str, Any]) -> None:
 
 def macs_per_window(model: nn.Module) -> int:
     """Multiply-adds of one window, counted by torch's FLOP counter (matmuls and convs)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(torch.zeros(1, *WINDOW_SHAPE))
@@ -97,9 +102,6 @@ def _int8_reference(model: nn.Module, config: ExportConfig, exported: dict[str, 
         return None, None
     if exported.get("reference") is not None:
         return exported["reference"], "the converted pt2e graph (XNNPACK quantizer), lowered"
-    from bpfm.quant.convert import quantize
-    from bpfm.quant.quantized import QuantConfig
-
     qconfig = QuantConfig(mode=config.mode, observer=REFERENCE_OBSERVER[config.observer],
                           backend="pt2e", compile=False)
     return quantize(model, qconfig, calib), f"bpfm quantize {qconfig.name} (torch, eager)"
@@ -123,13 +125,6 @@ def run_export(
     """Export the model of `model_dir` (or take the export `file` made earlier), evaluate the
     runtime on the test view, compare it with the torch model, measure it; write the out dir.
     `latency_runs=0` skips latency, `rss=False` the peak-RSS process."""
-    from bpfm.metrics import compute_metrics
-    from bpfm.quant.measure import MIB, latency_ms, state_dict_bytes
-    from bpfm.quant.study import calibration_batches
-    from bpfm.training.evaluate import model_split
-    from bpfm.training.model_dir import load_trained
-    from bpfm.training.predict import predict
-
     if file is None and config is None:
         raise BpfmError("export: give an ExportConfig or an export file")
     if config is not None:

@@ -41,7 +41,7 @@ SPLIT_SHARES = {"paper": (0.8, 0.1), "calbased": (0.9, 0.1), "calfree": (0.9, 0.
 
 def samples_per_s(size: str, gpu_kind: str) -> float:
     """Training samples/s of one trial of `size` on a whole GPU of `gpu_kind`."""
-    from bpfm.model import SIZE_ALIASES
+    from bpfm.model import SIZE_ALIASES  # lazy: torch
 
     size = SIZE_ALIASES.get(size, size)
     if gpu_kind not in BF16_PEAK_TFLOPS:
@@ -79,9 +79,9 @@ def data_sizes(manifest: dict | None, sources: list[str], note: str = "") -> Dat
 @functools.cache
 def parameters(size: str, freeze: str) -> tuple[int, int]:
     """(total, trainable) parameters, counted on the meta device (nothing allocated)."""
-    import torch
+    import torch  # lazy: torch
 
-    from bpfm.model import apply_freeze, count_parameters, create_model
+    from bpfm.model import apply_freeze, count_parameters, create_model  # lazy: torch
 
     with torch.device("meta"):
         model = create_model(size)

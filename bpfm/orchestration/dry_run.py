@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from bpfm.errors import BpfmError
+from bpfm.io.storage import exists
 from bpfm.profiles import Profile
 
 # bpfm.orchestration.ray_grid.run_grid's default: one CPU per quantization task, no GPU
@@ -23,7 +25,7 @@ def gpus_now(policy: str) -> tuple[float | None, str]:
     if os.environ.get("RAY_ADDRESS"):
         return None, ("--gpus auto: decided at launch from the GPUs the cluster at RAY_ADDRESS "
                       "has then (not queried by a dry run)")
-    import torch
+    import torch  # lazy: torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     where = f"{count} GPU{'s' if count != 1 else ''}" if count else "no GPU"
@@ -73,9 +75,6 @@ def launch_notes(profile: Profile, plan: dict[str, Any], gpus: str) -> list[str]
 
 def _exists(uri: str) -> bool | str:
     """Whether `uri` exists, or why that cannot be told now (an unreachable S3 endpoint)."""
-    from bpfm.errors import BpfmError
-    from bpfm.io.storage import exists
-
     try:
         return exists(uri)
     except BpfmError as err:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from bpfm.data.shards import MANIFEST, write_shards
 from bpfm.errors import BpfmError
+from bpfm.io import storage
 from bpfm.profiles import AXES, Profile
 
 log = logging.getLogger(__name__)
@@ -106,7 +109,7 @@ def expand_cells(axes: dict[str, tuple]) -> list[Cell]:
 
 def shares_epoch_prefix(train: dict[str, Any]) -> bool:
     """Whether the recipe's schedule lets a longer run stand in for the shorter ones."""
-    from bpfm.training.config import TOTAL_DEPENDENT_SCHEDULES, TrainConfig
+    from bpfm.training.config import TOTAL_DEPENDENT_SCHEDULES, TrainConfig  # lazy: torch
 
     return train.get("schedule", TrainConfig.schedule) not in TOTAL_DEPENDENT_SCHEDULES
 
@@ -149,7 +152,7 @@ def check_trials(profile: Profile, recipe: dict[str, Any], recipe_path: str | No
     """Every trial's TrainConfig (profile recipe, --recipe, the trial's axes) validated the way
     the trial will validate it, so that a bad value fails before Ray or stage 0 start, not in
     every trial after them. Errors name the file the value came from."""
-    from bpfm.training.config import TrainConfig
+    from bpfm.training.config import TrainConfig  # lazy: torch
 
     train = {**profile.train, **recipe}
     for trial in plan_grid(profile, train).trials:
@@ -242,11 +245,6 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def ensure_data(profile: Profile) -> str:
     """Stage 0: the profile's shard set; synthesized and sharded first when it has no manifest
     and the profile says how (the demo / nightly), else a one-line error."""
-    import tempfile
-
-    from bpfm.data.shards import MANIFEST, write_shards
-    from bpfm.io import storage
-
     uri = profile.data.uri
     if storage.exists(storage.join(uri, MANIFEST)):
         return uri
@@ -255,7 +253,7 @@ def ensure_data(profile: Profile) -> str:
             f"{profile.path}: data.uri: {uri} has no {MANIFEST} (shard PulseDB "
             "first: pipelines/shard.py or `bpfm data shard`)"
         )
-    from bpfm.data.synth import SynthConfig, write_synthetic_pulsedb
+    from bpfm.data.synth import SynthConfig, write_synthetic_pulsedb  # lazy: h5py, scipy
 
     log.info("stage 0: synthesizing PulseDB and sharding it to %s", uri)
     with tempfile.TemporaryDirectory(prefix="bpfm-synth-") as tmp:

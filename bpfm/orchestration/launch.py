@@ -12,8 +12,10 @@ import json
 import logging
 from typing import Any
 
+from bpfm.data.shardset import read_manifest
 from bpfm.errors import BpfmError
 from bpfm.io import storage
+from bpfm.tracking import redact
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,6 @@ NOT_RESULTS = ("cache", "data_generation")
 
 def identity(train: dict[str, Any], data_generation: str | None, tracking_uri: str) -> dict:
     """What a launch's results depend on (the tracking URI redacted: it is written to storage)."""
-    from bpfm.tracking import redact
-
     kept = {key: value for key, value in train.items() if key not in NOT_RESULTS}
     recipe = json.loads(json.dumps(kept, sort_keys=True, default=str))
     return {"recipe": recipe, "data_generation": data_generation, "tracking": redact(tracking_uri)}
@@ -36,8 +36,6 @@ def identity(train: dict[str, Any], data_generation: str | None, tracking_uri: s
 
 def data_generation(data_uri: str) -> str | None:
     """The shard set's conversion key (a re-sharded input is new data)."""
-    from bpfm.data.shardset import read_manifest
-
     manifest = read_manifest(data_uri) or {}
     return manifest.get("key")
 

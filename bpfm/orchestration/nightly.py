@@ -23,6 +23,7 @@ from typing import Any
 
 from bpfm import defaults, tracking
 from bpfm.errors import BpfmError
+from bpfm.profiles import load_profile
 from bpfm.regression import (
     baseline_document,
     compare,
@@ -97,7 +98,7 @@ def remove_work(work: Path) -> None:
 
 
 def _run_grid(profile, config: NightlyConfig, stamp: str) -> dict[str, Any]:
-    from bpfm.orchestration.ray_grid import run_grid
+    from bpfm.orchestration.ray_grid import run_grid  # lazy: ray
 
     result = run_grid(profile, name=f"nightly-{stamp}", gpus=config.gpus)
     return {"grid_run_id": result["grid_run_id"], "experiment_id": result["experiment_id"],
@@ -133,8 +134,6 @@ def _log_nightly_run(client, experiment_id: str, grid_run_id: str, out: Path,
 def run_nightly(config: NightlyConfig) -> dict[str, Any]:
     """Run (or pick up) the nightly grid, compare it with the baseline, write and log the report.
     `status` is pass, fail (a regression or a grid error) or baseline-updated."""
-    from bpfm.profiles import load_profile
-
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     out = Path(config.out or defaults.home() / "nightly" / stamp)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +142,7 @@ def run_nightly(config: NightlyConfig) -> dict[str, Any]:
         baseline = load_baseline(config.baseline)  # fail before hours of training, not after
     client = tracking.client()
     if config.grid_run:
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # lazy: mlflow
 
         try:
             run = client.get_run(config.grid_run)

@@ -12,6 +12,11 @@ import os
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import pyarrow.fs as pafs
+import requests
+
+from bpfm import tracking
+from bpfm.data.shards import MANIFEST
 from bpfm.errors import BpfmError
 from bpfm.io import storage
 
@@ -29,9 +34,6 @@ _TRACKING_HINTS = (
 def check_launch(profile) -> None:
     """Every URI a launch of `profile` needs, before anything starts: one line for the first
     that fails."""
-    from bpfm import tracking
-    from bpfm.data.shards import MANIFEST
-
     check_tracking(tracking.configure())
     data = profile.data.uri
     found = _answers(storage.join(data, MANIFEST), f"{profile.path}: data.uri")
@@ -52,8 +54,6 @@ def check_tracking(uri: str) -> None:
 def _check_tracking_server(uri: str) -> None:
     """Any answer of MLflow's REST API shows the server is there (its client checks the
     credentials later); plain `requests`, as MLflow's client, without importing MLflow (4 s)."""
-    import requests
-
     url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search"
     insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
     try:
@@ -89,8 +89,6 @@ def _answers(uri: str, what: str) -> bool:
     if storage.is_local(uri) or not uri.startswith("s3://"):
         return storage.exists(uri)
     fs, path = _quick_s3(uri)
-    import pyarrow.fs as pafs
-
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as err:
@@ -101,8 +99,6 @@ def _answers(uri: str, what: str) -> bool:
 def _quick_s3(uri: str):
     """An S3 file system for `uri` (credentials and options as `pyarrow.fs.FileSystem.from_uri`
     reads them, or from the AWS_* environment) whose requests get one try and TIMEOUT_S."""
-    import pyarrow.fs as pafs
-
     parts = urlsplit(uri)
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     endpoint = query.get("endpoint_override") or os.environ.get("AWS_ENDPOINT_URL_S3") \

@@ -23,13 +23,25 @@ from typing import Any
 import ray
 from ray import tune
 
-from bpfm import tracking
+from bpfm import tracking, tracking_view
+from bpfm.data.shards import open_shards
 from bpfm.errors import BpfmError
 from bpfm.io.scratch import process_runs
-from bpfm.orchestration import progress
+from bpfm.io.storage import exists, is_local, join
+from bpfm.orchestration import grid, launch, preflight, progress, stages
+from bpfm.orchestration import ray_logs as ray_hints
+from bpfm.orchestration.backbones import backbone_jobs
 from bpfm.orchestration.grid import trial_from_config
-from bpfm.orchestration.stages import CellLogger, TrialContext, model_dir_for, train_config
+from bpfm.orchestration.job_paths import check_job_paths, launch_paths
+from bpfm.orchestration.stages import (
+    CellLogger,
+    TrialContext,
+    model_dir_for,
+    quantize_model,
+    train_config,
+)
 from bpfm.profiles import Profile
+from bpfm.report.summary import table2_row
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +105,7 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
             else:
                 tune.report(metrics)
 
-        from bpfm.training.loop import fit
+        from bpfm.training.loop import fit  # lazy: torch
 
         checkpoint = tune.get_checkpoint()
         saved_epoch = checkpoint.get_metadata().get("epoch") if checkpoint else None
@@ -191,8 +203,6 @@ def make_tuner(
     """A Tuner for `storage/name`: restored when that experiment exists (finished trials are not
     run again, errored ones resume from their last checkpoint), else created. Run it inside
     `credentials_kept_from_trials()` (the AWS variables of the driver would reach Ray's logs)."""
-    from bpfm.io.storage import join
-
     storage = _absolute(storage)
     trainable = tune.with_resources(trainable, resources)
     path = join(storage, name)
@@ -279,8 +289,6 @@ def init_ray(**kwargs: Any) -> None:
     """Join the cluster named by RAY_ADDRESS (a `ray job submit` sets it), else start a new local
     Ray. A bare `ray.init()` would join whatever cluster `ray start` last left on this host, even
     a dead one, and hang."""
-    from bpfm.orchestration import ray_logs as ray_hints
-
     ray_hints.install()
     if ray.is_initialized():
         return
@@ -295,7 +303,7 @@ def init_ray(**kwargs: Any) -> None:
 
 @ray.remote
 def _pretrain_task(spec: dict[str, Any]) -> str:
-    from bpfm.training.pretrain import PretrainConfig, pretrain
+    from bpfm.training.pretrain import PretrainConfig, pretrain  # lazy: torch
 
     return pretrain(PretrainConfig(**spec)).out
 
@@ -303,8 +311,6 @@ def _pretrain_task(spec: dict[str, Any]) -> str:
 def ensure_pretrained(profile: Profile, sizes: list[str], gpus: float) -> dict[str, str]:
     """Stage 0: a backbone checkpoint per size for the `pretrained` cells; a missing one is
     pretrained now (a Ray task with the size's resources, steps from the profile)."""
-    from bpfm.io.storage import exists
-
     if profile.pretrain is None:
         raise BpfmError(
             f"{profile.path}: pretrain: the grid has pretrained cells but no pretrain.checkpoint"
@@ -331,9 +337,6 @@ def ensure_backbones(
     """Stage 0: every named backbone of the `init` axis (bpfm.orchestration.backbones), keyed as
     `backbone_key`; missing ones are pretrained as Ray tasks, EEG ones before those that
     continue them."""
-    from bpfm.io.storage import exists
-    from bpfm.orchestration.backbones import backbone_jobs
-
     jobs = backbone_jobs(profile.pretrain, cells, data, split_seed) if profile.pretrain else []
     if not jobs:
         if any(c.init != "xavier" for c in cells):
@@ -356,8 +359,6 @@ def ensure_backbones(
 
 @ray.remote
 def _quantize_task(job: dict[str, Any]) -> list[dict[str, Any]]:
-    from bpfm.orchestration.stages import quantize_model
-
     return quantize_model(**job)
 
 
@@ -439,9 +440,6 @@ def run_grid(
     """The study as one job. Stage 0: data and backbones; stage 1: Tune over the grid (resumed
     when `storage/name` exists); stage 2: every trained model through every quantization variant;
     stage 3: the summary, read back from MLflow."""
-    from bpfm.orchestration import grid, preflight
-    from bpfm.orchestration.job_paths import check_job_paths, launch_paths
-
     grid.check_trials(profile, recipe or {})  # bad settings and unreachable servers fail here,
     preflight.check_launch(profile)  # in seconds, not after Ray and stage 0 ran
     quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
@@ -458,12 +456,6 @@ def run_grid(
 
 def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus: str,
                 quant_cpus: float, verbose: bool = True) -> dict[str, Any]:
-    from bpfm import tracking_view
-    from bpfm.data.shards import open_shards
-    from bpfm.io.storage import join
-    from bpfm.orchestration import grid, launch, stages
-    from bpfm.report.summary import table2_row
-
     train = {**profile.train, "cache": profile.data.cache, **recipe}
     plan = grid.plan_grid(profile, train)
     gpu_count = cluster_gpus(gpus)
@@ -559,8 +551,6 @@ def _last_line(error: BaseException) -> str:
 
 
 def _absolute(storage: str) -> str:
-    from bpfm.io.storage import is_local
-
     if is_local(storage):
         return str(Path(storage.removeprefix("file://")).expanduser().absolute())
     return storage

@@ -27,9 +27,21 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
 from bpfm import defaults, tracking
 from bpfm.errors import BpfmError
+from bpfm.io.storage import join
+from bpfm.orchestration import grid
+from bpfm.orchestration.ray_grid import (
+    _absolute,
+    cluster_gpus,
+    ensure_pretrained,
+    init_ray,
+    trial_resources,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +157,8 @@ def trial_train_values(config: dict[str, Any], ctx: SearchContext, out: str) -> 
 def search_trial(config: dict[str, Any], ctx: SearchContext) -> None:
     """Tune trainable: train the cell with the trial's recipe, reporting val_mae every epoch
     (ASHA's signal) and, at the last epoch, the test metrics as `test_*`."""
-    from bpfm.training.config import TrainConfig
-    from bpfm.training.loop import fit
+    from bpfm.training.config import TrainConfig  # lazy: torch
+    from bpfm.training.loop import fit  # lazy: torch
 
     tracking.configure()
     out = Path(tune.get_context().get_trial_dir()) / "model"
@@ -180,7 +192,7 @@ class TrialRuns(tune.Callback):
         return tracking.client(self.tracking_uri)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        from bpfm.training.config import TrainConfig
+        from bpfm.training.config import TrainConfig  # lazy: torch
 
         number = trial.config["optuna_trial"]
         values = trial_train_values(trial.config, self.ctx, "")
@@ -279,20 +291,6 @@ def _study_run(client, experiment_id: str, study: str, params: dict[str, Any]) -
 
 def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str, Any]:
     """The search of one cell of `profile` (data, backbone, recipe and resources come from it)."""
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    from bpfm.io.storage import join
-    from bpfm.orchestration import grid
-    from bpfm.orchestration.ray_grid import (
-        _absolute,
-        cluster_gpus,
-        ensure_pretrained,
-        init_ray,
-        trial_resources,
-    )
-
     cell = config.cell
     study_name = config.study or "search-" + grid.Cell(**cell).id
     url = storage_url(config.storage)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from bpfm import tracking
 from bpfm.errors import BpfmError
 from bpfm.orchestration.grid import QUANT_COLUMNS, SUMMARY_COLUMNS, TRAIN_COLUMNS, Cell, TrialPlan
+from bpfm.tracking_view import key_metrics
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class TrialContext:
 
 def train_config(config: dict[str, Any], ctx: TrialContext, out: str | Path):
     """The TrainConfig of one trial: the shared recipe, then this trial's axes and overrides."""
-    from bpfm.training.config import TrainConfig
+    from bpfm.training.config import TrainConfig  # lazy: torch
 
     values = {**ctx.train, **{k: v for k, v in config.items() if k != "trial"}}
     values.update(data=ctx.data, out=str(out))
@@ -93,12 +95,10 @@ class CellLogger:
                 tracking.log_epoch(self.client, run_id, epoch, values)
 
     def finish_cell(self, epochs: int, model_dir: Path) -> None:
-        from bpfm.training.model_dir import read_metrics
+        from bpfm.training.model_dir import read_metrics  # lazy: torch
 
         if epochs in self.finished or epochs not in self.runs:
             return
-        from bpfm.tracking_view import key_metrics
-
         run_id = self.runs[epochs]
         payload = read_metrics(model_dir)
         test = payload.get("test", {})
@@ -116,9 +116,9 @@ def log_calibration(client, run_id: str, result: dict[str, Any], model_dir: Path
     `cal_<method>_{sbp_bhs_grade,dbp_bhs_grade,aami}` (the method list is the `calibration`
     param, K the `calib_windows` param), and the calibrated estimates as artifact
     `calibration/calibrated_estimates.parquet` (the leaderboard's Bland-Altman plot)."""
-    from mlflow.entities import RunTag
+    from mlflow.entities import RunTag  # lazy: mlflow
 
-    from bpfm.training.calibration import ESTIMATES_FILE, flat_metrics
+    from bpfm.training.calibration import ESTIMATES_FILE, flat_metrics  # lazy: torch
 
     flat = flat_metrics(result)
     tracking.log_results(client, run_id, flat, extra=[k for k, v in flat.items()
@@ -154,9 +154,6 @@ def quantize_model(
     the full metrics, size, latency and the quantized model. The model is fetched once and its
     fp32 numbers measured once; a finished variant is not redone, a failed one does not stop the
     others (its entry carries the error)."""
-    import tempfile
-
-    from bpfm import tracking
 
     client = tracking.client(tracking_uri)
     tags = {tracking.KIND: "quant", tracking.CELL: cell, tracking.STUDY: study,
@@ -191,9 +188,8 @@ def quantize_model(
 
 
 def _quant_params(variant: str, options: dict[str, Any]) -> dict[str, str]:
-    from bpfm import tracking
-    from bpfm.export import ExportConfig, is_export_variant
-    from bpfm.quant.quantized import QuantConfig
+    from bpfm.export import ExportConfig, is_export_variant  # lazy: torch
+    from bpfm.quant.quantized import QuantConfig  # lazy: torch
 
     if is_export_variant(options):  # both runtimes quantize weights per output channel
         fields = {**ExportConfig.from_variant(options).to_dict(), "weights": "per_channel",
@@ -205,11 +201,10 @@ def _quant_params(variant: str, options: dict[str, Any]) -> dict[str, str]:
 
 def _quantize_variant(tracking_uri: str, client, run_id: str, model_dir: Path, out: Path,
                       options: dict[str, Any], data: str, settings: dict[str, Any]) -> dict:
-    from bpfm import tracking
-    from bpfm.export import is_export_variant
-    from bpfm.quant.convert import load_quantized
-    from bpfm.quant.quantized import FX_FILE, QuantConfig
-    from bpfm.quant.study import run_quantization
+    from bpfm.export import is_export_variant  # lazy: torch
+    from bpfm.quant.convert import load_quantized  # lazy: torch
+    from bpfm.quant.quantized import FX_FILE, QuantConfig  # lazy: torch
+    from bpfm.quant.study import run_quantization  # lazy: torch
 
     if is_export_variant(options):
         return _export_variant(client, run_id, model_dir, out, options, data, settings)
@@ -232,9 +227,8 @@ def _export_variant(client, run_id: str, model_dir: Path, out: Path, options: di
                     data: str, settings: dict[str, Any]) -> dict:
     """A variant that names a runtime (`backend: executorch|onnxruntime`): `bpfm export`, the
     file and its metrics / parity / export JSON logged as artifacts under `exported/`."""
-    from bpfm import tracking
-    from bpfm.export import ExportConfig
-    from bpfm.export.run import run_export
+    from bpfm.export import ExportConfig  # lazy: torch
+    from bpfm.export.run import run_export  # lazy: torch
 
     keep = {k: settings[k] for k in ("threads", "latency_runs", "batch_size") if k in settings}
     result = run_export(model_dir, ExportConfig.from_variant(options), data=data, out=out, **keep)
@@ -262,8 +256,6 @@ def _flat_metrics(result: dict[str, Any]) -> dict[str, Any]:
 
 def launch_cells(client, experiment_id: str, grid_run_id: str) -> list:
     """The finished train runs of one grid launch (also those an earlier attempt finished)."""
-    from bpfm import tracking
-
     runs = tracking.runs_of(client, experiment_id, grid_run_id, "train")
     return [r for r in runs if r.info.status == "FINISHED"]
 
@@ -271,10 +263,8 @@ def launch_cells(client, experiment_id: str, grid_run_id: str) -> list:
 def register_best(client, tracking_uri: str, study: str, cell_runs: list) -> dict[str, str]:
     """Per source, the cell with the lowest final validation MAE, registered as
     `<study>-<source>` with the alias `best` (selection never looks at test metrics)."""
-    import tempfile
 
-    from bpfm import tracking
-    from bpfm.training.model_dir import load_trained
+    from bpfm.training.model_dir import load_trained  # lazy: torch
 
     best: dict[str, Any] = {}
     for run in cell_runs:
@@ -299,9 +289,7 @@ def register_best(client, tracking_uri: str, study: str, cell_runs: list) -> dic
 
 def _best_version_run(client, name: str) -> str | None:
     """The run the registered model's `best` alias points at, None when there is none yet."""
-    from mlflow.exceptions import MlflowException
-
-    from bpfm import tracking
+    from mlflow.exceptions import MlflowException  # lazy: mlflow
 
     try:
         return client.get_model_version_by_alias(name, tracking.MODEL_ALIAS).run_id
@@ -312,8 +300,6 @@ def _best_version_run(client, name: str) -> str | None:
 def summarize(client, experiment_id: str, grid_run_id: str) -> dict[str, list[dict[str, Any]]]:
     """Stage 3: one row per trained cell and one per quantized variant, read back from MLflow
     (so a resumed launch lists what earlier attempts finished too)."""
-    from bpfm import tracking
-
     def row(run, columns: list[str]) -> dict[str, Any]:
         values = {**run.data.params, **run.data.metrics, **run.data.tags}
         out = {c: values.get(c) for c in columns}

@@ -23,11 +23,24 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.ao.nn import quantized
+from torch.ao.quantization import (
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    PerChannelMinMaxObserver,
+    PlaceholderObserver,
+    QConfig,
+    QConfigMapping,
+)
+from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from bpfm.errors import BpfmError
 from bpfm.io.atomic import publish_file
 from bpfm.model.attention import attention_core
 from bpfm.model.cerebro import Attention
+from bpfm.quant.quantized import QuantizedModel
 
 # The torch.ao warnings, by the start of their messages (warnings matches from the start).
 AO_WARNINGS = (
@@ -83,15 +96,6 @@ def _has_vnni() -> bool:
 
 
 def qconfig(config, engine: str):
-    from torch.ao.quantization import (
-        HistogramObserver,
-        MinMaxObserver,
-        MovingAverageMinMaxObserver,
-        PerChannelMinMaxObserver,
-        PlaceholderObserver,
-        QConfig,
-    )
-
     if config.weights == "per_channel":
         weight = PerChannelMinMaxObserver.with_args(
             dtype=torch.qint8, qscheme=torch.per_channel_symmetric
@@ -157,8 +161,6 @@ def qconfig_mapping(model: nn.Module, config, engine: str):
     0.0017/0.0030, in standardised units), at the same CPU time. The Linears hold all but 0.3 %
     of the weights: the small model's state_dict shrinks x3.55 (x3.58 with the conv quantized,
     whose activations double the output error)."""
-    from torch.ao.quantization import QConfigMapping
-
     if config.mode == "dynamic":
         return QConfigMapping().set_global(qconfig(config, engine))
     mapping = QConfigMapping().set_object_type(nn.Linear, qconfig(config, engine))
@@ -171,9 +173,6 @@ def qconfig_mapping(model: nn.Module, config, engine: str):
 def quantize_fx(model: nn.Module, config, batches: list[torch.Tensor],
                 example: torch.Tensor) -> tuple[nn.Module, str]:
     """(converted GraphModule, engine) for a model in eval mode on CPU (changed in place)."""
-    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
     engine = select_engine()
     mapping = qconfig_mapping(model, config, engine)
     leaves = PrepareCustomConfig().set_non_traceable_module_classes([AttentionCore])
@@ -209,8 +208,6 @@ def save(quantized: nn.Module, path: Path) -> Path:
 
 
 def load(path: Path) -> nn.Module:
-    from bpfm.quant.quantized import QuantizedModel
-
     with ao_warnings_filtered(QTENSOR_LOAD_WARNING), quantized_engine(select_engine()):
         try:
             module = torch.load(path, map_location="cpu", weights_only=False)
@@ -240,8 +237,6 @@ def _register_conv_pickling() -> None:
     shell and fails on load. Registering a reducer for exactly those classes makes them pickle.
     Static mode now leaves the patch conv fp32; this still loads static models saved when it
     quantized the conv, and any model with a torch.ao quantized conv."""
-    from torch.ao.nn import quantized
-
     for name in ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
                  "ConvTranspose3d"):
         copyreg.pickle(getattr(quantized, name), _reduce_quantized_conv)

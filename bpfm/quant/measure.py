@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from bpfm.model.checkpoint import saved_size
+from bpfm.quant.fx import ao_warnings_filtered
+from bpfm.quant.quantized import WINDOW_SHAPE
 
 MIB = 2**20
 
@@ -26,9 +28,7 @@ def state_dict_bytes(module: nn.Module) -> int:
     """Bytes of `torch.save(module.state_dict())`, as the paper measured model size (packed int8
     weights and their dtype/qparams entries included; a model on the meta device is sized as
     if materialised, since values do not change the size)."""
-    from bpfm.quant.fx import ao_warnings_filtered
-
-    if any(t.is_meta for t in module.state_dict().values()):
+    if any(isinstance(t, torch.Tensor) and t.is_meta for t in module.state_dict().values()):
         module = module.to_empty(device="cpu")
     with ao_warnings_filtered():
         return saved_size(module.state_dict())
@@ -89,8 +89,6 @@ def timings(models: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
     passes each (the first pass of a compiled model compiles it). `cpu_ms` is the CPU time of
     the calling thread, exact as a latency only at threads=1; on a shared machine it leaves
     out the time other processes held the core, so its ratios are steadier than wall time's."""
-    from bpfm.quant.quantized import WINDOW_SHAPE
-
     generator = torch.Generator().manual_seed(seed)
     result: dict[str, dict[int, dict[str, float]]] = {name: {} for name in models}
     with fixed_threads(threads):

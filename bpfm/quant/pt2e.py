@@ -13,14 +13,25 @@ import contextlib
 import json
 import logging
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import nn
 
 from bpfm.errors import BpfmError
 from bpfm.io.atomic import publish_file
+from bpfm.quant.fx import activation_max
+from bpfm.quant.quantized import (
+    CONFIG_EXTRA,
+    WINDOW_SHAPE,
+    InputQuantizer,
+    QuantConfig,
+    QuantizedModel,
+    config_json,
+)
 
 MAX_BATCH = 1 << 16
 INDUCTOR_INT8_LOWERING = r"torch\._inductor\.mkldnn_lowerings"
@@ -48,14 +59,12 @@ def quantizer_for(config):
             MovingAverageMinMaxObserver,
             PerChannelMinMaxObserver,
             PlaceholderObserver,
-        )
-        from torchao.quantization.pt2e.quantizer import QuantizationSpec
+        )  # lazy: torchao
+        from torchao.quantization.pt2e.quantizer import QuantizationSpec  # lazy: torchao
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
             QuantizationConfig,
             X86InductorQuantizer,
-        )
-
-    from bpfm.quant.fx import activation_max
+        )  # lazy: torchao
 
     eps = {"eps": 2**-12}  # as torchao's default x86 config
     dynamic = config.mode == "dynamic"
@@ -101,7 +110,9 @@ def quantize_pt2e(model: nn.Module, config, batches: list[torch.Tensor],
                   example: torch.Tensor) -> nn.Module:
     """The converted (reference Q/DQ) GraphModule of a model in eval mode on CPU."""
     with _quiet_torchao_import():
-        from torchao.quantization.pt2e import allow_exported_model_train_eval
+        from torchao.quantization.pt2e import allow_exported_model_train_eval  # lazy: torchao
+
+        # lazy: torchao
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     prepared = prepare_pt2e(export(model, example).module(), quantizer_for(config))
@@ -114,8 +125,6 @@ def quantize_pt2e(model: nn.Module, config, batches: list[torch.Tensor],
 
 def save(quantized, path: Path) -> Path:
     """torch.export.save of the converted graph; the config rides along as an extra file."""
-    from bpfm.quant.quantized import CONFIG_EXTRA, WINDOW_SHAPE, config_json
-
     program = export(quantized.net, torch.zeros(2, *WINDOW_SHAPE))
     extra = {CONFIG_EXTRA: config_json(quantized)}
     publish_file(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
@@ -123,14 +132,12 @@ def save(quantized, path: Path) -> Path:
 
 
 def load(path: Path) -> nn.Module:
-    import zipfile
-
-    from bpfm.quant.quantized import CONFIG_EXTRA, InputQuantizer, QuantConfig, QuantizedModel
 
     if not zipfile.is_zipfile(path):  # checked first: torch.export.load logs a traceback
         raise BpfmError(f"{path}: not a bpfm quantized model (not a .pt2 zip archive)")
     extra = {CONFIG_EXTRA: ""}
     with _quiet_torchao_import():
+        # lazy: torchao
         import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
     try:
         program = torch.export.load(path, extra_files=extra)
@@ -160,8 +167,6 @@ class CompiledModel(nn.Module):
         self.graph = torch.compile(quantized, dynamic=False)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        import torch._inductor.config as inductor_config
-
         with inductor_config.patch(freezing=True), warnings.catch_warnings():
             # Inductor's own int8 lowering copies a tensor with torch.tensor() and warns about
             # it, once per Linear, on every compile

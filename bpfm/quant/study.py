@@ -21,7 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from bpfm.data.loader import ShardDataset
 from bpfm.errors import BpfmError
+from bpfm.io.atomic import write_json
+from bpfm.metrics import compute_metrics
 from bpfm.quant.convert import quantize, runnable, save_quantized, size_bytes
 from bpfm.quant.measure import MIB, fixed_threads, latency_ms, state_dict_bytes
 from bpfm.quant.quantized import (
@@ -29,6 +32,9 @@ from bpfm.quant.quantized import (
     QuantConfig,
     QuantizedModel,
 )
+from bpfm.training.evaluate import model_split
+from bpfm.training.model_dir import load_trained
+from bpfm.training.predict import predict
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +46,6 @@ DELTA_KEYS = ("sbp_mae", "dbp_mae", "sbp_r2", "dbp_r2")
 def calibration_batches(view, count: int, *, batch_size: int = 64, seed: int = 42,
                         normalize: bool = False) -> list[torch.Tensor]:
     """The first `count` shuffled batches [B, 2, 1250] of a view (the training view)."""
-    from bpfm.data.loader import ShardDataset
-
     dataset = ShardDataset(view, batch_size=batch_size, shuffle=True, seed=seed,
                            normalize=normalize)
     batches = []
@@ -53,9 +57,6 @@ def calibration_batches(view, count: int, *, batch_size: int = 64, seed: int = 4
 
 
 def _test_metrics(model: nn.Module, split, meta: dict[str, Any], batch_size: int) -> dict:
-    from bpfm.metrics import compute_metrics
-    from bpfm.training.predict import predict
-
     pred = predict(model, split.test, meta, batch_size=batch_size, device="cpu")
     return compute_metrics(pred.target, pred.estimate, pred.subject, meta.get("target_mean"))
 
@@ -100,9 +101,6 @@ def run_quantization(
 
     `latency_runs=0` skips latency. `baseline`: an earlier result of the same model dir (e.g. the
     fp32 variant's) whose `fp32` block is reused instead of evaluating and timing fp32 again."""
-    from bpfm.training.evaluate import model_split
-    from bpfm.training.model_dir import load_trained
-
     config = config.validate()
     if threads < 1 or latency_runs < 0:
         raise BpfmError(f"quantize: threads/latency_runs: need threads >= 1 and runs >= 0, got "
@@ -153,8 +151,6 @@ def run_quantization(
 
     out = Path(out)
     result["model_file"] = str(save_quantized(quantized, out))
-    from bpfm.io.atomic import write_json
-
     write_json(out / RESULT_FILE, result)
     log.info("%s: %.2f MiB (x%.2f smaller), MAE SBP %.2f / DBP %.2f mmHg, b64 %s ms", config.name,
              result["size_mib"], result["reduction_factor"], test["sbp_mae"], test["dbp_mae"],

@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow.compute as pc
 from mlflow.tracking import MlflowClient
 
+from bpfm.data.shards import open_shards
 from bpfm.errors import BpfmError
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,6 @@ def load_predictions(client: MlflowClient, run_id: str) -> pd.DataFrame | None:
 
 def read_demographics(data_uri: str, segment_ids: list[str]) -> pd.DataFrame:
     """Age and gender of the given segments from the shard set at `data_uri`."""
-    from bpfm.data.shards import open_shards
-
     dataset = open_shards(data_uri).dataset()
     table = dataset.to_table(
         columns=["segment_id", *DEMOGRAPHICS],

@@ -5,6 +5,7 @@ next. Pure functions of the summary rows `bpfm.orchestration.stages.summarize` r
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 from bpfm.metrics import AAMI_MIN_SUBJECTS
@@ -102,8 +103,6 @@ def reading(cells: list[dict[str, Any]], study: str) -> str:
 def format_quantized(quantized: list[dict[str, Any]]) -> str:
     """Per variant, medians over the models: size, latency at batch 1, and the MAE change against
     each model's fp32 test MAE (the full table: `-v`, or `bpfm leaderboard`)."""
-    import statistics
-
     lines = []
     for variant in sorted({q["variant"] for q in quantized}):
         rows = [q for q in quantized if q["variant"] == variant]

@@ -36,11 +36,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from bpfm.data.splits import View
+from bpfm.devices import model_device
 from bpfm.errors import BpfmError
+from bpfm.io.atomic import publish_file as _publish
 from bpfm.metrics import TARGETS, compute_metrics
+from bpfm.training.predict import Predictions, _view_loader, check_batch, target_scaling
 
 METHODS = ("none", "offset", "affine", "head")
 DEFAULT_WINDOWS = 5
@@ -194,8 +200,6 @@ def head_calibrate(
     as the model pools it). `head` itself is never changed. Nothing is random (a copy in eval
     mode, so no dropout; full-batch Adam), so a fit depends on its subject alone and leaves the
     caller's RNG state (e.g. a training run's) untouched."""
-    from bpfm.training.predict import target_scaling
-
     scale, shift = (torch.tensor(v, dtype=torch.float32) for v in target_scaling(meta))
     checkpoints = sorted({int(s) for s in np.atleast_1d(steps)})
     device = next(head.parameters()).device
@@ -230,9 +234,6 @@ def head_calibrate(
 def encode_view(model: nn.Module, view, meta: dict[str, Any], *, batch_size: int = 256):
     """(Predictions, pooled encoder features [N, D]) of a `BPModel` over a view in view order:
     one pass gives both the model's estimates and what its head sees."""
-    from bpfm.devices import model_device
-    from bpfm.training.predict import Predictions, _view_loader, check_batch, target_scaling
-
     device = model_device(model)
     scale, shift = target_scaling(meta)
     model.eval()
@@ -303,8 +304,6 @@ def choose_strength(predictions, k: int) -> list[float]:
 def cal_view(split):
     """The `AAMI_Cal` view of an `aami` split's source, or None (other protocols, or a shard
     set without that subset)."""
-    from bpfm.data.splits import View
-
     if split.protocol != "aami":
         return None
     test_subset = split.test.subsets[0]
@@ -315,8 +314,6 @@ def cal_view(split):
 
 
 def _concat(a, b):
-    from bpfm.training.predict import Predictions
-
     return Predictions(a.segment_id + b.segment_id, a.subject + b.subject,
                        np.concatenate([a.target, b.target]),
                        np.concatenate([a.estimate, b.estimate]))
@@ -409,8 +406,6 @@ def evaluate_calibration(
 
 def estimates_table(segment_ids, subjects, target: np.ndarray, estimates: dict[str, np.ndarray]):
     """A pyarrow table of calibrated test windows: ids, references and `<method>_<t>_hat`."""
-    import pyarrow as pa
-
     columns = {"segment_id": pa.array(segment_ids, pa.string()),
                "subject": pa.array(subjects, pa.string())}
     for t, name in enumerate(TARGETS):
@@ -442,9 +437,5 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, Any]:
 
 def write_calibrated_estimates(model_dir, table) -> None:
     """Publish `ESTIMATES_FILE` in a model dir (atomically, as every model-dir file)."""
-    import pyarrow.parquet as pq
-
-    from bpfm.io.atomic import publish_file as _publish
-
     Path(model_dir).mkdir(parents=True, exist_ok=True)
     _publish(Path(model_dir) / ESTIMATES_FILE, lambda tmp: pq.write_table(table, tmp))

@@ -7,7 +7,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from bpfm.data.splits import PROTOCOLS
 from bpfm.errors import BpfmError
+from bpfm.model import HEADS, SIZE_ALIASES, SIZES
 from bpfm.training.calibration import check_methods, parse_methods
 
 SOURCES = ("mimic", "vitaldb", "other")
@@ -68,9 +70,6 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """One-line errors for every setting a user can get wrong; returns self."""
-        from bpfm.data.splits import PROTOCOLS
-        from bpfm.model import HEADS, SIZE_ALIASES, SIZES
-
         choices = {
             "source": SOURCES, "protocol": PROTOCOLS, "size": (*SIZES, *SIZE_ALIASES),
             "freeze": ("frozen", "unfrozen"), "init": INITS, "head": HEADS,

@@ -10,6 +10,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from bpfm.data.loader import view_size, view_subjects
+from bpfm.data.shards import open_shards
+from bpfm.data.splits import make_split
 from bpfm.devices import resolve_device
 from bpfm.errors import BpfmError
 from bpfm.metrics import compute_metrics
@@ -23,9 +26,6 @@ def open_split(data: str, source: str, protocol: str, seed: int = 42, cache: boo
     """The `bpfm.data.splits.Split` of a shard set (train / val / test views); `cache`: a remote
     set's parts are read from this node's copy (`bpfm.data.cache`); `generation`: a pinned one
     (`model_generation`) instead of the one published now."""
-    from bpfm.data.shards import open_shards
-    from bpfm.data.splits import make_split
-
     return make_split(open_shards(data, generation, cache=cache), source, protocol, seed=seed)
 
 
@@ -52,8 +52,6 @@ def model_split(model_dir: str | Path, config: TrainConfig, data: str | None = N
 
 def split_summary(split) -> dict[str, Any]:
     """Label, protocol, source and segment / subject counts per view (for metrics.json)."""
-    from bpfm.data.loader import view_size, view_subjects
-
     summary: dict[str, Any] = {
         "label": split.label,
         "protocol": split.protocol,

@@ -32,10 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
+from bpfm.data.generations import check_same_generation, pinned_shards
+from bpfm.data.loader import ShardDataset, view_target_stats
+from bpfm.data.verify import require_intact
 from bpfm.devices import resolve_device
 from bpfm.errors import BpfmError
 from bpfm.io.atomic import write_json
+from bpfm.model import apply_freeze, create_model, load_pretrained_backbone
 from bpfm.training.calibration import evaluate_calibration, write_calibrated_estimates
 from bpfm.training.calibration import flat_metrics as calibration_flat_metrics
 from bpfm.training.config import BACKBONE_INITS, TOTAL_DEPENDENT_SCHEDULES, TrainConfig
@@ -86,8 +91,6 @@ Callback = Callable[[EpochReport], None]
 
 
 def build_model(config: TrainConfig) -> nn.Module:
-    from bpfm.model import apply_freeze, create_model, load_pretrained_backbone
-
     model = create_model(
         config.size,
         head=config.head,
@@ -145,9 +148,6 @@ def _loss_fn(config: TrainConfig) -> nn.Module:
 
 
 def _train_loader(config: TrainConfig, view, epoch: int, device: torch.device):
-    from torch.utils.data import DataLoader
-
-    from bpfm.data.loader import ShardDataset
 
     dataset = ShardDataset(
         view,
@@ -251,10 +251,6 @@ def fit(
     dir to continue from instead (what Ray Tune hands back after a failure). The run reads one
     shard generation throughout (`bpfm.data.generations`); resuming a checkpoint of another
     generation is refused unless `allow_new_data`."""
-    from bpfm.data.generations import check_same_generation, pinned_shards
-    from bpfm.data.loader import view_target_stats
-    from bpfm.data.verify import require_intact
-
     config = TrainConfig.from_dict(config.to_dict()).validate()  # a private, normalised copy
     out = Path(config.out)
     remove_stale_temporaries(out)  # of killed runs: they hold disk space and nothing else

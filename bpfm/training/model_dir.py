@@ -10,10 +10,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 from torch import nn
 
 from bpfm.errors import BpfmError
 from bpfm.io.atomic import publish_file, write_json
+from bpfm.model import load_model, save_model
+from bpfm.schema import field_problems
 from bpfm.training.config import TrainConfig
 from bpfm.training.predict import Predictions
 
@@ -27,9 +30,6 @@ def write_model_dir(
     predictions: Predictions,
 ) -> Path:
     """Publish a complete model dir (weights + meta, config, predictions, metrics last)."""
-    import pyarrow.parquet as pq
-
-    from bpfm.model import save_model
 
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "metrics.json").unlink(missing_ok=True)  # incomplete until rewritten
@@ -53,9 +53,6 @@ def read_metrics(model_dir: str | Path) -> dict[str, Any]:
 def load_trained(model_dir: str | Path) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
     """(model in eval mode on CPU, the TrainConfig it was trained with, meta) from a model dir
     written by `fit` (`out/` or `out/epoch-<N>/`)."""
-    from bpfm.model import load_model
-    from bpfm.schema import field_problems
-
     model_dir = Path(model_dir)
     config_file = model_dir / "config.json"
     if not model_dir.is_dir():

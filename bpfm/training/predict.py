@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
+from bpfm.data.loader import ShardDataset, normalize_windows
 from bpfm.devices import model_device, resolve_device
 from bpfm.errors import BpfmError
 
@@ -29,8 +32,6 @@ class Predictions:
     estimate: np.ndarray  # [N, 2] mmHg
 
     def table(self):
-        import pyarrow as pa
-
         return pa.table(
             {
                 "segment_id": pa.array(self.segment_id, pa.string()),
@@ -70,8 +71,6 @@ def predict_arrays(
 ) -> np.ndarray:
     """Estimates in mmHg [N, 2] for windows x [N, 2, 1250] already in memory, as stored in the
     shards (the input normalising in `meta` is applied here)."""
-    from bpfm.data.loader import normalize_windows
-
     x = torch.as_tensor(x, dtype=torch.float32)
     check_batch(x)
     if meta.get("normalize_inputs"):
@@ -87,10 +86,6 @@ def predict_arrays(
 
 
 def _view_loader(view, batch_size: int, normalize: bool, num_workers: int = 0):
-    from torch.utils.data import DataLoader
-
-    from bpfm.data.loader import ShardDataset
-
     dataset = ShardDataset(
         view, batch_size=batch_size, shuffle=False, seed=0, normalize=normalize, with_meta=True
     )

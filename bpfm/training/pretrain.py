@@ -33,12 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bpfm.data.loader import ShardDataset
 from bpfm.devices import resolve_device
 from bpfm.errors import BpfmError, DataError
 from bpfm.io import storage
 from bpfm.model.bp_model import init_xavier
 from bpfm.model.cerebro import CerebroEncoder, size_config
-from bpfm.model.checkpoint import read_bytes, to_official_keys
+from bpfm.model.checkpoint import read_bytes, read_state, to_official_keys
+from bpfm.training.evaluate import open_split
 from bpfm.training.predict import WINDOW_SHAPE
 
 log = logging.getLogger(__name__)
@@ -272,16 +274,12 @@ def _check(config: PretrainConfig, patches: int) -> None:
 def shard_view(config: PretrainConfig):
     """The train view of `config.data` for `source` and `protocol`: the only windows in-domain
     pretraining reads."""
-    from bpfm.training.evaluate import open_split
-
     return open_split(config.data, config.source, config.protocol, config.split_seed).train
 
 
 def _shard_batches(config: PretrainConfig, view, subjects: set[str]):
     """Endless [B, 2, 1250] z-scored batches of the view, reshuffled per pass (seeded by pass);
     the subjects read are added to `subjects`."""
-    from bpfm.data.loader import ShardDataset
-
     dataset = ShardDataset(view, batch_size=config.batch_size, shuffle=True, seed=config.seed,
                            normalize=True, with_meta=True)
     for epoch in itertools.count():
@@ -303,8 +301,6 @@ def _array_batches(config: PretrainConfig, windows: np.ndarray, generator: torch
 
 def load_init_checkpoint(model: PretrainModel, uri: str) -> None:
     """Encoder (and decoder, when its shape fits) of an earlier backbone into `model`."""
-    from bpfm.model.checkpoint import read_state
-
     raw, _, _ = read_state(uri)
     target = model.state_dict()
     state = {}

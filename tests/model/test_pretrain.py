@@ -146,7 +146,7 @@ def test_pretrain_on_shards_reads_only_the_train_views_ecg_ppg_windows(synthetic
     result = pretrain(PretrainConfig(
         out=str(out), data=synthetic_shards, source="mimic", protocol="calfree",
         steps=n_train // 16 + 2, batch_size=16, device="cpu", log_every=100,
-    ))  # fmt: skip (more than one pass over the train view)
+    ))  # more than one pass over the train view
     assert result.windows == n_train
     assert set(result.subjects) == subjects["train"]
     assert not set(result.subjects) & (subjects["val"] | subjects["test"])
