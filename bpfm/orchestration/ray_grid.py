@@ -1,4 +1,4 @@
-"""The bridge to Ray (the only module in bpfm that imports ray): the grid-cell trainable, its
+"""The bridge to Ray (with `ray_search`, the only modules of bpfm that import ray): the grid-cell trainable, its
 resources, the Tuner (created or restored), and Ray tasks for pretraining and quantization.
 
 The trainable is a plain function of `config` (Ray Tune's examples): it builds a TrainConfig, calls
@@ -29,7 +29,7 @@ from bpfm.errors import BpfmError
 from bpfm.io.scratch import process_runs
 from bpfm.io.storage import exists, is_local, join
 from bpfm.orchestration import grid, launch, preflight, progress, stages
-from bpfm.orchestration import ray_logs as ray_hints
+from bpfm.orchestration import ray_logs
 from bpfm.orchestration.backbones import backbone_jobs
 from bpfm.orchestration.grid import trial_from_config
 from bpfm.orchestration.job_paths import check_job_paths, launch_paths
@@ -289,7 +289,7 @@ def init_ray(**kwargs: Any) -> None:
     """Join the cluster named by RAY_ADDRESS (a `ray job submit` sets it), else start a new local
     Ray. A bare `ray.init()` would join whatever cluster `ray start` last left on this host, even
     a dead one, and hang."""
-    ray_hints.install()
+    ray_logs.install()
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
