@@ -1,5 +1,5 @@
-"""The bridge to Ray (with `ray_search`, the only modules of bpfm that import ray): the grid-cell trainable, its
-resources, the Tuner (created or restored), and Ray tasks for pretraining and quantization.
+"""The bridge to Ray (with `ray_search`, the only modules of bpfm that import ray): the grid-cell
+trainable, its resources, the Tuner (created or restored), and Ray tasks for pretraining and quantization.
 
 The trainable is a plain function of `config` (Ray Tune's examples): it builds a TrainConfig, calls
 `bpfm.training.loop.fit` with a callback that reports every epoch with a checkpoint, and resumes
@@ -28,8 +28,7 @@ from bpfm.data.shards import open_shards
 from bpfm.errors import BpfmError
 from bpfm.io.scratch import process_runs
 from bpfm.io.storage import exists, is_local, join
-from bpfm.orchestration import grid, launch, preflight, progress, stages
-from bpfm.orchestration import ray_logs
+from bpfm.orchestration import grid, launch, preflight, progress, ray_logs, stages
 from bpfm.orchestration.backbones import backbone_jobs
 from bpfm.orchestration.grid import trial_from_config
 from bpfm.orchestration.job_paths import check_job_paths, launch_paths
