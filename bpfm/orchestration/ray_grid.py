@@ -1,5 +1,6 @@
 """The bridge to Ray (with `ray_search`, the only modules of bpfm that import ray): the grid-cell
-trainable, its resources, the Tuner (created or restored), and Ray tasks for pretraining and quantization.
+trainable, its resources, the Tuner (created or restored), and Ray tasks for pretraining and
+quantization.
 
 The trainable is a plain function of `config` (Ray Tune's examples): it builds a TrainConfig, calls
 `bpfm.training.loop.fit` with a callback that reports every epoch with a checkpoint, and resumes
