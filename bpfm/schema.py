@@ -15,9 +15,22 @@ import inspect
 import json
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from bpfm.errors import BpfmError
+
+Config = TypeVar("Config")
+
+
+def from_fields(cls: type[Config], values: Mapping[str, Any], what: str) -> Config:
+    """`cls(**values)` for a config dataclass, refusing keys it has no field for in one line
+    (`what: a, b: unknown field(s)`): a file written by a newer bpfm, or edited by hand."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise BpfmError(f"{what}: {', '.join(unknown)}: unknown field(s)")
+    return cls(**values)
 
 
 @functools.cache

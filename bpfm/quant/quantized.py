@@ -5,13 +5,14 @@ like the fp32 model)."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from bpfm.errors import BpfmError
+from bpfm.schema import from_fields
 
 MODES = ("fp32", "dynamic", "static")
 OBSERVERS = ("minmax", "moving_average", "histogram")
@@ -66,11 +67,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> QuantConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise BpfmError(f"quantize config: {', '.join(unknown)}: unknown field(s)")
-        return cls(**values)
+        return from_fields(cls, values, "quantize config")
 
 
 class InputQuantizer(nn.Module):

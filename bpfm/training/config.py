@@ -4,12 +4,13 @@ model dir holds) and the choices its fields take. `validate()` gives the one-lin
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from bpfm.data.splits import PROTOCOLS
 from bpfm.errors import BpfmError
 from bpfm.model import HEADS, SIZE_ALIASES, SIZES
+from bpfm.schema import from_fields
 from bpfm.training.calibration import check_methods, parse_methods
 
 SOURCES = ("mimic", "vitaldb", "other")
@@ -116,8 +117,4 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise BpfmError(f"train config: {', '.join(unknown)}: unknown field(s)")
-        return cls(**values)
+        return from_fields(cls, values, "train config")
