@@ -122,8 +122,8 @@ def test_mlflow_pickle_round_trip(trained, calib_batches, test_windows, tmp_path
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model, _, _ = trained
     quantized = quantize(model, QuantConfig("static", observer="minmax"), calib_batches)
-    experiment = mlflow.MlflowClient().create_experiment("quant-test")
-    run_id = mlflow.MlflowClient().create_run(experiment).info.run_id
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("quant-test")).info.run_id
     model_uri = log_quantized_model(uri, run_id, quantized, "int8")
     loaded = mlflow.pytorch.load_model(model_uri)
     assert isinstance(loaded, type(quantized))

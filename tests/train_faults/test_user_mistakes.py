@@ -16,7 +16,8 @@ from tests.train_faults.conftest import error_line, run_bpfm
 
 class _RunsCode:
     def __reduce__(self):
-        return (print, ("this must never run",))
+        # exec, not print: Ray's tqdm replaces builtins.print in a process that imported it
+        return (exec, ("print('this must never run')",))
 
 
 def _in_process_error(capsys, *args: str) -> str:
@@ -148,7 +149,7 @@ def test_a_checkpoint_holding_code_is_one_short_line_from_a_real_process(synthet
                                    "--checkpoint", str(evil)))
     line = error_line(result)
     assert line == (f"bpfm: error: {evil}: not a checkpoint: it holds Python code "
-                    "(print) that a safe load refuses to run")
+                    "(exec) that a safe load refuses to run")
     assert "this must never run" not in result.stdout + result.stderr
     assert "weights_only" not in result.stderr and "UserWarning" not in result.stderr
 
