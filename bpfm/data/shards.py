@@ -105,7 +105,6 @@ def find_inputs(inputs: Sequence[str | Path]) -> list[Path]:
 
 def _batch_table(batch, subset: str, rows: np.ndarray, options: ShardOptions) -> pa.Table:
     """Rows `rows` of a SegmentBatch as a table of `options.schema` (signals zero-copy)."""
-
     def raw(values: np.ndarray, kind: pa.DataType) -> pa.Array:
         flat = np.ascontiguousarray(values, dtype="<f4").reshape(-1)
         return pa.FixedSizeBinaryArray.from_buffers(kind, len(rows), [None, pa.py_buffer(flat)])

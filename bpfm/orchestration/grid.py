@@ -225,7 +225,6 @@ def format_dry_run(plan: dict) -> str:
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A plain fixed-width table: the grid's summary on stdout."""
-
     def show(value: Any) -> str:
         if isinstance(value, float):
             return f"{value:.3f}"

@@ -153,7 +153,6 @@ def cluster_gpus(policy: str = "auto") -> float:
 
 def trial_resources(profile: Profile, gpus: float):
     """Resources per trial from its size; GPU requests dropped on a cluster without GPUs."""
-
     def for_config(config: dict[str, Any]) -> tune.PlacementGroupFactory:
         wanted = profile.resources_for(config["size"]).on_cluster(gpus)
         bundle = {"CPU": wanted["cpu"], **({"GPU": wanted["gpu"]} if "gpu" in wanted else {})}

@@ -154,7 +154,6 @@ def quantize_model(
     the full metrics, size, latency and the quantized model. The model is fetched once and its
     fp32 numbers measured once; a finished variant is not redone, a failed one does not stop the
     others (its entry carries the error)."""
-
     client = tracking.client(tracking_uri)
     tags = {tracking.KIND: "quant", tracking.CELL: cell, tracking.STUDY: study,
             tracking.GRID_RUN: grid_run_id}
@@ -263,7 +262,6 @@ def launch_cells(client, experiment_id: str, grid_run_id: str) -> list:
 def register_best(client, tracking_uri: str, study: str, cell_runs: list) -> dict[str, str]:
     """Per source, the cell with the lowest final validation MAE, registered as
     `<study>-<source>` with the alias `best` (selection never looks at test metrics)."""
-
     from bpfm.training.model_dir import load_trained  # lazy: torch
 
     best: dict[str, Any] = {}

@@ -30,7 +30,6 @@ def write_model_dir(
     predictions: Predictions,
 ) -> Path:
     """Publish a complete model dir (weights + meta, config, predictions, metrics last)."""
-
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "metrics.json").unlink(missing_ok=True)  # incomplete until rewritten
     save_model(model_dir / "model.safetensors", model, meta)  # atomic itself
