@@ -84,7 +84,7 @@ def load_profile_from_args(args: argparse.Namespace) -> tuple[Profile, dict[str,
     return profile, recipe
 
 
-def _cost_plan(args: argparse.Namespace, profile, train: dict) -> dict:
+def _cost_plan(args: argparse.Namespace, profile: Profile, train: dict) -> dict:
     """The cost plan of a dry run; samples per epoch from the manifest when it can be read."""
     from bpfm.data.shardset import read_manifest
     from bpfm.orchestration import costs, grid

@@ -113,7 +113,7 @@ class DefineByRun:
     space: SearchSpace
     cell: dict[str, Any]
 
-    def __call__(self, trial) -> dict[str, Any]:
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         space = self.space
         trial.suggest_float("lr", *space.lr, log=True)
         trial.suggest_float("weight_decay", *space.weight_decay, log=True)

@@ -207,8 +207,9 @@ def _quant_params(variant: str, options: dict[str, Any]) -> dict[str, str]:
     return tracking.safe_params({**fields, "variant": variant}, [*fields, "variant"])
 
 
-def _quantize_variant(tracking_uri: str, client, run_id: str, model_dir: Path, out: Path,
-                      options: dict[str, Any], data: str, settings: dict[str, Any]) -> dict:
+def _quantize_variant(tracking_uri: str, client: MlflowClient, run_id: str, model_dir: Path,
+                      out: Path, options: dict[str, Any], data: str,
+                      settings: dict[str, Any]) -> dict:
     from bpfm.export import is_export_variant  # lazy: torch
     from bpfm.quant.convert import load_quantized  # lazy: torch
     from bpfm.quant.quantized import FX_FILE, QuantConfig  # lazy: torch
@@ -231,8 +232,8 @@ def _quantize_variant(tracking_uri: str, client, run_id: str, model_dir: Path, o
     return result
 
 
-def _export_variant(client, run_id: str, model_dir: Path, out: Path, options: dict[str, Any],
-                    data: str, settings: dict[str, Any]) -> dict:
+def _export_variant(client: MlflowClient, run_id: str, model_dir: Path, out: Path,
+                    options: dict[str, Any], data: str, settings: dict[str, Any]) -> dict:
     """A variant that names a runtime (`backend: executorch|onnxruntime`): `bpfm export`, the
     file and its metrics / parity / export JSON logged as artifacts under `exported/`."""
     from bpfm.export import ExportConfig  # lazy: torch
@@ -297,7 +298,7 @@ def register_best(
     return registered
 
 
-def _best_version_run(client, name: str) -> str | None:
+def _best_version_run(client: MlflowClient, name: str) -> str | None:
     """The run the registered model's `best` alias points at, None when there is none yet."""
     from mlflow.exceptions import MlflowException  # lazy: mlflow
 

@@ -88,7 +88,7 @@ def predict_arrays(
     return np.concatenate(outputs).astype(np.float64) * scale + shift
 
 
-def _view_loader(view, batch_size: int, normalize: bool, num_workers: int = 0):
+def _view_loader(view: View, batch_size: int, normalize: bool, num_workers: int = 0):
     dataset = ShardDataset(
         view, batch_size=batch_size, shuffle=False, seed=0, normalize=normalize, with_meta=True
     )

@@ -280,7 +280,7 @@ def shard_view(config: PretrainConfig) -> View:
     return open_split(config.data, config.source, config.protocol, config.split_seed).train
 
 
-def _shard_batches(config: PretrainConfig, view, subjects: set[str]):
+def _shard_batches(config: PretrainConfig, view: View, subjects: set[str]):
     """Endless [B, 2, 1250] z-scored batches of the view, reshuffled per pass (seeded by pass);
     the subjects read are added to `subjects`."""
     dataset = ShardDataset(view, batch_size=config.batch_size, shuffle=True, seed=config.seed,
