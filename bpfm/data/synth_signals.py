@@ -120,7 +120,7 @@ class _Beats:
     rr: np.ndarray
     sbp: np.ndarray
     dbp: np.ndarray
-    map: np.ndarray
+    map: np.ndarray  # mean arterial pressure
     foot_abp: np.ndarray
     foot_ppg: np.ndarray
     lvet: np.ndarray  # left-ventricular ejection time: where the dicrotic notch falls
