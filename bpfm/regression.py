@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,9 @@ DEFAULT_TOLERANCES: tuple[tuple[str, Tolerance], ...] = (
 )
 
 
-def tolerance_for(metric: str, tolerances=DEFAULT_TOLERANCES) -> Tolerance:
+def tolerance_for(
+    metric: str, tolerances: Sequence[tuple[str, Tolerance]] = DEFAULT_TOLERANCES
+) -> Tolerance:
     for pattern, tolerance in tolerances:
         if fnmatch.fnmatchcase(metric, pattern):
             return tolerance
@@ -170,7 +172,7 @@ def compare_value(baseline: Any, current: Any, tolerance: Tolerance) -> tuple[st
 def compare(
     baseline: Mapping[str, Mapping[str, Any]],
     current: Mapping[str, Mapping[str, Any]],
-    tolerances=DEFAULT_TOLERANCES,
+    tolerances: Sequence[tuple[str, Tolerance]] = DEFAULT_TOLERANCES,
 ) -> Comparison:
     """Every metric of every baseline entry against the current run; new entries and metrics
     are listed (`new`) but do not fail the check."""

@@ -24,9 +24,11 @@ from bpfm.io.redact import redact
 from bpfm.metrics import TARGETS
 
 if TYPE_CHECKING:  # torch is a heavy import the report and search never need
+    from mlflow.entities import Run
     from torch import nn
 
     from bpfm.quant.quantized import QuantizedModel
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ def configure() -> str:
     return defaults.tracking_uri()
 
 
-def client(uri: str | None = None):
+def client(uri: str | None = None) -> MlflowClient:
     """An MlflowClient for `uri` (default: this process's tracking URI), in a configured process
     whose MLflow store is `uri` too (see `use`)."""
     from mlflow import MlflowClient  # lazy: mlflow
@@ -126,7 +128,7 @@ def _artifact_root(uri: str, name: str) -> str | None:
     return (db.parent / "mlartifacts" / name).absolute().as_uri()
 
 
-def ensure_experiment(mlflow_client, name: str) -> str:
+def ensure_experiment(mlflow_client: MlflowClient, name: str) -> str:
     """The study's experiment id, created on first use."""
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
@@ -137,7 +139,9 @@ def ensure_experiment(mlflow_client, name: str) -> str:
     return mlflow_client.create_experiment(name, artifact_location=location)
 
 
-def find_runs(mlflow_client, experiment_id: str, tags: Mapping[str, str]) -> list:
+def find_runs(
+    mlflow_client: MlflowClient, experiment_id: str, tags: Mapping[str, str]
+) -> list[Run]:
     filters = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     return list(
         mlflow_client.search_runs(
@@ -147,7 +151,7 @@ def find_runs(mlflow_client, experiment_id: str, tags: Mapping[str, str]) -> lis
 
 
 def start_grid_run(
-    mlflow_client,
+    mlflow_client: MlflowClient,
     experiment_id: str,
     *,
     name: str,
@@ -175,7 +179,7 @@ def start_grid_run(
 
 
 def child_run(
-    mlflow_client,
+    mlflow_client: MlflowClient,
     experiment_id: str,
     parent_run_id: str,
     *,
@@ -196,7 +200,7 @@ def child_run(
 
 
 def _log(
-    mlflow_client,
+    mlflow_client: MlflowClient,
     run_id: str,
     *,
     metrics: Mapping[str, float] | None = None,
@@ -215,7 +219,9 @@ def _log(
     )
 
 
-def log_epoch(mlflow_client, run_id: str, epoch: int, values: Mapping[str, float | None]) -> None:
+def log_epoch(
+    mlflow_client: MlflowClient, run_id: str, epoch: int, values: Mapping[str, float | None]
+) -> None:
     """Per-epoch curves (`train_loss`, `val_mae`), step = epoch."""
     metrics = {k: v for k, v in values.items() if k in EPOCH_METRICS and _is_number(v)}
     if metrics:
@@ -227,7 +233,11 @@ def _is_number(value: Any) -> bool:
 
 
 def log_results(
-    mlflow_client, run_id: str, metrics: Mapping[str, Any], *, extra: Iterable[str] = ()
+    mlflow_client: MlflowClient,
+    run_id: str,
+    metrics: Mapping[str, Any],
+    *,
+    extra: Iterable[str] = (),
 ) -> None:
     """Final test metrics (mmHg, BHS %) and the clinical verdicts as tags."""
     names = (*FINAL_METRICS, *EXTRA_METRICS, *extra)
@@ -236,7 +246,7 @@ def log_results(
     _log(mlflow_client, run_id, metrics=numbers, tags=tags)
 
 
-def log_model_dir(mlflow_client, run_id: str, model_dir: str | Path) -> None:
+def log_model_dir(mlflow_client: MlflowClient, run_id: str, model_dir: str | Path) -> None:
     """Artifacts of a trained cell: `model/` (weights, redacted config, metrics),
     `predictions/predictions.parquet`, `plots/{bland_altman,scatter}.png`."""
     model_dir = Path(model_dir)
@@ -269,13 +279,13 @@ def _draw_plots(predictions: Path, folder: Path, title: str) -> None:
     scatter(frame, folder / "scatter.png", title)
 
 
-def download_model_dir(mlflow_client, run_id: str, dst: str | Path) -> Path:
+def download_model_dir(mlflow_client: MlflowClient, run_id: str, dst: str | Path) -> Path:
     """A trained cell's model dir back from its run's artifacts (stage 2 runs on any node)."""
     path = mlflow_client.download_artifacts(run_id, "model", str(dst))
     return Path(path)
 
 
-def finish(mlflow_client, run_id: str, status: str = "FINISHED") -> None:
+def finish(mlflow_client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
     mlflow_client.set_terminated(run_id, status=status)
 
 
@@ -316,7 +326,12 @@ def log_quantized_model(tracking_uri: str, run_id: str, quantized: QuantizedMode
 
 
 def register_best(
-    mlflow_client, tracking_uri: str, run_id: str, model, name: str, alias: str = MODEL_ALIAS
+    mlflow_client: MlflowClient,
+    tracking_uri: str,
+    run_id: str,
+    model: nn.Module,
+    name: str,
+    alias: str = MODEL_ALIAS,
 ) -> str:
     """Register a cell's model under `name` and point `alias` at the new version."""
     log_torch_model(tracking_uri, run_id, model, "model", registered_name=name)
@@ -326,6 +341,8 @@ def register_best(
     return f"models:/{name}@{alias}"
 
 
-def runs_of(mlflow_client, experiment_id: str, parent_run_id: str, kind: str) -> list:
+def runs_of(
+    mlflow_client: MlflowClient, experiment_id: str, parent_run_id: str, kind: str
+) -> list[Run]:
     """Children of one grid launch, e.g. its train runs or (through each train run) quant runs."""
     return find_runs(mlflow_client, experiment_id, {PARENT: parent_run_id, KIND: kind})

@@ -10,7 +10,10 @@ import math
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
@@ -19,7 +22,7 @@ GRADE_SCORE = {"A": 4, "B": 3, "C": 2, "D": 1}  # higher is better, as the grade
 AAMI_SCORE = {"pass": 1, "fail": 0, "not_assessable": -1}  # sorts pass, fail, too few subjects
 
 
-def mark_experiment(client, experiment_id: str) -> None:
+def mark_experiment(client: MlflowClient, experiment_id: str) -> None:
     """Open the experiment on its training runs, not on MLflow 3's GenAI pages."""
     experiment = client.get_experiment(experiment_id)
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
@@ -46,7 +49,9 @@ def key_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_leaderboard_table(client, grid_run_id: str, rows: list[dict[str, Any]]) -> None:
+def log_leaderboard_table(
+    client: MlflowClient, grid_run_id: str, rows: list[dict[str, Any]]
+) -> None:
     """The grid's summary (`bpfm.report.summary.table2_row` of every cell) as an MLflow table
     artifact of the grid run: the UI shows it in the run's Artifacts tab, sortable."""
     import pandas as pd  # lazy: pandas

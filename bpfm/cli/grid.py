@@ -6,11 +6,15 @@ import argparse
 import dataclasses
 import logging
 import os
+from typing import TYPE_CHECKING, Any
 
 from bpfm.cli.common import add_json_flag, print_result
 from bpfm.errors import BpfmError
 from bpfm.io.redact import redact
 from bpfm.orchestration import progress
+
+if TYPE_CHECKING:
+    from bpfm.profiles import Profile
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,7 +71,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     add_json_flag(parser)
 
 
-def load_profile_from_args(args: argparse.Namespace):
+def load_profile_from_args(args: argparse.Namespace) -> tuple[Profile, dict[str, Any]]:
     from bpfm.profiles import load_profile, load_recipe
 
     profile = load_profile(args.profile)
@@ -80,7 +84,7 @@ def load_profile_from_args(args: argparse.Namespace):
     return profile, recipe
 
 
-def _cost_plan(args: argparse.Namespace, profile, train: dict) -> dict:
+def _cost_plan(args: argparse.Namespace, profile: Profile, train: dict) -> dict:
     """The cost plan of a dry run; samples per epoch from the manifest when it can be read."""
     from bpfm.data.shardset import read_manifest
     from bpfm.orchestration import costs, grid

@@ -67,6 +67,76 @@ def _calibration_summary(result: dict) -> dict:
     }
 
 
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """What is trained: size, freezing, initialisation, epochs and where it goes."""
+    parser.add_argument("--size", default="small", help="small | medium (base) | large")
+    parser.add_argument("--freeze", default="unfrozen", help="frozen | unfrozen")
+    parser.add_argument(
+        "--init", default="xavier",
+        help="xavier | pretrained (EEG) | pretrained_ecgppg | pretrained_eeg_then_ecgppg",
+    )
+    parser.add_argument(
+        "--checkpoint", help="backbone checkpoint (path or URI) for --init pretrained"
+    )
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--out", help="model dir to write (default .bpfm/runs/train)")
+    parser.add_argument(
+        "--report-epochs",
+        type=_int_list,
+        default=(),
+        help="also write out/epoch-N/ model dirs, e.g. 100,200",
+    )
+
+
+def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """How it is trained: optimiser, schedule, head, loss, targets, seeds."""
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--head", default="paper", help="paper | linear | mlp")
+    parser.add_argument("--head-hidden", type=_int_list, default=(), help="mlp sizes, e.g. 256,64")
+    parser.add_argument("--head-dropout", type=float, default=0.0)
+    parser.add_argument("--optimizer", default="adam", help="adam | adamw")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--schedule", default="constant", help="constant | cosine")
+    parser.add_argument("--warmup-epochs", type=float, default=0.0)
+    parser.add_argument("--loss", default="mse", help="mse | huber")
+    parser.add_argument(
+        "--raw-targets",
+        action="store_true",
+        help="train on raw mmHg targets (the paper's recipe) instead of z-scores",
+    )
+    parser.add_argument(
+        "--raw-inputs",
+        action="store_true",
+        help="feed PulseDB's [0, 1] windows as they are (the paper) instead of z-scored windows",
+    )
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--split-seed", type=int, default=42)
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Where and how the run executes: device, compilation, workers, resume, data cache."""
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the training steps (GPUs: ~1.6x)"
+    )
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (tiny runs)")
+    parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    parser.add_argument(
+        "--allow-new-data",
+        action="store_true",
+        help="resume even though the shard set was republished since the checkpoint",
+    )
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="stream a remote shard set's parts every epoch instead of copying them once into "
+        "this node's cache (BPFM_CACHE_DIR, capped by BPFM_CACHE_MAX_GB)",
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train",
@@ -76,64 +146,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "command resumes from the last epoch checkpoint.",
     )
     _add_data_flags(train)
-    train.add_argument("--size", default="small", help="small | medium (base) | large")
-    train.add_argument("--freeze", default="unfrozen", help="frozen | unfrozen")
-    train.add_argument(
-        "--init", default="xavier",
-        help="xavier | pretrained (EEG) | pretrained_ecgppg | pretrained_eeg_then_ecgppg",
-    )
-    train.add_argument(
-        "--checkpoint", help="backbone checkpoint (path or URI) for --init pretrained"
-    )
-    train.add_argument("--epochs", type=int, default=100)
-    train.add_argument("--out", help="model dir to write (default .bpfm/runs/train)")
-    train.add_argument(
-        "--report-epochs",
-        type=_int_list,
-        default=(),
-        help="also write out/epoch-N/ model dirs, e.g. 100,200",
-    )
-    train.add_argument("--lr", type=float, default=1e-4)
-    train.add_argument("--batch-size", type=int, default=1024)
-    train.add_argument("--head", default="paper", help="paper | linear | mlp")
-    train.add_argument("--head-hidden", type=_int_list, default=(), help="mlp sizes, e.g. 256,64")
-    train.add_argument("--head-dropout", type=float, default=0.0)
-    train.add_argument("--optimizer", default="adam", help="adam | adamw")
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--schedule", default="constant", help="constant | cosine")
-    train.add_argument("--warmup-epochs", type=float, default=0.0)
-    train.add_argument("--loss", default="mse", help="mse | huber")
-    train.add_argument(
-        "--raw-targets",
-        action="store_true",
-        help="train on raw mmHg targets (the paper's recipe) instead of z-scores",
-    )
-    train.add_argument(
-        "--raw-inputs",
-        action="store_true",
-        help="feed PulseDB's [0, 1] windows as they are (the paper) instead of z-scored windows",
-    )
-    train.add_argument("--seed", type=int, default=42)
-    train.add_argument("--split-seed", type=int, default=42)
-    train.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    train.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    train.add_argument(
-        "--compile", action="store_true", help="torch.compile the training steps (GPUs: ~1.6x)"
-    )
-    train.add_argument("--num-workers", type=int, default=0)
-    train.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (tiny runs)")
-    train.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
-    train.add_argument(
-        "--allow-new-data",
-        action="store_true",
-        help="resume even though the shard set was republished since the checkpoint",
-    )
-    train.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="stream a remote shard set's parts every epoch instead of copying them once into "
-        "this node's cache (BPFM_CACHE_DIR, capped by BPFM_CACHE_MAX_GB)",
-    )
+    _add_model_flags(train)
+    _add_recipe_flags(train)
+    _add_run_flags(train)
     _add_calibration_flags(train)
     add_json_flag(train)
     train.set_defaults(func=run_train)

@@ -70,7 +70,9 @@ def read_error(path: Path, field: str, exc: Exception) -> DataError:
 H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)  # what h5py raises
 
 
-def member(group: h5py.Group, name: str, path: Path, field: str, *, dataset: bool = True):
+def member(
+    group: h5py.Group, name: str, path: Path, field: str, *, dataset: bool = True
+) -> h5py.Dataset | h5py.Group | None:
     """`group[name]` (None when there is no such link), checked to be a dataset (or, with
     `dataset=False`, a group); a link that does not resolve is a DataError, not a KeyError."""
     try:

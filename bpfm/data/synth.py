@@ -308,25 +308,24 @@ def iter_subjects(config: SynthConfig) -> Iterator[SynthSubject]:
         yield replace(subject, rendered=rendered, include=include, parts=parts)
 
 
-def write_synthetic_pulsedb(out_dir: str | Path, config: SynthConfig | None = None) -> SynthResult:
-    """Write Subj_Wins, Info and (via generate_subsets) Subset files under `out_dir`.
-
-    With `config.segment_files=False` only the Subset files are written, straight from the
-    rendered signals (same content as the generate_subsets path; for large benchmark sets)."""
-    config = config or SynthConfig()
-    config.validate()
-    out_dir = Path(out_dir)
-    result = SynthResult()
-    n_subjects = config.subjects * len(config.sources)
+def _subset_sizes(config: SynthConfig) -> dict[str, int]:
+    """Segments per Subset file, known before any rendering (the direct writers need them)."""
     groups = [
         s.group for i, source in enumerate(config.sources) for s in _subjects(config, i, source)
     ]
-    for name in SUBSET_NAMES:
-        result.segments[name] = sum(
-            _sizes(group, config.segments_per_subject, config).get(name, 0) for group in groups
-        )
-    subset_dir = out_dir / "Subset_Files"
-    subset_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        name: sum(_sizes(group, config.segments_per_subject, config).get(name, 0)
+                  for group in groups)
+        for name in SUBSET_NAMES
+    }
+
+
+def _write_subjects(
+    out_dir: Path, subset_dir: Path, config: SynthConfig, result: SynthResult
+) -> dict[str, list[tuple[str, int]]]:
+    """Render every subject into its Subj_Wins file (segment_files) or straight into the Subset
+    files; returns the Info rows (subject, 1-based segment) per subset of the first way."""
+    n_subjects = config.subjects * len(config.sources)
     info_rows: dict[str, list[tuple[str, int]]] = {name: [] for name in SUBSET_NAMES}
     with ExitStack() as stack:
         writers = (
@@ -355,9 +354,52 @@ def write_synthetic_pulsedb(out_dir: str | Path, config: SynthConfig | None = No
                     _append_direct(writers[name], subject, subject.rendered, rows)
             if (i + 1) % max(1, n_subjects // 10) == 0:
                 log.info("synth: %d/%d subjects rendered", i + 1, n_subjects)
-    if not config.segment_files:
+    return info_rows
+
+
+def _write_info_and_subsets(
+    out_dir: Path,
+    subset_dir: Path,
+    info_rows: dict[str, list[tuple[str, int]]],
+    config: SynthConfig,
+    result: SynthResult,
+) -> None:
+    """The Info files, and from them and the Subj_Wins files the Subset files (generate_subsets,
+    the path a real PulseDB download takes)."""
+    info_dir = out_dir / "Info_Files"
+    info_dir.mkdir(parents=True, exist_ok=True)
+    for name in SUBSET_NAMES:
+        info = info_dir / f"{name}_Info.mat"
+        _write_info(info, info_rows[name])
+        result.info_files.append(info)
+        result.subset_files.append(
+            generate_subsets(
+                out_dir / "Segment_Files",
+                info,
+                subset_dir / f"{name}_Subset.mat",
+                compression=config.compression,
+            )
+        )
+
+
+def write_synthetic_pulsedb(out_dir: str | Path, config: SynthConfig | None = None) -> SynthResult:
+    """Write Subj_Wins, Info and (via generate_subsets) Subset files under `out_dir`.
+
+    With `config.segment_files=False` only the Subset files are written, straight from the
+    rendered signals (same content as the generate_subsets path; for large benchmark sets)."""
+    config = config or SynthConfig()
+    config.validate()
+    out_dir = Path(out_dir)
+    result = SynthResult()
+    result.segments.update(_subset_sizes(config))
+    subset_dir = out_dir / "Subset_Files"
+    subset_dir.mkdir(parents=True, exist_ok=True)
+    info_rows = _write_subjects(out_dir, subset_dir, config, result)
+    if config.segment_files:
+        _write_info_and_subsets(out_dir, subset_dir, info_rows, config, result)
+    else:
         result.subset_files = [subset_dir / f"{name}_Subset.mat" for name in SUBSET_NAMES]
-        return result
+    return result
     info_dir = out_dir / "Info_Files"
     info_dir.mkdir(parents=True, exist_ok=True)
     for name in SUBSET_NAMES:

@@ -112,9 +112,29 @@ def _minmax(x: np.ndarray) -> np.ndarray:
     return (x - low) / np.maximum(high - low, 1e-12)
 
 
-def render_segments(p: SegmentParams, rng: np.random.Generator) -> Rendered:
+@dataclass
+class _Beats:
+    """Per-beat timing (s) and pressures (mmHg) of every segment, [segments, beats], float64."""
+
+    r_peaks: np.ndarray
+    rr: np.ndarray
+    sbp: np.ndarray
+    dbp: np.ndarray
+    map: np.ndarray  # mean arterial pressure
+    foot_abp: np.ndarray
+    foot_ppg: np.ndarray
+    lvet: np.ndarray  # left-ventricular ejection time: where the dicrotic notch falls
+
+
+def _take(per_beat: np.ndarray, i: np.ndarray) -> np.ndarray:
+    """Each sample's value of its beat (`i`: index of the beat the sample belongs to)."""
+    return np.take_along_axis(per_beat.astype(np.float32), i, axis=1)
+
+
+def _draw_beats(p: SegmentParams, rng: np.random.Generator, t: np.ndarray) -> _Beats:
+    """R-peaks with respiratory and random RR variation, each beat's SBP / DBP, and the pulse
+    transit to the ABP and PPG feet (faster at higher MAP)."""
     n = len(p.sbp)
-    t = (np.arange(SPAN) - PAD) / FS
     rr_mean = 60.0 / p.hr
     beats = int(np.ceil((SPAN / FS + 3.0) / (0.9 * rr_mean.min()))) + 2
     k = np.arange(beats)
@@ -137,73 +157,107 @@ def render_segments(p: SegmentParams, rng: np.random.Generator) -> Rendered:
     map_k = dbp_k + (sbp_k - dbp_k) / 3
     pwv = p.pwv0[:, None] * np.exp(0.02 * (map_k - 90.0))
     pep = (p.pep0 - 0.0005 * (p.hr - 70.0))[:, None] - 0.0002 * (sbp_k - p.sbp[:, None])
-    foot_abp = r_peaks + pep + p.path_abp[:, None] / pwv
-    foot_ppg = r_peaks + pep + p.path_ppg[:, None] / pwv
-    lvet = np.clip(0.37 - 0.0016 * (60.0 / rr - 70.0), 0.2, 0.45)
+    return _Beats(
+        r_peaks=r_peaks,
+        rr=rr,
+        sbp=sbp_k,
+        dbp=dbp_k,
+        map=map_k,
+        foot_abp=r_peaks + pep + p.path_abp[:, None] / pwv,
+        foot_ppg=r_peaks + pep + p.path_ppg[:, None] / pwv,
+        lvet=np.clip(0.37 - 0.0016 * (60.0 / rr - 70.0), 0.2, 0.45),
+    )
 
-    # Sample-level work in float32 (half the memory traffic); per-beat values stay float64.
-    t32 = t.astype(np.float32)
 
-    # ABP: rises from this beat's diastolic to its systolic value, decays to the next diastole.
-    i = _last_event(foot_abp, t)
-
-    def take(per_beat: np.ndarray) -> np.ndarray:
-        return np.take_along_axis(per_beat.astype(np.float32), i, axis=1)
-
-    period_abp = np.diff(foot_abp, axis=1, append=foot_abp[:, -1:] + rr[:, -1:])
-    rise_abp = np.clip(0.11 - 0.0004 * (map_k - 90.0), 0.07, 0.16)
-    notch_t = np.minimum(lvet, 0.8 * period_abp)
-    tau = t32 - take(foot_abp)
-    rise = take(rise_abp)
-    shape = _pulse(tau, rise, take(period_abp), take(notch_t), np.float32(0.12), 0.10, 1.3)
-    dbp_next = np.concatenate([dbp_k[:, 1:], dbp_k[:, -1:]], axis=1)
-    base = np.where(tau < rise, take(dbp_k), take(dbp_next))
-    abp = base + (take(sbp_k) - base) * shape
-    peak_t = foot_abp + rise_abp
+def _render_abp(
+    b: _Beats, t: np.ndarray, t32: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ABP rising from each beat's diastolic to its systolic value and decaying to the next
+    diastole, and the labels: segment means of the peaks and feet inside the window."""
+    i = _last_event(b.foot_abp, t)
+    period_abp = np.diff(b.foot_abp, axis=1, append=b.foot_abp[:, -1:] + b.rr[:, -1:])
+    rise_abp = np.clip(0.11 - 0.0004 * (b.map - 90.0), 0.07, 0.16)
+    notch_t = np.minimum(b.lvet, 0.8 * period_abp)
+    tau = t32 - _take(b.foot_abp, i)
+    rise = _take(rise_abp, i)
+    shape = _pulse(
+        tau, rise, _take(period_abp, i), _take(notch_t, i), np.float32(0.12), 0.10, 1.3
+    )
+    dbp_next = np.concatenate([b.dbp[:, 1:], b.dbp[:, -1:]], axis=1)
+    base = np.where(tau < rise, _take(b.dbp, i), _take(dbp_next, i))
+    abp = base + (_take(b.sbp, i) - base) * shape
+    peak_t = b.foot_abp + rise_abp
     in_peak = (peak_t >= 0) & (peak_t < WINDOW / FS)
-    in_foot = (foot_abp >= 0) & (foot_abp < WINDOW / FS)
-    sbp = (sbp_k * in_peak).sum(axis=1) / np.maximum(in_peak.sum(axis=1), 1)
-    dbp = (dbp_k * in_foot).sum(axis=1) / np.maximum(in_foot.sum(axis=1), 1)
+    in_foot = (b.foot_abp >= 0) & (b.foot_abp < WINDOW / FS)
+    sbp = (b.sbp * in_peak).sum(axis=1) / np.maximum(in_peak.sum(axis=1), 1)
+    dbp = (b.dbp * in_foot).sum(axis=1) / np.maximum(in_foot.sum(axis=1), 1)
+    return abp, sbp, dbp
 
-    # PPG: same beat, later foot; stiffer (higher-pressure) arteries: faster rise, fainter notch.
-    i = _last_event(foot_ppg, t)
-    period_ppg = np.diff(foot_ppg, axis=1, append=foot_ppg[:, -1:] + rr[:, -1:])
-    rise_ppg = np.clip(p.ppg_rise0[:, None] * (1 - 0.004 * (sbp_k - 120.0)), 0.07, 0.32)
-    notch_ppg = np.clip(p.notch0[:, None] * (1 - 0.008 * (sbp_k - 120.0)), 0.0, 0.3)
-    notch_t_ppg = np.minimum(lvet + 0.06, 0.85 * period_ppg)
-    amplitude = p.ppg_gain[:, None] * (sbp_k - dbp_k) / (1 + 0.015 * (map_k - 90.0))
-    ppg = take(amplitude) * _pulse(
-        t32 - take(foot_ppg),
-        take(rise_ppg),
-        take(period_ppg),
-        take(notch_t_ppg),
-        take(notch_ppg),
+
+def _render_ppg(
+    p: SegmentParams, b: _Beats, rng: np.random.Generator, t: np.ndarray, t32: np.ndarray
+) -> np.ndarray:
+    """PPG: same beat, later foot; stiffer (higher-pressure) arteries: faster rise, fainter
+    notch; plus baseline wander and noise."""
+    i = _last_event(b.foot_ppg, t)
+    period_ppg = np.diff(b.foot_ppg, axis=1, append=b.foot_ppg[:, -1:] + b.rr[:, -1:])
+    rise_ppg = np.clip(p.ppg_rise0[:, None] * (1 - 0.004 * (b.sbp - 120.0)), 0.07, 0.32)
+    notch_ppg = np.clip(p.notch0[:, None] * (1 - 0.008 * (b.sbp - 120.0)), 0.0, 0.3)
+    notch_t_ppg = np.minimum(b.lvet + 0.06, 0.85 * period_ppg)
+    amplitude = p.ppg_gain[:, None] * (b.sbp - b.dbp) / (1 + 0.015 * (b.map - 90.0))
+    ppg = _take(amplitude, i) * _pulse(
+        t32 - _take(b.foot_ppg, i),
+        _take(rise_ppg, i),
+        _take(period_ppg, i),
+        _take(notch_t_ppg, i),
+        _take(notch_ppg, i),
         0.15,
         1.1,
     )
+    n = len(p.sbp)
     ppg_scale = 40.0 * p.ppg_gain
     ppg += _wander(rng, n, t32, p.wander * ppg_scale, 0.05, 0.35)
     ppg += (p.ppg_noise * ppg_scale).astype(np.float32)[:, None] * rng.standard_normal(
         (n, SPAN), dtype=np.float32
     )
+    return ppg
 
-    # ECG: the P-QRS complexes of the previous and next R-peaks (they overlap), the previous T.
-    i = _last_event(r_peaks, t)
-    tau = t32 - take(r_peaks)
+
+def _render_ecg(
+    p: SegmentParams, b: _Beats, rng: np.random.Generator, t: np.ndarray, t32: np.ndarray
+) -> np.ndarray:
+    """ECG: the P-QRS complexes of the previous and next R-peaks (they overlap), the previous T;
+    plus baseline wander and noise."""
+    i = _last_event(b.r_peaks, t)
+    tau = t32 - _take(b.r_peaks, i)
     tau_next = t32 - np.take_along_axis(
-        r_peaks.astype(np.float32), np.minimum(i + 1, beats - 1), axis=1
+        b.r_peaks.astype(np.float32), np.minimum(i + 1, b.r_peaks.shape[1] - 1), axis=1
     )
     # The table is zero at both ends, so clipping the index silences times outside it.
     ecg = _QRS[np.clip(np.rint(tau * 1000).astype(np.int32) + _QRS_MS, 0, 2 * _QRS_MS)]
     ecg += _QRS[np.clip(np.rint(tau_next * 1000).astype(np.int32) + _QRS_MS, 0, 2 * _QRS_MS)]
-    ecg += 0.3 * np.exp(-np.square((tau - take(0.28 * np.sqrt(rr))) / np.float32(0.05)))
+    ecg += 0.3 * np.exp(-np.square((tau - _take(0.28 * np.sqrt(b.rr), i)) / np.float32(0.05)))
+    n = len(p.sbp)
     ecg += _wander(rng, n, t32, p.wander, 0.1, 0.4)
     ecg += p.ecg_noise.astype(np.float32)[:, None] * rng.standard_normal(
         (n, SPAN), dtype=np.float32
     )
+    return ecg
+
+
+def render_segments(p: SegmentParams, rng: np.random.Generator) -> Rendered:
+    """Render one segment per row of `p`: the beats first, then ABP, PPG and ECG over them (in
+    this order: each draws from `rng`), then PulseDB's filtering and scaling over the window."""
+    t = (np.arange(SPAN) - PAD) / FS
+    # Sample-level work in float32 (half the memory traffic); per-beat values stay float64.
+    t32 = t.astype(np.float32)
+    beats = _draw_beats(p, rng, t)
+    abp, sbp, dbp = _render_abp(beats, t, t32)
+    ppg = _render_ppg(p, beats, rng, t, t32)
+    ecg = _render_ecg(p, beats, rng, t, t32)
 
     window = slice(PAD, PAD + WINDOW)
     ecg_f = _minmax(signal.sosfiltfilt(_ECG_SOS, ecg, axis=1)[:, window])
     ppg_f = _minmax(signal.sosfiltfilt(_PPG_SOS, ppg, axis=1)[:, window])
-    abp_raw = abp[:, window].astype(np.float64) + 0.3 * rng.standard_normal((n, WINDOW))
+    abp_raw = abp[:, window].astype(np.float64) + 0.3 * rng.standard_normal((len(p.sbp), WINDOW))
     return Rendered(ecg_f=ecg_f, ppg_f=ppg_f, abp_raw=abp_raw, sbp=sbp, dbp=dbp)

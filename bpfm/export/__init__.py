@@ -18,6 +18,7 @@ import abc
 import importlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -94,7 +95,7 @@ def is_export_variant(options: dict[str, Any]) -> bool:
     return options.get("backend") in BACKENDS
 
 
-def runtime_module(fmt: str):
+def runtime_module(fmt: str) -> ModuleType:
     """The bpfm module of a format, its runtime imported (one line when the extra is missing)."""
     try:
         importlib.import_module(PACKAGES[fmt])

@@ -20,7 +20,7 @@ import tempfile
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from bpfm.export import MAX_BATCH, ExportConfig, RuntimeModel, first_line
 from bpfm.quant.pt2e import _quiet_torchao_import
 from bpfm.training.predict import WINDOW_SHAPE
 
+if TYPE_CHECKING:
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+
 MAGIC = b"ET12"  # the flatbuffer file identifier of a .pte, bytes 4..8
 LOWERING_WARNING = "isinstance(treespec, LeafSpec)"  # torch's own deprecation, per lowering
 
@@ -39,7 +42,7 @@ def _quiet():
     return _quiet_torchao_import()
 
 
-def quantizer_for(config: ExportConfig):
+def quantizer_for(config: ExportConfig) -> XNNPACKQuantizer:
     with _quiet():
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from bpfm.training.evaluate import model_split
 from bpfm.training.model_dir import load_trained
 from bpfm.training.predict import WINDOW_SHAPE, Predictions, predict, target_scaling
 
+if TYPE_CHECKING:
+    from bpfm.training.config import TrainConfig
+
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "export.json"
@@ -52,7 +55,7 @@ REFERENCE_OBSERVER = {"minmax": "minmax", "entropy": "histogram", "percentile": 
                       "moving_average": "moving_average", "histogram": "histogram"}
 
 
-def check_size(model_dir: Path, train_config, meta: dict[str, Any]) -> None:
+def check_size(model_dir: Path, train_config: TrainConfig, meta: dict[str, Any]) -> None:
     """The weights must be of the size config.json names (a copied-over model file is not)."""
     spec = meta.get("model") or {}
     named = SIZE_ALIASES.get(train_config.size, train_config.size)

@@ -19,7 +19,12 @@ attention runs across channels (`over_channels`) or across the patches of each c
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from torch.autograd.function import FunctionCtx
 
 # Sequences up to this length attend by broadcast products instead of batched matmuls: the
 # inter-channel blocks of a 2-channel model attend over 2 tokens, where a [2, 2] matmul per
@@ -66,7 +71,9 @@ class PairAttention(torch.autograd.Function):
     w_i = sigmoid(q_i . (k_0 - k_1) * scale) and gets v_1 + w_i (v_0 - v_1)."""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, heads: int, axis: int) -> torch.Tensor:
+    def forward(
+        ctx: FunctionCtx, qkv: torch.Tensor, heads: int, axis: int
+    ) -> torch.Tensor:
         b, c, p, width = qkv.shape
         q, k, v = _heads_view(qkv, heads).unbind(3)
         scale = q.shape[-1] ** -0.5
@@ -81,7 +88,7 @@ class PairAttention(torch.autograd.Function):
         return out.reshape(b, c, p, width // 3)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         qkv, key_diff, value_diff, weight = ctx.saved_tensors
         axis = ctx.axis
         split = _heads_view(qkv, ctx.heads)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,21 +53,21 @@ def register_size(
 
 
 @register_size("small")
-def cerebro_small(**overrides) -> CerebroConfig:
+def cerebro_small(**overrides: Any) -> CerebroConfig:
     return replace(CerebroConfig(dim=192, depth=8, heads=12), **overrides)
 
 
 @register_size("medium")
-def cerebro_medium(**overrides) -> CerebroConfig:
+def cerebro_medium(**overrides: Any) -> CerebroConfig:
     return replace(CerebroConfig(dim=576, depth=10, heads=12), **overrides)
 
 
 @register_size("large")
-def cerebro_large(**overrides) -> CerebroConfig:
+def cerebro_large(**overrides: Any) -> CerebroConfig:
     return replace(CerebroConfig(dim=768, depth=12, heads=12), **overrides)
 
 
-def size_config(size: str, **overrides) -> CerebroConfig:
+def size_config(size: str, **overrides: Any) -> CerebroConfig:
     """The config of a registered size (or alias); unknown names list the valid ones."""
     name = SIZE_ALIASES.get(size, size)
     if name not in SIZES:

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -97,7 +98,7 @@ def read_bytes(uri: str | Path) -> bytes:
         raise BpfmError(f"{uri}: cannot read ({err.strerror or err})") from None
 
 
-def safe_torch_load(file) -> object:
+def safe_torch_load(file: str | Path | BinaryIO) -> object:
     """`torch.load(weights_only=True)` to CPU, without torch's warning about pickle protocols
     (the allow-listed unpickler reads the ones it supports and refuses the rest)."""
     with warnings.catch_warnings():
@@ -261,6 +262,6 @@ class _ByteCounter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data) -> int:
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         self.size += len(data)
         return len(data)

@@ -14,7 +14,13 @@ Each is made from the train view only, so a protocol's test subjects never reach
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from bpfm.orchestration.grid import Cell
+    from bpfm.profiles import PretrainSpec
 
 EEG = "pretrained"
 IN_DOMAIN = {"pretrained_ecgppg": "ecgppg", "pretrained_eeg_then_ecgppg": "eeg-then-ecgppg"}
@@ -36,7 +42,9 @@ def _in_domain_uri(eeg_uri: str, tag: str, source: str, protocol: str) -> str:
     return f"{eeg_uri.removesuffix('.ckpt')}-{tag}-{source}-{protocol}.ckpt"
 
 
-def backbone_jobs(pretrain_spec, cells, data: str, split_seed: int = 42) -> list[BackboneJob]:
+def backbone_jobs(
+    pretrain_spec: PretrainSpec, cells: Iterable[Cell], data: str, split_seed: int = 42
+) -> list[BackboneJob]:
     """Every backbone the cells need, the EEG ones first (others may continue them).
     `split_seed` must be the cells' own, so that a backbone sees exactly their train view."""
     eeg: dict[str, BackboneJob] = {}

@@ -11,8 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bpfm.errors import BpfmError
+
+if TYPE_CHECKING:
+    from bpfm.profiles import Profile
 
 # A Ray job's working dir is unpacked under `<session>/runtime_resources/working_dir_files/`.
 RAY_JOB_COPY_PART = "runtime_resources"
@@ -75,7 +79,7 @@ def check_job_paths(
             )
 
 
-def launch_paths(profile, tracking_uri: str) -> dict[str, str]:
+def launch_paths(profile: Profile, tracking_uri: str) -> dict[str, str]:
     """What a grid launch keeps where: the MLflow store, Tune storage, shards and backbones."""
     paths = {"MLflow store (MLFLOW_TRACKING_URI)": tracking_uri,
              "Tune storage (--storage)": profile.storage, "data (--data)": profile.data.uri}

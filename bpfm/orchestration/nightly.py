@@ -19,11 +19,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bpfm import defaults, tracking
 from bpfm.errors import BpfmError
-from bpfm.profiles import load_profile
+from bpfm.profiles import Profile, load_profile
 from bpfm.regression import (
     baseline_document,
     compare,
@@ -31,6 +31,11 @@ from bpfm.regression import (
     parse_tolerances,
     render_markdown,
 )
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +61,15 @@ def _value(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _entry(run) -> dict[str, Any]:
+def _entry(run: Run) -> dict[str, Any]:
     values = {k: _value(v) for k, v in run.data.metrics.items()}
     values.update({k: run.data.tags[k] for k in tracking.GRADE_TAGS if k in run.data.tags})
     return values
 
 
-def collect_entries(client, experiment_id: str, grid_run_id: str) -> dict[str, dict[str, Any]]:
+def collect_entries(
+    client: MlflowClient, experiment_id: str, grid_run_id: str
+) -> dict[str, dict[str, Any]]:
     """Every finished train and quant run of one grid launch, keyed `train/<cell>` and
     `quant/<cell>/<variant>`: its final metrics (last values of per-epoch curves) and verdicts."""
     entries: dict[str, dict[str, Any]] = {}
@@ -79,7 +86,7 @@ def collect_entries(client, experiment_id: str, grid_run_id: str) -> dict[str, d
     return entries
 
 
-def fresh_locations(profile, work: Path):
+def fresh_locations(profile: Profile, work: Path) -> Profile:
     """The profile with its data, backbones and Tune storage under `work` (made anew)."""
     data = dataclasses.replace(profile.data, uri=str(work / "shards"))
     pretrain = profile.pretrain
@@ -97,7 +104,7 @@ def remove_work(work: Path) -> None:
         shutil.rmtree(work / folder, ignore_errors=True)
 
 
-def _run_grid(profile, config: NightlyConfig, stamp: str) -> dict[str, Any]:
+def _run_grid(profile: Profile, config: NightlyConfig, stamp: str) -> dict[str, Any]:
     from bpfm.orchestration.ray_grid import run_grid  # lazy: ray
 
     result = run_grid(profile, name=f"nightly-{stamp}", gpus=config.gpus)
@@ -105,7 +112,7 @@ def _run_grid(profile, config: NightlyConfig, stamp: str) -> dict[str, Any]:
             "errors": result["errors"]}
 
 
-def _write_baseline(path: Path, entries, profile: str, stamp: str) -> None:
+def _write_baseline(path: Path, entries: dict[str, Any], profile: str, stamp: str) -> None:
     previous = load_baseline(path) if path.is_file() else None
     document = baseline_document(entries, profile=profile, created=stamp, previous=previous)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +120,7 @@ def _write_baseline(path: Path, entries, profile: str, stamp: str) -> None:
     log.info("baseline %s rewritten: %d entries", path, len(entries))
 
 
-def _log_nightly_run(client, experiment_id: str, grid_run_id: str, out: Path,
+def _log_nightly_run(client: MlflowClient, experiment_id: str, grid_run_id: str, out: Path,
                      summary: dict[str, Any]) -> str:
     run = client.create_run(
         experiment_id, run_name="nightly",
@@ -131,6 +138,62 @@ def _log_nightly_run(client, experiment_id: str, grid_run_id: str, out: Path,
     return run_id
 
 
+def _earlier_grid(client: MlflowClient, grid_run: str) -> dict[str, Any]:
+    """An earlier launch's grid run (`--grid-run`), to compare instead of running the grid."""
+    from mlflow.exceptions import MlflowException  # lazy: mlflow
+
+    try:
+        run = client.get_run(grid_run)
+    except MlflowException:
+        raise BpfmError(f"--grid-run: {grid_run}: no such MLflow run") from None
+    return {"grid_run_id": grid_run, "experiment_id": run.info.experiment_id, "errors": []}
+
+
+def _launch_grid(profile: Profile, config: NightlyConfig, out: Path, stamp: str) -> dict[str, Any]:
+    """Tonight's grid; on one machine in fresh locations under `out/work` (removed afterwards
+    unless `keep_work`)."""
+    fresh = not (config.reuse or os.environ.get("RAY_ADDRESS"))
+    if fresh:
+        profile = fresh_locations(profile, out / "work")
+    try:
+        return _run_grid(profile, config, stamp)
+    finally:
+        if fresh and not config.keep_work:
+            remove_work(out / "work")
+
+
+def _update_baseline(config: NightlyConfig, entries: dict[str, dict[str, Any]],
+                     errors: list[str], grid_run_id: str, profile: str, stamp: str,
+                     out: Path) -> None:
+    if errors:
+        raise BpfmError(
+            f"grid run {grid_run_id}: {len(errors)} errors; the baseline "
+            f"was not rewritten (first: {errors[0]})"
+        )
+    _write_baseline(config.baseline, entries, profile, stamp)
+    (out / "current.json").write_text(json.dumps(entries, indent=1, sort_keys=True))
+
+
+def _write_regression_report(baseline: dict[str, Any], entries: dict[str, dict[str, Any]],
+                             errors: list[str], grid_run_id: str, config: NightlyConfig,
+                             out: Path) -> dict[str, Any]:
+    """Compare with the baseline, write regression.md and .json; the summary's verdict keys."""
+    tolerances = parse_tolerances(baseline.get("tolerances") or {}, str(config.baseline))
+    comparison = compare(baseline["entries"], entries, tolerances)
+    report = render_markdown(comparison)
+    if errors:
+        report += "\n## Grid errors\n\n" + "\n".join(f"- {e}" for e in errors) + "\n"
+    (out / "regression.md").write_text(report)
+    document = {**comparison.to_dict(), "errors": errors, "grid_run_id": grid_run_id}
+    (out / "regression.json").write_text(json.dumps(document, indent=1, default=str))
+    return {
+        "status": "pass" if comparison.passed and not errors else "fail",
+        "regressions": len(comparison.regressions),
+        "improvements": len(comparison.improvements),
+        "report": str(out / "regression.md"),
+    }
+
+
 def run_nightly(config: NightlyConfig) -> dict[str, Any]:
     """Run (or pick up) the nightly grid, compare it with the baseline, write and log the report.
     `status` is pass, fail (a regression or a grid error) or baseline-updated."""
@@ -142,57 +205,26 @@ def run_nightly(config: NightlyConfig) -> dict[str, Any]:
         baseline = load_baseline(config.baseline)  # fail before hours of training, not after
     client = tracking.client()
     if config.grid_run:
-        from mlflow.exceptions import MlflowException  # lazy: mlflow
-
-        try:
-            run = client.get_run(config.grid_run)
-        except MlflowException:
-            raise BpfmError(f"--grid-run: {config.grid_run}: no such MLflow run") from None
-        grid = {"grid_run_id": config.grid_run, "experiment_id": run.info.experiment_id,
-                "errors": []}
+        grid = _earlier_grid(client, config.grid_run)
     else:
-        fresh = not (config.reuse or os.environ.get("RAY_ADDRESS"))
-        if fresh:
-            profile = fresh_locations(profile, out / "work")
-        try:
-            grid = _run_grid(profile, config, stamp)
-        finally:
-            if fresh and not config.keep_work:
-                remove_work(out / "work")
-    entries = collect_entries(client, grid["experiment_id"], grid["grid_run_id"])
+        grid = _launch_grid(profile, config, out, stamp)
+    grid_run_id = grid["grid_run_id"]
+    entries = collect_entries(client, grid["experiment_id"], grid_run_id)
     if not entries:
-        raise BpfmError(f"grid run {grid['grid_run_id']}: no finished train runs to compare")
+        raise BpfmError(f"grid run {grid_run_id}: no finished train runs to compare")
     errors = [ANSI.sub("", error) for error in grid["errors"]]
     summary: dict[str, Any] = {
-        "profile": profile.name, "grid_run_id": grid["grid_run_id"], "entries": len(entries),
+        "profile": profile.name, "grid_run_id": grid_run_id, "entries": len(entries),
         "baseline": str(config.baseline), "errors": errors, "out": str(out),
         "regressions": 0, "improvements": 0,
     }
     if config.update_baseline:
-        if errors:
-            raise BpfmError(
-                f"grid run {grid['grid_run_id']}: {len(errors)} errors; the baseline "
-                f"was not rewritten (first: {errors[0]})"
-            )
-        _write_baseline(config.baseline, entries, profile.name, stamp)
+        _update_baseline(config, entries, errors, grid_run_id, profile.name, stamp, out)
         summary["status"] = "baseline-updated"
-        (out / "current.json").write_text(json.dumps(entries, indent=1, sort_keys=True))
     else:
-        tolerances = parse_tolerances(baseline.get("tolerances") or {}, str(config.baseline))
-        comparison = compare(baseline["entries"], entries, tolerances)
-        report = render_markdown(comparison)
-        if errors:
-            report += "\n## Grid errors\n\n" + "\n".join(f"- {e}" for e in errors) + "\n"
-        (out / "regression.md").write_text(report)
-        document = {**comparison.to_dict(), "errors": errors, "grid_run_id": grid["grid_run_id"]}
-        (out / "regression.json").write_text(json.dumps(document, indent=1, default=str))
-        summary.update(
-            status="pass" if comparison.passed and not errors else "fail",
-            regressions=len(comparison.regressions),
-            improvements=len(comparison.improvements),
-            report=str(out / "regression.md"),
-        )
+        summary.update(_write_regression_report(baseline, entries, errors, grid_run_id, config,
+                                                out))
     summary["nightly_run_id"] = _log_nightly_run(
-        client, grid["experiment_id"], grid["grid_run_id"], out, summary
+        client, grid["experiment_id"], grid_run_id, out, summary
     )
     return summary

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pyarrow.fs as pafs
@@ -19,6 +20,9 @@ from bpfm import tracking
 from bpfm.data.shards import MANIFEST
 from bpfm.errors import BpfmError
 from bpfm.io import storage
+
+if TYPE_CHECKING:
+    from bpfm.profiles import Profile
 
 TIMEOUT_S = 5
 # requests' failures -> what went wrong (its own text is a page of urllib3's repr)
@@ -31,7 +35,7 @@ _TRACKING_HINTS = (
 )
 
 
-def check_launch(profile) -> None:
+def check_launch(profile: Profile) -> None:
     """Every URI a launch of `profile` needs, before anything starts: one line for the first
     that fails."""
     check_tracking(tracking.configure())

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import tune
@@ -31,7 +31,7 @@ from bpfm.io.scratch import process_runs
 from bpfm.io.storage import exists, is_local, join
 from bpfm.orchestration import grid, launch, preflight, progress, ray_logs, stages
 from bpfm.orchestration.backbones import backbone_jobs
-from bpfm.orchestration.grid import trial_from_config
+from bpfm.orchestration.grid import GridPlan, trial_from_config
 from bpfm.orchestration.job_paths import check_job_paths, launch_paths
 from bpfm.orchestration.stages import (
     CellLogger,
@@ -42,6 +42,14 @@ from bpfm.orchestration.stages import (
 )
 from bpfm.profiles import Profile
 from bpfm.report.summary import table2_row
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from ray.tune import ResultGrid
+    from ray.tune.experiment import Trial
+
+    from bpfm.training.loop import EpochReport
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +91,7 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
             log.info("trial %s: every cell already finished in MLflow", trial_id)
             return
 
-        def report(epoch_report) -> None:
+        def report(epoch_report: EpochReport) -> None:
             epoch = epoch_report.epoch
             values = {"epoch": epoch, "train_loss": epoch_report.train_loss,
                       "val_mae": epoch_report.val_mae}
@@ -134,10 +142,12 @@ class TrialProgress(tune.Callback):
     """Advances the grid's progress bar (`bpfm.orchestration.progress.current`) as trials end. It
     holds no state: Tune pickles its run config, callbacks included, with the experiment."""
 
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
+                          **info: Any) -> None:
         progress.advance()
 
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
+                       **info: Any) -> None:
         progress.advance()
 
 
@@ -151,7 +161,9 @@ def cluster_gpus(policy: str = "auto") -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
-def trial_resources(profile: Profile, gpus: float):
+def trial_resources(
+    profile: Profile, gpus: float
+) -> Callable[[dict[str, Any]], tune.PlacementGroupFactory]:
     """Resources per trial from its size; GPU requests dropped on a cluster without GPUs."""
     def for_config(config: dict[str, Any]) -> tune.PlacementGroupFactory:
         wanted = profile.resources_for(config["size"]).on_cluster(gpus)
@@ -178,25 +190,25 @@ def search_space(axes: dict[str, tuple], share_prefix: bool) -> dict[str, Any]:
     return space
 
 
-def _trial_name(trial) -> str:
+def _trial_name(trial: Trial) -> str:
     return trial_from_config(trial.config).id
 
 
-def _trial_dirname(trial) -> str:
+def _trial_dirname(trial: Trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
 def make_tuner(
-    trainable,
+    trainable: Callable[..., Any],
     *,
     param_space: dict[str, Any] | None,
     storage: str,
     name: str,
-    resources,
+    resources: Callable[[dict[str, Any]], tune.PlacementGroupFactory] | dict[str, float],
     max_failures: int,
     max_concurrent: int = 0,
     tune_config: dict[str, Any] | None = None,
-    callbacks: list | None = None,
+    callbacks: list[tune.Callback] | None = None,
     verbose: int = 1,
 ) -> tune.Tuner:
     """A Tuner for `storage/name`: restored when that experiment exists (finished trials are not
@@ -331,7 +343,7 @@ def ensure_pretrained(profile: Profile, sizes: list[str], gpus: float) -> dict[s
 
 
 def ensure_backbones(
-    profile: Profile, cells: list, data: str, gpus: float, split_seed: int = 42
+    profile: Profile, cells: list[grid.Cell], data: str, gpus: float, split_seed: int = 42
 ) -> dict[str, str]:
     """Stage 0: every named backbone of the `init` axis (bpfm.orchestration.backbones), keyed as
     `backbone_key`; missing ones are pretrained as Ray tasks, EEG ones before those that
@@ -453,16 +465,87 @@ def run_grid(
             progress.finish()
 
 
+def _stage_0(profile: Profile, plan: GridPlan, train: dict[str, Any],
+             gpu_count: float) -> tuple[str, dict[str, str]]:
+    """Stage 0: the shard set (its generation pinned in `train`: every trial reads this one) and
+    the backbones of the pretrained cells."""
+    progress.start("stage 0: data, backbones", 1)
+    data = grid.ensure_data(profile)
+    train["data_generation"] = open_shards(data).generation
+    pretrained = ensure_backbones(profile, plan.cells, data, gpu_count,
+                                  int(train.get("split_seed", 42)))
+    return data, pretrained
+
+
+def _start_grid_run(client: MlflowClient, experiment_id: str, profile: Profile, plan: GridPlan,
+                    path: str, resuming: bool, data: str, train: dict[str, Any],
+                    recipe: dict[str, Any]) -> str:
+    """The grid's parent run in MLflow (re-opened when the Tune experiment resumes)."""
+    return tracking.start_grid_run(
+        client, experiment_id, name=f"grid-{profile.name}", resume=resuming,
+        tags={tracking.KIND: "grid", tracking.STUDY: profile.study,
+              tracking.PROFILE: profile.name, tracking.TUNE_PATH: path},
+        params={"profile": profile.name, "data": data, "storage": path,
+                "data_generation": train["data_generation"],
+                "n_cells": len(plan.cells), "n_trials": len(plan.trials),
+                "epoch_prefix_sharing": plan.share_prefix, "recipe": recipe,
+                "quantize_variants": list(profile.quantize)},
+    )
+
+
+def _grid_tuner(profile: Profile, plan: GridPlan, ctx: TrialContext, name: str,
+                gpu_count: float, verbose: bool) -> tune.Tuner:
+    return make_tuner(
+        tune.with_parameters(train_cell, ctx=ctx),
+        param_space=search_space(profile.axes, plan.share_prefix),
+        storage=_absolute(profile.storage), name=name,
+        resources=trial_resources(profile, gpu_count),
+        max_failures=profile.tune.max_failures,
+        max_concurrent=profile.tune.max_concurrent_trials,
+        callbacks=[TrialProgress()], verbose=1 if verbose else 0,
+    )
+
+
+def _stages_1_and_2(tuner: tune.Tuner, client: MlflowClient, ctx: TrialContext,
+                    profile: Profile, quant_cpus: float) -> tuple[ResultGrid, list[dict[str, Any]]]:
+    """Stage 1 (Tune over the grid) with stage 2 alongside: each trained model is quantized as
+    soon as it is logged. Returns Tune's results and every quantization result."""
+
+    def job(run: Run) -> dict[str, Any]:
+        return {"tracking_uri": ctx.tracking_uri, "experiment_id": ctx.experiment_id,
+                "grid_run_id": ctx.parent_run_id, "study": profile.study,
+                "cell": run.data.tags[tracking.CELL], "cell_run_id": run.info.run_id,
+                "variants": profile.quantize, "data": ctx.data,
+                "settings": profile.quantize_options}
+
+    log.info("stage 2: %d variants per trained model, each model as soon as it is logged",
+             len(profile.quantize))
+    if not profile.quantize:
+        return tuner.fit(), []
+    return train_while_quantizing(
+        tuner.fit, lambda: stages.launch_cells(client, ctx.experiment_id, ctx.parent_run_id),
+        job, cpus=quant_cpus,
+    )
+
+
+def _launch_errors(results: ResultGrid, quantized: list[dict[str, Any]], cells: list[Run],
+                   profile: Profile, grid_run: str, path: str) -> list[str]:
+    """Every trial's and quantization's error, one line each; a launch that trained nothing
+    is an error too (never an empty success)."""
+    errors = [_last_line(r.error) for r in results if r.error is not None]
+    errors += [f"{q['cell']}/{q['variant']}: {q['error']}" for q in quantized if "error" in q]
+    if not cells and not errors:
+        errors.append(f"stage 1: no finished train run in MLflow experiment {profile.study} "
+                      f"(grid run {grid_run}) for Tune experiment {path}")
+    return errors
+
+
 def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus: str,
                 quant_cpus: float, verbose: bool = True) -> dict[str, Any]:
     train = {**profile.train, "cache": profile.data.cache, **recipe}
     plan = grid.plan_grid(profile, train)
     gpu_count = cluster_gpus(gpus)
-    progress.start("stage 0: data, backbones", 1)
-    data = grid.ensure_data(profile)
-    train["data_generation"] = open_shards(data).generation  # every trial reads this one
-    pretrained = ensure_backbones(profile, plan.cells, data, gpu_count,
-                                  int(train.get("split_seed", 42)))
+    data, pretrained = _stage_0(profile, plan, train, gpu_count)
 
     uri = tracking.configure()
     identity = launch.identity(train, launch.data_generation(data), uri)
@@ -473,64 +556,23 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
     tracking_view.mark_experiment(client, experiment_id)
     path = join(_absolute(profile.storage), name)
     resuming = tune.Tuner.can_restore(path)
-    grid_run = tracking.start_grid_run(
-        client, experiment_id, name=f"grid-{profile.name}", resume=resuming,
-        tags={tracking.KIND: "grid", tracking.STUDY: profile.study,
-              tracking.PROFILE: profile.name, tracking.TUNE_PATH: path},
-        params={"profile": profile.name, "data": data, "storage": path,
-                "data_generation": train["data_generation"],
-                "n_cells": len(plan.cells), "n_trials": len(plan.trials),
-                "epoch_prefix_sharing": plan.share_prefix, "recipe": recipe,
-                "quantize_variants": list(profile.quantize)},
-    )
-    log.info(
-        "stage 1: %d cells in %d trials -> %s (MLflow %s, run %s)",
-        len(plan.cells),
-        len(plan.trials),
-        path,
-        tracking.redact(uri),
-        grid_run,
-    )
+    grid_run = _start_grid_run(client, experiment_id, profile, plan, path, resuming, data, train,
+                               recipe)
+    log.info("stage 1: %d cells in %d trials -> %s (MLflow %s, run %s)", len(plan.cells),
+             len(plan.trials), path, tracking.redact(uri), grid_run)
     ctx = TrialContext(
         data=data, train=train, tracking_uri=uri, experiment_id=experiment_id,
         parent_run_id=grid_run, study=profile.study, profile=profile.name, pretrained=pretrained,
         checkpoint_every=profile.tune.checkpoint_every,
     )
-    tuner = make_tuner(
-        tune.with_parameters(train_cell, ctx=ctx),
-        param_space=search_space(profile.axes, plan.share_prefix),
-        storage=_absolute(profile.storage), name=name,
-        resources=trial_resources(profile, gpu_count),
-        max_failures=profile.tune.max_failures,
-        max_concurrent=profile.tune.max_concurrent_trials,
-        callbacks=[TrialProgress()], verbose=1 if verbose else 0,
-    )
+    tuner = _grid_tuner(profile, plan, ctx, name, gpu_count, verbose)
     progress.start("stage 1: training trials", len(plan.trials))
     launch.record(_absolute(profile.storage), name, identity)
-
-    def job(run) -> dict[str, Any]:
-        return {"tracking_uri": uri, "experiment_id": experiment_id, "grid_run_id": grid_run,
-                "study": profile.study, "cell": run.data.tags[tracking.CELL],
-                "cell_run_id": run.info.run_id, "variants": profile.quantize, "data": data,
-                "settings": profile.quantize_options}
-
-    log.info("stage 2: %d variants per trained model, each model as soon as it is logged",
-             len(profile.quantize))
-    if profile.quantize:
-        results, quantized = train_while_quantizing(
-            tuner.fit, lambda: stages.launch_cells(client, experiment_id, grid_run), job,
-            cpus=quant_cpus,
-        )
-    else:
-        results, quantized = tuner.fit(), []
-    errors = [_last_line(r.error) for r in results if r.error is not None]
-    errors += [f"{q['cell']}/{q['variant']}: {q['error']}" for q in quantized if "error" in q]
+    results, quantized = _stages_1_and_2(tuner, client, ctx, profile, quant_cpus)
     cells = stages.launch_cells(client, experiment_id, grid_run)
-    if not cells and not errors:  # never an empty success
-        errors.append(f"stage 1: no finished train run in MLflow experiment {profile.study} "
-                      f"(grid run {grid_run}) for Tune experiment {path}")
-    progress.start("stage 3: registering, summary", 1)
+    errors = _launch_errors(results, quantized, cells, profile, grid_run, path)
 
+    progress.start("stage 3: registering, summary", 1)
     registered = stages.register_best(client, uri, profile.study, cells)
     summary = stages.summarize(client, experiment_id, grid_run)
     tracking_view.log_leaderboard_table(client, grid_run, [table2_row(c) for c in summary["cells"]])

@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import yaml
@@ -42,6 +42,13 @@ from bpfm.orchestration.ray_grid import (
     init_ray,
     trial_resources,
 )
+from bpfm.profiles import Profile
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
+
+    from bpfm.training.loop import EpochReport
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +113,7 @@ class DefineByRun:
     space: SearchSpace
     cell: dict[str, Any]
 
-    def __call__(self, trial) -> dict[str, Any]:
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         space = self.space
         trial.suggest_float("lr", *space.lr, log=True)
         trial.suggest_float("weight_decay", *space.weight_decay, log=True)
@@ -164,7 +171,7 @@ def search_trial(config: dict[str, Any], ctx: SearchContext) -> None:
     out = Path(tune.get_context().get_trial_dir()) / "model"
     train = TrainConfig.from_dict(trial_train_values(config, ctx, str(out)))
 
-    def report(epoch_report) -> None:
+    def report(epoch_report: EpochReport) -> None:
         metrics = {"epoch": epoch_report.epoch, "val_mae": epoch_report.val_mae,
                    "train_loss": epoch_report.train_loss}
         metrics.update({k: v for k, v in epoch_report.metrics.items()
@@ -183,15 +190,16 @@ class TrialRuns(tune.Callback):
     stopped it), FAILED when it errors."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, study_run: str, study: str,
-                 ctx: SearchContext):
+                 ctx: SearchContext) -> None:
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.study_run, self.study, self.ctx = study_run, study, ctx
         self.runs: dict[str, str] = {}
 
-    def _client(self):
+    def _client(self) -> MlflowClient:
         return tracking.client(self.tracking_uri)
 
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial,
+                       **info: Any) -> None:
         from bpfm.training.config import TrainConfig  # lazy: torch
 
         number = trial.config["optuna_trial"]
@@ -204,12 +212,14 @@ class TrialRuns(tune.Callback):
                                        tags=tags, params=params)
         self.runs[trial.trial_id] = run_id
 
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
+                        result: dict[str, Any], **info: Any) -> None:
         run_id = self.runs.get(trial.trial_id)
         if run_id:
             tracking.log_epoch(self._client(), run_id, int(result["epoch"]), result)
 
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
+                          **info: Any) -> None:
         run_id = self.runs.pop(trial.trial_id, None)
         if run_id is None:
             return
@@ -224,7 +234,8 @@ class TrialRuns(tune.Callback):
         client.set_tag(run_id, STOPPED_EARLY, str(stopped).lower())
         tracking.finish(client, run_id)
 
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
+                       **info: Any) -> None:
         run_id = self.runs.pop(trial.trial_id, None)
         if run_id:
             tracking.finish(self._client(), run_id, "FAILED")
@@ -272,7 +283,7 @@ def write_recipe(path: Path, study: optuna.Study, cell: dict[str, Any]) -> dict[
     return overrides
 
 
-def _study_run(client, experiment_id: str, study: str, params: dict[str, Any]) -> str:
+def _study_run(client: MlflowClient, experiment_id: str, study: str, params: dict[str, Any]) -> str:
     """The study's MLflow run: created by the first launch, re-opened by the next ones."""
     found = tracking.find_runs(client, experiment_id, {ROLE: "study", STUDY_NAME: study})
     if found:
@@ -289,7 +300,66 @@ def _study_run(client, experiment_id: str, study: str, params: dict[str, Any]) -
     return run.info.run_id
 
 
-def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str, Any]:
+def _search_context(profile: Profile, cell: dict[str, Any], gpus: str) -> tuple[SearchContext,
+                                                                               float]:
+    """Ray up, the cell's data and (for a pretrained cell) its backbone: what trials share."""
+    init_ray()
+    gpu_count = cluster_gpus(gpus)
+    data = grid.ensure_data(profile)
+    checkpoint = None
+    if cell["init"] == "pretrained":
+        checkpoint = ensure_pretrained(profile, [cell["size"]], gpu_count)[cell["size"]]
+    return SearchContext(data=data, train=dict(profile.train), checkpoint=checkpoint), gpu_count
+
+
+def _search_tuner(profile: Profile, config: SearchConfig, study: optuna.Study, study_name: str,
+                  storage: optuna.storages.BaseStorage, remaining: int, ctx: SearchContext,
+                  gpu_count: float, callback: TrialRuns) -> tune.Tuner:
+    """Tune over `remaining` new trials of the study: TPE proposes, ASHA stops early."""
+    cell = config.cell
+    # Offset by the study's size: a resumed search must not replay the first suggestions.
+    sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials))
+    searcher = OptunaSearch(
+        space=DefineByRun(config.space, cell), metric="val_mae", mode="min",
+        sampler=sampler, study_name=study_name, storage=storage,
+    )
+    scheduler = ASHAScheduler(max_t=int(cell["epochs"]), grace_period=config.grace_period,
+                              reduction_factor=config.reduction_factor)
+    return tune.Tuner(
+        tune.with_resources(tune.with_parameters(search_trial, ctx=ctx),
+                            trial_resources(profile, gpu_count)),
+        tune_config=tune.TuneConfig(
+            metric="val_mae", mode="min", num_samples=remaining, scheduler=scheduler,
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent),
+        ),
+        run_config=tune.RunConfig(
+            name=f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=join(_absolute(profile.storage), "search"),
+            callbacks=[callback],
+            verbose=1,
+        ),
+    )
+
+
+def _finish_study(client: MlflowClient, study_run: str, study: optuna.Study, shown: str,
+                  config: SearchConfig) -> tuple[Path, dict[str, Any]]:
+    """The best trial's recipe file, logged with the best val_mae to the study's run, which
+    is closed (FAILED when no trial completed). Returns the recipe path and its overrides."""
+    study_name = study.study_name
+    if not any(t.state == TrialState.COMPLETE for t in study.trials):
+        tracking.finish(client, study_run, "FAILED")
+        raise BpfmError(f"{shown}: study {study_name}: no trial completed")
+    recipe_path = Path(config.recipe_out or defaults.home() / "search" / study_name / "recipe.yaml")
+    overrides = write_recipe(recipe_path, study, config.cell)
+    client.log_artifact(study_run, str(recipe_path))
+    best = study.best_trial
+    tracking.log_results(client, study_run, {"best_val_mae": best.value}, extra=("best_val_mae",))
+    client.set_tag(study_run, "bpfm.search.best_trial", str(best.number))
+    tracking.finish(client, study_run)
+    return recipe_path, overrides
+
+
+def run_search(profile: Profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str, Any]:
     """The search of one cell of `profile` (data, backbone, recipe and resources come from it)."""
     cell = config.cell
     study_name = config.study or "search-" + grid.Cell(**cell).id
@@ -299,13 +369,7 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
     remaining = config.trials - finished
     log.info("study %s (%s): %d finished, %d to run", study_name, shown_url(url),
              finished, max(remaining, 0))
-    init_ray()
-    gpu_count = cluster_gpus(gpus)
-    data = grid.ensure_data(profile)
-    checkpoint = None
-    if cell["init"] == "pretrained":
-        checkpoint = ensure_pretrained(profile, [cell["size"]], gpu_count)[cell["size"]]
-    ctx = SearchContext(data=data, train=dict(profile.train), checkpoint=checkpoint)
+    ctx, gpu_count = _search_context(profile, cell, gpus)
 
     uri = tracking.configure()
     client = tracking.client(uri)
@@ -315,44 +379,17 @@ def run_search(profile, config: SearchConfig, *, gpus: str = "auto") -> dict[str
                            {**cell, "profile": profile.name, "storage": shown_url(url),
                             "trials": config.trials, "sampler_seed": config.seed})
     if remaining > 0:
-        # Offset by the study's size: a resumed search must not replay the first suggestions.
-        sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials))
-        searcher = OptunaSearch(
-            space=DefineByRun(config.space, cell), metric="val_mae", mode="min",
-            sampler=sampler, study_name=study_name, storage=storage,
-        )
-        scheduler = ASHAScheduler(max_t=int(cell["epochs"]), grace_period=config.grace_period,
-                                  reduction_factor=config.reduction_factor)
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(search_trial, ctx=ctx),
-                                trial_resources(profile, gpu_count)),
-            tune_config=tune.TuneConfig(
-                metric="val_mae", mode="min", num_samples=remaining, scheduler=scheduler,
-                search_alg=ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent),
-            ),
-            run_config=tune.RunConfig(
-                name=f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=join(_absolute(profile.storage), "search"),
-                callbacks=[TrialRuns(uri, experiment_id, study_run, study_name, ctx)],
-                verbose=1,
-            ),
-        )
-        tuner.fit()
+        callback = TrialRuns(uri, experiment_id, study_run, study_name, ctx)
+        _search_tuner(profile, config, study, study_name, storage, remaining, ctx, gpu_count,
+                      callback).fit()
     study, finished = open_study(storage, study_name)
-    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    if not complete:
-        tracking.finish(client, study_run, "FAILED")
-        raise BpfmError(f"{shown_url(url)}: study {study_name}: no trial completed")
-    recipe_path = Path(config.recipe_out or defaults.home() / "search" / study_name / "recipe.yaml")
-    overrides = write_recipe(recipe_path, study, cell)
-    client.log_artifact(study_run, str(recipe_path))
+    recipe_path, overrides = _finish_study(client, study_run, study, shown_url(url), config)
     best = study.best_trial
-    tracking.log_results(client, study_run, {"best_val_mae": best.value}, extra=("best_val_mae",))
-    client.set_tag(study_run, "bpfm.search.best_trial", str(best.number))
-    tracking.finish(client, study_run)
     return {
         "study": study_name, "storage": shown_url(url), "trials": len(study.trials),
-        "finished": finished, "complete": len(complete), "ran": max(remaining, 0),
+        "finished": finished,
+        "complete": sum(t.state == TrialState.COMPLETE for t in study.trials),
+        "ran": max(remaining, 0),
         "pruned": sum(t.state == TrialState.PRUNED for t in study.trials),
         "best_trial": best.number, "best_val_mae": best.value, "recipe": str(recipe_path),
         "best": overrides, "study_run_id": study_run,

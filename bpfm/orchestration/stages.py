@@ -11,12 +11,18 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bpfm import tracking
 from bpfm.errors import BpfmError
 from bpfm.orchestration.grid import QUANT_COLUMNS, SUMMARY_COLUMNS, TRAIN_COLUMNS, Cell, TrialPlan
 from bpfm.tracking_view import key_metrics
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+    from bpfm.training.config import TrainConfig
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +43,7 @@ class TrialContext:
     checkpoint_every: int = 1
 
 
-def train_config(config: dict[str, Any], ctx: TrialContext, out: str | Path):
+def train_config(config: dict[str, Any], ctx: TrialContext, out: str | Path) -> TrainConfig:
     """The TrainConfig of one trial: the shared recipe, then this trial's axes and overrides."""
     from bpfm.training.config import TrainConfig  # lazy: torch
 
@@ -111,7 +117,9 @@ class CellLogger:
         self.finished.add(epochs)
 
 
-def log_calibration(client, run_id: str, result: dict[str, Any], model_dir: Path) -> None:
+def log_calibration(
+    client: MlflowClient, run_id: str, result: dict[str, Any], model_dir: Path
+) -> None:
     """A cell's calibrated results: metrics `cal_<method>_<metric>` and `calib_k`, tags
     `cal_<method>_{sbp_bhs_grade,dbp_bhs_grade,aami}` (the method list is the `calibration`
     param, K the `calib_windows` param), and the calibrated estimates as artifact
@@ -198,8 +206,9 @@ def _quant_params(variant: str, options: dict[str, Any]) -> dict[str, str]:
     return tracking.safe_params({**fields, "variant": variant}, [*fields, "variant"])
 
 
-def _quantize_variant(tracking_uri: str, client, run_id: str, model_dir: Path, out: Path,
-                      options: dict[str, Any], data: str, settings: dict[str, Any]) -> dict:
+def _quantize_variant(tracking_uri: str, client: MlflowClient, run_id: str, model_dir: Path,
+                      out: Path, options: dict[str, Any], data: str,
+                      settings: dict[str, Any]) -> dict:
     from bpfm.export import is_export_variant  # lazy: torch
     from bpfm.quant.convert import load_quantized  # lazy: torch
     from bpfm.quant.quantized import FX_FILE, QuantConfig  # lazy: torch
@@ -222,8 +231,8 @@ def _quantize_variant(tracking_uri: str, client, run_id: str, model_dir: Path, o
     return result
 
 
-def _export_variant(client, run_id: str, model_dir: Path, out: Path, options: dict[str, Any],
-                    data: str, settings: dict[str, Any]) -> dict:
+def _export_variant(client: MlflowClient, run_id: str, model_dir: Path, out: Path,
+                    options: dict[str, Any], data: str, settings: dict[str, Any]) -> dict:
     """A variant that names a runtime (`backend: executorch|onnxruntime`): `bpfm export`, the
     file and its metrics / parity / export JSON logged as artifacts under `exported/`."""
     from bpfm.export import ExportConfig  # lazy: torch
@@ -253,13 +262,15 @@ def _flat_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def launch_cells(client, experiment_id: str, grid_run_id: str) -> list:
+def launch_cells(client: MlflowClient, experiment_id: str, grid_run_id: str) -> list[Run]:
     """The finished train runs of one grid launch (also those an earlier attempt finished)."""
     runs = tracking.runs_of(client, experiment_id, grid_run_id, "train")
     return [r for r in runs if r.info.status == "FINISHED"]
 
 
-def register_best(client, tracking_uri: str, study: str, cell_runs: list) -> dict[str, str]:
+def register_best(
+    client: MlflowClient, tracking_uri: str, study: str, cell_runs: list[Run]
+) -> dict[str, str]:
     """Per source, the cell with the lowest final validation MAE, registered as
     `<study>-<source>` with the alias `best` (selection never looks at test metrics)."""
     from bpfm.training.model_dir import load_trained  # lazy: torch
@@ -285,7 +296,7 @@ def register_best(client, tracking_uri: str, study: str, cell_runs: list) -> dic
     return registered
 
 
-def _best_version_run(client, name: str) -> str | None:
+def _best_version_run(client: MlflowClient, name: str) -> str | None:
     """The run the registered model's `best` alias points at, None when there is none yet."""
     from mlflow.exceptions import MlflowException  # lazy: mlflow
 
@@ -295,10 +306,12 @@ def _best_version_run(client, name: str) -> str | None:
         return None
 
 
-def summarize(client, experiment_id: str, grid_run_id: str) -> dict[str, list[dict[str, Any]]]:
+def summarize(
+    client: MlflowClient, experiment_id: str, grid_run_id: str
+) -> dict[str, list[dict[str, Any]]]:
     """Stage 3: one row per trained cell and one per quantized variant, read back from MLflow
     (so a resumed launch lists what earlier attempts finished too)."""
-    def row(run, columns: list[str]) -> dict[str, Any]:
+    def row(run: Run, columns: list[str]) -> dict[str, Any]:
         values = {**run.data.params, **run.data.metrics, **run.data.tags}
         out = {c: values.get(c) for c in columns}
         out.update(cell=run.data.tags.get(tracking.CELL), run_id=run.info.run_id)

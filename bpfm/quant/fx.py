@@ -40,7 +40,7 @@ from bpfm.errors import BpfmError
 from bpfm.io.atomic import publish_file
 from bpfm.model.attention import attention_core
 from bpfm.model.cerebro import Attention
-from bpfm.quant.quantized import QuantizedModel
+from bpfm.quant.quantized import QuantConfig, QuantizedModel
 
 # The torch.ao warnings, by the start of their messages (warnings matches from the start).
 AO_WARNINGS = (
@@ -95,7 +95,7 @@ def _has_vnni() -> bool:
     return bool(probe and probe())
 
 
-def qconfig(config, engine: str):
+def qconfig(config: QuantConfig, engine: str) -> QConfig:
     if config.weights == "per_channel":
         weight = PerChannelMinMaxObserver.with_args(
             dtype=torch.qint8, qscheme=torch.per_channel_symmetric
@@ -153,7 +153,7 @@ def traceable(model: nn.Module) -> nn.Module:
     return model
 
 
-def qconfig_mapping(model: nn.Module, config, engine: str):
+def qconfig_mapping(model: nn.Module, config: QuantConfig, engine: str) -> QConfigMapping:
     """Dynamic: one global QConfig, as the paper (every Linear). Static: the Linear layers
     only, and not those of the model's `head`. Per-tensor quantization of the residual stream
     (LayerNorm, adds), the patch conv and the two outputs (the head) gave 5-8x the output error
@@ -170,7 +170,7 @@ def qconfig_mapping(model: nn.Module, config, engine: str):
 
 
 @torch.no_grad()
-def quantize_fx(model: nn.Module, config, batches: list[torch.Tensor],
+def quantize_fx(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor],
                 example: torch.Tensor) -> tuple[nn.Module, str]:
     """(converted GraphModule, engine) for a model in eval mode on CPU (changed in place)."""
     engine = select_engine()

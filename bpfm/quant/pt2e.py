@@ -16,6 +16,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch._inductor.config as inductor_config
@@ -32,6 +33,9 @@ from bpfm.quant.quantized import (
     QuantizedModel,
     config_json,
 )
+
+if TYPE_CHECKING:
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
 MAX_BATCH = 1 << 16
 INDUCTOR_INT8_LOWERING = r"torch\._inductor\.mkldnn_lowerings"
@@ -50,7 +54,7 @@ def _quiet_torchao_import() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def quantizer_for(config):
+def quantizer_for(config: QuantConfig) -> X86InductorQuantizer:
     """An X86InductorQuantizer whose global config has the observer and weight scheme asked for."""
     with _quiet_torchao_import():
         from torchao.quantization.pt2e import (
@@ -106,7 +110,7 @@ def export(module: nn.Module, example: torch.Tensor) -> torch.export.ExportedPro
 
 
 @torch.no_grad()
-def quantize_pt2e(model: nn.Module, config, batches: list[torch.Tensor],
+def quantize_pt2e(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor],
                   example: torch.Tensor) -> nn.Module:
     """The converted (reference Q/DQ) GraphModule of a model in eval mode on CPU."""
     with _quiet_torchao_import():
@@ -123,7 +127,7 @@ def quantize_pt2e(model: nn.Module, config, batches: list[torch.Tensor],
     return allow_exported_model_train_eval(convert_pt2e(prepared))
 
 
-def save(quantized, path: Path) -> Path:
+def save(quantized: QuantizedModel, path: Path) -> Path:
     """torch.export.save of the converted graph; the config rides along as an extra file."""
     program = export(quantized.net, torch.zeros(2, *WINDOW_SHAPE))
     extra = {CONFIG_EXTRA: config_json(quantized)}

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bpfm.data.loader import ShardDataset
+from bpfm.data.splits import Split, View
 from bpfm.errors import BpfmError
 from bpfm.io.atomic import write_json
 from bpfm.metrics import compute_metrics
@@ -43,7 +44,7 @@ BATCH_SIZES = (1, 64)
 DELTA_KEYS = ("sbp_mae", "dbp_mae", "sbp_r2", "dbp_r2")
 
 
-def calibration_batches(view, count: int, *, batch_size: int = 64, seed: int = 42,
+def calibration_batches(view: View, count: int, *, batch_size: int = 64, seed: int = 42,
                         normalize: bool = False) -> list[torch.Tensor]:
     """The first `count` shuffled batches [B, 2, 1250] of a view (the training view)."""
     dataset = ShardDataset(view, batch_size=batch_size, shuffle=True, seed=seed,
@@ -56,7 +57,7 @@ def calibration_batches(view, count: int, *, batch_size: int = 64, seed: int = 4
     return batches
 
 
-def _test_metrics(model: nn.Module, split, meta: dict[str, Any], batch_size: int) -> dict:
+def _test_metrics(model: nn.Module, split: Split, meta: dict[str, Any], batch_size: int) -> dict:
     pred = predict(model, split.test, meta, batch_size=batch_size, device="cpu")
     return compute_metrics(pred.target, pred.estimate, pred.subject, meta.get("target_mean"))
 
@@ -79,6 +80,50 @@ def _runnable(quantized: QuantizedModel, threads: int) -> tuple[nn.Module, float
         raise BpfmError(f"quantize: compile: Inductor failed ({first}); pass --no-compile "
                         "(QuantConfig compile=False) to run the slower eager graph") from None
     return fast, time.perf_counter() - start
+
+
+def _calibration_data(config: QuantConfig, split: Split, seed: int, normalize: bool, data: str,
+                      batch_size: int) -> list[torch.Tensor]:
+    """Static quantization's calibration batches from the training view; none for dynamic."""
+    if config.mode != "static":
+        return []
+    calib = calibration_batches(split.train, config.calib_batches, batch_size=batch_size,
+                                seed=seed, normalize=normalize)
+    if not calib:
+        raise BpfmError(f"{data}: train view: no segments to calibrate static quantization on")
+    return calib
+
+
+def _fp32_and_latency(
+    model: nn.Module, timed: nn.Module, split: Split, meta: dict[str, Any], batch_size: int,
+    baseline: Mapping[str, Any] | None, threads: int, latency_runs: int,
+) -> tuple[dict[str, Any], dict[int, float]]:
+    """The fp32 block (reused from `baseline`, else evaluated and timed here beside the
+    quantized model) and the quantized model's latency per batch size."""
+    fp32 = dict(baseline["fp32"]) if baseline and "fp32" in baseline else None
+    models: dict[str, nn.Module] = {"quantized": timed}
+    if fp32 is None:
+        fp32 = {"size_mib": state_dict_bytes(model) / MIB,
+                "test": _test_metrics(model, split, meta, batch_size)}
+        models["fp32"] = model
+    latency = latency_ms(models, BATCH_SIZES, runs=latency_runs, threads=threads) \
+        if latency_runs else {name: {} for name in models}
+    if "fp32" in models:
+        fp32.update({f"latency_ms_b{b}": latency["fp32"].get(b) for b in BATCH_SIZES})
+    return fp32, latency["quantized"]
+
+
+def _comparisons(test: dict[str, Any], fp32: dict[str, Any],
+                 latency: dict[int, float]) -> dict[str, Any]:
+    """Latency and speed-up per batch size, and the metric changes against fp32."""
+    result: dict[str, Any] = {}
+    for b in BATCH_SIZES:
+        ms, base = latency.get(b), fp32.get(f"latency_ms_b{b}")
+        result[f"latency_ms_b{b}"] = ms
+        result[f"speedup_b{b}"] = base / ms if ms and base else None
+    for key in DELTA_KEYS:
+        result[f"delta_{key}"] = _delta(test.get(key), fp32["test"].get(key))
+    return result
 
 
 def run_quantization(
@@ -107,13 +152,8 @@ def run_quantization(
                         f"{threads}/{latency_runs}")
     model, train_config, meta = load_trained(model_dir)
     split, data, source, protocol = model_split(model_dir, train_config, data, source, protocol)
-    normalize = bool(meta.get("normalize_inputs"))
-    calib = []
-    if config.mode == "static":
-        calib = calibration_batches(split.train, config.calib_batches, batch_size=calib_batch_size,
-                                    seed=train_config.seed, normalize=normalize)
-        if not calib:
-            raise BpfmError(f"{data}: train view: no segments to calibrate static quantization on")
+    calib = _calibration_data(config, split, train_config.seed,
+                              bool(meta.get("normalize_inputs")), data, calib_batch_size)
 
     start = time.perf_counter()
     quantized = quantize(model, config, calib)
@@ -121,17 +161,8 @@ def run_quantization(
     timed, compile_s = _runnable(quantized, threads)
     size, size_kind = size_bytes(quantized)
     test = _test_metrics(timed, split, meta, batch_size)
-
-    fp32 = dict(baseline["fp32"]) if baseline and "fp32" in baseline else None
-    models: dict[str, nn.Module] = {"quantized": timed}
-    if fp32 is None:
-        fp32 = {"size_mib": state_dict_bytes(model) / MIB,
-                "test": _test_metrics(model, split, meta, batch_size)}
-        models["fp32"] = model
-    latency = latency_ms(models, BATCH_SIZES, runs=latency_runs, threads=threads) \
-        if latency_runs else {name: {} for name in models}
-    if "fp32" in models:
-        fp32.update({f"latency_ms_b{b}": latency["fp32"].get(b) for b in BATCH_SIZES})
+    fp32, latency = _fp32_and_latency(model, timed, split, meta, batch_size, baseline, threads,
+                                      latency_runs)
 
     result: dict[str, Any] = {
         "variant": config.name, **config.to_dict(), "engine": quantized.engine,
@@ -141,14 +172,8 @@ def run_quantization(
         "reduction_factor": fp32["size_mib"] / (size / MIB),
         "threads": threads, "latency_runs": latency_runs,
         "quantize_s": quantize_s, "compile_s": compile_s,
+        **_comparisons(test, fp32, latency),
     }
-    for b in BATCH_SIZES:
-        ms, base = latency["quantized"].get(b), fp32.get(f"latency_ms_b{b}")
-        result[f"latency_ms_b{b}"] = ms
-        result[f"speedup_b{b}"] = base / ms if ms and base else None
-    for key in DELTA_KEYS:
-        result[f"delta_{key}"] = _delta(test.get(key), fp32["test"].get(key))
-
     out = Path(out)
     result["model_file"] = str(save_quantized(quantized, out))
     write_json(out / RESULT_FILE, result)

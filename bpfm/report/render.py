@@ -8,6 +8,7 @@ import html
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -37,7 +38,7 @@ class Report:
     sections: list[Section]
 
 
-def format_value(column: str, value) -> str:
+def format_value(column: str, value: Any) -> str:
     """Numbers as the paper prints them: R^2 to 4 decimals, everything else to 2."""
     if value is None:
         return ""

@@ -7,6 +7,7 @@ hypotension / hypertension are where cuffless estimators usually fail."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,7 @@ AGE_BANDS = (
 UNKNOWN = "unknown"
 
 
-def age_band(age) -> str:
+def age_band(age: Any) -> str:
     try:
         value = float(age)
     except (TypeError, ValueError):
@@ -30,7 +31,7 @@ def age_band(age) -> str:
     return UNKNOWN
 
 
-def gender_group(gender) -> str:
+def gender_group(gender: Any) -> str:
     return gender if gender in ("M", "F") else UNKNOWN
 
 

@@ -107,7 +107,7 @@ def format_quantized(quantized: list[dict[str, Any]]) -> str:
     for variant in sorted({q["variant"] for q in quantized}):
         rows = [q for q in quantized if q["variant"] == variant]
 
-        def median(key: str, rows=rows) -> float:
+        def median(key: str, rows: list[dict[str, Any]] = rows) -> float:
             values = [_number(r.get(key)) for r in rows]
             values = [v for v in values if not math.isnan(v)]
             return statistics.median(values) if values else math.nan

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from bpfm.data.splits import View
+from bpfm.data.splits import Split, View
 from bpfm.devices import model_device
 from bpfm.errors import BpfmError
 from bpfm.io.atomic import publish_file as _publish
@@ -231,7 +231,9 @@ def head_calibrate(
 
 
 @torch.inference_mode()
-def encode_view(model: nn.Module, view, meta: dict[str, Any], *, batch_size: int = 256):
+def encode_view(
+    model: nn.Module, view: View, meta: dict[str, Any], *, batch_size: int = 256
+) -> tuple[Predictions, np.ndarray]:
     """(Predictions, pooled encoder features [N, D]) of a `BPModel` over a view in view order:
     one pass gives both the model's estimates and what its head sees."""
     device = model_device(model)
@@ -282,7 +284,7 @@ def _rows_of(predictions, k: int, from_cal: np.ndarray | None = None) -> Calibra
     return calibration_rows(predictions.segment_id, predictions.subject, k, from_cal)
 
 
-def choose_strength(predictions, k: int) -> list[float]:
+def choose_strength(predictions: Predictions, k: int) -> list[float]:
     """Per target, the affine strength with the lowest validation MAE (ties: the stronger)."""
     rows = _rows_of(predictions, k)
     if rows.n_test == 0:
@@ -301,7 +303,7 @@ def choose_strength(predictions, k: int) -> list[float]:
     return best
 
 
-def cal_view(split):
+def cal_view(split: Split) -> View | None:
     """The `AAMI_Cal` view of an `aami` split's source, or None (other protocols, or a shard
     set without that subset)."""
     if split.protocol != "aami":
@@ -332,7 +334,9 @@ class EncodedSplit:
     where: str
 
 
-def encode_split(model: nn.Module, meta: dict[str, Any], split, *, batch_size: int = 256):
+def encode_split(
+    model: nn.Module, meta: dict[str, Any], split: Split, *, batch_size: int = 256
+) -> EncodedSplit:
     """`EncodedSplit` of a `BPModel` over `split` (test, the source's AAMI_Cal for `aami`, val)."""
     test, test_features = encode_view(model, split.test, meta, batch_size=batch_size)
     from_cal = None
@@ -348,7 +352,7 @@ def encode_split(model: nn.Module, meta: dict[str, Any], split, *, batch_size: i
 def evaluate_calibration(
     model: nn.Module,
     meta: dict[str, Any],
-    split,
+    split: Split,
     methods: Sequence[str],
     k: int = DEFAULT_WINDOWS,
     *,
@@ -404,7 +408,12 @@ def evaluate_calibration(
     return result
 
 
-def estimates_table(segment_ids, subjects, target: np.ndarray, estimates: dict[str, np.ndarray]):
+def estimates_table(
+    segment_ids: Sequence[str],
+    subjects: Sequence[str],
+    target: np.ndarray,
+    estimates: dict[str, np.ndarray],
+) -> pa.Table:
     """A pyarrow table of calibrated test windows: ids, references and `<method>_<t>_hat`."""
     columns = {"segment_id": pa.array(segment_ids, pa.string()),
                "subject": pa.array(subjects, pa.string())}
@@ -435,7 +444,7 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def write_calibrated_estimates(model_dir, table) -> None:
+def write_calibrated_estimates(model_dir: str | Path, table: pa.Table) -> None:
     """Publish `ESTIMATES_FILE` in a model dir (atomically, as every model-dir file)."""
     Path(model_dir).mkdir(parents=True, exist_ok=True)
     _publish(Path(model_dir) / ESTIMATES_FILE, lambda tmp: pq.write_table(table, tmp))

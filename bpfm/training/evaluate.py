@@ -12,7 +12,7 @@ from torch import nn
 
 from bpfm.data.loader import view_size, view_subjects
 from bpfm.data.shards import open_shards
-from bpfm.data.splits import make_split
+from bpfm.data.splits import Split, make_split
 from bpfm.devices import resolve_device
 from bpfm.errors import BpfmError
 from bpfm.metrics import compute_metrics
@@ -22,7 +22,7 @@ from bpfm.training.predict import Predictions, predict
 
 
 def open_split(data: str, source: str, protocol: str, seed: int = 42, cache: bool = True,
-               generation: str | None = None):
+               generation: str | None = None) -> Split:
     """The `bpfm.data.splits.Split` of a shard set (train / val / test views); `cache`: a remote
     set's parts are read from this node's copy (`bpfm.data.cache`); `generation`: a pinned one
     (`model_generation`) instead of the one published now."""
@@ -38,7 +38,8 @@ def model_generation(config: TrainConfig, data: str | None) -> str | None:
 
 
 def model_split(model_dir: str | Path, config: TrainConfig, data: str | None = None,
-                source: str | None = None, protocol: str | None = None):
+                source: str | None = None,
+                protocol: str | None = None) -> tuple[Split, str, str, str]:
     """(split, data, source, protocol): the views a trained model is measured on, its own data
     (at the generation it trained on) unless others are given."""
     generation = model_generation(config, data)
@@ -50,7 +51,7 @@ def model_split(model_dir: str | Path, config: TrainConfig, data: str | None = N
     return split, data, source, protocol
 
 
-def split_summary(split) -> dict[str, Any]:
+def split_summary(split: Split) -> dict[str, Any]:
     """Label, protocol, source and segment / subject counts per view (for metrics.json)."""
     summary: dict[str, Any] = {
         "label": split.label,
@@ -84,7 +85,7 @@ def mean_mae(predictions: Predictions) -> tuple[float, float, float]:
 
 def model_dir_payload(
     model: nn.Module,
-    split,
+    split: Split,
     meta: dict[str, Any],
     val_predictions: Predictions,
     *,

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from bpfm.data.generations import check_same_generation, pinned_shards
 from bpfm.data.loader import ShardDataset, view_target_stats
+from bpfm.data.splits import Split
 from bpfm.data.verify import require_intact
 from bpfm.devices import resolve_device
 from bpfm.errors import BpfmError
@@ -52,7 +53,7 @@ from bpfm.training.evaluate import (
     split_summary,
 )
 from bpfm.training.model_dir import read_metrics, write_model_dir
-from bpfm.training.predict import check_batch, predict
+from bpfm.training.predict import Predictions, check_batch, predict
 from bpfm.training.state import (
     check_resumable,
     latest_checkpoint,
@@ -234,6 +235,51 @@ def _steps_per_epoch(config: TrainConfig, n_train: int) -> int:
     return min(steps, config.max_steps_per_epoch) if config.max_steps_per_epoch else steps
 
 
+def _write_report_dirs(
+    model_dirs: list[Path],
+    model: nn.Module,
+    split: Split,
+    meta: dict[str, Any],
+    val_pred: Predictions,
+    config: TrainConfig,
+    summary: dict[str, Any],
+    state: dict[str, Any],
+    epoch: int,
+    eval_kw: dict[str, Any],
+) -> dict[str, Any]:
+    """Write this epoch's model dirs (a report epoch's and/or the final one): test predictions
+    and metrics, and per-subject calibration when asked for. Returns the `test_*` and
+    calibration metrics the epoch's report carries."""
+    payload, test_pred = model_dir_payload(model, split, meta, val_pred, **eval_kw)
+    calibrated = None
+    # per-subject calibration (bpfm.training.calibration), model unchanged
+    if config.calibration:
+        try:
+            payload["calibration"] = evaluate_calibration(
+                model, meta, split, config.calibration, config.calib_windows,
+                keep_estimates=True, **eval_kw,
+            )
+            calibrated = payload["calibration"].pop("estimates")
+        except BpfmError as err:  # e.g. too few windows per subject: keep the model
+            log.warning("epoch %d: no calibrated results: %s", epoch, err)
+            payload["calibration_error"] = str(err)
+    payload.update(split=summary, **state)  # state: epoch, history, best val
+    dir_config = {**config.to_dict(), "epochs": epoch, "trained_in_run_of": config.epochs}
+    for model_dir in model_dirs:
+        if calibrated is not None:  # before metrics.json, which completes the dir
+            write_calibrated_estimates(model_dir, calibrated)
+        write_model_dir(model_dir, model, {**meta, "epoch": epoch}, dir_config, payload,
+                        test_pred)
+    test = payload["test"]
+    metrics = {f"test_{k}": v for k, v in test.items()}
+    if "calibration" in payload:
+        metrics.update(calibration_flat_metrics(payload["calibration"]))
+    log.info("epoch %d test: MAE SBP %.2f / DBP %.2f mmHg, BHS %s/%s, AAMI %s", epoch,
+             test["sbp_mae"], test["dbp_mae"], test["sbp_bhs_grade"],
+             test["dbp_bhs_grade"], test["aami"])
+    return metrics
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -315,33 +361,8 @@ def fit(
         model_dirs = [out / f"epoch-{epoch}"] if epoch in config.report_epochs else []
         model_dirs += [out] if epoch == config.epochs else []
         if model_dirs:
-            payload, test_pred = model_dir_payload(model, split, meta, val_pred, **eval_kw)
-            calibrated = None
-            # per-subject calibration (bpfm.training.calibration), model unchanged
-            if config.calibration:
-                try:
-                    payload["calibration"] = evaluate_calibration(
-                        model, meta, split, config.calibration, config.calib_windows,
-                        keep_estimates=True, **eval_kw,
-                    )
-                    calibrated = payload["calibration"].pop("estimates")
-                except BpfmError as err:  # e.g. too few windows per subject: keep the model
-                    log.warning("epoch %d: no calibrated results: %s", epoch, err)
-                    payload["calibration_error"] = str(err)
-            payload.update(split=summary, **state)  # state: epoch, history, best val
-            dir_config = {**config.to_dict(), "epochs": epoch, "trained_in_run_of": config.epochs}
-            for model_dir in model_dirs:
-                if calibrated is not None:  # before metrics.json, which completes the dir
-                    write_calibrated_estimates(model_dir, calibrated)
-                write_model_dir(model_dir, model, {**meta, "epoch": epoch}, dir_config, payload,
-                                test_pred)
-            test = payload["test"]
-            metrics.update({f"test_{k}": v for k, v in test.items()})
-            if "calibration" in payload:
-                metrics.update(calibration_flat_metrics(payload["calibration"]))
-            log.info("epoch %d test: MAE SBP %.2f / DBP %.2f mmHg, BHS %s/%s, AAMI %s", epoch,
-                     test["sbp_mae"], test["dbp_mae"], test["sbp_bhs_grade"],
-                     test["dbp_bhs_grade"], test["aami"])
+            metrics.update(_write_report_dirs(model_dirs, model, split, meta, val_pred, config,
+                                              summary, state, epoch, eval_kw))
         checkpoint_dir = save_train_state(
             out,
             epoch,

@@ -9,7 +9,7 @@ targets; the identity for raw-mmHg training). The model dir these come from is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +21,9 @@ from bpfm.data.loader import ShardDataset, normalize_windows
 from bpfm.devices import model_device, resolve_device
 from bpfm.errors import BpfmError
 
+if TYPE_CHECKING:
+    from bpfm.data.splits import View
+
 WINDOW_SHAPE = (2, 1250)  # (ECG, PPG) x 10 s at 125 Hz
 
 
@@ -31,7 +34,7 @@ class Predictions:
     target: np.ndarray  # [N, 2] mmHg, [SBP, DBP]
     estimate: np.ndarray  # [N, 2] mmHg
 
-    def table(self):
+    def table(self) -> pa.Table:
         return pa.table(
             {
                 "segment_id": pa.array(self.segment_id, pa.string()),
@@ -85,7 +88,7 @@ def predict_arrays(
     return np.concatenate(outputs).astype(np.float64) * scale + shift
 
 
-def _view_loader(view, batch_size: int, normalize: bool, num_workers: int = 0):
+def _view_loader(view: View, batch_size: int, normalize: bool, num_workers: int = 0):
     dataset = ShardDataset(
         view, batch_size=batch_size, shuffle=False, seed=0, normalize=normalize, with_meta=True
     )
@@ -95,7 +98,7 @@ def _view_loader(view, batch_size: int, normalize: bool, num_workers: int = 0):
 @torch.inference_mode()
 def predict(
     model: nn.Module,
-    view,
+    view: View,
     meta: dict[str, Any],
     *,
     batch_size: int = 256,

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfm.data.loader import ShardDataset
+from bpfm.data.splits import View
 from bpfm.devices import resolve_device
 from bpfm.errors import BpfmError, DataError
 from bpfm.io import storage
@@ -111,7 +112,9 @@ def random_mask(
     return (ranks < hidden).view(b, c, p)
 
 
-def simmim_loss(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, visible_weight: float):
+def simmim_loss(
+    pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, visible_weight: float
+) -> torch.Tensor:
     """Smooth-L1 per token, mean over hidden tokens + `visible_weight` x mean over visible."""
     b, c, p, patch = pred.shape
     target = x[..., : p * patch].reshape(b, c, p, patch)
@@ -271,13 +274,13 @@ def _check(config: PretrainConfig, patches: int) -> None:
         )
 
 
-def shard_view(config: PretrainConfig):
+def shard_view(config: PretrainConfig) -> View:
     """The train view of `config.data` for `source` and `protocol`: the only windows in-domain
     pretraining reads."""
     return open_split(config.data, config.source, config.protocol, config.split_seed).train
 
 
-def _shard_batches(config: PretrainConfig, view, subjects: set[str]):
+def _shard_batches(config: PretrainConfig, view: View, subjects: set[str]):
     """Endless [B, 2, 1250] z-scored batches of the view, reshuffled per pass (seeded by pass);
     the subjects read are added to `subjects`."""
     dataset = ShardDataset(view, batch_size=config.batch_size, shuffle=True, seed=config.seed,
