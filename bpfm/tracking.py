@@ -24,11 +24,11 @@ from bpfm.io.redact import redact
 from bpfm.metrics import TARGETS
 
 if TYPE_CHECKING:  # torch is a heavy import the report and search never need
+    from mlflow import MlflowClient
     from mlflow.entities import Run
     from torch import nn
 
     from bpfm.quant.quantized import QuantizedModel
-    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -295,9 +295,8 @@ def log_torch_model(
     """Log a torch model as an MLflow model of the run and return its model URI. Pickle format:
     MLflow's default pt2 format cannot serialise torch.ao's packed INT8 weights, and one format
     for every model keeps `mlflow.pytorch.load_model` the only way back."""
-    import torch  # lazy: torch
-
     import mlflow  # lazy: mlflow
+    import torch  # lazy: torch
 
     mlflow.set_tracking_uri(tracking_uri)
     torch_pin = f"torch=={torch.__version__.split('+')[0]}"

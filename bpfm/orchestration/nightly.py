@@ -33,9 +33,8 @@ from bpfm.regression import (
 )
 
 if TYPE_CHECKING:
-    from mlflow.entities import Run
-
     from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 log = logging.getLogger(__name__)
 

@@ -44,12 +44,12 @@ from bpfm.profiles import Profile
 from bpfm.report.summary import table2_row
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
     from mlflow.entities import Run
     from ray.tune import ResultGrid
     from ray.tune.experiment import Trial
 
     from bpfm.training.loop import EpochReport
-    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 

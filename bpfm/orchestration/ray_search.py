@@ -45,10 +45,10 @@ from bpfm.orchestration.ray_grid import (
 from bpfm.profiles import Profile
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
     from ray.tune.experiment import Trial
 
     from bpfm.training.loop import EpochReport
-    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 

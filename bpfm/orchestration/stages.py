@@ -19,10 +19,10 @@ from bpfm.orchestration.grid import QUANT_COLUMNS, SUMMARY_COLUMNS, TRAIN_COLUMN
 from bpfm.tracking_view import key_metrics
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
     from mlflow.entities import Run
 
     from bpfm.training.config import TrainConfig
-    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 

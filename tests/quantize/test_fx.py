@@ -112,9 +112,9 @@ def test_dynamic_fx_swaps_every_linear_and_keeps_the_model_untouched(trained):
 
 
 def test_mlflow_pickle_round_trip(trained, calib_batches, test_windows, tmp_path, monkeypatch):
+    import mlflow
     import mlflow.pytorch
 
-    import mlflow
     from bpfm.tracking import log_quantized_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
