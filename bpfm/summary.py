@@ -14,7 +14,7 @@ from bpfm.metrics import AAMI_MIN_SUBJECTS
 BHS_MIN_SUBJECTS = 85
 # FT-ECG: fine-tuned from an in-domain backbone (SimMIM on the train view's ECG + PPG windows)
 METHOD = {"pretrained": "FT", "pretrained_ecgppg": "FT-ECG",
-          "pretrained_eeg_then_ecgppg": "FT-EEG-ECG", "xavier": "TFS"}
+          "pretrained_eeg_then_ecgppg": "FT-EEG-ECG", "xavier": "TFS"}  # fmt: skip
 LEARNED_MASE = 0.8
 COLUMNS = ("source", "method", "frozen", "epochs",
            "dbp_sd", "dbp_mae", "dbp_r2", "dbp_mase",

@@ -16,6 +16,9 @@ from bpfm.pretrain import PretrainConfig, pretrain
 from bpfm.profiles import load_profile
 from bpfm.train import TrainConfig, build_model, fit
 
+# 200 SimMIM steps and 80 training steps: ~25 s on an idle 2-core machine
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
