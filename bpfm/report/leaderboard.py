@@ -23,7 +23,8 @@ from bpfm.report.subgroups import subgroup_table
 log = logging.getLogger(__name__)
 
 TABLE2_NOTE = (
-    "FT = fine-tuned from the pretrained backbone, TFS = trained from scratch (Xavier). Metrics in "
+    "FT = fine-tuned from the pretrained (EEG) backbone, FT-ECG from one pretrained on the train "
+    "view's ECG + PPG, TFS = trained from scratch (Xavier). Metrics in "
     "mmHg, averaged over seeds (the latest finished run of each cell). BHS and AAMI read DBP/SBP "
     "when they differ (pass/fail: DBP passes, SBP fails); AAMI needs >= 85 subjects, n/a below."
 )

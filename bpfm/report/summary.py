@@ -13,7 +13,9 @@ from bpfm.metrics import AAMI_MIN_SUBJECTS
 # The BHS protocol grades a device on 85 subjects (255 readings), as AAMI validates on 85: a grade
 # from a handful of test subjects says nothing, so below that it is shown as not assessable.
 BHS_MIN_SUBJECTS = 85
-METHOD = {"pretrained": "FT", "xavier": "TFS"}
+# FT-ECG: fine-tuned from an in-domain backbone (SimMIM on the train view's ECG + PPG windows)
+METHOD = {"pretrained": "FT", "pretrained_ecgppg": "FT-ECG",
+          "pretrained_eeg_then_ecgppg": "FT-EEG-ECG", "xavier": "TFS"}
 LEARNED_MASE = 0.8
 COLUMNS = ("source", "method", "frozen", "epochs",
            "dbp_sd", "dbp_mae", "dbp_r2", "dbp_mase",

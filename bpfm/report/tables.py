@@ -24,8 +24,11 @@ RUNTIME_COLUMNS = ("peak_rss_mib_b1", "macs_per_window", "delta_dbp_r2", "delta_
 
 
 def method_of(init: str | None) -> str:
-    """FT (fine-tuned from a pretrained backbone) or TFS (trained from scratch, Xavier init)."""
-    return {"pretrained": "FT", "xavier": "TFS"}.get(str(init), str(init))
+    """FT (fine-tuned from a pretrained backbone; FT-ECG from an in-domain one) or TFS (trained
+    from scratch, Xavier init): the grid summary's labels."""
+    from bpfm.report.summary import METHOD
+
+    return METHOD.get(str(init), str(init))
 
 
 def _number(value) -> float:

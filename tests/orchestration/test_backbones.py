@@ -31,7 +31,8 @@ def test_calibration_axis_reaches_every_cell_without_multiplying_cells(tmp_path)
     cell = plan_grid(profile).cells[0]
     ctx = TrialContext(data="shards", train={**profile.train, "calib_windows": 3},
                        tracking_uri="", experiment_id="", parent_run_id="", study="s",
-                       pretrained={"small": "eeg.ckpt"})
+                       pretrained={backbone_key(cell.init, cell.size, cell.source,
+                                                cell.protocol): "backbone.ckpt"})
     config = train_config({**cell.axes(), "trial": "t"}, ctx, tmp_path / "out")
     assert config.calibration == ("offset", "affine", "head") and config.calib_windows == 3
     with pytest.raises(BpfmError, match="axes.calibration: unknown value 'cuff'"):
