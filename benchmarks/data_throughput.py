@@ -1,6 +1,7 @@
 """Data throughput: segments/s and peak RSS of (a) a naive h5py Dataset reading the .mat segment
-by segment, (b) bpfm's ShardDataset over local shards, (c) batches gathered from a plain in-memory
-float32 copy (the limit); ratios b/a and b/c; the converter's MB/s of input.
+by segment, (b) bpfm's ShardDataset over local shards, (b'') the same over memory-mapped Arrow IPC
+copies of the shards (what a zero-copy format would give), (c) batches gathered from a plain
+in-memory float32 copy (the limit); ratios b/a and b/c; the converter's MB/s of input.
 
 Targets (issue 2): b/a >= 20, b/c >= 0.3, loader RSS < 1 GB, converter >= 50 MB/s.
 
@@ -186,17 +187,13 @@ def _feather_dataset(shards: str):
     return FeatherDataset
 
 
-def phase_loader(shards: str, epochs: int, path: str = "pages") -> dict:
-    """`path`: pages = bpfm's own page-header parser (views of the mapped Parquet file);
-    pyarrow = pq.ParquetFile(memory_map=True).read_row_group decodes the signals (one copy);
-    feather = memory-mapped Arrow IPC copies of the parts (zero-copy views)."""
-    from bpfm.data import loader
+def phase_loader(shards: str, epochs: int, path: str = "parquet") -> dict:
+    """`path`: parquet = bpfm's loader (pyarrow decodes each row group of the memory-mapped
+    file: one copy); feather = memory-mapped Arrow IPC copies of the parts (zero-copy views)."""
     from bpfm.data.loader import ShardDataset
 
     view = _view(shards)
     rss_before = peak_rss_mb()
-    if path == "pyarrow":
-        loader.map_raw_column = lambda *args: None
     cls = _feather_dataset(shards) if path == "feather" else ShardDataset
     if path == "feather":
         list(cls(view, batch_size=4096, shuffle=False))  # write the copies (and warm them)
@@ -280,13 +277,13 @@ def main() -> None:
     convert = run_phase("convert", str(input_file), shards, args.signals)
     naive = run_phase("naive", str(input_file), str(args.naive_limit))
     # the loader's read paths alternate, `--rounds` times, so load on the machine hits all alike
-    paths = ("pages", "pyarrow", "feather")
+    paths = ("parquet", "feather")
     runs: dict[str, list[dict]] = {p: [] for p in paths}
     for _ in range(args.rounds):
         for p in paths:
             runs[p].append(run_phase("loader", shards, str(args.epochs), p))
     loaders = {p: sorted(r, key=lambda x: x["per_s"])[len(r) // 2] for p, r in runs.items()}
-    loader = loaders["pages"]
+    loader = loaders["parquet"]
     memory = run_phase("memory", shards, str(args.epochs))
     print(f"segments in Train subset: {convert['rows']}; shard signals: {args.signals}")
     print(
@@ -297,7 +294,6 @@ def main() -> None:
     for label, result in (
         ("(a) naive h5py per segment", naive),
         ("(b) bpfm ShardDataset", loader),
-        ("(b') read by pyarrow", loaders["pyarrow"]),
         ("(b'') mapped Arrow IPC", loaders["feather"]),
         ("(c) in-memory float32", memory),
     ):
@@ -317,10 +313,7 @@ def main() -> None:
     for p in paths:
         rates = " ".join(f"{r['per_s']:.0f}" for r in runs[p])
         print(f"loader via {p:8s} rounds: {rates} segments/s")
-    print(
-        f"pyarrow/pages = {loaders['pyarrow']['per_s'] / loader['per_s']:.2f}   "
-        f"feather/pages = {loaders['feather']['per_s'] / loader['per_s']:.2f}"
-    )
+    print(f"feather/parquet = {loaders['feather']['per_s'] / loader['per_s']:.2f}")
     print(
         f"b/c = {loader['per_s'] / memory['per_s']:.2f} (first epochs "
         f"{loader['first_per_s'] / memory['first_per_s']:.2f})   target >= 0.3"
