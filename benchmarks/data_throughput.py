@@ -182,7 +182,7 @@ def _feather_dataset(shards: str):
                     open_part = unit.part
                 batch = handle.get_batch(unit.row_group)
                 table = pa.Table.from_batches([batch]).select(self.columns)
-                yield from self._chunks(table, unit, None)
+                yield from self._chunks(table, unit)
 
     return FeatherDataset
 
