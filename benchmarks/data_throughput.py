@@ -1,6 +1,7 @@
 """Data throughput: segments/s and peak RSS of (a) a naive h5py Dataset reading the .mat segment
-by segment, (b) bpfm's ShardDataset over local shards, (c) batches gathered from a plain in-memory
-float32 copy (the limit); ratios b/a and b/c; the converter's MB/s of input.
+by segment, (b) bpfm's ShardDataset over local shards, (b'') the same over memory-mapped Arrow IPC
+copies of the shards (what a zero-copy format would give), (c) batches gathered from a plain
+in-memory float32 copy (the limit); ratios b/a and b/c; the converter's MB/s of input.
 
 Targets (issue 2): b/a >= 20, b/c >= 0.3, loader RSS < 1 GB, converter >= 50 MB/s.
 
@@ -157,12 +158,46 @@ def _view(shards: str):
     return View(open_shards(shards), "mimic", ("train",), "all")
 
 
-def phase_loader(shards: str, epochs: int) -> dict:
+def _feather_dataset(shards: str):
+    """ShardDataset reading Arrow IPC (Feather v2, uncompressed) copies of the parts, one record
+    batch per row group, memory-mapped: pyarrow hands out views of the mapped file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bpfm.data.loader import ShardDataset
+
+    class FeatherDataset(ShardDataset):
+        def _read(self, units):
+            open_part, handle = None, None
+            for unit in units:
+                if unit.part != open_part:
+                    path = self.view.shards.part_path(self._parts[unit.part])
+                    feather = path.removesuffix(".parquet") + ".arrow"
+                    if not Path(feather).exists():
+                        with pq.ParquetFile(path) as source, pa.OSFile(feather, "wb") as sink:
+                            with pa.ipc.new_file(sink, source.schema_arrow) as writer:
+                                for group in range(source.num_row_groups):
+                                    writer.write_table(source.read_row_group(group))
+                    handle = pa.ipc.open_file(pa.memory_map(feather))
+                    open_part = unit.part
+                batch = handle.get_batch(unit.row_group)
+                table = pa.Table.from_batches([batch]).select(self.columns)
+                yield from self._chunks(table, unit)
+
+    return FeatherDataset
+
+
+def phase_loader(shards: str, epochs: int, path: str = "parquet") -> dict:
+    """`path`: parquet = bpfm's loader (pyarrow decodes each row group of the memory-mapped
+    file: one copy); feather = memory-mapped Arrow IPC copies of the parts (zero-copy views)."""
     from bpfm.data.loader import ShardDataset
 
     view = _view(shards)
     rss_before = peak_rss_mb()
-    dataset = ShardDataset(view, batch_size=BATCH, shuffle=True, seed=0)
+    cls = _feather_dataset(shards) if path == "feather" else ShardDataset
+    if path == "feather":
+        list(cls(view, batch_size=4096, shuffle=False))  # write the copies (and warm them)
+    dataset = cls(view, batch_size=BATCH, shuffle=True, seed=0)
 
     def run_epoch(epoch: int) -> int:
         dataset.set_epoch(epoch)
@@ -209,6 +244,7 @@ def main() -> None:
         "--naive-limit", type=int, default=3000, help="segments the naive reader reads (it is slow)"
     )
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="alternating loader runs per path")
     parser.add_argument("--workdir", default=None)
     parser.add_argument(
         "--signals",
@@ -240,7 +276,14 @@ def main() -> None:
     shards = str(workdir / f"shards-{args.signals}")
     convert = run_phase("convert", str(input_file), shards, args.signals)
     naive = run_phase("naive", str(input_file), str(args.naive_limit))
-    loader = run_phase("loader", shards, str(args.epochs))
+    # the loader's read paths alternate, `--rounds` times, so load on the machine hits all alike
+    paths = ("parquet", "feather")
+    runs: dict[str, list[dict]] = {p: [] for p in paths}
+    for _ in range(args.rounds):
+        for p in paths:
+            runs[p].append(run_phase("loader", shards, str(args.epochs), p))
+    loaders = {p: sorted(r, key=lambda x: x["per_s"])[len(r) // 2] for p, r in runs.items()}
+    loader = loaders["parquet"]
     memory = run_phase("memory", shards, str(args.epochs))
     print(f"segments in Train subset: {convert['rows']}; shard signals: {args.signals}")
     print(
@@ -251,6 +294,7 @@ def main() -> None:
     for label, result in (
         ("(a) naive h5py per segment", naive),
         ("(b) bpfm ShardDataset", loader),
+        ("(b'') mapped Arrow IPC", loaders["feather"]),
         ("(c) in-memory float32", memory),
     ):
         first = f"(first epoch {result['first_per_s']:.0f})" if "first_per_s" in result else ""
@@ -266,6 +310,10 @@ def main() -> None:
         f"b/a = {loader['per_s'] / naive['per_s']:.1f} (first epoch "
         f"{loader['first_per_s'] / naive['per_s']:.1f})   target >= 20"
     )
+    for p in paths:
+        rates = " ".join(f"{r['per_s']:.0f}" for r in runs[p])
+        print(f"loader via {p:8s} rounds: {rates} segments/s")
+    print(f"feather/parquet = {loaders['feather']['per_s'] / loader['per_s']:.2f}")
     print(
         f"b/c = {loader['per_s'] / memory['per_s']:.2f} (first epochs "
         f"{loader['first_per_s'] / memory['first_per_s']:.2f})   target >= 0.3"

@@ -5,15 +5,13 @@ softmax(QK^T)V attention on the same weights.
     python benchmarks/train_throughput.py --variants model,masked,explicit,sdpa,compiled  # CPU
     python benchmarks/train_throughput.py --device cuda   # large, bf16 autocast, batch 1024, MFU
 
-Variants: `model` is bpfm's model as shipped (its `attention.attend` for these short sequences;
-on CPU drop path running each residual branch on the kept samples only and attention with a
-hand-written backward, on CUDA the mask product and autograd); `masked` is the same with the
-paper code's drop path (every sample through every branch, times a 0/1 mask); `autograd` the
-same with autograd's backward through `attention.attention_core` (as on CUDA); `explicit`
-swaps in the paper code's attention (tokens rearranged into sequences, scores materialised);
-`sdpa` forces the model's `F.scaled_dot_product_attention` branch; `compiled` is
-`torch.compile(model)` in `--compile-mode` (its compile time is reported apart, not in the
-steps).
+Variants: `model` is bpfm's model as shipped (its `attention.attention_core` for these short
+sequences; on CPU drop path running each residual branch on the kept samples only, on CUDA the
+mask product); `masked` is the same with the paper code's drop path (every sample through every
+branch, times a 0/1 mask); `explicit` swaps in the paper code's attention (tokens rearranged
+into sequences, scores materialised); `sdpa` forces the model's `F.scaled_dot_product_attention`
+branch; `compiled` is `torch.compile(model)` in `--compile-mode` (its compile time is reported
+apart, not in the steps).
 
 Model FLOPs are analytic (dense layers + attention, forward x3 for a training step; the
 convention behind the paper's 154/196/198 GFLOP/s figures and behind MFU); optimizer, norms and
@@ -45,7 +43,6 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-import bpfm.model.attention as attention
 import bpfm.model.cerebro as cerebro
 from bpfm.model import create_model, size_config
 from bpfm.model.cerebro import Attention
@@ -60,7 +57,7 @@ GPU_BF16_PEAK = {
     "L4": 121.0,
     "A10": 125.0,
 }
-VARIANTS = ("model", "masked", "autograd", "explicit", "sdpa", "compiled")
+VARIANTS = ("model", "masked", "explicit", "sdpa", "compiled")
 # max-autotune benchmarks Triton GEMM templates that can fuse the bias, GELU and residual
 # epilogues (minutes of compile for large); reduce-overhead replays CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -130,11 +127,10 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
 
 
 # Within these, the model takes its SDPA branch for every length / drops paths by the mask
-# product on CPU too / attends through autograd's backward on CPU too.
+# product on CPU too.
 PATCHES = {
     "sdpa": (cerebro, "_use_sdpa", lambda x, axis: True),
     "masked": (cerebro, "_picks_rows", lambda x: False),
-    "autograd": (attention, "_hand_backward", lambda qkv: False),
 }
 
 
@@ -236,6 +232,9 @@ def bench_size(
         if mode == "train" and picks_rows(name, device):
             executed = flops - model.spec["drop_path"] * branch_flops  # expected, per sample
             row[f"{name}_train_executed_gflop_s"] = 3 * executed * batch / seconds / 1e9
+    for name in names:  # paired: the step times of one round, so drift within a run cancels
+        pairs = zip(times[("model", "train")], times[(name, "train")], strict=True)
+        row[f"{name}_train_time_vs_model"] = statistics.median(t / m for m, t in pairs)
     if "explicit" in names:
         row["train_speedup_vs_explicit"] = (
             row["model_train_samples_s"] / row["explicit_train_samples_s"]
@@ -261,12 +260,14 @@ def describe(row: dict, names: list[str], cuda: bool) -> str:
     parts = [f"{row['size']:>6} b{row['batch']} ({ref}):"]
     for name in names:
         executed = row.get(f"{name}_train_executed_gflop_s")
+        paired = f", step x{row[f'{name}_train_time_vs_model']:.3f} of model's (paired)"
         parts.append(
             f"{name} train {row[f'{name}_train_samples_s']:.1f}/s "
             f"{row[f'{name}_train_gflop_s']:.1f} GFLOP/s "
             f"{100 * row[f'{name}_train_share_of_peak']:.0f}%"
             + quartiles(row.get(f"{name}_train_share_quartiles"))
             + (f" (exec {executed:.1f})" if executed is not None else "")
+            + (paired if name != "model" else "")
             + f", infer {row[f'{name}_infer_samples_s']:.1f}/s |"
         )
     parts.append(f"max|diff| {row['max_abs_diff_model_vs_explicit']:.2e}")
@@ -290,7 +291,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default=None,
-        help=f"from {', '.join(VARIANTS)} (default model,masked,autograd,explicit on CPU, "
+        help=f"from {', '.join(VARIANTS)} (default model,masked,explicit on CPU, "
         "model,sdpa,explicit,compiled on CUDA)",
     )
     parser.add_argument("--adam", default="fused", choices=("fused", "plain"))
@@ -305,7 +306,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    default = "model,sdpa,explicit,compiled" if cuda else "model,masked,autograd,explicit"
+    default = "model,sdpa,explicit,compiled" if cuda else "model,masked,explicit"
     variants = args.variants or default
     names = variants.split(",")
     if set(names) - set(VARIANTS) or "model" not in names:

@@ -8,9 +8,10 @@ shuffle buffer seeded by (seed, epoch, consumer). Only the row groups being cons
 memory, whatever the dataset size.
 
 Each batch is built with one vectorised gather of whole rows per pooled chunk, straight into
-the batch array: no per-sample Python work. For schema v2 shards in a local folder the chunks
-are views of the memory-mapped files (`bpfm.data.pages`), so a row is copied once, from the page
-cache into its batch; object stores and v1 shards are decoded by pyarrow first.
+the batch array: no per-sample Python work. pyarrow decodes each row group first (local files
+memory-mapped); that copy keeps the loader at ~270k segments/s on 2 busy cores
+(benchmarks/data_throughput.py), far above what training consumes, so bpfm reads no Parquet
+pages itself.
 
 Use with `DataLoader(dataset, batch_size=None, num_workers=...)`; call `set_epoch(n)` before
 each epoch (with non-persistent workers, which copy the dataset each epoch). Ranks may get a
@@ -33,7 +34,6 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from bpfm.data.pages import RawPage, map_raw_column
 from bpfm.data.shards import ROW_GROUP_SIZE, SIGNAL_PAIR, WINDOW, signal_array
 from bpfm.data.splits import View
 from bpfm.io import storage
@@ -56,9 +56,9 @@ class _Unit:
 
 @dataclass
 class _Chunk:
-    """Rows of one unit. `x` holds each row's float32 [2, WINDOW] (ECG, PPG) as raw bytes:
-    for schema v2 a zero-copy view of the mapped file (its pages need not be 4-byte aligned, and
-    numpy copies unaligned floats value by value, bytes row by row), for v1 a stacked copy.
+    """Rows of one unit. `x` holds each row's float32 [2, WINDOW] (ECG, PPG) as raw bytes
+    (numpy gathers whole rows of bytes faster than rows of floats): for schema v2 a view of
+    pyarrow's buffer, for v1 a stacked copy.
     `order` lists the rows of the view (after its row mask) not yet emitted, in emission
     order."""
 
@@ -203,7 +203,7 @@ class ShardDataset(IterableDataset):
     def _read(self, units: list[_Unit]) -> Iterator[_Chunk]:
         shards = self.view.shards
         local = isinstance(shards.filesystem, pafs.LocalFileSystem)
-        open_part, handle, path = None, None, ""
+        open_part, handle = None, None
         for unit in units:
             with storage.storage_errors(shards.uri):
                 if unit.part != open_part:
@@ -217,35 +217,18 @@ class ShardDataset(IterableDataset):
                         )
                     )
                     open_part = unit.part
-                pages = self._raw_pages(handle, path, unit.row_group) if local else None
-                columns = [c for c in self.columns if pages is None or c != "ecg_ppg"]
-                table = handle.read_row_group(unit.row_group, columns=columns)
-            yield from self._chunks(table, unit, pages)
+                table = handle.read_row_group(unit.row_group, columns=self.columns)
+            yield from self._chunks(table, unit)
 
-    def _raw_pages(self, handle: pq.ParquetFile, path: str, row_group: int) -> list | None:
-        """Schema v2's `ecg_ppg` pages as views of the mapped file (see `bpfm.data.pages`)."""
-        if not self._packed:
-            return None
-        leaves = [handle.schema.column(i).path for i in range(handle.metadata.num_columns)]
-        column = handle.metadata.row_group(row_group).column(leaves.index("ecg_ppg"))
-        return map_raw_column(path, column, ROW_BYTES)
+    def _chunks(self, table: pa.Table, unit: _Unit) -> Iterator[_Chunk]:
+        """The unit's rows in chunks of at most CHUNK_ROWS."""
+        for start in range(unit.start, unit.stop, CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, unit.stop)
+            chunk = self._chunk(table.slice(start, stop - start))
+            if chunk.left:
+                yield chunk
 
-    def _chunks(self, table: pa.Table, unit: _Unit, pages: list[RawPage] | None):
-        """The unit's rows in chunks of at most CHUNK_ROWS, none across a raw page."""
-        spans = [(p.first_row, p.first_row + len(p.values)) for p in pages or ()]
-        for index, (low, high) in enumerate(spans or [(0, table.num_rows)]):
-            low, high = max(low, unit.start), min(high, unit.stop)
-            for start in range(low, high, CHUNK_ROWS):
-                stop = min(start + CHUNK_ROWS, high)
-                x = None
-                if pages is not None:
-                    first = pages[index].first_row
-                    x = pages[index].values[start - first : stop - first]
-                chunk = self._chunk(table.slice(start, stop - start), x)
-                if chunk.left:
-                    yield chunk
-
-    def _chunk(self, table: pa.Table, x: np.ndarray | None = None) -> _Chunk:
+    def _chunk(self, table: pa.Table) -> _Chunk:
         mask = self.view.row_mask(table)
         order = np.arange(table.num_rows) if mask is None else np.flatnonzero(mask)
         y = np.stack([table["sbp"].to_numpy(), table["dbp"].to_numpy()], axis=1)
@@ -253,9 +236,9 @@ class ShardDataset(IterableDataset):
         if self.with_meta:
             for name in ("segment_id", "subject"):
                 meta[name] = np.asarray(table[name].to_pylist(), dtype=object)
-        if x is None and self._packed:  # decoded by pyarrow (object stores, or a fallback)
+        if self._packed:
             x = signal_array(table["ecg_ppg"]).view(np.uint8)
-        elif x is None:  # v1: one sequential copy here (in the prefetch thread) keeps batch
+        else:  # v1: one sequential copy here (in the prefetch thread) keeps batch
             # gathers whole
             x = np.stack([signal_array(table["ecg"]), signal_array(table["ppg"])], 1).view(np.uint8)
         return _Chunk(x.reshape(table.num_rows, ROW_BYTES), y.astype(np.float32), meta, order)

@@ -101,8 +101,9 @@ class ShardOptions:
 
     @property
     def page_options(self) -> dict[str, int]:
-        """ParquetWriter options: raw signals get one data page per row group, so a reader
-        maps each row group's signals as one block (pyarrow's default cuts pages of 1024 rows)."""
+        """ParquetWriter options: raw signals get one data page per row group (pyarrow's default
+        cuts pages of 1024 rows), so a row group's signals are one block of the file for readers
+        that map it; bpfm's loader lets pyarrow decode either layout."""
         if self.signals == "list":
             return {}
         return {"write_batch_size": ROW_GROUP_SIZE, "data_page_size": 64 << 20}

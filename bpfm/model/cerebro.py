@@ -6,7 +6,7 @@ so their `model.*` keys load with a one-line prefix change.
 Tokens are kept as contiguous [B, C, P, D] inside the blocks: LayerNorm, MLP and the qkv/proj
 Linears work on any leading shape, so the token tensor itself never needs a transpose. Long
 sequences and symbolic tracing attend through `F.scaled_dot_product_attention`; the short ones of
-ECG + PPG windows (2 and 19 tokens) through `attention.attend`, which is faster for them on CPU
+ECG + PPG windows (2 and 19 tokens) through `attention_core`, which is faster for them on CPU
 and CUDA alike (`_use_sdpa`). All reshapes are view/permute/reshape/einsum, which torch.fx,
 torch.export and torch.compile trace.
 """
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfm.errors import BpfmError
-from bpfm.model.attention import attend
+from bpfm.model.attention import attention_core
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ LONG_SEQUENCE = 32
 
 def _use_sdpa(x: torch.Tensor, axis: int) -> bool:
     """SDPA for long sequences only. For the 2- and 19-token sequences of ECG + PPG windows
-    `attention.attend` is faster on CPU and on CUDA alike: on an H100, cuDNN's SDPA kernels for
+    `attention_core` is faster on CPU and on CUDA alike: on an H100, cuDNN's SDPA kernels for
     the 2-token inter-channel attention took 41 % of a large bf16 training step
     (benchmarks/train_throughput.py, variant `sdpa`). Symbolic tracing has no concrete shapes
     and keeps the SDPA graph."""
@@ -168,7 +168,7 @@ class Attention(nn.Module):
         if _use_sdpa(x, axis=1 if self.over_channels else 2):
             q, k, v = self.split_heads(x)
             return self.proj(self.merge_heads(F.scaled_dot_product_attention(q, k, v), x.shape))
-        return self.proj(attend(self.qkv(x), self.heads, self.over_channels))
+        return self.proj(attention_core(self.qkv(x), self.heads, self.over_channels))
 
 
 class Mlp(nn.Module):

@@ -12,9 +12,10 @@ import io
 import json
 import logging
 import re
-import struct
+import tempfile
 import warnings
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -124,9 +125,21 @@ def _is_safetensors(data: bytes) -> bool:
     return len(data) > 9 and data[8:9] == b"{"
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    (size,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+def _read_safetensors(uri: str, data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, bpfm meta) through `safetensors.safe_open`, which opens files only: the bytes
+    of a remote file go through a temporary one."""
+    from safetensors import safe_open
+
+    with ExitStack() as stack:
+        path = uri.removeprefix("file://")
+        if _is_remote(uri):
+            temporary = stack.enter_context(tempfile.NamedTemporaryFile(suffix=".safetensors"))
+            temporary.write(data)
+            temporary.flush()
+            path = temporary.name
+        with safe_open(path, framework="pt") as file:
+            meta = json.loads((file.metadata() or {}).get("bpfm", "{}"))
+            return {key: file.get_tensor(key) for key in file.keys()}, meta
 
 
 def read_state(uri: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
@@ -134,10 +147,7 @@ def read_state(uri: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
     data = read_bytes(uri)
     try:
         if _is_safetensors(data):
-            from safetensors.torch import load
-
-            meta = json.loads(_safetensors_metadata(data).get("bpfm", "{}"))
-            return load(data), meta, "safetensors"
+            return (*_read_safetensors(str(uri), data), "safetensors")
         obj = safe_torch_load(io.BytesIO(data))
     except Exception as err:  # safetensors, zip and unpickling errors have no common base
         raise load_failure(uri, err) from None

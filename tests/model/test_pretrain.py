@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import edfio
 import numpy as np
 import pytest
 import torch
@@ -15,27 +16,15 @@ from bpfm.training.pretrain import PretrainConfig, load_windows, random_mask, re
 
 
 def write_edf(path, signals: np.ndarray, rate: int, labels: list[str]) -> None:
-    """A plain EDF: 1-second records, int16 samples, physical range +-500 uV."""
-    ns, total = signals.shape
-    records = total // rate
-    digital = np.clip(np.round(signals / 500.0 * 32767), -32768, 32767).astype("<i2")
-    head = f"{'0':<8}{'x':<80}{'x':<80}{'01.01.01':<8}{'00.00.00':<8}{256 * (ns + 1):<8}"
-    head += f"{'':<44}{records:<8}{'1':<8}{ns:<4}"
-    per_signal = [
-        [f"{label:<16}" for label in labels],
-        [f"{'':<80}"] * ns,
-        [f"{'uV':<8}"] * ns,
-        [f"{'-500':<8}"] * ns,
-        [f"{'500':<8}"] * ns,
-        [f"{'-32767':<8}"] * ns,
-        [f"{'32767':<8}"] * ns,
-        [f"{'':<80}"] * ns,
-        [f"{rate:<8}"] * ns,
-        [f"{'':<32}"] * ns,
-    ]
-    head += "".join("".join(field) for field in per_signal)
-    body = digital[:, : records * rate].reshape(ns, records, rate).transpose(1, 0, 2).tobytes()
-    path.write_bytes(head.encode("latin-1") + body)
+    """A plain EDF (edfio): int16 samples, physical range +-500 uV."""
+    edfio.Edf(
+        [
+            edfio.EdfSignal(
+                x, rate, label=label, physical_dimension="uV", physical_range=(-500, 500)
+            )
+            for x, label in zip(signals, labels, strict=True)
+        ]
+    ).write(path)
 
 
 def test_random_mask_hides_three_quarters_per_sample():

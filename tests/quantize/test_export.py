@@ -48,6 +48,7 @@ def test_onnx_runtime_fp32_and_static_int8(trained_model_dir, tmp_path):
     _, parity = _check_out_dir(tmp_path / "fp32", fp32, ".onnx")
     assert parity["torch_fp32"]["max_abs_output"] < 1e-4
     assert parity["torch_int8"] is None
+    fp32_mmhg = parity["torch_fp32"]["max_abs_mmhg"]
 
     static = run_export(trained_model_dir, ExportConfig("onnx", "static", "percentile", 2),
                         out=tmp_path / "static", latency_runs=2)
@@ -60,7 +61,11 @@ def test_onnx_runtime_fp32_and_static_int8(trained_model_dir, tmp_path):
     assert static["latency_ms_b1"] > 0 and static["latency_ms_b64"] > static["latency_ms_b1"]
     assert 0 < static["rss_above_baseline_mib_b1"] < static["peak_rss_mib_b1"]
     assert static["macs_per_window"] == fp32["macs_per_window"] > 1e7
-    assert static["delta_sbp_mae"] == pytest.approx(metrics["sbp_mae"] - fp32["test"]["sbp_mae"])
+    # the delta is against torch's fp32 MAE, which the fp32 ONNX file's matches to within the
+    # largest difference of their outputs (1e-6 mmHg and more: float32 rounding)
+    assert static["delta_sbp_mae"] == pytest.approx(
+        metrics["sbp_mae"] - fp32["test"]["sbp_mae"], abs=fp32_mmhg
+    )
 
 
 @pytest.mark.slow

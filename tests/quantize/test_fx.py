@@ -129,3 +129,24 @@ def test_mlflow_pickle_round_trip(trained, calib_batches, test_windows, tmp_path
     assert isinstance(loaded, type(quantized))
     with torch.inference_mode():
         assert torch.equal(loaded(test_windows), quantized(test_windows))
+
+
+@pytest.mark.parametrize("name", ["Conv1d", "Conv2d"])
+def test_a_torch_ao_quantized_conv_survives_plain_pickle(name):
+    """bpfm.quant.fx's copyreg reducers: without them the reloaded conv fails on its first call."""
+    import io
+
+    from torch.ao.nn import quantized
+
+    import bpfm.quant.fx  # noqa: F401  (registers the reducers)
+
+    conv = getattr(quantized, name)(2, 4, 3)
+    shape = (1, 2, 8) if name == "Conv1d" else (1, 2, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation warnings
+        x = torch.quantize_per_tensor(torch.randn(shape), 0.1, 0, torch.quint8)
+        buffer = io.BytesIO()
+        torch.save(conv, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert torch.equal(loaded(x).dequantize(), conv(x).dequantize())
