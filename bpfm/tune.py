@@ -554,15 +554,15 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
     else:
         results, quantized = tuner.fit(), []
     errors = [_last_line(r.error) for r in results if r.error is not None]
-    unfinished = len(results) - results.num_terminated - results.num_errors
-    if unfinished:  # Tune stopped gracefully on SIGINT; its state is saved for the rerun
-        errors.append(f"stage 1: interrupted with {unfinished} of {len(results)} trials "
-                      "unfinished; run the same command again to resume")  # fmt: skip
     errors += [f"{q['cell']}/{q['variant']}: {q['error']}" for q in quantized if "error" in q]
     cells = stages.launch_cells(client, experiment_id, grid_run)
     if not cells and not errors:  # never an empty success
         errors.append(f"stage 1: no finished train run in MLflow experiment {profile.study} "
                       f"(grid run {grid_run}) for Tune experiment {path}")  # fmt: skip
+    elif len(cells) < len(plan.cells) and not errors:  # Tune stopped on SIGINT (Ctrl-C),
+        # its state saved; its ResultGrid shows the stopped trials as terminated
+        errors.append(f"stage 1: interrupted with {len(cells)} of {len(plan.cells)} cells "
+                      "trained; run the same command again to resume")  # fmt: skip
     progress.start("stage 3: registering, summary", 1)
 
     registered = stages.register_best(client, uri, profile.study, cells)
