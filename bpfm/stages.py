@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,7 @@ def quantize_model(
 
     from bpfm import tracking
 
+    task_began = time.perf_counter()
     client = tracking.client(tracking_uri)
     tags = {tracking.KIND: "quant", tracking.CELL: cell, tracking.STUDY: study,
             tracking.GRID_RUN: grid_run_id}  # fmt: skip
@@ -177,10 +179,17 @@ def quantize_model(
                 results.append({**entry, "run_id": run_id, "skipped": True})
                 continue
             try:
+                began = time.perf_counter()
                 model_dir = model_dir or tracking.download_model_dir(client, cell_run_id, tmp)
+                fetched = time.perf_counter()
                 out = Path(tmp) / variant
                 result = _quantize_variant(tracking_uri, client, run_id, model_dir, out, options,
                                            data, {**(settings or {}), "baseline": baseline})
+                # where a variant's time goes (the driver logs it): model fetch, then
+                # run_quantization (quantize_s of it: FX prepare, calibration, convert; the
+                # rest evaluates and times the model), then MLflow logging
+                seconds = {"fetch": fetched - began, **result.pop("_seconds", {}),
+                           "since_task_start": time.perf_counter() - task_began}  # fmt: skip
                 baseline = baseline or {"fp32": result["fp32"]}
             except Exception as err:  # reported per variant: the others go on
                 tracking.finish(client, run_id, "FAILED")
@@ -188,7 +197,7 @@ def quantize_model(
                 results.append({**entry, "run_id": run_id, "error": f"{type(err).__name__}: {err}"})
                 continue
             tracking.finish(client, run_id)
-            results.append({**entry, "run_id": run_id, "skipped": False})
+            results.append({**entry, "run_id": run_id, "skipped": False, "seconds": seconds})
     return results
 
 
@@ -215,7 +224,9 @@ def _quantize_variant(tracking_uri: str, client, run_id: str, model_dir: Path, o
     if is_export_variant(options):
         return _export_variant(client, run_id, model_dir, out, options, data, settings)
     config = QuantConfig(**options)
+    began = time.perf_counter()
     result = run_quantization(model_dir, config, data=data, out=str(out), **settings)
+    logged = time.perf_counter()
     extra = (*tracking.QUANT_METRICS, *QUANT_EXTRA_METRICS)
     tracking.log_results(client, run_id, _flat_metrics(result), extra=extra)
     if config.backend == "fx" or config.mode == "fp32":  # pt2e graphs stay plain files
@@ -226,6 +237,8 @@ def _quantize_variant(tracking_uri: str, client, run_id: str, model_dir: Path, o
                 client.log_artifact(run_id, str(item), "quantized")
     else:
         client.log_artifacts(run_id, str(out), "quantized")
+    result["_seconds"] = {"run_quantization": logged - began, "quantize": result["quantize_s"],
+                          "mlflow_logging": time.perf_counter() - logged}  # fmt: skip
     return result
 
 

@@ -436,8 +436,13 @@ def _gather(pending: list[tuple[dict[str, Any], Any]]) -> list[dict[str, Any]]:
     results = []
     for job, ref in pending:
         try:
-            results.extend(ray.get(ref))
+            done = ray.get(ref)
+            results.extend(done)
             progress.advance()
+            for entry in done:
+                if entry.get("seconds"):
+                    log.info("stage 2: %s/%s took %s", entry["cell"], entry["variant"],
+                             ", ".join(f"{k} {v:.2f} s" for k, v in entry["seconds"].items()))
         except Exception as err:  # a task's error arrives wrapped; keep its message
             message = _last_line(err)
             log.error("quantization of %s failed: %s", job["cell"], message)
