@@ -23,6 +23,11 @@ copier leaves only its temporary file (removed by the next copier of that part) 
 lock with its process. Before a copy the cache makes room under `BPFM_CACHE_MAX_GB` (default
 100) by deleting least-recently-used generations that no live process holds; parts being copied
 at that moment by other processes may take it briefly past the cap.
+
+A reader's first part of a (source, subset) also starts PREFETCH_THREADS background copies of
+that partition's other parts, so the first epoch reads parts as they land instead of stopping
+for each copy; a part another process is copying is skipped (a non-blocking lock) and waited
+for last, so K trainers started together copy different parts at once.
 """
 
 from __future__ import annotations
