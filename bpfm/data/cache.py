@@ -23,6 +23,11 @@ copier leaves only its temporary file (removed by the next copier of that part) 
 lock with its process. Before a copy the cache makes room under `BPFM_CACHE_MAX_GB` (default
 100) by deleting least-recently-used generations that no live process holds; parts being copied
 at that moment by other processes may take it briefly past the cap.
+
+A reader's first part of a (source, subset) also starts PREFETCH_THREADS background copies of
+that partition's other parts, so the first epoch reads parts as they land instead of stopping
+for each copy; a part another process is copying is skipped (a non-blocking lock) and waited
+for last, so K trainers started together copy different parts at once.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +46,7 @@ from pathlib import Path
 import platformdirs
 import psutil
 import pyarrow.fs as pafs
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from bpfm.data.shardset import ShardSet
 from bpfm.errors import BpfmError
@@ -53,8 +59,10 @@ MAX_GB_ENV = "BPFM_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 100.0
 BLOCK = 8 << 20
 LEASES, USED = ".leases", ".used"
+PREFETCH_THREADS = 2  # copies at once per reading process, beside the part the reader waits on
 
 _held: set[Path] = set()  # lease files this process wrote (removed at exit)
+_prefetch_lock = threading.Lock()
 
 
 def default_root() -> Path:
@@ -106,14 +114,22 @@ class NodeCache:
 
     # ------------------------------------------------------------------------------- parts
 
-    def fetch(self, fs: pafs.FileSystem, remote: str, part: dict, uri: str) -> Path:
+    def fetch(
+        self, fs: pafs.FileSystem, remote: str, part: dict, uri: str, wait: bool = True
+    ) -> Path | None:
         """The verified local copy of one part (`remote`: its path in `fs`), copying it first
-        when this node has none. `uri` names the shard set in errors."""
+        when this node has none. `uri` names the shard set in errors. With `wait=False`, None
+        when another copier holds the part (a prefetcher then moves on to the next part)."""
         target = self.root / part["path"]
         if _complete(target, part):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(target.with_name(target.name + ".lock")):
+        lock = FileLock(target.with_name(target.name + ".lock"), timeout=-1 if wait else 0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return None
+        try:
             if _complete(target, part):  # another process copied it while we waited
                 return target
             for stale in target.parent.glob(f".{target.name}.*.tmp"):  # killed copiers'
@@ -125,6 +141,8 @@ class NodeCache:
                 os.replace(temp, target)
             finally:
                 temp.unlink(missing_ok=True)
+        finally:
+            lock.release()
         log.info("cached %s (%.1f MB) in %s", part["path"], part["bytes"] / 1e6, self.root)
         return target
 
@@ -240,6 +258,7 @@ class CachedShardSet(ShardSet):
         self.cache = cache or NodeCache.from_env()
         self.cache.lease(manifest["generation"])
         self.filesystem, self.root = pafs.LocalFileSystem(), str(self.cache.root)
+        self._prefetching: set[tuple[int, str, str]] = set()
 
     def __repr__(self) -> str:
         return f"CachedShardSet({self.uri!r}, rows={self.manifest['rows']}, {self.cache.root})"
@@ -251,5 +270,41 @@ class CachedShardSet(ShardSet):
         self.__init__(state["uri"], state["manifest"], state["cache"])
 
     def part_path(self, part: dict) -> str:
-        remote = f"{self.remote_root}/{part['path']}"
-        return str(self.cache.fetch(self.remote_filesystem, remote, part, self.uri))
+        self._prefetch(part["source"], part["subset"])
+        return str(self.cache.fetch(self.remote_filesystem, self._remote(part), part, self.uri))
+
+    def _remote(self, part: dict) -> str:
+        return f"{self.remote_root}/{part['path']}"
+
+    def _prefetch(self, source: str, subset: str) -> None:
+        """On the first read of a (source, subset), copy its other parts in background threads
+        while the reader works on the parts it asked for: the first epoch then reads while the
+        cache fills instead of stopping for each part's copy. Parts another process (a trainer
+        or DataLoader worker on this node) is copying are skipped at first and waited for at
+        the end, so K readers started together copy different parts at once."""
+        key = (os.getpid(), source, subset)  # a forked DataLoader worker starts its own
+        with _prefetch_lock:
+            if key in self._prefetching:
+                return
+            self._prefetching.add(key)
+        queue = self.parts(source, [subset])
+        for _ in range(PREFETCH_THREADS):
+            threading.Thread(target=self._copy_parts, args=(queue,), daemon=True,
+                             name="bpfm-cache-prefetch").start()
+
+    def _copy_parts(self, queue: list[dict]) -> None:
+        deferred = []
+        try:
+            while True:
+                with _prefetch_lock:
+                    if not queue:
+                        break
+                    part = queue.pop(0)
+                remote = self._remote(part)
+                if self.cache.fetch(self.remote_filesystem, remote, part, self.uri, wait=False):
+                    continue
+                deferred.append(part)
+            for part in deferred:  # held by other copiers then; most are complete by now
+                self.cache.fetch(self.remote_filesystem, self._remote(part), part, self.uri)
+        except Exception as err:  # the reader's own fetch of that part raises it in full
+            log.warning("cache: prefetch of %s stopped: %s", self.uri, err)

@@ -386,51 +386,55 @@ def train_while_quantizing(
     cpus: float = 1.0,
     poll_s: float = 5.0,
 ) -> tuple[Any, list[dict[str, Any]]]:
-    """Stage 1 with stage 2 alongside: `fit` (Tune's driver loop) runs in a thread while this
-    one polls MLflow for cells whose model is logged (`finished_cells`) and starts each one's
-    quantization task at once, on CPUs the trials do not hold (a task waits for free ones).
-    Returns fit's result and every quantization result."""
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = fit()
-        except BaseException as err:  # re-raised in the caller's thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run, name="bpfm-stage-1", daemon=True)
-    thread.start()
+    """Stage 1 with stage 2 alongside: `fit` (Tune's driver loop) runs in this thread while a
+    second one polls MLflow for cells whose model is logged (`finished_cells`) and starts each
+    one's quantization task at once, on CPUs the trials do not hold (a task waits for free
+    ones). Tune's loop stays in the calling (main) thread because only there does Tune catch
+    SIGINT and stop gracefully, saving its state to resume from; a poll after it ended submits
+    the cells it finished last. Returns fit's result and every quantization result."""
     submitted: dict[str, tuple[dict[str, Any], Any]] = {}
-    while True:
-        last = not thread.is_alive()  # read before the poll: no cell finishes after it
-        try:
-            found = finished_cells()
-        except Exception as err:  # a tracking server's hiccup; the last poll must succeed
-            if last:
-                raise
-            log.warning("stage 2: could not list trained cells (%s); retrying", err)
-            found = []
-        for run_info in found:
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def submit_finished() -> None:
+        for run_info in finished_cells():
             job = make_job(run_info)
-            if job["cell"] not in submitted:
+            with lock:
+                if job["cell"] in submitted:
+                    continue
                 log.info("stage 2: %s is trained, quantizing it", job["cell"])
-                ref = _quantize_task.options(num_cpus=cpus).remote(job)
-                submitted[job["cell"]] = (job, ref)
-        if last:
-            break
-        thread.join(poll_s)
-    if "error" in outcome:
-        raise outcome["error"]
+                submitted[job["cell"]] = (job, _quantize_task.options(num_cpus=cpus).remote(job))
+
+    def poll() -> None:
+        while not done.wait(poll_s):
+            try:
+                submit_finished()
+            except Exception as err:  # a tracking server's hiccup; the last poll must succeed
+                log.warning("stage 2: could not list trained cells (%s); retrying", err)
+
+    poller = threading.Thread(target=poll, name="bpfm-stage-2-poll", daemon=True)
+    poller.start()
+    try:
+        result = fit()
+    finally:
+        done.set()
+    poller.join()
+    submit_finished()
     progress.start("stage 2: quantizing models", len(submitted))
-    return outcome["result"], _gather(list(submitted.values()))
+    return result, _gather(list(submitted.values()))
 
 
 def _gather(pending: list[tuple[dict[str, Any], Any]]) -> list[dict[str, Any]]:
     results = []
     for job, ref in pending:
         try:
-            results.extend(ray.get(ref))
+            done = ray.get(ref)
+            results.extend(done)
             progress.advance()
+            for entry in done:
+                if entry.get("seconds"):
+                    log.info("stage 2: %s/%s took %s", entry["cell"], entry["variant"],
+                             ", ".join(f"{k} {v:.2f} s" for k, v in entry["seconds"].items()))
         except Exception as err:  # a task's error arrives wrapped; keep its message
             message = _last_line(err)
             log.error("quantization of %s failed: %s", job["cell"], message)
@@ -529,14 +533,18 @@ def _stages_1_and_2(tuner: tune.Tuner, client: MlflowClient, ctx: TrialContext,
 
 
 def _launch_errors(results: ResultGrid, quantized: list[dict[str, Any]], cells: list[Run],
-                   profile: Profile, grid_run: str, path: str) -> list[str]:
-    """Every trial's and quantization's error, one line each; a launch that trained nothing
-    is an error too (never an empty success)."""
+                   planned: int, profile: Profile, grid_run: str, path: str) -> list[str]:
+    """Every trial's and quantization's error, one line each; a launch that trained nothing,
+    or fewer cells than `planned` (interrupted), is an error too (never an empty success)."""
     errors = [_last_line(r.error) for r in results if r.error is not None]
     errors += [f"{q['cell']}/{q['variant']}: {q['error']}" for q in quantized if "error" in q]
     if not cells and not errors:
         errors.append(f"stage 1: no finished train run in MLflow experiment {profile.study} "
                       f"(grid run {grid_run}) for Tune experiment {path}")
+    elif len(cells) < planned and not errors:  # Tune stopped on SIGINT (Ctrl-C), its state
+        # saved; its ResultGrid shows the stopped trials as terminated
+        errors.append(f"stage 1: interrupted with {len(cells)} of {planned} cells trained; "
+                      "run the same command again to resume")
     return errors
 
 
@@ -570,7 +578,8 @@ def _run_stages(profile: Profile, recipe: dict[str, Any], name: str | None, gpus
     launch.record(_absolute(profile.storage), name, identity)
     results, quantized = _stages_1_and_2(tuner, client, ctx, profile, quant_cpus)
     cells = stages.launch_cells(client, experiment_id, grid_run)
-    errors = _launch_errors(results, quantized, cells, profile, grid_run, path)
+    errors = _launch_errors(results, quantized, cells, len(plan.cells), profile, grid_run,
+                            path)
 
     progress.start("stage 3: registering, summary", 1)
     registered = stages.register_best(client, uri, profile.study, cells)

@@ -9,6 +9,7 @@ import contextlib
 import io
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -162,6 +163,7 @@ def quantize_model(
     the full metrics, size, latency and the quantized model. The model is fetched once and its
     fp32 numbers measured once; a finished variant is not redone, a failed one does not stop the
     others (its entry carries the error)."""
+    task_began = time.perf_counter()
     client = tracking.client(tracking_uri)
     tags = {tracking.KIND: "quant", tracking.CELL: cell, tracking.STUDY: study,
             tracking.GRID_RUN: grid_run_id}
@@ -179,10 +181,17 @@ def quantize_model(
                 results.append({**entry, "run_id": run_id, "skipped": True})
                 continue
             try:
+                began = time.perf_counter()
                 model_dir = model_dir or tracking.download_model_dir(client, cell_run_id, tmp)
+                fetched = time.perf_counter()
                 out = Path(tmp) / variant
                 result = _quantize_variant(tracking_uri, client, run_id, model_dir, out, options,
                                            data, {**(settings or {}), "baseline": baseline})
+                # where a variant's time goes (the driver logs it): model fetch, then
+                # run_quantization (quantize_s of it: FX prepare, calibration, convert; the
+                # rest evaluates and times the model), then MLflow logging
+                seconds = {"fetch": fetched - began, **result.pop("_seconds", {}),
+                           "since_task_start": time.perf_counter() - task_began}
                 baseline = baseline or {"fp32": result["fp32"]}
             except Exception as err:  # reported per variant: the others go on
                 tracking.finish(client, run_id, "FAILED")
@@ -190,7 +199,7 @@ def quantize_model(
                 results.append({**entry, "run_id": run_id, "error": f"{type(err).__name__}: {err}"})
                 continue
             tracking.finish(client, run_id)
-            results.append({**entry, "run_id": run_id, "skipped": False})
+            results.append({**entry, "run_id": run_id, "skipped": False, "seconds": seconds})
     return results
 
 
@@ -217,7 +226,9 @@ def _quantize_variant(tracking_uri: str, client: MlflowClient, run_id: str, mode
     if is_export_variant(options):
         return _export_variant(client, run_id, model_dir, out, options, data, settings)
     config = QuantConfig(**options)
+    began = time.perf_counter()
     result = run_quantization(model_dir, config, data=data, out=str(out), **settings)
+    logged = time.perf_counter()
     extra = (*tracking.QUANT_METRICS, *QUANT_EXTRA_METRICS)
     tracking.log_results(client, run_id, _flat_metrics(result), extra=extra)
     if config.backend == "fx" or config.mode == "fp32":  # pt2e graphs stay plain files
@@ -228,6 +239,8 @@ def _quantize_variant(tracking_uri: str, client: MlflowClient, run_id: str, mode
                 client.log_artifact(run_id, str(item), "quantized")
     else:
         client.log_artifacts(run_id, str(out), "quantized")
+    result["_seconds"] = {"run_quantization": logged - began, "quantize": result["quantize_s"],
+                          "mlflow_logging": time.perf_counter() - logged}
     return result
 
 

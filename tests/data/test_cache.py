@@ -114,6 +114,29 @@ def test_concurrent_trainers_copy_each_part_once_and_read_what_s3_holds(
     assert not leases, leases  # the readers exited: their leases went with them
 
 
+def test_the_first_part_read_copies_its_subsets_other_parts_in_the_background(
+    s3_env, synthetic_subset_files, tmp_path, monkeypatch
+):
+    for module in ("bpfm.data.shards", "bpfm.data.manifest"):
+        monkeypatch.setattr(f"{module}.ROWS_PER_PART", 24)  # a few parts per subset
+    monkeypatch.setattr("bpfm.data.shards.ROW_GROUP_SIZE", 24)
+    uri = f"s3://{s3_env.bucket}/prefetch-{uuid.uuid4().hex[:8]}/pulsedb"
+    write_shards([p for p in synthetic_subset_files if p.name == "Train_Subset.mat"], uri)
+    manifest = open_shards(uri).manifest
+    shards = CachedShardSet(uri, manifest, NodeCache(tmp_path, 10**9))
+    parts = shards.parts("mimic", ["train"])
+    others = [p for p in manifest["parts"] if (p["source"], p["subset"]) != ("mimic", "train")]
+    assert len(parts) > 1 and others
+    shards.part_path(parts[-1])  # the reader waits for this one only
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / p["path"]).is_file() for p in parts):
+        assert time.monotonic() < deadline, "the prefetch did not finish"
+        time.sleep(0.2)
+    for part in parts:
+        assert (tmp_path / part["path"]).stat().st_size == part["bytes"]
+    assert not any((tmp_path / p["path"]).exists() for p in others)  # not the view's: not copied
+
+
 def test_a_cached_view_reads_the_same_batches_as_the_remote_one(s3_env, s3_shards, tmp_path):
     from bpfm.data.loader import ShardDataset
 

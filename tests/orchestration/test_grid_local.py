@@ -313,6 +313,47 @@ def test_a_killed_driver_resubmitted_resumes_without_rerunning_finished_cells(
     assert len(cells) == len(seeds) == len(set(cells))  # one run per cell across both launches
 
 
+def test_ctrl_c_stops_the_grid_gracefully_and_quantizes_what_was_trained(
+        grid_env, synthetic_shards):
+    storage = f"s3://{grid_env.s3.bucket}/interrupt"
+    seeds = list(range(4))  # one-epoch trials, one at a time: Ctrl-C lands between two
+    axes = {**BASE_PROFILE["axes"], "freeze": ["unfrozen"], "epochs": [1], "seed": seeds}
+    path = write_profile(grid_env.root, "interrupt", study="orch-interrupt", axes=axes,
+                         data={"uri": synthetic_shards}, storage=storage,
+                         tune={"max_failures": 1, "max_concurrent_trials": 1},
+                         quantize={"dynamic": {"mode": "dynamic", "weights": "per_channel"}})
+    experiment = f"{storage}/orch-interrupt"
+    env = {**os.environ, "RAY_ADDRESS": grid_env.address}
+    log = grid_env.root / "interrupt.log"
+    driver = _driver(path, env, log)
+    deadline = time.monotonic() + 300
+    try:
+        while not [t for t, s in trial_states(experiment).items() if s == "TERMINATED"]:
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.5)
+        os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C sends the terminal's process group
+        code = driver.wait(timeout=180)  # Tune ends its loop, stages 2 and 3 run on its own
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    text = log.read_text()
+    assert "Stop signal received" in text, text[-3000:]  # Tune's own graceful stop
+    assert "run the same bpfm command again" in text, text[-3000:]
+    result = json.loads(text.strip().splitlines()[-1])
+    assert code != 0 and any("interrupted" in e for e in result["errors"]), result["errors"]
+    states = trial_states(experiment)
+    finished = [t for t, s in states.items() if s == "TERMINATED"]
+    assert 1 <= len(finished) < len(seeds), states  # stopped mid-grid, state saved
+    quantized = tracking.find_runs(grid_env.client, result["experiment_id"],
+                                   {tracking.GRID_RUN: result["grid_run_id"],
+                                    tracking.KIND: "quant"})
+    trained = tracking.runs_of(grid_env.client, result["experiment_id"],
+                               result["grid_run_id"], "train")
+    assert len(quantized) == len(trained) >= len(finished)  # every logged model got stage 2
+
+
 def test_shard_job_converts_each_s3_file_once_and_publishes_one_manifest(
         grid_env, synthetic_subset_files, synthetic_shards):
     from bpfm.data.shards import open_shards
