@@ -11,7 +11,12 @@ Targets:
 - memory: the int8 .pte at batch 1 peaks < 64 MB RSS above the interpreter's baseline.
 
     .venv/bin/python benchmarks/deploy.py [--formats executorch,onnx] [--modes fp32,dynamic,static]
-        [--steps 40] [--subjects 40] [--runs 20] [--workdir DIR]
+        [--observers all|minmax,...] [--steps 40] [--subjects 40] [--runs 20] [--workdir DIR]
+
+Static exports run once per calibrator of their runtime (`--observers all`, the default:
+ExecuTorch's MinMax, MovingAverageMinMax and Histogram; ONNX Runtime's MinMax, Entropy and
+Percentile), so every INT8 variant the issue names (dynamic and each static calibrator) is
+exported to both runtimes and measured in the same run.
 
 Every export goes through `bpfm.export.run.run_export` (metrics, parity, size, peak RSS in a
 fresh process); latency is one interleaved measurement of every runtime and the torch fp32
@@ -34,8 +39,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantization import prepare_data, train  # noqa: E402  (the same data and model)
 
-OBSERVER = {"executorch": "minmax", "onnx": "minmax"}
 THREADS = 1
+
+
+def variants(formats: list[str], modes: list[str], observers: str) -> list[tuple[str, str, str]]:
+    """(format, mode, observer) of every export to run; static once per asked calibrator."""
+    from bpfm.export import OBSERVERS
+
+    out = []
+    for fmt in formats:
+        for mode in modes:
+            if mode != "static":
+                out.append((fmt, mode, "minmax"))
+                continue
+            names = OBSERVERS[fmt] if observers == "all" else \
+                [o for o in observers.split(",") if o in OBSERVERS[fmt]]  # fmt: skip
+            out.extend((fmt, mode, o) for o in names)
+    return out
 
 
 def run(args, workdir: Path) -> dict:
@@ -47,18 +67,17 @@ def run(args, workdir: Path) -> dict:
     data = prepare_data(workdir, args.subjects)
     model_dir = train(data, "small", args.steps, workdir / "model-small")
     results, runtimes = {}, {}
-    for fmt in args.formats:
-        for mode in args.modes:
-            config = ExportConfig(fmt, mode, OBSERVER[fmt], calib_batches=args.calib_batches)
-            logging.info("exporting %s", config.name)
-            # a --workdir rerun reuses fp32 files (no int8 reference to rebuild for them)
-            done = workdir / config.name / config.file_name
-            reuse = done if mode == "fp32" and done.is_file() else None
-            results[config.name] = run_export(model_dir, config, out=workdir / config.name,
-                                              file=reuse, latency_runs=0,
-                                              threads=THREADS)  # fmt: skip
-            runtimes[config.name] = load_export(results[config.name]["model_file"],
-                                                threads=THREADS)  # fmt: skip
+    for fmt, mode, observer in variants(args.formats, args.modes, args.observers):
+        config = ExportConfig(fmt, mode, observer, calib_batches=args.calib_batches)
+        logging.info("exporting %s", config.name)
+        # a --workdir rerun reuses fp32 files (no int8 reference to rebuild for them)
+        done = workdir / config.name / config.file_name
+        reuse = done if mode == "fp32" and done.is_file() else None
+        results[config.name] = run_export(model_dir, config, out=workdir / config.name,
+                                          file=reuse, latency_runs=0,
+                                          threads=THREADS)  # fmt: skip
+        runtimes[config.name] = load_export(results[config.name]["model_file"],
+                                            threads=THREADS)  # fmt: skip
     model, _, _ = load_trained(model_dir)
     load_before = os.getloadavg()
     timed = timings({"torch-fp32": model, **runtimes}, (1, 64), runs=args.runs, threads=THREADS)
@@ -76,9 +95,9 @@ def report(measured: dict) -> dict:
     results, torch_fp32 = measured["results"], measured["torch_fp32"]
     print(f"\nsmall model, {THREADS} thread, load average {measured['load']['before'][0]:.1f} -> "
           f"{measured['load']['after'][0]:.1f} (a shared machine: compare ratios, not times)")
-    print(f"{'variant':30} {'MiB':>6} {'xfp32':>6} {'maxabs fp32':>11} {'dMAE int8':>9} "
+    print(f"{'variant':34} {'MiB':>6} {'xfp32':>6} {'maxabs fp32':>11} {'dMAE int8':>9} "
           f"{'b1 ms':>7} {'b64 ms':>8} {'b1 x':>5} {'b64 x':>6} {'RSS+ MiB':>8}")
-    print(f"{'torch-fp32 (eager)':30} {results[next(iter(results))]['fp32_size_mib']:6.2f} "
+    print(f"{'torch-fp32 (eager)':34} {results[next(iter(results))]['fp32_size_mib']:6.2f} "
           f"{'':>6} {'':>11} {'':>9} {torch_fp32[1]['wall_ms']:7.2f} "
           f"{torch_fp32[64]['wall_ms']:8.1f}")
     rows = {}
@@ -100,7 +119,7 @@ def report(measured: dict) -> dict:
             row[f"x_torch_b{b}"] = torch_fp32[b]["wall_ms"] / ms
             row[f"x_runtime_fp32_b{b}"] = (own_fp32["timing"][b]["wall_ms"] / ms
                                            if own_fp32 else None)  # fmt: skip
-        print(f"{name:30} {row['size_mib']:6.2f} {_fmt(row['reduction_vs_runtime_fp32']):>6} "
+        print(f"{name:34} {row['size_mib']:6.2f} {_fmt(row['reduction_vs_runtime_fp32']):>6} "
               f"{row['max_abs_fp32']:11.2e} {_fmt(row['mae_diff_int8_mmhg'], '+.3f'):>9} "
               f"{row['ms_b1']:7.2f} {row['ms_b64']:8.1f} {row['x_torch_b1']:5.2f} "
               f"{row['x_torch_b64']:6.2f} {_fmt(row['rss_above_baseline_mib_b1'], '.1f'):>8}")
@@ -165,6 +184,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default="executorch,onnx")
     parser.add_argument("--modes", default="fp32,dynamic,static")
+    parser.add_argument("--observers", default="all",
+                        help="static calibrators: all, or a comma list (per runtime)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--subjects", type=int, default=40)
     parser.add_argument("--calib-batches", type=int, default=8)

@@ -175,3 +175,25 @@ def test_grid_stage_logs_a_runtime_variant_to_mlflow(trained_model_dir, syntheti
     assert metrics["macs_per_window"] > 1e7 and "sbp_mae" in metrics and "latency_ms_b64" in metrics
     files = {f.path for f in client.list_artifacts(run.info.run_id, "exported")}
     assert {"exported/model.onnx", "exported/parity.json", "exported/metrics.json"} <= files
+
+
+def test_export_copy_keeps_only_the_positional_rows_a_window_reads():
+    from bpfm.export import for_window
+    from bpfm.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small").eval()
+    with torch.no_grad():  # rows past the window's must not matter; make them loud
+        model.encoder.channel_encoding.normal_()
+        model.encoder.patch_encoding.normal_()
+    trimmed = for_window(model)
+    assert tuple(trimmed.encoder.channel_encoding.shape) == (1, 2, 96)
+    assert tuple(trimmed.encoder.patch_encoding.shape) == (1, 19, 96)
+    assert model.encoder.patch_encoding.shape[1] == 100  # the caller's model is left whole
+    x = torch.randn(3, 2, 1250)
+    with torch.no_grad():
+        assert torch.equal(trimmed(x), model(x))
+    # 62 + 81 rows of 96 fp32: 55 KB less in every export file of the small model
+    dropped = sum(p.numel() for p in model.parameters()) - \
+        sum(p.numel() for p in trimmed.parameters())  # fmt: skip
+    assert dropped * 4 == (62 + 81) * 96 * 4
