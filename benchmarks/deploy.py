@@ -123,7 +123,23 @@ def report(measured: dict) -> dict:
               f"{row['max_abs_fp32']:11.2e} {_fmt(row['mae_diff_int8_mmhg'], '+.3f'):>9} "
               f"{row['ms_b1']:7.2f} {row['ms_b64']:8.1f} {row['x_torch_b1']:5.2f} "
               f"{row['x_torch_b64']:6.2f} {_fmt(row['rss_above_baseline_mib_b1'], '.1f'):>8}")
-    return {"rows": rows, "targets": targets(rows, results)}
+    breakdown = pte_breakdown(results)
+    return {"rows": rows, "targets": targets(rows, results), "pte_bytes": breakdown}
+
+
+def pte_breakdown(results: dict) -> dict:
+    """Where each .pte's bytes go: an int8 file's overhead over a quarter of the fp32 file."""
+    from bpfm.export.executorch import size_breakdown
+
+    parts = {name: size_breakdown(Path(r["model_file"])) for name, r in results.items()
+             if r["format"] == "executorch"}  # fmt: skip
+    if parts:
+        kinds = list(next(iter(parts.values())))
+        print(f"\n.pte bytes by kind (KB)\n{'variant':34} "
+              + " ".join(f"{k:>16}" for k in kinds))
+        for name, p in parts.items():
+            print(f"{name:34} " + " ".join(f"{p[k] / 1e3:16.1f}" for k in kinds))
+    return parts
 
 
 def targets(rows: dict, results: dict) -> dict:

@@ -46,6 +46,11 @@ def test_onnx_runtime_fp32_and_static_int8(trained_model_dir, tmp_path):
                       latency_runs=2, rss=False)  # fmt: skip
     _, parity = _check_out_dir(tmp_path / "fp32", fp32, ".onnx")
     assert parity["torch_fp32"]["max_abs_output"] < 1e-4
+    import onnx
+
+    # only the positional rows a [2, 1250] window reads travel, not the 64 / 100-row tables
+    shapes = {tuple(t.dims) for t in onnx.load(fp32["model_file"]).graph.initializer}
+    assert not {(1, 64, 96), (1, 100, 96)} & shapes
     assert parity["torch_int8"] is None
 
     static = run_export(trained_model_dir, ExportConfig("onnx", "static", "percentile", 2),
@@ -77,6 +82,12 @@ def test_executorch_static_int8_through_the_cli(trained_model_dir, tmp_path, cap
     assert "XNNPACK" in parity["torch_int8_model"]
     assert result["delegated"]["xnnpack_partitions"] >= 1
     assert result["reduction_factor"] > 3.5
+    from bpfm.export.executorch import size_breakdown
+
+    parts = size_breakdown(out / "model.pte")
+    # every byte accounted for: int8 weights, two scale sets per static Linear, graphs
+    assert 0 <= parts["padding"] < 16_384 and parts["file"] == (out / "model.pte").stat().st_size
+    assert parts["scales"] > 0 and parts["weights"] > 0.9 * parts["file"]
     assert 0 < result["rss_above_baseline_mib_b1"] < 64
 
 
