@@ -11,14 +11,21 @@ Targets:
 - memory: the int8 .pte at batch 1 peaks < 64 MB RSS above the interpreter's baseline.
 
     .venv/bin/python benchmarks/deploy.py [--formats executorch,onnx] [--modes fp32,dynamic,static]
-        [--steps 40] [--subjects 40] [--runs 20] [--workdir DIR]
+        [--observers all|minmax,...] [--steps 40] [--subjects 40] [--runs 20] [--workdir DIR]
+
+Static exports run once per calibrator of their runtime (`--observers all`, the default:
+ExecuTorch's MinMax, MovingAverageMinMax and Histogram; ONNX Runtime's MinMax, Entropy and
+Percentile), so every INT8 variant the issue names (dynamic and each static calibrator) is
+exported to both runtimes and measured in the same run.
 
 Every export goes through `bpfm.export.run.run_export` (metrics, parity, size, peak RSS in a
 fresh process); latency is one interleaved measurement of every runtime and the torch fp32
 model (`bpfm.quant.measure.timings`, median of --runs after warm-up, 1 thread), so ratios come
 from the same minutes of a shared machine. Where a latency target is missed, ONNX Runtime's
 per-operator profile of its best int8 file and ExecuTorch's delegation summary say where time
-goes. Prints tables, then one JSON object as the last line.
+goes. Each .pte's bytes by kind (`bpfm.export.executorch.size_breakdown`) show what an int8
+file carries beyond a quarter of the fp32 one. Prints tables, then one JSON object as the last
+line.
 """
 
 from __future__ import annotations
@@ -34,8 +41,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantization import prepare_data, train  # noqa: E402  (the same data and model)
 
-OBSERVER = {"executorch": "minmax", "onnx": "minmax"}
 THREADS = 1
+
+
+def variants(formats: list[str], modes: list[str], observers: str) -> list[tuple[str, str, str]]:
+    """(format, mode, observer) of every export to run; static once per asked calibrator."""
+    from bpfm.export import OBSERVERS
+
+    out = []
+    for fmt in formats:
+        for mode in modes:
+            if mode != "static":
+                out.append((fmt, mode, "minmax"))
+                continue
+            names = OBSERVERS[fmt] if observers == "all" else \
+                [o for o in observers.split(",") if o in OBSERVERS[fmt]]
+            out.extend((fmt, mode, o) for o in names)
+    return out
 
 
 def run(args, workdir: Path) -> dict:
@@ -47,18 +69,17 @@ def run(args, workdir: Path) -> dict:
     data = prepare_data(workdir, args.subjects)
     model_dir = train(data, "small", args.steps, workdir / "model-small")
     results, runtimes = {}, {}
-    for fmt in args.formats:
-        for mode in args.modes:
-            config = ExportConfig(fmt, mode, OBSERVER[fmt], calib_batches=args.calib_batches)
-            logging.info("exporting %s", config.name)
-            # a --workdir rerun reuses fp32 files (no int8 reference to rebuild for them)
-            done = workdir / config.name / config.file_name
-            reuse = done if mode == "fp32" and done.is_file() else None
-            results[config.name] = run_export(model_dir, config, out=workdir / config.name,
-                                              file=reuse, latency_runs=0,
-                                              threads=THREADS)
-            runtimes[config.name] = load_export(results[config.name]["model_file"],
-                                                threads=THREADS)
+    for fmt, mode, observer in variants(args.formats, args.modes, args.observers):
+        config = ExportConfig(fmt, mode, observer, calib_batches=args.calib_batches)
+        logging.info("exporting %s", config.name)
+        # a --workdir rerun reuses fp32 files (no int8 reference to rebuild for them)
+        done = workdir / config.name / config.file_name
+        reuse = done if mode == "fp32" and done.is_file() else None
+        results[config.name] = run_export(model_dir, config, out=workdir / config.name,
+                                          file=reuse, latency_runs=0,
+                                          threads=THREADS)
+        runtimes[config.name] = load_export(results[config.name]["model_file"],
+                                            threads=THREADS)
     model, _, _ = load_trained(model_dir)
     load_before = os.getloadavg()
     timed = timings({"torch-fp32": model, **runtimes}, (1, 64), runs=args.runs, threads=THREADS)
@@ -76,9 +97,9 @@ def report(measured: dict) -> dict:
     results, torch_fp32 = measured["results"], measured["torch_fp32"]
     print(f"\nsmall model, {THREADS} thread, load average {measured['load']['before'][0]:.1f} -> "
           f"{measured['load']['after'][0]:.1f} (a shared machine: compare ratios, not times)")
-    print(f"{'variant':30} {'MiB':>6} {'xfp32':>6} {'maxabs fp32':>11} {'dMAE int8':>9} "
+    print(f"{'variant':34} {'MiB':>6} {'xfp32':>6} {'maxabs fp32':>11} {'dMAE int8':>9} "
           f"{'b1 ms':>7} {'b64 ms':>8} {'b1 x':>5} {'b64 x':>6} {'RSS+ MiB':>8}")
-    print(f"{'torch-fp32 (eager)':30} {results[next(iter(results))]['fp32_size_mib']:6.2f} "
+    print(f"{'torch-fp32 (eager)':34} {results[next(iter(results))]['fp32_size_mib']:6.2f} "
           f"{'':>6} {'':>11} {'':>9} {torch_fp32[1]['wall_ms']:7.2f} "
           f"{torch_fp32[64]['wall_ms']:8.1f}")
     rows = {}
@@ -100,11 +121,27 @@ def report(measured: dict) -> dict:
             row[f"x_torch_b{b}"] = torch_fp32[b]["wall_ms"] / ms
             row[f"x_runtime_fp32_b{b}"] = (own_fp32["timing"][b]["wall_ms"] / ms
                                            if own_fp32 else None)
-        print(f"{name:30} {row['size_mib']:6.2f} {_fmt(row['reduction_vs_runtime_fp32']):>6} "
+        print(f"{name:34} {row['size_mib']:6.2f} {_fmt(row['reduction_vs_runtime_fp32']):>6} "
               f"{row['max_abs_fp32']:11.2e} {_fmt(row['mae_diff_int8_mmhg'], '+.3f'):>9} "
               f"{row['ms_b1']:7.2f} {row['ms_b64']:8.1f} {row['x_torch_b1']:5.2f} "
               f"{row['x_torch_b64']:6.2f} {_fmt(row['rss_above_baseline_mib_b1'], '.1f'):>8}")
-    return {"rows": rows, "targets": targets(rows, results)}
+    breakdown = pte_breakdown(results)
+    return {"rows": rows, "targets": targets(rows, results), "pte_bytes": breakdown}
+
+
+def pte_breakdown(results: dict) -> dict:
+    """Where each .pte's bytes go: an int8 file's overhead over a quarter of the fp32 file."""
+    from bpfm.export.executorch import size_breakdown
+
+    parts = {name: size_breakdown(Path(r["model_file"])) for name, r in results.items()
+             if r["format"] == "executorch"}
+    if parts:
+        kinds = list(next(iter(parts.values())))
+        print(f"\n.pte bytes by kind (KB)\n{'variant':34} "
+              + " ".join(f"{k:>16}" for k in kinds))
+        for name, p in parts.items():
+            print(f"{name:34} " + " ".join(f"{p[k] / 1e3:16.1f}" for k in kinds))
+    return parts
 
 
 def targets(rows: dict, results: dict) -> dict:
@@ -165,6 +202,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default="executorch,onnx")
     parser.add_argument("--modes", default="fp32,dynamic,static")
+    parser.add_argument("--observers", default="all",
+                        help="static calibrators: all, or a comma list (per runtime)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--subjects", type=int, default=40)
     parser.add_argument("--calib-batches", type=int, default=8)

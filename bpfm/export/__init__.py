@@ -164,7 +164,32 @@ def export_model(model: nn.Module, config: ExportConfig, calib: list[torch.Tenso
     config = config.validate()
     if config.mode == "static" and not calib:
         raise BpfmError("export: static mode needs calibration batches")
-    return runtime_module(config.format).export(model, config, calib, path)
+    return runtime_module(config.format).export(for_window(model), config, calib, path)
+
+
+def for_window(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose positional tables keep only the rows a bpfm window reads.
+
+    An export takes [batch, 2, 1250] windows only: 2 of the encoder's 64 channel rows and 19 of
+    its 100 patch rows are ever used. The other rows are weights no int8 mode shrinks (the
+    encoding is an add, not a matmul) and cost 55 KB of the small model's file, 1.5 % of an
+    int8 one. The outputs are the same: `positional_encoding` slices the first rows."""
+    import copy
+
+    from bpfm.model.cerebro import CerebroEncoder
+    from bpfm.training.predict import WINDOW_SHAPE
+
+    encoders = [m for m in model.modules() if isinstance(m, CerebroEncoder)]
+    if not encoders:
+        return model
+    model = copy.deepcopy(model)
+    channels = WINDOW_SHAPE[0]
+    for encoder in (m for m in model.modules() if isinstance(m, CerebroEncoder)):
+        patches = WINDOW_SHAPE[1] // encoder.config.patch_size
+        with torch.no_grad():
+            encoder.channel_encoding = nn.Parameter(encoder.channel_encoding[:, :channels].clone())
+            encoder.patch_encoding = nn.Parameter(encoder.patch_encoding[:, :patches].clone())
+    return model
 
 
 def first_line(err: BaseException) -> str:

@@ -47,6 +47,11 @@ def test_onnx_runtime_fp32_and_static_int8(trained_model_dir, tmp_path):
                       latency_runs=2, rss=False)
     _, parity = _check_out_dir(tmp_path / "fp32", fp32, ".onnx")
     assert parity["torch_fp32"]["max_abs_output"] < 1e-4
+    import onnx
+
+    # only the positional rows a [2, 1250] window reads travel, not the 64 / 100-row tables
+    shapes = {tuple(t.dims) for t in onnx.load(fp32["model_file"]).graph.initializer}
+    assert not {(1, 64, 96), (1, 100, 96)} & shapes
     assert parity["torch_int8"] is None
     fp32_mmhg = parity["torch_fp32"]["max_abs_mmhg"]
 
@@ -83,6 +88,12 @@ def test_executorch_static_int8_through_the_cli(trained_model_dir, tmp_path, cap
     assert "XNNPACK" in parity["torch_int8_model"]
     assert result["delegated"]["xnnpack_partitions"] >= 1
     assert result["reduction_factor"] > 3.5
+    from bpfm.export.executorch import size_breakdown
+
+    parts = size_breakdown(out / "model.pte")
+    # every byte accounted for: int8 weights, two scale sets per static Linear, graphs
+    assert 0 <= parts["padding"] < 16_384 and parts["file"] == (out / "model.pte").stat().st_size
+    assert parts["scales"] > 0 and parts["weights"] > 0.9 * parts["file"]
     assert 0 < result["rss_above_baseline_mib_b1"] < 64
 
 
@@ -181,3 +192,25 @@ def test_grid_stage_logs_a_runtime_variant_to_mlflow(trained_model_dir, syntheti
     assert metrics["macs_per_window"] > 1e7 and "sbp_mae" in metrics and "latency_ms_b64" in metrics
     files = {f.path for f in client.list_artifacts(run.info.run_id, "exported")}
     assert {"exported/model.onnx", "exported/parity.json", "exported/metrics.json"} <= files
+
+
+def test_export_copy_keeps_only_the_positional_rows_a_window_reads():
+    from bpfm.export import for_window
+    from bpfm.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small").eval()
+    with torch.no_grad():  # rows past the window's must not matter; make them loud
+        model.encoder.channel_encoding.normal_()
+        model.encoder.patch_encoding.normal_()
+    trimmed = for_window(model)
+    assert tuple(trimmed.encoder.channel_encoding.shape) == (1, 2, 96)
+    assert tuple(trimmed.encoder.patch_encoding.shape) == (1, 19, 96)
+    assert model.encoder.patch_encoding.shape[1] == 100  # the caller's model is left whole
+    x = torch.randn(3, 2, 1250)
+    with torch.no_grad():
+        assert torch.equal(trimmed(x), model(x))
+    # 62 + 81 rows of 96 fp32: 55 KB less in every export file of the small model
+    dropped = sum(p.numel() for p in model.parameters()) - \
+        sum(p.numel() for p in trimmed.parameters())
+    assert dropped * 4 == (62 + 81) * 96 * 4
