@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bpfm.errors import BpfmError
 from bpfm.export import ExportConfig, RuntimeModel, export_model, format_of, load_export
-from bpfm.io.atomic import write_json
+from bpfm.io.atomic import publish_file, write_json
 from bpfm.metrics import compute_metrics
 from bpfm.model import SIZE_ALIASES
 from bpfm.quant.convert import quantize
@@ -43,6 +43,7 @@ from bpfm.training.model_dir import load_trained
 from bpfm.training.predict import WINDOW_SHAPE, Predictions, predict, target_scaling
 
 if TYPE_CHECKING:
+    from bpfm.data.splits import Split
     from bpfm.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -151,17 +152,8 @@ def run_export(
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)  # incomplete until rewritten
-    exported: dict[str, Any] = {}
     start = time.perf_counter()
-    if file is None:
-        path = out / config.file_name
-        exported = export_model(model, config, calib, path)
-    else:
-        path = out / f"model{Path(file).suffix}"
-        if Path(file).resolve() != path.resolve():
-            tmp = path.with_name(f".tmp-{path.name}")
-            shutil.copyfile(file, tmp)
-            tmp.replace(path)
+    path, exported = _export_or_copy(model, config, calib, file, out)
     export_s = time.perf_counter() - start
     runtime: RuntimeModel = load_export(path, threads=threads)
 
@@ -170,15 +162,7 @@ def run_export(
     baseline = meta.get("target_mean")
     test = compute_metrics(pred.target, pred.estimate, pred.subject, baseline)
     fp32_test = compute_metrics(fp32_pred.target, fp32_pred.estimate, fp32_pred.subject, baseline)
-    parity: dict[str, Any] = {"torch_fp32": _compare(pred, fp32_pred, meta), "torch_int8": None,
-                              "torch_int8_model": None, "split": split.label,
-                              "n": int(len(pred.target))}
-    if config is not None:
-        reference, described = _int8_reference(model, config, exported, calib)
-        if reference is not None:
-            ref_pred = predict(reference, split.test, meta, batch_size=batch_size)
-            parity["torch_int8"] = _compare(pred, ref_pred, meta)
-            parity["torch_int8_model"] = described
+    parity = _parity(pred, fp32_pred, model, config, exported, calib, split, meta, batch_size)
 
     fp32_bytes = state_dict_bytes(model)
     size = path.stat().st_size
@@ -224,3 +208,33 @@ def run_export(
              result["reduction_factor"], test["sbp_mae"], test["dbp_mae"],
              result["parity_max_abs_fp32"])
     return result
+
+
+def _export_or_copy(model: nn.Module, config: ExportConfig | None, calib: list[torch.Tensor],
+                    file: str | Path | None, out: Path) -> tuple[Path, dict[str, Any]]:
+    """(the runtime file in `out`, what the export reported): exported now, or the given
+    `file` published into `out` (a copy, unless it is already there)."""
+    if file is None:
+        path = out / config.file_name
+        return path, export_model(model, config, calib, path)
+    path = out / f"model{Path(file).suffix}"
+    if Path(file).resolve() != path.resolve():
+        publish_file(path, lambda tmp: shutil.copyfile(file, tmp))
+    return path, {}
+
+
+def _parity(pred: Predictions, fp32_pred: Predictions, model: nn.Module,
+            config: ExportConfig | None, exported: dict[str, Any], calib: list[torch.Tensor],
+            split: Split, meta: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """The runtime's estimates against torch's fp32 model and, for an INT8 export, against the
+    torch INT8 model the same quantizer makes (`_int8_reference`)."""
+    parity: dict[str, Any] = {"torch_fp32": _compare(pred, fp32_pred, meta), "torch_int8": None,
+                              "torch_int8_model": None, "split": split.label,
+                              "n": int(len(pred.target))}
+    if config is not None:
+        reference, described = _int8_reference(model, config, exported, calib)
+        if reference is not None:
+            ref_pred = predict(reference, split.test, meta, batch_size=batch_size)
+            parity["torch_int8"] = _compare(pred, ref_pred, meta)
+            parity["torch_int8_model"] = described
+    return parity

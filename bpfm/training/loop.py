@@ -301,40 +301,14 @@ def fit(
     out = Path(config.out)
     remove_stale_temporaries(out)  # of killed runs: they hold disk space and nothing else
     device = resolve_device(config.device)
-    shards = pinned_shards(config.data, config.data_generation, cache=config.cache)
-    require_intact(shards)  # sizes and footers: a damaged set fails here, not mid-epoch
-    config.data_generation = shards.generation
-    split = open_split(shards, config.source, config.protocol, config.split_seed)
-    summary = require_segments(split_summary(split), config.data)
-    mean, std = (np.asarray(v, dtype=np.float64) for v in view_target_stats(split.train))
-    meta = {**_target_meta(config, mean, std), "source": config.source,
-            "protocol": config.protocol, "split": split.label}
+    split, summary, meta = _open_data(config)
 
     seed_everything(config.seed)
     model = build_model(config).to(device)
     optimizer = _make_optimizer(config, model)
-    steps_per_epoch = _steps_per_epoch(config, summary["n_train"])
-    # A closed form under LambdaLR rather than SequentialLR(LinearLR, CosineAnnealingLR): both
-    # resume exactly, but torch's update the lr recursively (over 370 steps their lrs differ
-    # from this closed form in all but 36-42 steps, by up to 1e-13 relative), take only whole
-    # steps of warm-up (warmup_epochs is a float), keep the step counts they started with when a
-    # run resumes on new data, and could not load the scheduler state of earlier checkpoints.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps_per_epoch, config)
-    )
-    state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_mae": math.inf, "best_epoch": 0}
+    scheduler = _make_scheduler(config, optimizer, _steps_per_epoch(config, summary["n_train"]))
     checkpoint = Path(resume_from) if resume_from else (latest_checkpoint(out) if resume else None)
-    if checkpoint is not None:
-        saved = load_train_state(checkpoint)
-        check_same_generation(saved["config"].get("data_generation"), shards.generation,
-                              checkpoint, allow_new_data=allow_new_data)
-        check_resumable(saved["config"], config.to_dict(), checkpoint,
-                        total_dependent=config.schedule in TOTAL_DEPENDENT_SCHEDULES)
-        state = restore_train_state(saved, model, optimizer, scheduler)
-        log.info("resuming %s after epoch %d (%s)", out, state["epoch"], checkpoint)
-    if state["epoch"] > config.epochs:
-        raise BpfmError(f"{checkpoint}: epoch: checkpoint is at epoch {state['epoch']}, "
-                        f"past the {config.epochs} epochs asked for")
+    state = _start_state(config, checkpoint, model, optimizer, scheduler, allow_new_data)
     if state["epoch"] == config.epochs and (out / "metrics.json").is_file():
         log.info("%s: already trained for %d epochs", out, config.epochs)
         return _result(out, config, summary)
@@ -352,17 +326,7 @@ def fit(
         stats = _train_epoch(config, step_model, split.train, epoch, optimizer, scheduler, meta,
                              device)
         val_pred = predict(model, split.val, meta, **eval_kw)
-        val_mae, val_sbp, val_dbp = mean_mae(val_pred)
-        if val_mae < state["best_val_mae"]:
-            state["best_val_mae"], state["best_epoch"] = val_mae, epoch
-        record = {"epoch": epoch, **stats, "val_mae": val_mae, "val_sbp_mae": val_sbp,
-                  "val_dbp_mae": val_dbp, "best_val_mae": state["best_val_mae"]}
-        state["history"].append(record)
-        state["epoch"] = epoch
-        log.info("epoch %d/%d  train_loss %.4f  val_mae %.2f mmHg (SBP %.2f, DBP %.2f)  "
-                 "%.0f samples/s", epoch, config.epochs, stats["train_loss"], val_mae, val_sbp,
-                 val_dbp, stats["samples_per_s"])
-        metrics = dict(record)
+        metrics = _record_epoch(state, epoch, stats, val_pred, config.epochs)
         model_dirs = [out / f"epoch-{epoch}"] if epoch in config.report_epochs else []
         model_dirs += [out] if epoch == config.epochs else []
         if model_dirs:
@@ -374,11 +338,74 @@ def fit(
             train_state(model, optimizer, scheduler, config.to_dict(), state),
             keep=config.keep_checkpoints,
         )
-        report = EpochReport(epoch, stats["train_loss"], val_mae, checkpoint_dir, metrics,
-                             model_dirs[-1] if model_dirs else None)
+        report = EpochReport(epoch, stats["train_loss"], metrics["val_mae"], checkpoint_dir,
+                             metrics, model_dirs[-1] if model_dirs else None)
         for callback in callbacks:
             callback(report)
     return _result(out, config, summary)
+
+
+def _open_data(config: TrainConfig) -> tuple[Split, dict[str, Any], dict[str, Any]]:
+    """(split, its summary, the model's meta) of the shard generation the run pins: the one
+    published now on a fresh run, recorded in `config.data_generation`."""
+    shards = pinned_shards(config.data, config.data_generation, cache=config.cache)
+    require_intact(shards)  # sizes and footers: a damaged set fails here, not mid-epoch
+    config.data_generation = shards.generation
+    split = open_split(shards, config.source, config.protocol, config.split_seed)
+    summary = require_segments(split_summary(split), config.data)
+    mean, std = (np.asarray(v, dtype=np.float64) for v in view_target_stats(split.train))
+    meta = {**_target_meta(config, mean, std), "source": config.source,
+            "protocol": config.protocol, "split": split.label}
+    return split, summary, meta
+
+
+def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    # A closed form under LambdaLR rather than SequentialLR(LinearLR, CosineAnnealingLR): both
+    # resume exactly, but torch's update the lr recursively (over 370 steps their lrs differ
+    # from this closed form in all but 36-42 steps, by up to 1e-13 relative), take only whole
+    # steps of warm-up (warmup_epochs is a float), keep the step counts they started with when a
+    # run resumes on new data, and could not load the scheduler state of earlier checkpoints.
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, config)
+    )
+
+
+def _start_state(config: TrainConfig, checkpoint: Path | None, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 allow_new_data: bool) -> dict[str, Any]:
+    """The loop's state: fresh, or restored (model, optimiser, scheduler, RNGs) from
+    `checkpoint` after checking it belongs to this run and its shard generation."""
+    state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_mae": math.inf, "best_epoch": 0}
+    if checkpoint is None:
+        return state
+    saved = load_train_state(checkpoint)
+    check_same_generation(saved["config"].get("data_generation"), config.data_generation,
+                          checkpoint, allow_new_data=allow_new_data)
+    check_resumable(saved["config"], config.to_dict(), checkpoint,
+                    total_dependent=config.schedule in TOTAL_DEPENDENT_SCHEDULES)
+    state = restore_train_state(saved, model, optimizer, scheduler)
+    log.info("resuming %s after epoch %d (%s)", config.out, state["epoch"], checkpoint)
+    if state["epoch"] > config.epochs:
+        raise BpfmError(f"{checkpoint}: epoch: checkpoint is at epoch {state['epoch']}, "
+                        f"past the {config.epochs} epochs asked for")
+    return state
+
+
+def _record_epoch(state: dict[str, Any], epoch: int, stats: dict[str, float],
+                  val_pred: Predictions, epochs: int) -> dict[str, Any]:
+    """Adds the epoch to `state` (history, best validation MAE) and returns its metrics."""
+    val_mae, val_sbp, val_dbp = mean_mae(val_pred)
+    if val_mae < state["best_val_mae"]:
+        state["best_val_mae"], state["best_epoch"] = val_mae, epoch
+    record = {"epoch": epoch, **stats, "val_mae": val_mae, "val_sbp_mae": val_sbp,
+              "val_dbp_mae": val_dbp, "best_val_mae": state["best_val_mae"]}
+    state["history"].append(record)
+    state["epoch"] = epoch
+    log.info("epoch %d/%d  train_loss %.4f  val_mae %.2f mmHg (SBP %.2f, DBP %.2f)  "
+             "%.0f samples/s", epoch, epochs, stats["train_loss"], val_mae, val_sbp, val_dbp,
+             stats["samples_per_s"])
+    return dict(record)
 
 
 def _result(out: Path, config: TrainConfig, summary: dict[str, Any]) -> FitResult:
