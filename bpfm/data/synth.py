@@ -400,18 +400,3 @@ def write_synthetic_pulsedb(out_dir: str | Path, config: SynthConfig | None = No
     else:
         result.subset_files = [subset_dir / f"{name}_Subset.mat" for name in SUBSET_NAMES]
     return result
-    info_dir = out_dir / "Info_Files"
-    info_dir.mkdir(parents=True, exist_ok=True)
-    for name in SUBSET_NAMES:
-        info = info_dir / f"{name}_Info.mat"
-        _write_info(info, info_rows[name])
-        result.info_files.append(info)
-        result.subset_files.append(
-            generate_subsets(
-                out_dir / "Segment_Files",
-                info,
-                subset_dir / f"{name}_Subset.mat",
-                compression=config.compression,
-            )
-        )
-    return result
