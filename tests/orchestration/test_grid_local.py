@@ -271,6 +271,14 @@ def _driver(profile: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _wait_for_a_finished_trial(driver: subprocess.Popen, experiment: str, log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while not [t for t, s in trial_states(experiment).items() if s == "TERMINATED"]:
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no trial finished in time"
+        time.sleep(0.5)
+
+
 def test_a_killed_driver_resubmitted_resumes_without_rerunning_finished_cells(
         grid_env, synthetic_shards):
     storage = f"s3://{grid_env.s3.bucket}/resume"
@@ -283,12 +291,8 @@ def test_a_killed_driver_resubmitted_resumes_without_rerunning_finished_cells(
     env = {**os.environ, "RAY_ADDRESS": grid_env.address}
     log = grid_env.root / "driver.log"
     driver = _driver(path, env, log)
-    deadline = time.monotonic() + 300
     try:
-        while not [t for t, s in trial_states(experiment).items() if s == "TERMINATED"]:
-            assert driver.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(0.5)
+        _wait_for_a_finished_trial(driver, experiment, log)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
@@ -326,12 +330,8 @@ def test_ctrl_c_stops_the_grid_gracefully_and_quantizes_what_was_trained(
     env = {**os.environ, "RAY_ADDRESS": grid_env.address}
     log = grid_env.root / "interrupt.log"
     driver = _driver(path, env, log)
-    deadline = time.monotonic() + 300
     try:
-        while not [t for t, s in trial_states(experiment).items() if s == "TERMINATED"]:
-            assert driver.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(0.5)
+        _wait_for_a_finished_trial(driver, experiment, log)
         os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C sends the terminal's process group
         code = driver.wait(timeout=180)  # Tune ends its loop, stages 2 and 3 run on its own
     finally:
