@@ -23,9 +23,10 @@ fresh process); latency is one interleaved measurement of every runtime and the 
 model (`bpfm.quant.measure.timings`, median of --runs after warm-up, 1 thread), so ratios come
 from the same minutes of a shared machine. Where a latency target is missed, ONNX Runtime's
 per-operator profile of its best int8 file and ExecuTorch's delegation summary say where time
-goes. Each .pte's bytes by kind (`bpfm.export.executorch.size_breakdown`) show what an int8
-file carries beyond a quarter of the fp32 one. Prints tables, then one JSON object as the last
-line.
+goes. Each file's bytes by kind (`size_breakdown` of `bpfm.export.executorch` for a .pte, of
+`bpfm.export.onnx` for a .onnx, with the largest fp32 tensors an int8 .onnx still holds) show
+what an int8 file carries beyond a quarter of the fp32 one. Prints tables, then one JSON object
+as the last line.
 """
 
 from __future__ import annotations
@@ -125,22 +126,41 @@ def report(measured: dict) -> dict:
               f"{row['max_abs_fp32']:11.2e} {_fmt(row['mae_diff_int8_mmhg'], '+.3f'):>9} "
               f"{row['ms_b1']:7.2f} {row['ms_b64']:8.1f} {row['x_torch_b1']:5.2f} "
               f"{row['x_torch_b64']:6.2f} {_fmt(row['rss_above_baseline_mib_b1'], '.1f'):>8}")
-    breakdown = pte_breakdown(results)
-    return {"rows": rows, "targets": targets(rows, results), "pte_bytes": breakdown}
+    breakdown = {"pte_bytes": pte_breakdown(results), "onnx_bytes": onnx_breakdown(results)}
+    return {"rows": rows, "targets": targets(rows, results), **breakdown}
 
 
 def pte_breakdown(results: dict) -> dict:
     """Where each .pte's bytes go: an int8 file's overhead over a quarter of the fp32 file."""
     from bpfm.export.executorch import size_breakdown
 
+    return _print_breakdown(results, "executorch", size_breakdown)
+
+
+def onnx_breakdown(results: dict) -> dict:
+    """The same for each .onnx, and the largest fp32 tensors an int8 file still carries."""
+    from bpfm.export.onnx import fp32_matrices, size_breakdown
+
+    parts = _print_breakdown(results, "onnx", size_breakdown)
+    for name, r in results.items():
+        if r["format"] == "onnx" and r["config"]["mode"] != "fp32":
+            largest = ", ".join(f"{ops} {shape} {size / 1e3:.1f} KB"
+                                for ops, shape, size in fp32_matrices(Path(r["model_file"]))[:3])
+            print(f"  {name}: largest fp32 tensors: {largest or 'none'}")
+    return parts
+
+
+def _print_breakdown(results: dict, fmt: str, size_breakdown) -> dict:
+    from bpfm.export import SUFFIXES
+
     parts = {name: size_breakdown(Path(r["model_file"])) for name, r in results.items()
-             if r["format"] == "executorch"}
+             if r["format"] == fmt}
     if parts:
-        kinds = list(next(iter(parts.values())))
-        print(f"\n.pte bytes by kind (KB)\n{'variant':34} "
-              + " ".join(f"{k:>16}" for k in kinds))
+        widths = {k: max(len(k), 7) for k in next(iter(parts.values()))}
+        print(f"\n{SUFFIXES[fmt]} bytes by kind (KB)\n{'variant':34} "
+              + " ".join(f"{k:>{w}}" for k, w in widths.items()))
         for name, p in parts.items():
-            print(f"{name:34} " + " ".join(f"{p[k] / 1e3:16.1f}" for k in kinds))
+            print(f"{name:34} " + " ".join(f"{p[k] / 1e3:{w}.1f}" for k, w in widths.items()))
     return parts
 
 

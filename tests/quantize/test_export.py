@@ -73,6 +73,80 @@ def test_onnx_runtime_fp32_and_static_int8(trained_model_dir, tmp_path):
     )
 
 
+
+@pytest.mark.slow
+def test_onnx_files_hold_weights_not_debug_records(trained, tmp_path):
+    import numpy as np
+    import onnx
+
+    from bpfm.export import ExportConfig, export_model, load_export
+    from bpfm.export.onnx import fp32_matrices, size_breakdown
+
+    model, _, _ = trained
+    files = {}
+    for mode in ("fp32", "dynamic"):
+        files[mode] = tmp_path / f"{mode}.onnx"
+        export_model(model.eval(), ExportConfig("onnx", mode), [], files[mode])
+    fp32, int8 = size_breakdown(files["fp32"]), size_breakdown(files["dynamic"])
+    for parts, file in ((fp32, files["fp32"]), (int8, files["dynamic"])):
+        assert parts["file"] == file.stat().st_size == sum(parts.values()) - parts["file"]
+        # the kinds name the file's bytes: what is left is framing, not a missed tensor
+        assert 0 < parts["rest"] < 4e3
+        # torch.onnx.export's stack traces and shape inference's value_info do not travel
+        assert parts["metadata"] == parts["value_info"] == 0
+        graph = onnx.load(str(file)).graph
+        assert not any(n.metadata_props or n.doc_string for n in graph.node)
+    # every fp32 matrix of the fp32 file but the positional table is an int8 one now
+    positional = 2 * 19 * 192 * 4
+    assert int8["weights"] * 4 == fp32["fp32_matrices"] - positional
+    # no fp32 matrix left bigger than that table (the smallest quantized weight, the Conv's
+    # 192 x 64, is 49 KB in fp32); scales and zero points are per channel, ~1.6 % of weights
+    assert [size for *_, size in fp32_matrices(files["dynamic"])] == [positional]
+    assert int8["scales"] + int8["zero_points"] < 0.02 * int8["weights"]
+    assert fp32["file"] / int8["file"] >= 3.8
+    # the slimmed files still run, and equal outputs for equal windows of a batch
+    x = np.random.default_rng(0).standard_normal((3, 2, 1250)).astype(np.float32)
+    for file in files.values():
+        out = load_export(file).run(np.concatenate([x, x[:1]]))
+        assert out.shape == (4, 2) and np.allclose(out[0], out[3], atol=1e-5)
+    with torch.no_grad():
+        torch_out = model(torch.from_numpy(x)).numpy()
+    assert np.abs(load_export(files["fp32"]).run(x) - torch_out).max() < 1e-4
+
+
+def test_slim_shares_equal_initializers_and_keeps_the_graph_io():
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from bpfm.export.onnx import slim
+
+    ones, twos = np.ones((1, 2), np.float32), np.full((1, 2), 2, np.float32)
+    io = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "first_ones"], ["hidden_value"], name="add_first",
+                          doc_string="a trace"),
+         helper.make_node("Add", ["hidden_value", "second_ones"], ["hidden_value_2"]),
+         helper.make_node("Mul", ["hidden_value_2", "twos"], ["y"])],
+        "g", [io("x", onnx.TensorProto.FLOAT, [1, 2])], [io("y", onnx.TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(ones, "first_ones"), numpy_helper.from_array(ones, "second_ones"),
+         numpy_helper.from_array(twos, "twos")],
+        value_info=[io("hidden_value", onnx.TensorProto.FLOAT, [1, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    helper.set_model_props(model, {"note": "dropped"})
+    x = np.array([[1.0, -3.0]], np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    g = slim(model).graph
+    onnx.checker.check_model(model)
+    assert sorted(numpy_helper.to_array(t).tolist()[0][0] for t in g.initializer) == [1.0, 2.0]
+    assert [g.input[0].name, g.output[0].name] == ["x", "y"]
+    assert all(not n.name and not n.doc_string for n in g.node) and not g.value_info
+    assert max(len(t.name) for t in g.initializer) == 1 and not model.metadata_props
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert after.tolist() == before.tolist() == [[6.0, -2.0]]
+
+
 @pytest.mark.slow
 def test_executorch_static_int8_through_the_cli(trained_model_dir, tmp_path, capsys):
     pytest.importorskip("executorch", reason="the .[edge] extra (CI installs it)")
