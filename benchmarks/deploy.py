@@ -32,6 +32,7 @@ as the last line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -232,12 +233,12 @@ def main() -> None:
     args = parser.parse_args()
     args.formats, args.modes = args.formats.split(","), args.modes.split(",")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.workdir:
-        measured = run(args, Path(args.workdir))
-    else:
-        with tempfile.TemporaryDirectory(prefix="bpfm-deploy-") as tmp:
-            measured = run(args, Path(tmp))
-    summary = report(measured)
+    with contextlib.ExitStack() as stack:
+        # the report reads the files (breakdowns, profiles): the temporary folder outlives it
+        workdir = args.workdir or stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="bpfm-deploy-"))
+        measured = run(args, Path(workdir))
+        summary = report(measured)
     print(json.dumps({"load": measured["load"], **summary}, default=float))
 
 
