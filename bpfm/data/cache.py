@@ -258,7 +258,7 @@ def _make_durable(out) -> None:
     there (the rename is atomic and comes after the last write), but after a power loss or
     kernel crash a file system may keep the rename and lose data it had not written yet (ext4
     delayed allocation for a new name, XFS): the right size with zeros inside, which the size
-    check would pass. fdatasync (data and size, not timestamps) costs ~0.1 s per 247 MB part
+    check would pass. fdatasync (data and size, not timestamps) costs ~0.1 s per 211 MB part
     here, against ~0.6 s for its transfer."""
     out.flush()
     getattr(os, "fdatasync", os.fsync)(out.fileno())
