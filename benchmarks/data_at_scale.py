@@ -57,6 +57,28 @@ With K trainers the one copy is shared and each epoch is several times longer on
 0.93x and 0.98x. At 98,400 segments (7 parts, 1.5 GB, K = 1) it was 0.83x (epoch-1 wait 10.5 s
 against 2.3 s, epochs 2+ 1.00x): the more parts a view has beyond the ~5 its first batches
 need, the more of the copy hides behind training, as on PulseDB's ~40-part Train views.
+
+Smaller parts do not close the gap (measured 2026-12-03, K = 1, 48,000 segments, load 0.6-3;
+cache vs local of the same run; each variant a copy of the tree, its shards rewritten):
+
+    variant                      parts  cache vs local (runs)     epoch-1 wait + open
+    16,384 rows a part (default)     3  0.88 0.79 0.84 0.90 0.90  3.1-5.3 s
+    8,192                            6  0.78                      3.2 s
+    4,096                           12  0.83 0.83                 1.9-2.0 s
+    4,096, PREFETCH_THREADS = 4     12  0.83                      4.7 s
+    16,384, copies start before
+      the reader's first part        3  0.90 0.88                 2.9 s
+    (local: epoch-1 wait + open ~0.8-1.1 s)
+
+Smaller parts halve the first epoch's wait, but the copies then run beside training and slow its
+steps by as much: one cold copy of the 720 MB view costs 2.8 s of the copier process's CPU (S3
+client, sha256, writes, imports; 12 parts: 3.2 s), 1.4 s of the `weed` server's and 0.3 s of the
+proxy's, all on these 2 cores. That CPU, not the part size or when the copies start, bounds
+K = 1 here (0.9x at load < 2, ~0.8x when other sessions load the cores); on a node whose object
+store is elsewhere the server's share is not the node's. More parallel copies make the part the
+reader waits on arrive later. 4,096-row parts also cost an S3 request and a footer read per part
+more (4x the parts) and 4x the manifest's part entries; local reading of the same view was the
+same (87.0k vs 88.2k segments/s, median of 4 alternating runs).
 """
 
 from __future__ import annotations
