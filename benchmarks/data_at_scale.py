@@ -1,22 +1,84 @@
 """Bytes from the object store and trainers' samples/s, with and without the node-local cache.
 
-    python benchmarks/data_at_scale.py [--segments 14000] [--epochs 3] [--k 1,4,8] [--rounds 1]
+    python benchmarks/data_at_scale.py [--segments 48000] [--epochs 3] [--k 1,4,8] [--rounds 1]
+        [--step train|none] [--model 16x2] [--workdir DIR]
 
-K training processes on this node (as the paper profile's 0.25-GPU small trials share one) read
-the `paper` protocol's train view of one shard set for E epochs each, started together, in three
-modes: the same shards in a local folder, on S3 through the node cache (`bpfm.data.cache`, a
-fresh cache folder per K: every run starts cold), and on S3 streamed (`--no-cache`). S3 is the
+K training processes on this node (as the paper profile's 0.25-GPU small trials share one) train
+on the `paper` protocol's train view of one shard set for E epochs each, started together, in
+three modes: the same shards in a local folder, on S3 through the node cache (`bpfm.data.cache`,
+a fresh cache folder per K: every run starts cold), and on S3 streamed (`--no-cache`). S3 is the
 real SeaweedFS server of the tests; a loopback proxy in front of it counts every byte it sent
 (HTTP included), so "sent" is measured, not estimated. A view's bytes are the bytes of the
-parts it needs (what a cache must copy once). A trainer is the data side of `bpfm train`: the
-same ShardDataset (shuffled, z-scored windows) through a DataLoader, timed from opening the
-split to its last batch, first-epoch copies included, and over epochs 2+ alone (where a
-cached trainer reads local files); no model step (on a 2-core machine that
-would hide the data path; on a GPU node the loader's share of a step is what this measures).
+parts it needs (what a cache must copy once).
+
+A trainer is `bpfm train`'s epoch loop (`bpfm.training.loop`'s model, optimizer, lr schedule,
+loss and train loader: shuffled, z-scored windows, standardised targets from the view's label
+statistics): per batch a forward, loss, backward and optimizer step, one torch thread per
+trainer; a sample counts once trained on. It is timed from opening the split to its last step,
+first-epoch copies included, and over epochs 2+ alone (where a cached trainer reads local
+files); "wait" is its share of that time spent opening the split or waiting for a batch.
+`--step none` drops the step (the data path alone, as before).
+
+The model (`--model`, a registered size or DIMxDEPTH, a reduced CEReBrO with DIM/8 heads): the
+target is about trials on GPU nodes, where what matters is a step's time against a batch's
+data time. There, small trains several times faster than large's 17,100 samples/s (H100,
+compiled) and a 0.25-GPU trial gets a quarter of that, against ~250k segments/s of local
+reading: data is ~5-25 % of a step. On this 2-core CPU small steps at 141 samples/s (data
+would be 0.1 %) while the default 16x2 (dim 16, depth 2, 2 heads: both attention kinds, 9.0k
+parameters) steps at ~9,900 samples/s alone, which gives the local folder a measured wait share
+of 11-12 % (table below), inside that range, and K=1,4,8 x 3 modes x 3 epochs of 48,000
+segments in ~15 min. The set's default 48,000 segments make 3 parts (16,384 rows a part, as
+every conversion writes), 720 MB: with fewer than two parts nothing can overlap a copy.
 
 Targets (issue 18): with the cache, sent <= 1.05 x the view's bytes for any K and E (streaming:
-about K x E x); trainers' samples/s with the cache >= 0.9 x the local folder's. Prints a table
-and one JSON object as its last line.
+K x 2.0 at E = 3 here); trainers' samples/s with the cache >= 0.9 x the local folder's. Prints a
+table and one JSON object as its last line.
+
+Measured 2026-12-03 (defaults: 720 MB, 3 parts, E = 3, 16x2; other sessions kept the 2 cores
+at load 4-14, so only ratios within one K mean anything; "wait": share of the trainer's time):
+
+     K mode   sent/view samples/s vs local epochs 2+ vs local epoch 1 s  wait
+     1 local      0.000      7410     1.00      8187     1.00      6.1   12 %
+     1 cache      1.000      4424     0.60      6790     0.83     14.5   33 %
+     1 stream     2.003      5172     0.70      6024     0.74      9.2   15 %
+     4 local      0.000      1344     1.00      1290     1.00     26.4   11 %
+     4 cache      1.002      1249     0.93      1396     1.08     36.6   18 %
+     4 stream     8.012       965     0.72       901     0.70     34.4   13 %
+     8 local      0.000       482     1.00       498     1.00     89.1   12 %
+     8 cache      1.003       470     0.98       494     0.99     88.7   14 %
+     8 stream    16.024       437     0.91       426     0.86     83.5   14 %
+
+K = 1 misses 0.9x: the first batches of a shuffled epoch draw on a pool of 8,192 rows (3
+row-group units at random among the view's 12, plus 2 read ahead), so they need nearly every
+part of a 3-part view before training can go on, and the copy through the loopback server
+(~180-280 MB/s on these cores) is that long a wait: 7.2 s of the cache's first epoch against
+0.8 s local, with one trainer's epoch ~5-6 s; E = 3 bounds the run near 3T / (3T + 7 s).
+With K trainers the one copy is shared and each epoch is several times longer on 2 cores, hence
+0.93x and 0.98x. At 98,400 segments (7 parts, 1.5 GB, K = 1) it was 0.83x (epoch-1 wait 10.5 s
+against 2.3 s, epochs 2+ 1.00x): the more parts a view has beyond the ~5 its first batches
+need, the more of the copy hides behind training, as on PulseDB's ~40-part Train views.
+
+Smaller parts do not close the gap (measured 2026-12-03, K = 1, 48,000 segments, load 0.6-3;
+cache vs local of the same run; each variant a copy of the tree, its shards rewritten):
+
+    variant                      parts  cache vs local (runs)     epoch-1 wait + open
+    16,384 rows a part (default)     3  0.88 0.79 0.84 0.90 0.90  3.1-5.3 s
+    8,192                            6  0.78                      3.2 s
+    4,096                           12  0.83 0.83                 1.9-2.0 s
+    4,096, PREFETCH_THREADS = 4     12  0.83                      4.7 s
+    16,384, copies start before
+      the reader's first part        3  0.90 0.88                 2.9 s
+    (local: epoch-1 wait + open ~0.8-1.1 s)
+
+Smaller parts halve the first epoch's wait, but the copies then run beside training and slow its
+steps by as much: one cold copy of the 720 MB view costs 2.8 s of the copier process's CPU (S3
+client, sha256, writes, imports; 12 parts: 3.2 s), 1.4 s of the `weed` server's and 0.3 s of the
+proxy's, all on these 2 cores. That CPU, not the part size or when the copies start, bounds
+K = 1 here (0.9x at load < 2, ~0.8x when other sessions load the cores); on a node whose object
+store is elsewhere the server's share is not the node's. More parallel copies make the part the
+reader waits on arrive later. 4,096-row parts also cost an S3 request and a footer read per part
+more (4x the parts) and 4x the manifest's part entries; local reading of the same view was the
+same (87.0k vs 88.2k segments/s, median of 4 alternating runs).
 """
 
 from __future__ import annotations
@@ -30,42 +92,126 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BATCH = 256
+DEFAULT_MODEL = "16x2"  # see the module doc: a GPU node's step-to-data-time ratio
 
 
-def trainer(uri: str, mode: str, epochs: int, workers: int) -> None:
-    """One training process: waits for "go" on stdin, then reads the view for `epochs`."""
+def _register_reduced(model: str) -> str:
+    """The size name of `model`: a registered one (small, medium, large) or DIMxDEPTH, a
+    reduced CEReBrO (heads = DIM / 8) registered here under that name."""
+    from bpfm.model.cerebro import SIZES, CerebroConfig, register_size
+
+    if model in SIZES or "x" not in model:
+        return model
+    dim, depth = (int(v) for v in model.split("x"))
+    register_size(model)(lambda **o: CerebroConfig(dim=dim, depth=depth, heads=max(1, dim // 8),
+                                                   **o))
+    return model
+
+
+class Training(NamedTuple):
+    config: Any  # bpfm.training.config.TrainConfig
+    step: Callable[[dict], None]  # one training step on a batch
+    set_targets: Callable[[Any], None]  # the target scaling from an open split's train view
+
+
+def _training(model: str, uri: str, workers: int) -> Training:
+    """`bpfm train`'s model, loss, optimizer and lr schedule for `model`, and one step on a
+    batch (forward, loss on standardised targets, backward, optimizer step)."""
+    from bpfm.training import loop
+    from bpfm.training.config import TrainConfig
+
+    config = TrainConfig(data=uri, size=_register_reduced(model), batch_size=BATCH,
+                         num_workers=workers, device="cpu")
+    net = loop.build_model(config)
+    optimizer = loop._make_optimizer(config, net)
+    scheduler = loop._make_scheduler(config, optimizer, steps_per_epoch=1)
+    loss_fn = loop._loss_fn(config)
+    net.train()
+    targets = {}  # set once the split is open: target shift and scale, as `bpfm train`'s
+
+    def step(batch: dict) -> None:
+        y = (batch["y"] - targets["shift"]) / targets["scale"]
+        loss = loss_fn(net(batch["x"]).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+    def set_targets(split) -> None:
+        import numpy as np
+        import torch
+
+        from bpfm.data.loader import view_target_stats
+
+        mean, std = (np.asarray(v, dtype=np.float64) for v in view_target_stats(split.train))
+        meta = loop._target_meta(config, mean, std)
+        targets.update(shift=torch.tensor(meta["target_shift"], dtype=torch.float32),
+                       scale=torch.tensor(meta["target_scale"], dtype=torch.float32))
+
+    return Training(config, step, set_targets)
+
+
+def trainer(uri: str, mode: str, epochs: int, workers: int, model: str) -> None:
+    """One training process: waits for "go" on stdin, then trains on the view for `epochs`
+    (model "none": reads it only). Prints its samples, times and the time it waited for
+    batches."""
+    import torch
     from torch.utils.data import DataLoader
 
     from bpfm.data.loader import ShardDataset
     from bpfm.training.evaluate import open_split
 
+    torch.set_num_threads(1)  # K trainers share the node's cores, as fractional-GPU trials do
+    train = None if model == "none" else _training(model, uri, workers)
     print("ready", flush=True)
     sys.stdin.readline()
     start = time.perf_counter()
     split = open_split(uri, "mimic", "paper", cache=mode == "cache")
-    samples, epoch_s = [], []
+    if train is not None:
+        train.set_targets(split)
+    samples, epoch_s, wait_s = [], [], []
     for epoch in range(1, epochs + 1):
-        began, count = time.perf_counter(), 0
-        dataset = ShardDataset(split.train, batch_size=BATCH, shuffle=True, normalize=True)
-        dataset.set_epoch(epoch)
-        for batch in DataLoader(dataset, batch_size=None, num_workers=workers):
-            count += len(batch["x"])
+        began, count, waited = time.perf_counter(), 0, 0.0
+        if train is None:
+            dataset = ShardDataset(split.train, batch_size=BATCH, shuffle=True, normalize=True)
+            dataset.set_epoch(epoch)
+            batches = DataLoader(dataset, batch_size=None, num_workers=workers)
+        else:  # `bpfm train`'s loader: same dataset, seed and workers
+            from bpfm.training import loop
+
+            batches = loop._train_loader(train.config, split.train, epoch, torch.device("cpu"))
+        batches = iter(batches)
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - asked
+            if batch is None:
+                break
+            if train is not None:
+                train.step(batch)
+            count += len(batch["x"])  # counted once trained on
         samples.append(count)
         epoch_s.append(time.perf_counter() - began)
+        wait_s.append(waited)
     seconds = time.perf_counter() - start
     later = sum(samples[1:]) / sum(epoch_s[1:]) if epochs > 1 else float("nan")
     print(json.dumps({"samples": sum(samples), "seconds": seconds, "epoch_s": epoch_s,
+                      "wait_s": wait_s, "open_s": seconds - sum(epoch_s),
                       "samples_per_s": sum(samples) / seconds,
-                      "later_samples_per_s": later}))
+                      "later_samples_per_s": later,
+                      "wait_share": (sum(wait_s) + seconds - sum(epoch_s)) / seconds}))
 
 
-def run_trainers(uri: str, mode: str, k: int, epochs: int, workers: int, env: dict) -> list[dict]:
-    command = [sys.executable, __file__, "--trainer", uri, mode, str(epochs), str(workers)]
+def run_trainers(uri: str, mode: str, k: int, epochs: int, workers: int, model: str,
+                 env: dict) -> list[dict]:
+    command = [sys.executable, __file__, "--trainer", uri, mode, str(epochs), str(workers), model]
     processes = [
         subprocess.Popen(
             command, env=env, cwd=REPO, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
@@ -88,18 +234,24 @@ def run_trainers(uri: str, mode: str, k: int, epochs: int, workers: int, env: di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--segments", type=int, default=14000, help="~15 KB of shards each")
+    parser.add_argument("--segments", type=int, default=48000,
+                        help="~15 KB of shards each; 16,384 a part (48,000: 3 parts, 725 MB)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--k", default="1,4,8", help="concurrent trainers per run")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers per trainer")
     parser.add_argument("--rounds", type=int, default=1, help="repeats, in rotated mode order")
     parser.add_argument("--workdir", help="keeps the input and shards between runs")
-    parser.add_argument("--trainer", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--step", choices=("train", "none"), default="train",
+                        help="per batch: bpfm train's training step, or none (read only)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="small, medium, large or DIMxDEPTH (a reduced CEReBrO)")
+    parser.add_argument("--trainer", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trainer:
-        uri, mode, epochs, workers = args.trainer
-        trainer(uri, mode, int(epochs), int(workers))
+        uri, mode, epochs, workers, model = args.trainer
+        trainer(uri, mode, int(epochs), int(workers), model)
         return
+    model = "none" if args.step == "none" else args.model
 
     sys.path[:0] = [str(HERE), str(REPO)]
     from data_throughput import build_input
@@ -125,13 +277,14 @@ def main() -> None:
         shards = open_shards(local)
         view_bytes = sum(p["bytes"] for p in shards.parts("mimic", ["train"]))
         env = {**os.environ, **server.env(), "AWS_ENDPOINT_URL_S3": proxy.endpoint,
-               "PYTHONPATH": str(REPO)}
+               "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         print(f"shard set {shards.manifest['bytes'] / 1e6:.0f} MB, {shards.manifest['rows']} "
               f"rows; view mimic/train (paper) parts {view_bytes / 1e6:.0f} MB; E = "
-              f"{args.epochs} epochs, {args.workers} DataLoader workers per trainer")
+              f"{args.epochs} epochs, {args.workers} DataLoader workers per trainer; step: "
+              f"{'none (data only)' if model == 'none' else f'train {model}, batch {BATCH}'}")
         print(f"{'K':>2} {'mode':<7} {'S3 sent MB':>10} {'sent/view':>9} {'samples/s':>9} "
               f"{'vs local':>8} {'epochs 2+':>9} {'vs local':>8} {'epoch 1 s':>9} "
-              f"{'wall s':>7}")
+              f"{'wait':>5} {'wall s':>7}")
         rows = []
         modes = ("local", "cache", "stream")
         for round_ in range(args.rounds):
@@ -145,7 +298,7 @@ def main() -> None:
                     proxy.reset()
                     began = time.perf_counter()
                     results = run_trainers(local if mode == "local" else uri, mode, k,
-                                           args.epochs, args.workers, run_env)
+                                           args.epochs, args.workers, model, run_env)
                     by_mode[mode] = {
                         "round": round_, "k": k, "mode": mode, "epochs": args.epochs,
                         "sent_bytes": proxy.sent_to_clients, "view_bytes": view_bytes,
@@ -153,6 +306,7 @@ def main() -> None:
                         "samples_per_s": sum(r["samples_per_s"] for r in results) / k,
                         "later_samples_per_s": sum(r["later_samples_per_s"] for r in results) / k,
                         "first_epoch_s": max(r["epoch_s"][0] for r in results),
+                        "wait_share": sum(r["wait_share"] for r in results) / k,
                         "wall_s": time.perf_counter() - began, "trainers": results,
                     }
                     shutil.rmtree(cache_dir, ignore_errors=True)
@@ -168,7 +322,7 @@ def main() -> None:
                         f"{row['sent_over_view']:>9.3f} {row['samples_per_s']:>9.0f} "
                         f"{row['vs_local']:>8.2f} {row['later_samples_per_s']:>9.0f} "
                         f"{row['later_vs_local']:>8.2f} {row['first_epoch_s']:>9.2f} "
-                        f"{row['wall_s']:>7.1f}",
+                        f"{row['wait_share']:>5.0%} {row['wall_s']:>7.1f}",
                         flush=True,
                     )
     finally:

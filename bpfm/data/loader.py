@@ -203,6 +203,9 @@ class ShardDataset(IterableDataset):
     def _read(self, units: list[_Unit]) -> Iterator[_Chunk]:
         shards = self.view.shards
         local = isinstance(shards.filesystem, pafs.LocalFileSystem)
+        will_read = getattr(shards, "will_read", None)
+        if will_read is not None:  # a node cache copies the parts in the order they are read
+            will_read([self._parts[p] for p in dict.fromkeys(u.part for u in units)])
         open_part, handle = None, None
         for unit in units:
             with storage.storage_errors(shards.uri):

@@ -137,6 +137,43 @@ def test_the_first_part_read_copies_its_subsets_other_parts_in_the_background(
     assert not any((tmp_path / p["path"]).exists() for p in others)  # not the view's: not copied
 
 
+def test_the_background_copies_follow_the_reader_s_order(
+    s3_env, synthetic_subset_files, tmp_path, monkeypatch
+):
+    for module in ("bpfm.data.shards", "bpfm.data.manifest"):
+        monkeypatch.setattr(f"{module}.ROWS_PER_PART", 24)
+    monkeypatch.setattr("bpfm.data.shards.ROW_GROUP_SIZE", 24)
+    monkeypatch.setattr("bpfm.data.cache.PREFETCH_THREADS", 1)  # one copy at a time: an order
+    uri = f"s3://{s3_env.bucket}/order-{uuid.uuid4().hex[:8]}/pulsedb"
+    write_shards([p for p in synthetic_subset_files if p.name == "Train_Subset.mat"], uri)
+    shards = CachedShardSet(uri, open_shards(uri).manifest, NodeCache(tmp_path, 10**9))
+    parts = shards.parts("mimic", ["train"])
+    assert len(parts) >= 3
+    wanted = [parts[1], *parts[:1:-1], parts[0]]  # not the manifest's order, nor its reverse
+    shards.will_read(wanted)
+    shards.part_path(wanted[0])
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / p["path"]).is_file() for p in parts):
+        assert time.monotonic() < deadline, "the prefetch did not finish"
+        time.sleep(0.2)
+    written = sorted(parts, key=lambda p: (tmp_path / p["path"]).stat().st_mtime_ns)
+    assert [p["path"] for p in written] == [p["path"] for p in wanted]
+
+
+def test_opening_a_cached_split_and_its_label_statistics_copies_no_part(
+    s3_env, s3_shards, tmp_path
+):
+    from bpfm.data.loader import ShardDataset, view_target_stats
+
+    cached = make_split(CachedShardSet(s3_shards, open_shards(s3_shards).manifest,
+                                       NodeCache(tmp_path, 10**9)), "mimic", "paper")
+    remote = make_split(open_shards(s3_shards), "mimic", "paper")
+    stats = view_target_stats(cached.train)  # subjects and labels: column reads from S3
+    assert not list(tmp_path.rglob("*.parquet"))  # no reader waits for the view before a batch
+    np.testing.assert_array_equal(np.stack(stats), np.stack(view_target_stats(remote.train)))
+    next(iter(ShardDataset(cached.train, batch_size=8, shuffle=True)))
+    assert list(tmp_path.rglob("*.parquet"))  # the signals come from the copies
+
 def test_a_cached_view_reads_the_same_batches_as_the_remote_one(s3_env, s3_shards, tmp_path):
     from bpfm.data.loader import ShardDataset
 
