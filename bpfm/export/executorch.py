@@ -28,6 +28,7 @@ from torch import nn
 
 from bpfm.errors import BpfmError
 from bpfm.export import MAX_BATCH, ExportConfig, RuntimeModel, first_line
+from bpfm.export.xnnpack_graph import FP32_MODULES, for_xnnpack
 from bpfm.quant.pt2e import _quiet_torchao_import
 from bpfm.training.predict import WINDOW_SHAPE
 
@@ -62,7 +63,10 @@ def quantizer_for(config: ExportConfig) -> XNNPACKQuantizer:
         spec = dataclasses.replace(qconfig.input_activation,
                                    observer_or_fake_quant_ctr=observer.with_args(eps=2**-12))
         qconfig = dataclasses.replace(qconfig, input_activation=spec, output_activation=spec)
-    return XNNPACKQuantizer().set_global(qconfig)
+    quantizer = XNNPACKQuantizer().set_global(qconfig)
+    for module_type in FP32_MODULES:  # norms, means and attention arithmetic stay fp32
+        quantizer.set_module_type(module_type, None)
+    return quantizer
 
 
 def _exported(module: nn.Module) -> torch.export.ExportedProgram:
@@ -96,6 +100,7 @@ def export(model: nn.Module, config: ExportConfig, calib: list[torch.Tensor],
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    model = for_xnnpack(model)
     reference = None if config.mode == "fp32" else quantized_reference(model, config, calib)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=rf".*{LOWERING_WARNING}", category=FutureWarning)
