@@ -13,8 +13,8 @@ batch. `for_xnnpack` builds the same function out of ops it does take:
   into q's weights;
 - the 2-channel attention without scores or softmax: for two keys softmax is a sigmoid of the
   score difference, and with m the mean of the two channels out_i = m_v + tanh(q_i . (k_i -
-  m_k)) * (v_i - m_v); the per-head dot product a Linear with a constant block-diagonal ones
-  matrix [H, D], the channel mean a Linear with a constant [1/2, 1/2] row over the channel axis;
+  m_k)) * (v_i - m_v); the per-head dot product a Linear with a constant ones row [1, head_dim],
+  the channel mean a Linear with a constant [1/2, 1/2] row over the channel axis;
 - the 19-patch attention as batched matmuls with softmax over the last axis;
 - the mean pooling a Linear with a constant 1/(C*P) row over the token axis.
 
@@ -96,15 +96,15 @@ class PairMix(nn.Module):
         super().__init__()
         self.shape = (patches, heads, dim // heads)
         self.channel_mean = ChannelMean(2, patches, dim)
-        # row h sums the head_dim features of head h
-        _constant(self, "head_sum", torch.eye(heads).repeat_interleave(dim // heads, dim=1))
+        # sums each head's head_dim features: 16 floats, not a [H, D] block-diagonal matrix
+        _constant(self, "head_row", torch.ones(1, dim // heads))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         patches, heads, width = self.shape
         mean_v = self.channel_mean(v)
-        weights = torch.tanh(F.linear(q * (k - self.channel_mean(k)), self.head_sum))
-        heads_out = weights.reshape(-1, 2, patches, heads, 1) * \
-            (v - mean_v).reshape(-1, 2, patches, heads, width)
+        prod = (q * (k - self.channel_mean(k))).view(-1, 2, patches, heads, width)
+        weights = torch.tanh(F.linear(prod, self.head_row))  # [B, 2, P, H, 1]
+        heads_out = weights * (v - mean_v).reshape(-1, 2, patches, heads, width)
         return mean_v + heads_out.reshape(-1, 2, patches, heads * width)
 
 
