@@ -23,10 +23,12 @@ fresh process); latency is one interleaved measurement of every runtime and the 
 model (`bpfm.quant.measure.timings`, median of --runs after warm-up, 1 thread), so ratios come
 from the same minutes of a shared machine. Where a latency target is missed, ONNX Runtime's
 per-operator profile of its best int8 file and ExecuTorch's delegation summary say where time
-goes. Each file's bytes by kind (`size_breakdown` of `bpfm.export.executorch` for a .pte, of
-`bpfm.export.onnx` for a .onnx, with the largest fp32 tensors an int8 .onnx still holds) show
-what an int8 file carries beyond a quarter of the fp32 one. Prints tables, then one JSON object
-as the last line.
+goes. The .pte files are lowered from `bpfm.export.xnnpack_graph.for_xnnpack`, the model
+rewritten into ops XNNPACK delegates (one partition instead of 66, see
+`bpfm.export.executorch`); the torch fp32 row is the training model itself. Each file's bytes by
+kind (`size_breakdown` of `bpfm.export.executorch` for a .pte, of `bpfm.export.onnx` for a .onnx,
+with the largest fp32 tensors an int8 .onnx still holds) show what an int8 file carries beyond a
+quarter of the fp32 one. Prints tables, then one JSON object as the last line.
 """
 
 from __future__ import annotations
