@@ -39,7 +39,7 @@ from torch import nn
 
 from bpfm.errors import BpfmError
 from bpfm.export import MAX_BATCH, ExportConfig, RuntimeModel, first_line
-from bpfm.export.xnnpack_graph import FP32_MODULES, for_xnnpack
+from bpfm.export.xnnpack_graph import FP32_MODULES, biases_apart, for_xnnpack
 from bpfm.quant.pt2e import _quiet_torchao_import
 from bpfm.training.predict import WINDOW_SHAPE
 
@@ -112,6 +112,8 @@ def export(model: nn.Module, config: ExportConfig, calib: list[torch.Tensor],
     from executorch.exir import to_edge_transform_and_lower
 
     model = for_xnnpack(model)
+    if config.mode == "static":  # no int32 biases nor their scales (see `biases_apart`)
+        model = biases_apart(model)
     reference = None if config.mode == "fp32" else quantized_reference(model, config, calib)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=rf".*{LOWERING_WARNING}", category=FutureWarning)

@@ -207,8 +207,47 @@ class XnnpackBPModel(nn.Module):
         return self.head(self.pool(self.norm(tokens)))
 
 
+class BiasAdd(nn.Module):
+    """A Linear's bias added in fp32 after it (kept out of int8: `FP32_MODULES`)."""
+
+    def __init__(self, bias: torch.Tensor):
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
+
+
+class BiasAfter(nn.Module):
+    """A Linear without bias, then its bias as an fp32 add: statically quantized, the Linear
+    carries no int32 bias and no per-channel bias scales (input scale x weight scale)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = nn.Linear(linear.in_features, linear.out_features, bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(linear.weight)
+        self.bias = BiasAdd(linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias(self.linear(x))
+
+
 # modules whose ops stay fp32 in every int8 mode: normalisation, attention arithmetic, means
-FP32_MODULES = (PlainNorm, PairMix, SequenceMix, TokenMean)
+FP32_MODULES = (PlainNorm, PairMix, SequenceMix, TokenMean, BiasAdd)
+
+
+def biases_apart(model: nn.Module) -> nn.Module:
+    """A copy of `model` (a `for_xnnpack` form) whose int8 Linears add their bias after them in
+    fp32 (`BiasAfter`); the constant-row Linears of `FP32_MODULES` have none."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        if isinstance(parent, FP32_MODULES):
+            continue
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.bias is not None:
+                setattr(parent, name, BiasAfter(child))
+    return model
 
 
 @torch.no_grad()

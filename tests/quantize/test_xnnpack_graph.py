@@ -12,6 +12,8 @@ from torch import nn
 
 from bpfm.export import for_window
 from bpfm.export.xnnpack_graph import (
+    FP32_MODULES,
+    BiasAfter,
     LinearPatch,
     PairMix,
     PlainNorm,
@@ -19,6 +21,7 @@ from bpfm.export.xnnpack_graph import (
     SplitAttention,
     XnnpackBPModel,
     _fold_norm,
+    biases_apart,
     for_xnnpack,
 )
 from bpfm.model import create_model
@@ -96,6 +99,23 @@ def test_attention_without_scores_or_last_axis_softmax(over_channels):
         assert _max_abs(split(x), reference) < 1e-5
 
 
+def test_biases_apart_adds_every_int8_linear_bias_after_it():
+    """Static int8's form: the same outputs, no Linear outside `FP32_MODULES` keeps a bias, and
+    the `for_xnnpack` model it came from keeps its own."""
+    torch.manual_seed(5)
+    rewritten = for_xnnpack(for_window(_loud(create_model("small")).eval()))
+    apart = biases_apart(rewritten)
+    x = torch.randn(4, 2, 1250)
+    with torch.no_grad():
+        assert _max_abs(apart(x), rewritten(x)) < 1e-5
+    kept = {id(m) for f in apart.modules() if isinstance(f, FP32_MODULES) for m in f.modules()}
+    linears = [m for m in apart.modules() if isinstance(m, nn.Linear) and id(m) not in kept]
+    assert len(linears) == 8 * 6 + 2  # q, k, v, proj, fc1, fc2 per block; patch; head
+    assert all(m.bias is None for m in linears)
+    assert sum(isinstance(m, BiasAfter) for m in apart.modules()) == len(linears)
+    assert any(isinstance(m, nn.Linear) and m.bias is not None for m in rewritten.modules())
+
+
 def test_other_models_pass_through_unchanged():
     model = nn.Sequential(nn.Linear(4, 2))
     assert for_xnnpack(model) is model
@@ -105,7 +125,8 @@ def test_other_models_pass_through_unchanged():
 def test_rewritten_export_is_one_xnnpack_partition(tmp_path):
     """fp32 .pte of the rewrite: one XNNPACK partition, only the input's slice and the
     positional tables' broadcast left to portable kernels, the torch model's outputs; dynamic
-    int8 quantizes the patch Linear too (the Conv2d stayed fp32)."""
+    int8 quantizes the patch Linear too (the Conv2d stayed fp32); static int8, its biases added
+    in fp32 after the Linears, carries no more scales than dynamic."""
     pytest.importorskip("executorch", reason="the .[edge] extra (CI installs it)")
     from bpfm.export import ExportConfig, export_model, load_export
     from bpfm.export.executorch import size_breakdown
@@ -115,10 +136,11 @@ def test_rewritten_export_is_one_xnnpack_partition(tmp_path):
     x = torch.randn(3, 2, 1250)
     sizes = {}
     # XNNPACK quantizes a dynamic Linear's input per row, the torch int8 graph per tensor
-    tolerance = {"fp32": 1e-4, "dynamic": 2e-2}
-    for mode in ("fp32", "dynamic"):
+    tolerance = {"fp32": 1e-4, "dynamic": 2e-2, "static": 2e-2}
+    calib = [torch.randn(16, 2, 1250) for _ in range(4)]
+    for mode in ("fp32", "dynamic", "static"):
         path = tmp_path / f"{mode}.pte"
-        exported = export_model(model, ExportConfig("executorch", mode), [], path)
+        exported = export_model(model, ExportConfig("executorch", mode), calib, path)
         assert exported["delegated"]["xnnpack_partitions"] == 1
         assert exported["delegated"]["portable_ops"] <= 10
         with torch.no_grad():
@@ -127,3 +149,6 @@ def test_rewritten_export_is_one_xnnpack_partition(tmp_path):
         sizes[mode] = size_breakdown(path)
     # 8 blocks of int8 q, k, v, proj, fc1, fc2 and the int8 patch Linear: >= 3.8x smaller
     assert sizes["fp32"]["file"] / sizes["dynamic"]["file"] >= 3.8
+    # no int32 biases with their own scales (input scale x weight scale): one set, as dynamic
+    assert sizes["static"]["scales"] <= sizes["dynamic"]["scales"]
+    assert sizes["fp32"]["file"] / sizes["static"]["file"] >= 3.8
