@@ -125,8 +125,8 @@ def test_other_models_pass_through_unchanged():
 def test_rewritten_export_is_one_xnnpack_partition(tmp_path):
     """fp32 .pte of the rewrite: one XNNPACK partition, only the input's slice and the
     positional tables' broadcast left to portable kernels, the torch model's outputs; dynamic
-    int8 quantizes the patch Linear too (the Conv2d stayed fp32); static int8, its biases added
-    in fp32 after the Linears, carries no more scales than dynamic."""
+    int8 quantizes the patch Linear too (the Conv2d stayed fp32); static int8, its biases int8
+    adds after the Linears, carries no more scales than dynamic."""
     pytest.importorskip("executorch", reason="the .[edge] extra (CI installs it)")
     from bpfm.export import ExportConfig, export_model, load_export
     from bpfm.export.executorch import size_breakdown
