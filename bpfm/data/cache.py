@@ -47,15 +47,14 @@ import shutil
 import socket
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from queue import Empty, Queue
 
 import platformdirs
 import psutil
-import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from filelock import FileLock, Timeout
@@ -63,6 +62,7 @@ from filelock import FileLock, Timeout
 from bpfm.data.shardset import ShardSet
 from bpfm.errors import BpfmError
 from bpfm.io import storage
+from bpfm.io.ahead import ahead
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +166,13 @@ class NodeCache:
         renames it into place (see `_make_durable`)."""
         digest, size = hashlib.sha256(), 0
         with storage.storage_errors(storage.join(uri, part["path"])):
-            with (fs.open_input_stream(remote) as source, open(temp, "wb") as out,
-                  closing(_read_ahead(source)) as blocks):  # its thread stops before `source`
-                for block in blocks:
-                    digest.update(block)
-                    out.write(block)
-                    size += len(block)
+            with fs.open_input_stream(remote) as source, open(temp, "wb") as out:
+                blocks = ahead(iter(partial(source.read, BLOCK), b""), name="bpfm-cache-read")
+                with closing(blocks):  # its thread stops before `source` closes
+                    for block in blocks:
+                        digest.update(block)
+                        out.write(block)
+                        size += len(block)
                 _make_durable(out)
         where = f"{storage.join(uri, part['path'])}"
         if size != part["bytes"]:
@@ -216,40 +217,6 @@ class NodeCache:
                     "live processes read); raise the cap or read without the cache (--no-cache)"
                 )
             return evicted
-
-
-def _read_ahead(source: pa.NativeFile, depth: int = 2) -> Iterator[bytes]:
-    """The blocks of `source`, read up to `depth` ahead in a thread (its errors re-raised here)."""
-    blocks: Queue = Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def read() -> None:
-        try:
-            while not stop.is_set():
-                block = source.read(BLOCK)
-                blocks.put(block)
-                if not block:
-                    return
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            blocks.put(err)
-
-    thread = threading.Thread(target=read, daemon=True, name="bpfm-cache-read")
-    thread.start()
-    try:
-        while True:
-            block = blocks.get()
-            if isinstance(block, BaseException):
-                raise block
-            if not block:
-                return
-            yield block
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a reader waiting on a full queue
-            try:
-                blocks.get(timeout=0.05)
-            except Empty:
-                pass
 
 
 def _make_durable(out) -> None:

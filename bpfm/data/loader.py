@@ -21,10 +21,8 @@ few batches more or fewer than each other when units differ in size.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from queue import Empty, Queue
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from bpfm.data.shards import ROW_GROUP_SIZE, SIGNAL_PAIR, WINDOW, signal_array
 from bpfm.data.splits import View
 from bpfm.io import storage
+from bpfm.io.ahead import ahead
 
 EPS = 1e-6
 # Granularity of the shuffle pool (zero-copy slices of a row group): a whole row group, so a
@@ -83,42 +82,6 @@ def _distributed() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
-    """Run `items` in a background thread, `depth` ahead: Parquet decoding releases the GIL, so
-    reading the next row group overlaps with shuffling and with the consumer's own work."""
-    queue: Queue = Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                queue.put((item, None))
-            queue.put((done, None))
-        except BaseException as err:  # handed to the consumer, raised there
-            queue.put((done, err))
-
-    thread = threading.Thread(target=produce, daemon=True, name="bpfm-prefetch")
-    thread.start()
-    try:
-        while True:
-            item, error = queue.get()
-            if item is done:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                queue.get(timeout=0.05)
-            except Empty:
-                pass
 
 
 def normalize_windows(x: np.ndarray) -> np.ndarray:
@@ -197,7 +160,7 @@ class ShardDataset(IterableDataset):
             units = [units[i] for i in order]
         mine = units[consumer::consumers]
         rng = np.random.default_rng([self.seed, self.epoch, consumer])
-        chunks = _prefetch(self._read(mine))
+        chunks = ahead(self._read(mine), name="bpfm-prefetch")
         yield from self._shuffled(chunks, rng) if self.shuffle else self._in_order(chunks)
 
     def _read(self, units: list[_Unit]) -> Iterator[_Chunk]:
