@@ -36,6 +36,7 @@ slower at batch 64). The extra add costs static int8 ~8 % at batch 64.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -81,19 +82,20 @@ class LinearPatch(nn.Module):
         return self.proj(_flat(x[:, :, : patches * size], channels, patches, size))
 
 
-class ChannelMean(nn.Module):
-    """[B, C, P, D] -> [B, 1, P, D], the mean over channels: a Linear with a constant 1/C row
-    over the channel axis moved last."""
+class LeadingMean(nn.Module):
+    """The mean over the first axis after the batch, of `count` entries each `shape`: a Linear
+    with a constant 1/count row over that axis moved last ([B, C, P, D] -> [B, 1, P, D] for
+    the channel mean, [B, C*P, D] -> [B, D] for the token mean)."""
 
-    def __init__(self, channels: int, patches: int, dim: int):
+    def __init__(self, count: int, shape: tuple[int, ...], keep_axis: bool):
         super().__init__()
-        self.shape = (channels, patches, dim)
-        _constant(self, "mean_row", torch.full((1, channels), 1.0 / channels))
+        self.count, self.shape = count, shape
+        self.out_shape = (1, *shape) if keep_axis else shape
+        _constant(self, "mean_row", torch.full((1, count), 1.0 / count))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels, patches, dim = self.shape
-        rows = x.reshape(-1, channels, patches * dim).permute(0, 2, 1)
-        return F.linear(rows, self.mean_row).reshape(-1, 1, patches, dim)
+        rows = x.reshape(-1, self.count, math.prod(self.shape)).permute(0, 2, 1)
+        return F.linear(rows, self.mean_row).reshape(-1, *self.out_shape)
 
 
 class PairMix(nn.Module):
@@ -104,7 +106,7 @@ class PairMix(nn.Module):
     def __init__(self, patches: int, dim: int, heads: int):
         super().__init__()
         self.shape = (patches, heads, dim // heads)
-        self.channel_mean = ChannelMean(2, patches, dim)
+        self.channel_mean = LeadingMean(2, (patches, dim), keep_axis=True)
         # sums each head's head_dim features: 16 floats, not a [H, D] block-diagonal matrix
         _constant(self, "head_row", torch.ones(1, dim // heads))
 
@@ -159,21 +161,6 @@ class SplitAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.mix(self.q(x), self.k(x), self.v(x)))
-
-
-class TokenMean(nn.Module):
-    """[B, C, P, D] -> [B, D], the mean over all tokens: a Linear with a constant 1/(C*P) row
-    over the token axis moved last."""
-
-    def __init__(self, tokens: int, dim: int):
-        super().__init__()
-        self.shape = (tokens, dim)
-        _constant(self, "mean_row", torch.full((1, tokens), 1.0 / tokens))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens, dim = self.shape
-        rows = x.reshape(-1, tokens, dim).permute(0, 2, 1)
-        return F.linear(rows, self.mean_row).reshape(-1, dim)
 
 
 class XnnpackBlock(nn.Module):
@@ -245,7 +232,7 @@ class BiasAfter(nn.Module):
 
 
 # modules whose ops stay fp32 in every int8 mode: normalisation, attention arithmetic, means
-FP32_MODULES = (PlainNorm, PairMix, SequenceMix, TokenMean)
+FP32_MODULES = (PlainNorm, PairMix, SequenceMix, LeadingMean)
 
 
 def biases_apart(model: nn.Module) -> nn.Module:
@@ -286,26 +273,22 @@ def for_xnnpack(model: nn.Module) -> nn.Module:
     if not isinstance(model, BPModel) or not isinstance(encoder, CerebroEncoder):
         return model
     head = copy.deepcopy(model.head)
-    if _first_linear(head) is None:
-        return model
     channels = WINDOW_SHAPE[0]
+    if _first_linear(head) is None or channels != 2:  # PairMix is the two-key softmax
+        return model
     patches = WINDOW_SHAPE[1] // encoder.config.patch_size
     dim, heads = encoder.config.dim, encoder.config.heads
     blocks = [_block(block, channels, patches, dim, heads) for block in encoder.blocks]
     _fold_norm(encoder.norm, _first_linear(head))  # the mean of n*g+b is mean(n)*g+b
     return XnnpackBPModel(LinearPatch(encoder.patch_embed.patch_embed.proj, channels, patches),
                           encoder, blocks, PlainNorm(dim, encoder.norm.eps),
-                          TokenMean(channels * patches, dim), head).eval()
+                          LeadingMean(channels * patches, (dim,), keep_axis=False), head).eval()
 
 
 def _block(block: nn.Module, channels: int, patches: int, dim: int, heads: int) -> nn.Module:
     block = copy.deepcopy(block)
-    if block.attn.over_channels and channels == 2:
-        mix: nn.Module = PairMix(patches, dim, heads)
-    elif block.attn.over_channels:
-        raise NotImplementedError("channel attention over more than 2 channels")
-    else:
-        mix = SequenceMix(channels, patches, dim, heads)
+    mix = PairMix(patches, dim, heads) if block.attn.over_channels else \
+        SequenceMix(channels, patches, dim, heads)
     attn = SplitAttention(block.attn, mix)
     _fold_norm(block.norm1, attn.q)
     _fold_norm(block.norm1, attn.k)
