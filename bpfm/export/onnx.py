@@ -82,10 +82,14 @@ def slim(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _drop_node_records(node: onnx.NodeProto) -> None:
+    del node.metadata_props[:]
+    node.doc_string = ""
+
+
 def _drop_debug_records(model: onnx.ModelProto) -> None:
     for node in model.graph.node:
-        del node.metadata_props[:]
-        node.doc_string = ""
+        _drop_node_records(node)
     del model.graph.value_info[:]
     del model.graph.metadata_props[:]  # the ExportedProgram's signature, 9 KB
     del model.metadata_props[:]
@@ -163,8 +167,7 @@ def size_breakdown(path: Path) -> dict[str, int]:
     for node in graph.node:
         bare = onnx.NodeProto()
         bare.CopyFrom(node)
-        del bare.metadata_props[:]
-        bare.doc_string = ""
+        _drop_node_records(bare)
         out["nodes"] += bare.ByteSize()
         out["metadata"] += node.ByteSize() - bare.ByteSize()
     out["value_info"] = sum(v.ByteSize() for v in graph.value_info)
