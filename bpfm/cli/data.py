@@ -14,7 +14,11 @@ from bpfm.io.interrupts import stop_on_signals
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="PulseDB files, Parquet shards, object storage")
     commands = parser.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    for add in (_add_synth, _add_shard, _add_inspect, _add_verify, _add_gc, _add_subsets):
+        add(commands)
 
+
+def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth = commands.add_parser(
         "synth", help="write a synthetic PulseDB release (Subset, Subj_Wins and Info files)"
     )
@@ -25,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_flag(synth)
     synth.set_defaults(func=run_synth)
 
+
+def _add_shard(commands: argparse._SubParsersAction) -> None:
     shard = commands.add_parser(
         "shard", help="convert PulseDB files to Parquet shards (a folder or s3://bucket/prefix)"
     )
@@ -56,11 +62,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_flag(shard)
     shard.set_defaults(func=run_shard)
 
+
+def _add_inspect(commands: argparse._SubParsersAction) -> None:
     inspect = commands.add_parser("inspect", help="rows, subjects and BP per source and subset")
     inspect.add_argument("uri", metavar="URI", help="shard set: folder or s3:// URI")
     add_json_flag(inspect)
     inspect.set_defaults(func=run_inspect)
 
+
+def _add_verify(commands: argparse._SubParsersAction) -> None:
     verify = commands.add_parser(
         "verify", help="check a shard set against its manifest (sizes, footers; --deep: sha256)"
     )
@@ -72,6 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_flag(verify)
     verify.set_defaults(func=run_verify)
 
+
+def _add_gc(commands: argparse._SubParsersAction) -> None:
     gc = commands.add_parser(
         "gc", help="delete generations older than the published one and the KEEP before it"
     )
@@ -82,6 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_flag(gc)
     gc.set_defaults(func=run_gc)
 
+
+def _add_subsets(commands: argparse._SubParsersAction) -> None:
     subsets = commands.add_parser(
         "subsets",
         help="build a Subset file from Subj_Wins files and "
@@ -119,9 +133,8 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def run_shard(args: argparse.Namespace) -> int:
     from bpfm.data.shards import write_shards
-    if args.workers is not None and args.workers < 1:
-        from bpfm.errors import BpfmError
 
+    if args.workers is not None and args.workers < 1:
         raise BpfmError(f"--workers: must be >= 1, got {args.workers}")
     with stop_on_signals():  # SIGINT / SIGTERM: stop, publish nothing, exit 130 / 143
         manifest = write_shards(

@@ -106,46 +106,61 @@ def _cost_plan(args: argparse.Namespace, profile: Profile, train: dict) -> dict:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from bpfm.orchestration import costs, grid
+    from bpfm.orchestration import grid
 
     profile, recipe = load_profile_from_args(args)
     grid.check_trials(profile, recipe, args.recipe)
-    train = {**profile.train, **recipe}
     if args.dry_run:
-        from bpfm.orchestration.dry_run import launch_notes
-
-        plan = grid.dry_run(profile, train)
-        plan["notes"] = launch_notes(profile, plan, args.gpus)
-        plan["cost"] = _cost_plan(args, profile, train)
-        print(redact(grid.format_dry_run(plan)))
-        print(redact(costs.format_cost_plan(plan["cost"])))
-        print(redact("\n".join(plan["notes"])))
-        if args.json:
-            print_result(plan, True)
-        return 0
+        return _dry_run(args, profile, {**profile.train, **recipe})
 
     from bpfm.orchestration import preflight
 
     preflight.check_launch(profile)  # before importing Ray: an unreachable server fails fast
 
-
     from bpfm.orchestration.ray_grid import run_grid
-    from bpfm.report import summary
 
     if not args.verbose:  # a progress bar and the summary; -v: every log line, Ray's and Tune's
-        for name in ("", "mlflow", "ray"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        # Tune's newer console output prints its experiment box even when silent; the classic
-        # reporter at verbosity 0 prints nothing
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        progress.use(progress.Progress())
+        _quiet_launch()
     try:
         result = run_grid(profile, recipe=recipe, name=args.name, gpus=args.gpus,
                           verbose=args.verbose)
     finally:
         progress.use(None)  # a process's bar is its launch's (tests launch several in one)
+    _print_launch(result, args)
+    return 1 if result["errors"] else 0
+
+
+def _dry_run(args: argparse.Namespace, profile: Profile, train: dict) -> int:
+    from bpfm.orchestration import costs, grid
+    from bpfm.orchestration.dry_run import launch_notes
+
+    plan = grid.dry_run(profile, train)
+    plan["notes"] = launch_notes(profile, plan, args.gpus)
+    plan["cost"] = _cost_plan(args, profile, train)
+    print(redact(grid.format_dry_run(plan)))
+    print(redact(costs.format_cost_plan(plan["cost"])))
+    print(redact("\n".join(plan["notes"])))
+    if args.json:
+        print_result(plan, True)
+    return 0
+
+
+def _quiet_launch() -> None:
+    """Warnings only from bpfm, MLflow and Ray, and the progress bar instead of Tune's output."""
+    for name in ("", "mlflow", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Tune's newer console output prints its experiment box even when silent; the classic
+    # reporter at verbosity 0 prints nothing
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    progress.use(progress.Progress())
+
+
+def _print_launch(result: dict[str, Any], args: argparse.Namespace) -> None:
+    from bpfm.orchestration import grid
+    from bpfm.report import summary
+
     print(
         f"\n{result['n_cells']} cells ({result['n_trials']} trials) of profile "
         f"{result['profile']}; MLflow experiment {result['study']}, grid run "
@@ -165,4 +180,3 @@ def handle(args: argparse.Namespace) -> int:
     print(summary.reading(result["cells"], result["study"]))
     if args.json:
         print_result(result, True)
-    return 1 if result["errors"] else 0

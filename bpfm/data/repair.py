@@ -26,6 +26,7 @@ _PART_NAME = re.compile(r"part-(\d+)(?:-[0-9a-f]+)?\.parquet$")
 def parts_by_source(manifest: dict, sources: list[dict]) -> list[list[dict]] | None:
     """The manifest's parts grouped by the source (`describe_sources` entry) that wrote them,
     from the part numbers each source owns (`first_part` on); None when a part fits none."""
+    per_part = rows_per_part(manifest)
     groups: list[list[dict]] = [[] for _ in sources]
     for part in manifest["parts"]:
         match = _PART_NAME.search(part["path"])
@@ -36,12 +37,22 @@ def parts_by_source(manifest: dict, sources: list[dict]) -> list[list[dict]] | N
             i
             for i, s in enumerate(sources)
             if s["subset"] == part["subset"]
-            and 0 <= number - s["first_part"] < math.ceil(s["segments"] / ROWS_PER_PART)
+            and 0 <= number - s["first_part"] < math.ceil(s["segments"] / per_part)
         ]
         if len(owners) != 1:
             return None
         groups[owners[0]].append(part)
     return groups
+
+
+def rows_per_part(manifest: dict) -> int:
+    """The rows per part the manifest's parts were cut at, which decide how many part numbers
+    each source owns; a set written by a version with another `ROWS_PER_PART` keeps its own.
+    The constant when the manifest does not record one."""
+    value = (manifest.get("options") or {}).get("rows_per_part")
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return ROWS_PER_PART
 
 
 def plan(manifest: dict, sources: list[dict], report: dict) -> tuple[list[int], dict[int, dict]]:

@@ -48,6 +48,10 @@ from bpfm.training.predict import WINDOW_SHAPE
 if TYPE_CHECKING:
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
 
+# executorch and torchao are imported inside the functions that need them: they are the optional
+# `.[edge]` extra (without it this module still imports, and `load` still names a foreign file in
+# one line), and torchao's import-time warnings are silenced where it is imported (`_quiet`).
+
 MAGIC = b"ET12"  # the flatbuffer file identifier of a .pte, bytes 4..8
 LOWERING_WARNING = "isinstance(treespec, LeafSpec)"  # torch's own deprecation, per lowering
 
@@ -61,12 +65,12 @@ def quantizer_for(config: ExportConfig) -> XNNPACKQuantizer:
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
             get_symmetric_quantization_config,
-        )  # lazy: executorch
+        )
         from torchao.quantization.pt2e import (
             HistogramObserver,
             MinMaxObserver,
             MovingAverageMinMaxObserver,
-        )  # lazy: torchao
+        )
 
     dynamic = config.mode == "dynamic"
     qconfig = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
@@ -96,9 +100,7 @@ def quantized_reference(model: nn.Module, config: ExportConfig,
                         calib: list[torch.Tensor]) -> nn.Module:
     """The converted pt2e graph: the torch int8 model that the .pte runs."""
     with _quiet():
-        from torchao.quantization.pt2e import allow_exported_model_train_eval  # lazy: torchao
-
-        # lazy: torchao
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     prepared = prepare_pt2e(_exported(model).module(), quantizer_for(config))
@@ -108,8 +110,7 @@ def quantized_reference(model: nn.Module, config: ExportConfig,
 
 
 def export(model: nn.Module, config: ExportConfig, calib: list[torch.Tensor],
-           path: Path) -> dict[str, Any]:  # lazy: executorch
-    # lazy: executorch
+           path: Path) -> dict[str, Any]:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -161,13 +162,9 @@ def _native_stderr_silenced():
 class ExecutorchModel(RuntimeModel):
     format = "executorch"
 
-    def __init__(self, path: Path, threads: int = 1):  # lazy: executorch
-        super().__init__(path)  # lazy: executorch
+    def __init__(self, path: Path, threads: int = 1):
+        super().__init__(path)
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-        # lazy: executorch
-        # lazy: executorch
-        # lazy: executorch
         from executorch.runtime import Runtime
 
         with _native_stderr_silenced():

@@ -134,21 +134,9 @@ def run_export(
     if config is not None:
         config = config.validate()
     model_dir, out = Path(model_dir), Path(out)
-    model, train_config, meta = load_trained(model_dir)
-    check_size(model_dir, train_config, meta)
-    if file is not None:
-        fmt = format_of(file)
-        if config is not None and config.format != fmt:
-            raise BpfmError(f"{file}: format: a {fmt} file, but --format {config.format}")
-        load_export(file, threads=threads)  # a broken file fails before any data is read
+    model, train_config, meta = _load_checked(model_dir, config, file, threads)
     split, data, source, protocol = model_split(model_dir, train_config, data, source, protocol)
-    normalize = bool(meta.get("normalize_inputs"))
-    calib: list[torch.Tensor] = []
-    if config is not None and config.mode == "static":
-        calib = calibration_batches(split.train, config.calib_batches, batch_size=calib_batch_size,
-                                    seed=train_config.seed, normalize=normalize)
-        if not calib:
-            raise BpfmError(f"{data}: train view: no segments to calibrate static export on")
+    calib = _calibration(config, split, train_config, meta, data, calib_batch_size)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)  # incomplete until rewritten
@@ -157,19 +145,11 @@ def run_export(
     export_s = time.perf_counter() - start
     runtime: RuntimeModel = load_export(path, threads=threads)
 
-    pred = predict(runtime, split.test, meta, batch_size=batch_size)
-    fp32_pred = predict(model, split.test, meta, batch_size=batch_size)
-    baseline = meta.get("target_mean")
-    test = compute_metrics(pred.target, pred.estimate, pred.subject, baseline)
-    fp32_test = compute_metrics(fp32_pred.target, fp32_pred.estimate, fp32_pred.subject, baseline)
-    parity = _parity(pred, fp32_pred, model, config, exported, calib, split, meta, batch_size)
-
+    test, fp32_test, parity = _evaluate(runtime, model, config, exported, calib, split, meta,
+                                        batch_size)
     fp32_bytes = state_dict_bytes(model)
     size = path.stat().st_size
-    latency: dict[str, dict[int, float]] = {"runtime": {}, "fp32": {}}
-    if latency_runs:
-        latency = latency_ms({"runtime": runtime, "fp32": model}, BATCH_SIZES,
-                             runs=latency_runs, threads=threads)
+    latency = _latency(runtime, model, latency_runs, threads)
     result: dict[str, Any] = {
         "variant": config.name if config else f"{runtime.format}-file",
         "format": runtime.format, "config": config.to_dict() if config else None,
@@ -183,6 +163,70 @@ def run_export(
         "parity_max_abs_fp32": parity["torch_fp32"]["max_abs_output"],
         "parity_mae_diff_int8": (parity["torch_int8"] or {}).get("mae_diff_mmhg", {}).get("mean"),
     }
+    result.update(_against_fp32(exported, size, latency, test, fp32_test))
+    if rss:
+        result.update(_peak_rss_b1(path, threads))
+    _write_out_dir(out, parity, result, runtime.format)
+    return result
+
+
+def _load_checked(model_dir: Path, config: ExportConfig | None, file: str | Path | None,
+                  threads: int) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """The trained model, with an export `file` made earlier checked first: of the asked format
+    and loadable, so a broken file fails before any data is read."""
+    model, train_config, meta = load_trained(model_dir)
+    check_size(model_dir, train_config, meta)
+    if file is not None:
+        fmt = format_of(file)
+        if config is not None and config.format != fmt:
+            raise BpfmError(f"{file}: format: a {fmt} file, but --format {config.format}")
+        load_export(file, threads=threads)
+    return model, train_config, meta
+
+
+def _calibration(config: ExportConfig | None, split: Split, train_config: TrainConfig,
+                 meta: dict[str, Any], data: str | None,
+                 batch_size: int) -> list[torch.Tensor]:
+    """Training batches for static activations, normalised as the model was trained; none for
+    the other modes (they never read them)."""
+    if config is None or config.mode != "static":
+        return []
+    calib = calibration_batches(split.train, config.calib_batches, batch_size=batch_size,
+                                seed=train_config.seed,
+                                normalize=bool(meta.get("normalize_inputs")))
+    if not calib:
+        raise BpfmError(f"{data}: train view: no segments to calibrate static export on")
+    return calib
+
+
+def _evaluate(runtime: RuntimeModel, model: nn.Module, config: ExportConfig | None,
+              exported: dict[str, Any], calib: list[torch.Tensor], split: Split,
+              meta: dict[str, Any], batch_size: int) -> tuple[dict, dict, dict[str, Any]]:
+    """(the runtime's test metrics, the torch fp32 model's, the parity between them)."""
+    pred = predict(runtime, split.test, meta, batch_size=batch_size)
+    fp32_pred = predict(model, split.test, meta, batch_size=batch_size)
+    baseline = meta.get("target_mean")
+    test = compute_metrics(pred.target, pred.estimate, pred.subject, baseline)
+    fp32_test = compute_metrics(fp32_pred.target, fp32_pred.estimate, fp32_pred.subject, baseline)
+    parity = _parity(pred, fp32_pred, model, config, exported, calib, split, meta, batch_size)
+    return test, fp32_test, parity
+
+
+def _latency(runtime: RuntimeModel, model: nn.Module, runs: int,
+             threads: int) -> dict[str, dict[int, float]]:
+    """Milliseconds per batch size of the runtime and the torch fp32 model (empty when `runs`
+    is 0, so the result's latency keys are still there, as None)."""
+    if not runs:
+        return {"runtime": {}, "fp32": {}}
+    return latency_ms({"runtime": runtime, "fp32": model}, BATCH_SIZES, runs=runs,
+                      threads=threads)
+
+
+def _against_fp32(exported: dict[str, Any], size: int, latency: dict[str, dict[int, float]],
+                  test: dict[str, Any], fp32_test: dict[str, Any]) -> dict[str, Any]:
+    """The runtime's own size, delegation, latency and metrics set against the torch fp32
+    model's."""
+    result: dict[str, Any] = {}
     if "fp32_file_bytes" in exported:  # ONNX: the fp32 file of the same runtime, made on the way
         result["runtime_fp32_size_mib"] = exported["fp32_file_bytes"] / MIB
         result["runtime_reduction_factor"] = exported["fp32_file_bytes"] / size
@@ -194,20 +238,27 @@ def run_export(
         result[f"speedup_b{b}"] = base / ms if ms and base else None
     for key in DELTA_KEYS:
         result[f"delta_{key}"] = float(np.float64(test[key]) - np.float64(fp32_test[key]))
-    if rss:
-        memory = peak_rss(path, threads)
-        result["peak_rss_mib_b1"] = memory["peak_mib"]
-        result["rss_above_baseline_mib_b1"] = memory["above_baseline_mib"]
+    return result
 
+
+def _peak_rss_b1(path: Path, threads: int) -> dict[str, float]:
+    memory = peak_rss(path, threads)
+    return {"peak_rss_mib_b1": memory["peak_mib"],
+            "rss_above_baseline_mib_b1": memory["above_baseline_mib"]}
+
+
+def _write_out_dir(out: Path, parity: dict[str, Any], result: dict[str, Any],
+                   runtime_format: str) -> None:
+    """`metrics.json` last: its presence is what marks the out dir complete."""
+    test = result["test"]
     write_json(out / PARITY_FILE, parity)
     write_json(out / RESULT_FILE, result)
     write_json(out / "metrics.json", {"test": test, "variant": result["variant"],
-                                      "split": split.label, "format": runtime.format})
+                                      "split": result["split"], "format": runtime_format})
     log.info("%s: %.2f MiB (x%.2f smaller than torch fp32), MAE SBP %.2f / DBP %.2f mmHg, "
              "max |out - torch fp32| %.2g", result["variant"], result["size_mib"],
              result["reduction_factor"], test["sbp_mae"], test["dbp_mae"],
              result["parity_max_abs_fp32"])
-    return result
 
 
 def _export_or_copy(model: nn.Module, config: ExportConfig | None, calib: list[torch.Tensor],

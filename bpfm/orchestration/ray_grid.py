@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from ray.tune import ResultGrid
     from ray.tune.experiment import Trial
 
+    from bpfm.training.config import TrainConfig
     from bpfm.training.loop import EpochReport
 
 log = logging.getLogger(__name__)
@@ -90,40 +91,7 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
         if cells.finished == set(cells.cells):  # a resumed launch: this trial's work is done
             log.info("trial %s: every cell already finished in MLflow", trial_id)
             return
-
-        def report(epoch_report: EpochReport) -> None:
-            epoch = epoch_report.epoch
-            values = {"epoch": epoch, "train_loss": epoch_report.train_loss,
-                      "val_mae": epoch_report.val_mae}
-            cells.on_epoch(epoch, values)
-            if epoch in cells.cells and epoch_report.model_dir is not None:
-                cells.finish_cell(epoch, model_dir_for(train.out, epoch))
-            metrics = {
-                **values,
-                **{
-                    k: v
-                    for k, v in epoch_report.metrics.items()
-                    if k.startswith("test_") and _is_scalar(v)
-                },
-            }
-            if epoch % ctx.checkpoint_every == 0 or epoch == train.epochs:
-                checkpoint = tune.Checkpoint.from_directory(str(epoch_report.checkpoint_dir))
-                checkpoint.set_metadata({"epoch": epoch})
-                tune.report(metrics, checkpoint=checkpoint)
-            else:
-                tune.report(metrics)
-
-        from bpfm.training.loop import fit  # lazy: torch
-
-        checkpoint = tune.get_checkpoint()
-        saved_epoch = checkpoint.get_metadata().get("epoch") if checkpoint else None
-        if checkpoint is None or saved_epoch == train.epochs:
-            # a final state whose cells were not all logged holds no model dirs: train again
-            fit(train, callbacks=[report], resume=False)
-        else:
-            with checkpoint.as_directory() as resume_dir:
-                log.info("trial %s resumes from %s", trial_id, resume_dir)
-                fit(train, callbacks=[report], resume_from=resume_dir)
+        _fit_from_checkpoint(train, _epoch_reporter(cells, train, ctx), trial_id)
         for epochs in cells.cells:  # cells whose report an earlier attempt lost
             model_dir = model_dir_for(train.out, epochs)
             if (model_dir / "metrics.json").is_file():
@@ -132,6 +100,52 @@ def train_cell(config: dict[str, Any], ctx: TrialContext) -> None:
         shutil.rmtree(work, ignore_errors=True)
         for run_id in cells.runs.values() if cells is not None else ():
             cells.client.set_tag(run_id, tracking.TRIAL_ENDED, f"{time.time():.3f}")
+
+
+def _epoch_reporter(cells: CellLogger, train: TrainConfig,
+                    ctx: TrialContext) -> Callable[[EpochReport], None]:
+    """`fit`'s callback: logs the epoch to the trial's cells, finishes a cell at its epoch
+    count, and reports to Tune, with a checkpoint every `checkpoint_every` epochs and at the
+    last (what a restarted trial resumes from)."""
+    def report(epoch_report: EpochReport) -> None:
+        epoch = epoch_report.epoch
+        values = {"epoch": epoch, "train_loss": epoch_report.train_loss,
+                  "val_mae": epoch_report.val_mae}
+        cells.on_epoch(epoch, values)
+        if epoch in cells.cells and epoch_report.model_dir is not None:
+            cells.finish_cell(epoch, model_dir_for(train.out, epoch))
+        metrics = {
+            **values,
+            **{
+                k: v
+                for k, v in epoch_report.metrics.items()
+                if k.startswith("test_") and _is_scalar(v)
+            },
+        }
+        if epoch % ctx.checkpoint_every == 0 or epoch == train.epochs:
+            checkpoint = tune.Checkpoint.from_directory(str(epoch_report.checkpoint_dir))
+            checkpoint.set_metadata({"epoch": epoch})
+            tune.report(metrics, checkpoint=checkpoint)
+        else:
+            tune.report(metrics)
+
+    return report
+
+
+def _fit_from_checkpoint(train: TrainConfig, report: Callable[[EpochReport], None],
+                         trial_id: str) -> None:
+    """Train, resuming from the trial's Tune checkpoint when it has one short of the end."""
+    from bpfm.training.loop import fit  # lazy: torch
+
+    checkpoint = tune.get_checkpoint()
+    saved_epoch = checkpoint.get_metadata().get("epoch") if checkpoint else None
+    if checkpoint is None or saved_epoch == train.epochs:
+        # a final state whose cells were not all logged holds no model dirs: train again
+        fit(train, callbacks=[report], resume=False)
+    else:
+        with checkpoint.as_directory() as resume_dir:
+            log.info("trial %s resumes from %s", trial_id, resume_dir)
+            fit(train, callbacks=[report], resume_from=resume_dir)
 
 
 def _is_scalar(value: Any) -> bool:

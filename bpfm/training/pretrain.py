@@ -25,6 +25,7 @@ import io
 import itertools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -309,38 +310,61 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     if config.data is not None:  # ECG + PPG windows as the shards hold them
         config = replace(config, channels=WINDOW_SHAPE[0], window=WINDOW_SHAPE[1])
     encoder_config = size_config(config.size)
-    _check(config, config.window // encoder_config.patch_size)
+    patches = config.window // encoder_config.patch_size
+    _check(config, patches)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     subjects: set[str] = set()
+    batches, n_windows, what = _window_batches(config, generator, subjects)
+    device = resolve_device(config.device)
+    model = init_xavier(PretrainModel(CerebroEncoder(encoder_config)))
+    if config.init_checkpoint:
+        load_init_checkpoint(model, config.init_checkpoint)
+    model = model.to(device)
+    log.info("pretraining %s on %s [%d x %d] for %d steps on %s", config.size, what,
+             config.channels, config.window, config.steps, device)
+    started = time.perf_counter()
+    losses = _simmim_steps(model, batches, config, patches, generator, device, started)
+    save_pretrain_checkpoint(config.out, model, config, losses)
+    return PretrainResult(
+        out=config.out,
+        steps=config.steps,
+        windows=n_windows,
+        first_loss=losses[0],
+        last_loss=float(np.mean(losses[-max(1, min(10, len(losses) // 5)) :])),
+        seconds=time.perf_counter() - started,
+        losses=losses,
+        subjects=sorted(subjects),
+    )
+
+
+def _window_batches(config: PretrainConfig, generator: torch.Generator,
+                    subjects: set[str]) -> tuple[Iterator[torch.Tensor], int, str]:
+    """(endless batches, windows they draw from, those windows described for the log): the
+    shard set's train view, or EEG-like windows from files or generated."""
     if config.data is not None:
         from bpfm.data.loader import view_size
 
         view = shard_view(config)
         n_windows = view_size(view)
         batches = _shard_batches(config, view, subjects)
-        what = f"{n_windows} ECG+PPG windows of {view.describe()}"
-    else:
-        windows = load_windows(config)
-        n_windows = len(windows)
-        batches = _array_batches(config, windows, generator)
-        what = f"{n_windows} windows"
-    device = resolve_device(config.device)
-    model = init_xavier(PretrainModel(CerebroEncoder(encoder_config)))
-    if config.init_checkpoint:
-        load_init_checkpoint(model, config.init_checkpoint)
-    model = model.to(device)
+        return batches, n_windows, f"{n_windows} ECG+PPG windows of {view.describe()}"
+    windows = load_windows(config)
+    return _array_batches(config, windows, generator), len(windows), f"{len(windows)} windows"
+
+
+def _simmim_steps(model: PretrainModel, batches: Iterator[torch.Tensor], config: PretrainConfig,
+                  patches: int, generator: torch.Generator, device: torch.device,
+                  started: float) -> list[float]:
+    """`config.steps` AdamW steps (linear warmup over the first 10 %, at most 100 steps) of the
+    SimMIM loss; the loss of every step. `started` is when the run began, for the logged rate."""
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     warmup = max(1, min(100, config.steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    patches = config.window // encoder_config.patch_size
-    log.info("pretraining %s on %s [%d x %d] for %d steps on %s", config.size, what,
-             config.channels, config.window, config.steps, device)
     model.train()
     losses: list[float] = []
-    started = time.perf_counter()
     for step in range(1, config.steps + 1):
         x = next(batches).to(device)
         mask = random_mask((x.shape[0], config.channels, patches), config.mask_ratio, generator)
@@ -362,17 +386,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                 float(np.mean(losses[-config.log_every :])),
                 rate,
             )
-    save_pretrain_checkpoint(config.out, model, config, losses)
-    return PretrainResult(
-        out=config.out,
-        steps=config.steps,
-        windows=n_windows,
-        first_loss=losses[0],
-        last_loss=float(np.mean(losses[-max(1, min(10, len(losses) // 5)) :])),
-        seconds=time.perf_counter() - started,
-        losses=losses,
-        subjects=sorted(subjects),
-    )
+    return losses
 
 
 def save_pretrain_checkpoint(
