@@ -99,6 +99,7 @@ from typing import Any, NamedTuple
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BATCH = 256
+MODES = ("local", "cache", "stream", "cache-parts")
 DEFAULT_MODEL = "16x2"  # see the module doc: a GPU node's step-to-data-time ratio
 
 
@@ -158,6 +159,22 @@ def _training(model: str, uri: str, workers: int) -> Training:
     return Training(config, step, set_targets)
 
 
+def _open(uri: str, mode: str):
+    """The paper split of `uri` as `mode` reads it; "cache-parts": through the cache as if the
+    set had been written before block checksums (each part copied whole before it is read)."""
+    from bpfm.data.cache import CachedShardSet
+    from bpfm.data.shards import open_shards
+    from bpfm.data.splits import make_split
+    from bpfm.training.evaluate import open_split
+
+    if mode != "cache-parts":
+        return open_split(uri, "mimic", "paper", cache=mode == "cache")
+    manifest = open_shards(uri).manifest
+    for part in manifest["parts"]:
+        part.pop("block_sha256", None)
+    return make_split(CachedShardSet(uri, manifest), "mimic", "paper")
+
+
 def trainer(uri: str, mode: str, epochs: int, workers: int, model: str) -> None:
     """One training process: waits for "go" on stdin, then trains on the view for `epochs`
     (model "none": reads it only). Prints its samples, times and the time it waited for
@@ -166,14 +183,13 @@ def trainer(uri: str, mode: str, epochs: int, workers: int, model: str) -> None:
     from torch.utils.data import DataLoader
 
     from bpfm.data.loader import ShardDataset
-    from bpfm.training.evaluate import open_split
 
     torch.set_num_threads(1)  # K trainers share the node's cores, as fractional-GPU trials do
     train = None if model == "none" else _training(model, uri, workers)
     print("ready", flush=True)
     sys.stdin.readline()
     start = time.perf_counter()
-    split = open_split(uri, "mimic", "paper", cache=mode == "cache")
+    split = _open(uri, mode)
     if train is not None:
         train.set_targets(split)
     samples, epoch_s, wait_s = [], [], []
@@ -245,6 +261,9 @@ def main() -> None:
                         help="per batch: bpfm train's training step, or none (read only)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="small, medium, large or DIMxDEPTH (a reduced CEReBrO)")
+    parser.add_argument("--modes", default="local,cache,stream",
+                        help="of local, cache, stream, cache-parts (parts copied whole: the "
+                             "cache before block checksums)")
     parser.add_argument("--trainer", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trainer:
@@ -282,16 +301,19 @@ def main() -> None:
               f"rows; view mimic/train (paper) parts {view_bytes / 1e6:.0f} MB; E = "
               f"{args.epochs} epochs, {args.workers} DataLoader workers per trainer; step: "
               f"{'none (data only)' if model == 'none' else f'train {model}, batch {BATCH}'}")
-        print(f"{'K':>2} {'mode':<7} {'S3 sent MB':>10} {'sent/view':>9} {'samples/s':>9} "
+        print(f"{'K':>2} {'mode':<11} {'S3 sent MB':>10} {'sent/view':>9} {'samples/s':>9} "
               f"{'vs local':>8} {'epochs 2+':>9} {'vs local':>8} {'epoch 1 s':>9} "
               f"{'wait':>5} {'wall s':>7}")
         rows = []
-        modes = ("local", "cache", "stream")
+        modes = tuple(args.modes.split(","))
+        if "local" not in modes or not set(modes) <= set(MODES):
+            raise SystemExit(f"--modes: local and any of {', '.join(MODES[1:])}")
         for round_ in range(args.rounds):
             for k in (int(v) for v in args.k.split(",")):
                 by_mode = {}
                 # a rotated order per round: no mode always runs after the same neighbour
-                for mode in modes[round_ % 3 :] + modes[: round_ % 3]:
+                turn = round_ % len(modes)
+                for mode in modes[turn:] + modes[:turn]:
                     cache_dir = workdir / f"cache-k{k}"
                     shutil.rmtree(cache_dir, ignore_errors=True)
                     run_env = {**env, "BPFM_CACHE_DIR": str(cache_dir)}
@@ -318,7 +340,7 @@ def main() -> None:
                     )
                     rows.append(row)
                     print(
-                        f"{k:>2} {mode:<7} {row['sent_bytes'] / 1e6:>10.1f} "
+                        f"{k:>2} {mode:<11} {row['sent_bytes'] / 1e6:>10.1f} "
                         f"{row['sent_over_view']:>9.3f} {row['samples_per_s']:>9.0f} "
                         f"{row['vs_local']:>8.2f} {row['later_samples_per_s']:>9.0f} "
                         f"{row['later_vs_local']:>8.2f} {row['first_epoch_s']:>9.2f} "
@@ -330,19 +352,24 @@ def main() -> None:
         server.stop()
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    cached = [r for r in rows if r["mode"] == "cache"]
     medians = {
-        f"k{k}": {
-            key: statistics.median(r[key] for r in cached if r["k"] == k)
-            for key in ("sent_over_view", "vs_local", "later_vs_local")
+        mode: {
+            f"k{k}": {
+                key: statistics.median(r[key] for r in rows if (r["mode"], r["k"]) == (mode, k))
+                for key in ("sent_over_view", "vs_local", "later_vs_local")
+            }
+            for k in sorted({r["k"] for r in rows})
         }
-        for k in sorted({r["k"] for r in cached})
+        for mode in modes
+        if mode.startswith("cache")
     }
-    print(f"cache vs local, median of {args.rounds} round(s): " + "; ".join(
-        f"K={k[1:]}: sent/view {m['sent_over_view']:.3f}, samples/s {m['vs_local']:.2f}x "
-        f"(epochs 2+ {m['later_vs_local']:.2f}x)" for k, m in medians.items()))
+    for mode, by_k in medians.items():
+        print(f"{mode} vs local, median of {args.rounds} round(s): " + "; ".join(
+            f"K={k[1:]}: sent/view {m['sent_over_view']:.3f}, samples/s {m['vs_local']:.2f}x "
+            f"(epochs 2+ {m['later_vs_local']:.2f}x)" for k, m in by_k.items()))
+    cached = [r for r in rows if r["mode"].startswith("cache")]
     summary = {
-        "max_cached_sent_over_view": max(r["sent_over_view"] for r in cached),
+        "max_cached_sent_over_view": max((r["sent_over_view"] for r in cached), default=None),
         "cached_medians": medians,
         "rows": rows,
     }

@@ -27,8 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -165,23 +163,12 @@ class ShardDataset(IterableDataset):
 
     def _read(self, units: list[_Unit]) -> Iterator[_Chunk]:
         shards = self.view.shards
-        local = isinstance(shards.filesystem, pafs.LocalFileSystem)
-        will_read = getattr(shards, "will_read", None)
-        if will_read is not None:  # a node cache copies the parts in the order they are read
-            will_read([self._parts[p] for p in dict.fromkeys(u.part for u in units)])
+        shards.will_read([(self._parts[u.part], u.row_group) for u in units])
         open_part, handle = None, None
         for unit in units:
             with storage.storage_errors(shards.uri):
                 if unit.part != open_part:
-                    path = shards.part_path(self._parts[unit.part])
-                    # local: memory-mapped, no read copy; object stores: coalesced range reads
-                    handle = (
-                        pq.ParquetFile(path, memory_map=True)
-                        if local
-                        else pq.ParquetFile(
-                            shards.filesystem.open_input_file(path), pre_buffer=True
-                        )
-                    )
+                    handle = shards.open_part(self._parts[unit.part])
                     open_part = unit.part
                 table = handle.read_row_group(unit.row_group, columns=self.columns)
             yield from self._chunks(table, unit)

@@ -36,6 +36,7 @@ from bpfm.data.manifest import build_manifest, conversion_key, describe_sources
 from bpfm.data.parallel import run_conversions
 from bpfm.data.published import inspect_shards, open_shards
 from bpfm.data.shardset import (
+    BLOCK_BYTES,
     MANIFEST,
     ROW_GROUP_SIZE,
     ROWS_PER_PART,
@@ -179,7 +180,9 @@ class _PartitionWriter:
         self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
         if self._writer is None:
             name = f"part-{self.next_part:05d}{self.suffix}.parquet"
-            self._sink = storage.open_hashed_output(self.fs, f"{self.folder}/{name}")
+            self._sink = storage.open_hashed_output(
+                self.fs, f"{self.folder}/{name}", BLOCK_BYTES
+            )
             self._writer = pq.ParquetWriter(
                 self._sink,
                 self.options.schema,
@@ -207,6 +210,8 @@ class _PartitionWriter:
             row_groups=self._groups,
             bytes=self._sink.size,
             sha256=self._sink.hexdigest(),
+            block_bytes=BLOCK_BYTES,
+            block_sha256=self._sink.block_sha256,
         )
         self._writer, self._sink, self._groups = None, None, []
 

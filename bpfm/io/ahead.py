@@ -1,6 +1,6 @@
 """Reading ahead: an iterator run in a background thread, a few items ahead of its consumer.
-Parquet decoding, S3 reads, sha256 and file writes release the GIL, so the next item's reading
-overlaps with the consumer's own work (the loader's shuffling, the cache's hashing)."""
+Parquet decoding and S3 reads release the GIL, so the next item's reading overlaps with the
+consumer's own work (the loader's shuffling and batching)."""
 
 from __future__ import annotations
 

@@ -155,20 +155,38 @@ def list_dir(uri: str) -> list[str]:
 
 class HashingWriter:
     """A write-only file object over a pyarrow output stream that tracks size and sha256, so a
-    file's checksum comes for free while it is written (no second read, locally or on S3)."""
+    file's checksum comes for free while it is written (no second read, locally or on S3).
+    With `block_bytes`, it also hashes each block of that many bytes (the last one shorter): a
+    node cache can then check a part block by block as it lands (`bpfm.data.cache`)."""
 
-    def __init__(self, stream: pa.NativeFile):
+    def __init__(self, stream: pa.NativeFile, block_bytes: int | None = None):
         self._stream = stream
         self._sha256 = hashlib.sha256()
+        self._block_bytes = block_bytes
+        self._block = hashlib.sha256()
+        self._block_size = 0
+        self.block_sha256: list[str] = []
         self.size = 0
         self.closed = False
 
     def write(self, data: bytes) -> int:
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         self._sha256.update(view)
+        if self._block_bytes:
+            self._hash_blocks(view)
         self._stream.write(view)
         self.size += view.nbytes
         return view.nbytes
+
+    def _hash_blocks(self, view: memoryview) -> None:
+        while view.nbytes:
+            take = min(view.nbytes, self._block_bytes - self._block_size)
+            self._block.update(view[:take])
+            self._block_size += take
+            view = view[take:]
+            if self._block_size == self._block_bytes:
+                self.block_sha256.append(self._block.hexdigest())
+                self._block, self._block_size = hashlib.sha256(), 0
 
     def tell(self) -> int:
         return self.size
@@ -179,16 +197,20 @@ class HashingWriter:
     def close(self) -> None:
         if not self.closed:
             self._stream.close()
+            if self._block_size:
+                self.block_sha256.append(self._block.hexdigest())
             self.closed = True
 
     def hexdigest(self) -> str:
         return self._sha256.hexdigest()
 
 
-def open_hashed_output(fs: pafs.FileSystem, path: str) -> HashingWriter:
+def open_hashed_output(
+    fs: pafs.FileSystem, path: str, block_bytes: int | None = None
+) -> HashingWriter:
     """Open `path` for writing (parents created) behind a HashingWriter."""
     _make_parent(fs, path)
-    return HashingWriter(fs.open_output_stream(path))
+    return HashingWriter(fs.open_output_stream(path), block_bytes)
 
 
 def sha256_file(

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from bpfm.data.cache import LEASES, CachedShardSet, NodeCache
 from bpfm.data.shards import open_shards, write_shards
 from bpfm.data.splits import make_split
 from bpfm.errors import BpfmError
+from bpfm.io import storage
 from tests.services.proxy import counting_proxy_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,7 +152,7 @@ def test_the_background_copies_follow_the_reader_s_order(
     parts = shards.parts("mimic", ["train"])
     assert len(parts) >= 3
     wanted = [parts[1], *parts[:1:-1], parts[0]]  # not the manifest's order, nor its reverse
-    shards.will_read(wanted)
+    shards.will_read([(p, g) for p in wanted for g in range(len(p["row_groups"]))])
     shards.part_path(wanted[0])
     deadline = time.monotonic() + 120
     while not all((tmp_path / p["path"]).is_file() for p in parts):
@@ -172,7 +174,8 @@ def test_opening_a_cached_split_and_its_label_statistics_copies_no_part(
     assert not list(tmp_path.rglob("*.parquet"))  # no reader waits for the view before a batch
     np.testing.assert_array_equal(np.stack(stats), np.stack(view_target_stats(remote.train)))
     next(iter(ShardDataset(cached.train, batch_size=8, shuffle=True)))
-    assert list(tmp_path.rglob("*.parquet"))  # the signals come from the copies
+    # the signals come from the copies (complete, or still being copied)
+    assert list(tmp_path.rglob("*.parquet")) + list(tmp_path.rglob(".*.tmp"))
 
 def test_a_cached_view_reads_the_same_batches_as_the_remote_one(s3_env, s3_shards, tmp_path):
     from bpfm.data.loader import ShardDataset
@@ -196,16 +199,12 @@ KILLED_COPIER = textwrap.dedent(
     from bpfm.data import cache as c
     from bpfm.data.shards import open_shards
 
-    original = c.NodeCache._copy
-
-    def copy_half_then_die(fs, remote, temp, part, uri):
-        with fs.open_input_stream(remote) as source, open(temp, "wb") as out:
-            out.write(source.read(part["bytes"] // 2))
-            out.flush()
+    def copy_half_then_die(copy, block):
+        os.pwrite(copy._fd, copy._source.read_at(copy.size // 2, 0), 0)
         print("copying", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    c.NodeCache._copy = staticmethod(copy_half_then_die)
+    c.PartCopy._fetch = copy_half_then_die
     shards = c.CachedShardSet(sys.argv[1], open_shards(sys.argv[1]).manifest)
     shards.part_path(shards.parts("mimic", ["train"])[0])
     """
@@ -231,12 +230,99 @@ def test_a_killed_copier_leaves_nothing_taken_as_complete(s3_env, s3_shards, tmp
 def test_a_part_that_differs_from_the_manifest_is_refused(s3_env, s3_shards, tmp_path):
     manifest = json.loads(json.dumps(open_shards(s3_shards).manifest))
     part = next(p for p in manifest["parts"] if p["source"] == "mimic")
+    for key in ("block_bytes", "block_sha256"):  # as written before block checksums
+        del part[key]
     part["sha256"] = "0" * 64  # as if the object had been replaced under the manifest
     shards = CachedShardSet(s3_shards, manifest, NodeCache(tmp_path, 10**9))
     with pytest.raises(BpfmError, match="sha256: the object differs"):
         shards.part_path(part)
     assert not (tmp_path / part["path"]).exists()
     assert not list((tmp_path / part["path"]).parent.glob("*.tmp"))
+
+
+@pytest.fixture
+def blocked_shards(s3_env, synthetic_subset_files, monkeypatch) -> str:
+    """The Train subset on S3 as one part per partition of many row groups, 64 KB blocks."""
+    monkeypatch.setattr("bpfm.data.shards.ROW_GROUP_SIZE", 24)
+    for module in ("bpfm.data.shards", "bpfm.data.manifest"):
+        monkeypatch.setattr(f"{module}.ROWS_PER_PART", 10**6)
+    monkeypatch.setattr("bpfm.data.shards.BLOCK_BYTES", 64 << 10)
+    uri = f"s3://{s3_env.bucket}/blocks-{uuid.uuid4().hex[:8]}/pulsedb"
+    write_shards([p for p in synthetic_subset_files if p.name == "Train_Subset.mat"], uri)
+    return uri
+
+
+def test_a_row_group_is_read_once_its_own_blocks_are_in(
+    s3_env, blocked_shards, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("bpfm.data.cache.PREFETCH_THREADS", 0)  # the reader's copies alone
+    proxy = counting_proxy_for(s3_env.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+    try:
+        shards = CachedShardSet(blocked_shards, open_shards(blocked_shards).manifest,
+                                NodeCache(tmp_path, 10**9))
+        part = shards.parts("mimic", ["train"])[0]
+        groups = len(part["row_groups"])
+        assert groups >= 4 and len(part["block_sha256"]) > 2 * groups
+        remote = open_shards(blocked_shards).open_part(part)
+        expected = [remote.read_row_group(g) for g in range(groups)]
+        proxy.reset()
+        reader = shards.open_part(part)
+        assert reader.read_row_group(groups // 2).equals(expected[groups // 2])
+        # its blocks and the footer's, not the part: a reader goes on before the copy is done
+        assert proxy.sent_to_clients < 0.5 * part["bytes"]
+        target = tmp_path / part["path"]
+        assert not target.exists() and len(list(target.parent.glob("*.tmp"))) == 1
+        for group in range(groups):
+            assert reader.read_row_group(group).equals(expected[group])
+        assert proxy.sent_to_clients < part["bytes"] * 1.05 + (64 << 10)  # each block once
+    finally:
+        proxy.close()
+    assert target.stat().st_size == part["bytes"]
+    assert storage.sha256_file(target) == part["sha256"]
+    assert not list(target.parent.glob("*.tmp")) and not list(target.parent.glob("*.lock.*"))
+    assert isinstance(shards.open_part(part), pq.ParquetFile)  # complete: the local fast path
+
+
+def test_a_block_that_differs_from_its_checksum_is_never_read(
+    s3_env, blocked_shards, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("bpfm.data.cache.PREFETCH_THREADS", 0)
+    manifest = json.loads(json.dumps(open_shards(blocked_shards).manifest))
+    part = next(p for p in manifest["parts"] if p["subset"] == "train")
+    shards = CachedShardSet(blocked_shards, manifest, NodeCache(tmp_path, 10**9))
+    reader = shards.open_part(part)
+    blocks = reader._copy.blocks_of(1)
+    part["block_sha256"][blocks[-1]] = "0" * 64  # as if that range of the object had changed
+    with pytest.raises(BpfmError, match=rf"sha256: .* \(block {blocks[-1]}, bytes \d+-\d+\)"):
+        reader.read_row_group(1)
+    target = tmp_path / part["path"]
+    assert not target.exists() and not list(target.parent.glob("*.tmp"))
+    with pytest.raises(BpfmError, match="sha256"):  # the copy is off: no other group reads
+        reader.read_row_group(0)
+    part["block_sha256"][blocks[-1]] = open_shards(blocked_shards).parts(
+        "mimic", ["train"])[0]["block_sha256"][blocks[-1]]
+    assert shards.open_part(part).read_row_group(1).num_rows > 0  # a new copy, from scratch
+
+
+def test_k_readers_of_a_blocked_set_copy_each_part_once(s3_env, blocked_shards, tmp_path):
+    proxy = counting_proxy_for(s3_env.endpoint)
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": proxy.endpoint, "BPFM_CACHE_DIR": str(tmp_path),
+           "PYTHONPATH": str(REPO)}
+    try:
+        cached = _results(_start_readers(blocked_shards, env, 3, "on"))
+        sent = proxy.sent_to_clients
+    finally:
+        proxy.close()
+    view_bytes = _view_bytes(blocked_shards)
+    manifest = len(json.dumps(open_shards(blocked_shards).manifest))
+    assert view_bytes <= sent <= 1.05 * view_bytes + 3 * (2 * manifest + (64 << 10))
+    direct = {**env, "AWS_ENDPOINT_URL_S3": s3_env.endpoint}
+    streamed = _results(_start_readers(blocked_shards, direct, 1, "off"))
+    assert len({(r["rows"], round(r["sum"], 3)) for r in cached + streamed}) == 1
+    for part in open_shards(blocked_shards).parts("mimic", ["train"]):
+        assert storage.sha256_file(tmp_path / part["path"]) == part["sha256"]
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 # ------------------------------------------------------------- eviction (a local "remote")

@@ -134,6 +134,10 @@ MANIFEST_DAMAGE = {
                               {k: v for k, v in p.items() if k != "path"}
                               for p in json.loads(text)["parts"]]}),
                           "parts[0].path: missing key"),
+    "a_block_checksum_short": (lambda text: json.dumps({**json.loads(text), "parts": [
+                                   {**p, "block_sha256": p["block_sha256"][:-1] or ["x", "y"]}
+                                   for p in json.loads(text)["parts"]]}),
+                               "parts[0].block_sha256: "),
 }
 
 

@@ -63,6 +63,25 @@ def test_synthetic_round_trip_equals_the_mat_files(synthetic_subset_files, synth
     assert {"mimic/train", "vitaldb/train", "mimic/calfree_test"} <= set(counts)
 
 
+def test_each_part_records_the_sha256_of_every_block(
+    synthetic_shards, train_subset_file, monkeypatch, tmp_path
+):
+    import hashlib
+
+    monkeypatch.setattr("bpfm.data.shards.BLOCK_BYTES", 100_000)  # several blocks a part
+    out = tmp_path / "blocks"
+    write_shards([train_subset_file], str(out))
+    for shards in (open_shards(synthetic_shards), open_shards(str(out))):
+        for part in shards.manifest["parts"]:
+            data = Path(shards.part_path(part)).read_bytes()
+            size = part["block_bytes"]
+            assert part["block_sha256"] == [
+                hashlib.sha256(data[at : at + size]).hexdigest() for at in range(0, len(data), size)
+            ]
+            assert hashlib.sha256(data).hexdigest() == part["sha256"]
+    assert any(len(p["block_sha256"]) > 2 for p in open_shards(str(out)).manifest["parts"])
+
+
 def test_parts_follow_schema_v2_raw_signals_zstd_rest_and_hive_layout(synthetic_shards):
     shards = open_shards(synthetic_shards)
     for part in shards.manifest["parts"]:
