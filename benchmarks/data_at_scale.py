@@ -1,15 +1,17 @@
 """Bytes from the object store and trainers' samples/s, with and without the node-local cache.
 
     python benchmarks/data_at_scale.py [--segments 48000] [--epochs 3] [--k 1,4,8] [--rounds 1]
-        [--step train|none] [--model 16x2] [--workdir DIR]
+        [--step train|none] [--model 16x2] [--modes local,cache,stream] [--workdir DIR]
 
 K training processes on this node (as the paper profile's 0.25-GPU small trials share one) train
 on the `paper` protocol's train view of one shard set for E epochs each, started together, in
 three modes: the same shards in a local folder, on S3 through the node cache (`bpfm.data.cache`,
 a fresh cache folder per K: every run starts cold), and on S3 streamed (`--no-cache`). S3 is the
 real SeaweedFS server of the tests; a loopback proxy in front of it counts every byte it sent
-(HTTP included), so "sent" is measured, not estimated. A view's bytes are the bytes of the
-parts it needs (what a cache must copy once).
+(HTTP included), so "sent" is measured, not estimated. `--modes` may add "cache-parts": the
+cache reading a set whose manifest has no block checksums (written before them), so each part
+is copied whole before it is read, as the cache did until 2026-12-03. A view's bytes are the
+bytes of the parts it needs (what a cache must copy once).
 
 A trainer is `bpfm train`'s epoch loop (`bpfm.training.loop`'s model, optimizer, lr schedule,
 loss and train loader: shuffled, z-scored windows, standardised targets from the view's label
@@ -31,54 +33,40 @@ segments in ~15 min. The set's default 48,000 segments make 3 parts (16,384 rows
 every conversion writes), 720 MB: with fewer than two parts nothing can overlap a copy.
 
 Targets (issue 18): with the cache, sent <= 1.05 x the view's bytes for any K and E (streaming:
-K x 2.0 at E = 3 here); trainers' samples/s with the cache >= 0.9 x the local folder's. Prints a
-table and one JSON object as its last line.
+K x 2.0 at E = 3 here: it reads only the columns training needs, two thirds of a part, each
+epoch); trainers' samples/s with the cache >= 0.9 x the local folder's. Prints a table and one
+JSON object as its last line.
 
-Measured 2026-12-03 (defaults: 720 MB, 3 parts, E = 3, 16x2; other sessions kept the 2 cores
-at load 4-14, so only ratios within one K mean anything; "wait": share of the trainer's time):
+Measured 2026-12-03, evening (defaults: 720 MB, 3 parts, E = 3, 16x2; other sessions load the
+2 cores at 0.5-10, so only ratios within one run mean anything; "wait": share of the trainer's
+time). K = 1, five rounds, cache vs local of each round: 0.81 0.94 0.91 0.87 0.83 (median 0.87;
+stream 0.85-0.96), epochs 2+ 0.94-1.12. K = 1 with the whole-part copy beside it, four rounds:
 
-     K mode   sent/view samples/s vs local epochs 2+ vs local epoch 1 s  wait
-     1 local      0.000      7410     1.00      8187     1.00      6.1   12 %
-     1 cache      1.000      4424     0.60      6790     0.83     14.5   33 %
-     1 stream     2.003      5172     0.70      6024     0.74      9.2   15 %
-     4 local      0.000      1344     1.00      1290     1.00     26.4   11 %
-     4 cache      1.002      1249     0.93      1396     1.08     36.6   18 %
-     4 stream     8.012       965     0.72       901     0.70     34.4   13 %
-     8 local      0.000       482     1.00       498     1.00     89.1   12 %
-     8 cache      1.003       470     0.98       494     0.99     88.7   14 %
-     8 stream    16.024       437     0.91       426     0.86     83.5   14 %
+     mode          vs local (4 rounds)    epoch 1 s   epoch-1 wait s   wait share
+     local         1.00                   4.3-4.7     0.48-0.79        11-13 %
+     cache         0.85 0.85 0.88 0.85    6.0-6.7     1.07-1.46        15-16 %
+     cache-parts   0.84 0.86 0.84 0.85    6.4-7.1     2.51-3.08        24-26 %
 
-K = 1 misses 0.9x: the first batches of a shuffled epoch draw on a pool of 8,192 rows (3
-row-group units at random among the view's 12, plus 2 read ahead), so they need nearly every
-part of a 3-part view before training can go on, and the copy through the loopback server
-(~180-280 MB/s on these cores) is that long a wait: 7.2 s of the cache's first epoch against
-0.8 s local, with one trainer's epoch ~5-6 s; E = 3 bounds the run near 3T / (3T + 7 s).
-With K trainers the one copy is shared and each epoch is several times longer on 2 cores, hence
-0.93x and 0.98x. At 98,400 segments (7 parts, 1.5 GB, K = 1) it was 0.83x (epoch-1 wait 10.5 s
-against 2.3 s, epochs 2+ 1.00x): the more parts a view has beyond the ~5 its first batches
-need, the more of the copy hides behind training, as on PulseDB's ~40-part Train views.
+     K mode         sent/view samples/s vs local epochs 2+ vs local  wait
+     4 local            0.000      2996     1.00      3085     1.00  12 %
+     4 cache            1.002      3045     1.02      3435     1.11  18 %
+     4 cache-parts      1.002      2973     0.99      3307     1.07  17 %
+     4 stream           8.012      2557     0.85      2649     0.86  16 %
+     8 local            0.000      1521     1.00      1654     1.00  13 %
+     8 cache            1.003      1457     0.96      1603     0.97  16 %
+     8 cache-parts      1.003      1412     0.93      1551     0.94  16 %
+     8 stream          16.024      1174     0.77      1223     0.74  16 %
 
-Smaller parts do not close the gap (measured 2026-12-03, K = 1, 48,000 segments, load 0.6-3;
-cache vs local of the same run; each variant a copy of the tree, its shards rewritten):
-
-    variant                      parts  cache vs local (runs)     epoch-1 wait + open
-    16,384 rows a part (default)     3  0.88 0.79 0.84 0.90 0.90  3.1-5.3 s
-    8,192                            6  0.78                      3.2 s
-    4,096                           12  0.83 0.83                 1.9-2.0 s
-    4,096, PREFETCH_THREADS = 4     12  0.83                      4.7 s
-    16,384, copies start before
-      the reader's first part        3  0.90 0.88                 2.9 s
-    (local: epoch-1 wait + open ~0.8-1.1 s)
-
-Smaller parts halve the first epoch's wait, but the copies then run beside training and slow its
-steps by as much: one cold copy of the 720 MB view costs 2.8 s of the copier process's CPU (S3
-client, sha256, writes, imports; 12 parts: 3.2 s), 1.4 s of the `weed` server's and 0.3 s of the
-proxy's, all on these 2 cores. That CPU, not the part size or when the copies start, bounds
-K = 1 here (0.9x at load < 2, ~0.8x when other sessions load the cores); on a node whose object
-store is elsewhere the server's share is not the node's. More parallel copies make the part the
-reader waits on arrive later. 4,096-row parts also cost an S3 request and a footer read per part
-more (4x the parts) and 4x the manifest's part entries; local reading of the same view was the
-same (87.0k vs 88.2k segments/s, median of 4 alternating runs).
+Reading row groups as their blocks land halves the first epoch's wait (the first batches need
+two row groups, ~120 MB, not every part), but at K = 1 the whole run is the same as with whole
+parts: the time not waited goes to slower steps. A cold copy of the view is CPU on the trainer's
+own 2 cores: its process's S3 client, sha256 and writes (~1.3 s for 720 MB, ~2.3 s in a fresh
+process whose page cache must grow), the `weed` server's ~1.2 s and the proxy's ~0.3 s, against
+one trainer's ~15 s of steps on a machine other sessions also load; waiting or stepping, the run
+does the same work on the same cores. On a GPU node the object store's CPU is not the node's and
+a trial's step is not on the cores that copy: there the wait this removes is what is left.
+Earlier (whole parts, the same day): smaller parts (8,192 and 4,096 rows) and more copy threads
+did not change K = 1 either (0.78-0.83), while 4x the parts cost 4x the footer reads.
 """
 
 from __future__ import annotations

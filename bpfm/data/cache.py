@@ -379,6 +379,7 @@ class PartCopy:
             self._closed |= last
         if last:
             os.close(self._fd)
+            self._source.close()
 
     def _raise_error(self) -> None:
         if self.error is not None:
