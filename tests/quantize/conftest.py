@@ -57,3 +57,20 @@ def test_windows(trained, split) -> torch.Tensor:
     normalize = bool(trained[2].get("normalize_inputs"))
     batches = ShardDataset(split.test, batch_size=256, shuffle=False, normalize=normalize)
     return torch.cat([b["x"] for b in batches])
+
+
+@pytest.fixture
+def logged_cell(tmp_path: Path, trained_model_dir: Path) -> dict:
+    """A grid run in a sqlite MLflow store with one trained cell logged under it, as stage 1
+    leaves it for stage 2: the keyword arguments `quantize_model` takes besides variants."""
+    from bpfm import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    experiment = tracking.ensure_experiment(client, "bpfm-stage-2-test")
+    grid = client.create_run(experiment, run_name="grid").info.run_id
+    cell, _ = tracking.child_run(client, experiment, grid, key="cell", name="cell",
+                                 tags={tracking.KIND: "train"}, params={})
+    tracking.log_model_dir(client, cell, trained_model_dir)
+    return {"tracking_uri": uri, "experiment_id": experiment, "grid_run_id": grid,
+            "study": "bpfm-stage-2-test", "cell": "cell", "cell_run_id": cell}

@@ -243,22 +243,13 @@ def test_grid_variants_name_a_runtime():
 
 
 @pytest.mark.slow
-def test_grid_stage_logs_a_runtime_variant_to_mlflow(trained_model_dir, synthetic_shards,
-                                                     tmp_path):
+def test_grid_stage_logs_a_runtime_variant_to_mlflow(logged_cell, synthetic_shards):
     from bpfm import tracking
     from bpfm.orchestration.stages import quantize_model
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = tracking.client(uri)
-    experiment = tracking.ensure_experiment(client, "bpfm-export-test")
-    grid = client.create_run(experiment, run_name="grid").info.run_id
-    cell, _ = tracking.child_run(client, experiment, grid, key="cell", name="cell",
-                                 tags={tracking.KIND: "train"}, params={})
-    tracking.log_model_dir(client, cell, trained_model_dir)
+    client = tracking.client(logged_cell["tracking_uri"])
     variants = {"onnx_dynamic": {"backend": "onnxruntime", "mode": "dynamic"}}
-    results = quantize_model(tracking_uri=uri, experiment_id=experiment, grid_run_id=grid,
-                             study="bpfm-export-test", cell="cell", cell_run_id=cell,
-                             variants=variants, data=synthetic_shards,
+    results = quantize_model(**logged_cell, variants=variants, data=synthetic_shards,
                              settings={"latency_runs": 2, "threads": 1})
     assert [r.get("error") for r in results] == [None]
     run = client.get_run(results[0]["run_id"])

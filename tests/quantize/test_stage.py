@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def test_stage_2_measures_the_fp32_reference_once_per_cell(trained_model_dir, synthetic_shards,
-                                                          tmp_path, monkeypatch):
+def test_stage_2_measures_the_fp32_reference_once_per_cell(logged_cell, synthetic_shards,
+                                                          monkeypatch):
     from bpfm import tracking
     from bpfm.orchestration.stages import quantize_model
     from bpfm.quant import study
@@ -27,19 +27,11 @@ def test_stage_2_measures_the_fp32_reference_once_per_cell(trained_model_dir, sy
     monkeypatch.setattr(study, "latency_ms", counting_latency)
     monkeypatch.setattr(study, "_test_metrics", counting_metrics)
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = tracking.client(uri)
-    experiment = tracking.ensure_experiment(client, "bpfm-stage-2-test")
-    grid = client.create_run(experiment, run_name="grid").info.run_id
-    cell, _ = tracking.child_run(client, experiment, grid, key="cell", name="cell",
-                                 tags={tracking.KIND: "train"}, params={})
-    tracking.log_model_dir(client, cell, trained_model_dir)
     variants = {"dynamic": {"mode": "dynamic", "weights": "per_channel"},
                 "static": {"mode": "static", "observer": "minmax", "calib_batches": 1}}
-    results = quantize_model(tracking_uri=uri, experiment_id=experiment, grid_run_id=grid,
-                             study="bpfm-stage-2-test", cell="cell", cell_run_id=cell,
-                             variants=variants, data=synthetic_shards,
+    results = quantize_model(**logged_cell, variants=variants, data=synthetic_shards,
                              settings={"latency_runs": 1, "threads": 1})
+    client = tracking.client(logged_cell["tracking_uri"])
 
     assert [r.get("error") for r in results] == [None, None]
     # fp32 timed beside the first variant only, and evaluated once: 2 quantized + 1 fp32
