@@ -500,10 +500,12 @@ class CachedShardSet(ShardSet):
             state.queue.sort(key=self._rank)
 
     def part_path(self, part: dict) -> str:
-        """The complete local copy of `part` (copied first, all of it)."""
-        self._queue_partition(part)
+        """The complete local copy of `part` (copied first, all of it, with the bandwidth to
+        itself; the background copies of its partition start after it)."""
         copy = self._claim(part, wait=True)
-        return str(copy.complete() if isinstance(copy, PartCopy) else copy)
+        path = copy.complete() if isinstance(copy, PartCopy) else copy
+        self._queue_partition(part)
+        return str(path)
 
     def open_part(self, part: dict) -> pq.ParquetFile | _PartReader:
         """`part` for reading row groups: its complete copy, or while this process copies it,
