@@ -229,7 +229,7 @@ class PartCopy:
 
     def __init__(self, fs: pafs.FileSystem, remote: str, part: dict, target: Path,
                  lock: FileLock, uri: str):
-        self.part, self.target, self._lock = part, target, lock
+        self.target, self._lock = target, lock
         self.where = storage.join(uri, part["path"])
         self.size = part["bytes"]
         if part.get("block_sha256"):
@@ -267,14 +267,13 @@ class PartCopy:
         with self._footer:
             if self._groups is None:
                 self.fill(self._span(self.size - 8, self.size))
-                with self._readable() as handle:
+                with self._readable() as handle:  # the same file after its rename, if any
                     handle.seek(self.size - 8)
                     tail = handle.read(8)
-                if tail[4:] != b"PAR1":
-                    raise BpfmError(f"{self.where}: not a Parquet file (no footer)")
-                self.fill(self._span(self.size - 8 - int.from_bytes(tail[:4], "little"),
-                                     self.size))
-                with self._readable() as handle:
+                    if tail[4:] != b"PAR1":
+                        raise BpfmError(f"{self.where}: not a Parquet file (no footer)")
+                    footer = int.from_bytes(tail[:4], "little")
+                    self.fill(self._span(self.size - 8 - footer, self.size))
                     self._groups = _row_group_ranges(pq.read_metadata(handle))
         start, stop = self._groups[row_group]
         return self._span(start, stop)
