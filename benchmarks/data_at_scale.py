@@ -1,6 +1,6 @@
 """Bytes from the object store and trainers' samples/s, with and without the node-local cache.
 
-    python benchmarks/data_at_scale.py [--segments 48000] [--epochs 3] [--k 1,4,8] [--rounds 1]
+    python benchmarks/data_at_scale.py [--segments 48000] [--epochs 10] [--k 1,4,8] [--rounds 1]
         [--step train|none] [--model 16x2] [--modes local,cache,stream] [--workdir DIR]
 
 K training processes on this node (as the paper profile's 0.25-GPU small trials share one) train
@@ -18,8 +18,10 @@ loss and train loader: shuffled, z-scored windows, standardised targets from the
 statistics): per batch a forward, loss, backward and optimizer step, one torch thread per
 trainer; a sample counts once trained on. It is timed from opening the split to its last step,
 first-epoch copies included, and over epochs 2+ alone (where a cached trainer reads local
-files); "wait" is its share of that time spent opening the split or waiting for a batch.
-`--step none` drops the step (the data path alone, as before).
+files); "wait" is its share of that time spent opening the split or waiting for a batch. The
+last lines give each mode's samples/s against the local folder's had the runs stopped after
+e = 1, 2, ..., E epochs (from the same runs' epoch times): a cold copy is a first-epoch cost, and
+these show how it amortizes. `--step none` drops the step (the data path alone).
 
 The model (`--model`, a registered size or DIMxDEPTH, a reduced CEReBrO with DIM/8 heads): the
 target is about trials on GPU nodes, where what matters is a step's time against a batch's
@@ -27,46 +29,49 @@ data time. There, small trains several times faster than large's 17,100 samples/
 compiled) and a 0.25-GPU trial gets a quarter of that, against ~250k segments/s of local
 reading: data is ~5-25 % of a step. On this 2-core CPU small steps at 141 samples/s (data
 would be 0.1 %) while the default 16x2 (dim 16, depth 2, 2 heads: both attention kinds, 9.0k
-parameters) steps at ~9,900 samples/s alone, which gives the local folder a measured wait share
-of 11-12 % (table below), inside that range, and K=1,4,8 x 3 modes x 3 epochs of 48,000
-segments in ~15 min. The set's default 48,000 segments make 3 parts (16,384 rows a part, as
-every conversion writes), 720 MB: with fewer than two parts nothing can overlap a copy.
+parameters) steps at ~12,000 samples/s alone, which gives the local folder a measured wait share
+of 10-12 % (table below), inside that range. The set's default 48,000 segments make 3 parts
+(16,384 rows a part, as every conversion writes), 720 MB: with fewer than two parts nothing can
+overlap a copy. K = 1, 4, 8 x 3 modes x 10 epochs take ~25 min.
 
-Targets (issue 18): with the cache, sent <= 1.05 x the view's bytes for any K and E (streaming:
-K x 2.0 at E = 3 here: it reads only the columns training needs, two thirds of a part, each
-epoch); trainers' samples/s with the cache >= 0.9 x the local folder's. Prints a table and one
-JSON object as its last line.
+Targets (issue 18): with the cache, sent <= 1.05 x the view's bytes for any K and E (streaming
+sends K x E x 0.67: it reads only the columns training needs, two thirds of a part, each epoch);
+trainers' samples/s with the cache >= 0.9 x the local folder's. Prints a table and one JSON
+object as its last line.
 
-Measured 2026-12-03, evening (defaults: 720 MB, 3 parts, E = 3, 16x2; other sessions load the
-2 cores at 0.5-10, so only ratios within one run mean anything; "wait": share of the trainer's
-time). K = 1, five rounds, cache vs local of each round: 0.81 0.94 0.91 0.87 0.83 (median 0.87;
-stream 0.85-0.96), epochs 2+ 0.94-1.12. K = 1 with the whole-part copy beside it, four rounds:
+Measured 2026-12-04 on an idle host (load < 1.2; E = 10, K = 1 three rounds, K = 4 and 8 one):
 
-     mode          vs local (4 rounds)    epoch 1 s   epoch-1 wait s   wait share
-     local         1.00                   4.3-4.7     0.48-0.79        11-13 %
-     cache         0.85 0.85 0.88 0.85    6.0-6.7     1.07-1.46        15-16 %
-     cache-parts   0.84 0.86 0.84 0.85    6.4-7.1     2.51-3.08        24-26 %
+     K mode     sent/view   vs local (rounds)   epochs 2+   epoch 1 s   wait
+     1 local        0.000   1.00                1.00        3.3-3.5     10-11 %
+     1 cache        1.000   0.89 0.99 0.92      0.95-1.06   5.3-5.6     14 %
+     1 stream       6.675   0.85 0.89 0.87      0.85-0.89   3.5-3.9     16-18 %
+     4 cache        1.002   0.97                0.99        14.2        13 %  (local 11.7 s, 11 %)
+     4 stream      26.701   0.78                0.77        14.3        15 %
+     8 cache        1.003   1.01                1.02        26.4        12 %  (local 24.9 s, 11 %)
+     8 stream      53.403   0.81                0.81        30.1        14 %
 
-     K mode         sent/view samples/s vs local epochs 2+ vs local  wait
-     4 local            0.000      2996     1.00      3085     1.00  12 %
-     4 cache            1.002      3045     1.02      3435     1.11  18 %
-     4 cache-parts      1.002      2973     0.99      3307     1.07  17 %
-     4 stream           8.012      2557     0.85      2649     0.86  16 %
-     8 local            0.000      1521     1.00      1654     1.00  13 %
-     8 cache            1.003      1457     0.96      1603     0.97  16 %
-     8 cache-parts      1.003      1412     0.93      1551     0.94  16 %
-     8 stream          16.024      1174     0.77      1223     0.74  16 %
+     cache vs local had the runs stopped after e epochs (medians):
+       e =    1     2     3     4     6     10
+     K = 1  0.63  0.76  0.83  0.86  0.90  0.92
+     K = 4  0.81  0.87  0.91  0.92  0.94  0.97
+     K = 8  0.95  0.96  0.99  1.00  1.00  1.01
 
-Reading row groups as their blocks land halves the first epoch's wait (the first batches need
-two row groups, ~120 MB, not every part), but at K = 1 the whole run is the same as with whole
-parts: the time not waited goes to slower steps. A cold copy of the view is CPU on the trainer's
-own 2 cores: its process's S3 client, sha256 and writes (~1.3 s for 720 MB, ~2.3 s in a fresh
-process whose page cache must grow), the `weed` server's ~1.2 s and the proxy's ~0.3 s, against
-one trainer's ~15 s of steps on a machine other sessions also load; waiting or stepping, the run
-does the same work on the same cores. On a GPU node the object store's CPU is not the node's and
-a trial's step is not on the cores that copy: there the wait this removes is what is left.
-Earlier (whole parts, the same day): smaller parts (8,192 and 4,096 rows) and more copy threads
-did not change K = 1 either (0.78-0.83), while 4x the parts cost 4x the footer reads.
+Where K = 1's first epoch goes (a cold copy of the 720 MB view, no step, `perf` and process
+CPU times): the copying process spends ~1.05 s user (sha256 at ~1.6 GB/s, the S3 client) and
+~1.5 s system, most of it in the kernel copying into page cache that is new memory; the `weed`
+server ~1.05 s, the counting proxy ~0.25 s; in all ~3.85 s of CPU against ~0.5 s to read the
+same epoch from a local folder whose pages are already in memory. This host is a Firecracker
+VM with free page reporting (kernel `page_reporting.page_reporting_order=11`): memory the guest
+frees goes back to the host, and touching it again costs a host fault, ~1-1.8 s for 720 MB of
+new file pages against 0.13 s for pages reused at once. One trainer steps on one core and the
+copy gets the other, at ~190 MB/s against the trainer's ~220 MB/s of reading: the first epoch
+takes ~2 s longer, which is 17 % of a 3-epoch run and 8 % of a 10-epoch one. At K = 4 and 8
+that copy is shared by the K trainers. Reusing one read buffer per thread and memory-mapping
+in-progress copies changed nothing measurable (5 A/B rounds: 2.08-2.80 s against 2.20-2.32 s
+per cold copy); leaving out the blocks that hold only ABP would save 19 % of the copy at 8 MB
+blocks (17 of 88 blocks here), not enough to close E = 3. On a GPU node the object store's CPU
+is not the node's, memory is not handed back to a host page by page, and a trial's step is not
+on the cores that copy.
 """
 
 from __future__ import annotations
@@ -206,7 +211,11 @@ def trainer(uri: str, mode: str, epochs: int, workers: int, model: str) -> None:
         wait_s.append(waited)
     seconds = time.perf_counter() - start
     later = sum(samples[1:]) / sum(epoch_s[1:]) if epochs > 1 else float("nan")
+    opened = seconds - sum(epoch_s)
+    # samples/s had the run stopped after e epochs: a first-epoch copy's share shrinks with e
+    through = [sum(samples[:e]) / (opened + sum(epoch_s[:e])) for e in range(1, epochs + 1)]
     print(json.dumps({"samples": sum(samples), "seconds": seconds, "epoch_s": epoch_s,
+                      "samples_per_s_through": through,
                       "wait_s": wait_s, "open_s": seconds - sum(epoch_s),
                       "samples_per_s": sum(samples) / seconds,
                       "later_samples_per_s": later,
@@ -236,11 +245,19 @@ def run_trainers(uri: str, mode: str, k: int, epochs: int, workers: int, model: 
     return results
 
 
+def _through(row: dict) -> list[float]:
+    """A run's mean samples/s per trainer had it stopped after each epoch."""
+    trainers = row["trainers"]
+    return [sum(t["samples_per_s_through"][e] for t in trainers) / len(trainers)
+            for e in range(row["epochs"])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--segments", type=int, default=48000,
                         help="~15 KB of shards each; 16,384 a part (48,000: 3 parts, 725 MB)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10,
+                        help="per trainer; the ratios after each epoch e <= E print too")
     parser.add_argument("--k", default="1,4,8", help="concurrent trainers per run")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers per trainer")
     parser.add_argument("--rounds", type=int, default=1, help="repeats, in rotated mode order")
@@ -326,6 +343,10 @@ def main() -> None:
                     row["later_vs_local"] = (
                         row["later_samples_per_s"] / by_mode["local"]["later_samples_per_s"]
                     )
+                    row["vs_local_through"] = [
+                        mean / local for mean, local in
+                        zip(_through(row), _through(by_mode["local"]), strict=True)
+                    ]
                     rows.append(row)
                     print(
                         f"{k:>2} {mode:<11} {row['sent_bytes'] / 1e6:>10.1f} "
@@ -355,6 +376,12 @@ def main() -> None:
         print(f"{mode} vs local, median of {args.rounds} round(s): " + "; ".join(
             f"K={k[1:]}: sent/view {m['sent_over_view']:.3f}, samples/s {m['vs_local']:.2f}x "
             f"(epochs 2+ {m['later_vs_local']:.2f}x)" for k, m in by_k.items()))
+    for mode in (m for m in modes if m != "local"):
+        for k in sorted({r["k"] for r in rows}):
+            through = [r["vs_local_through"] for r in rows if (r["mode"], r["k"]) == (mode, k)]
+            print(f"{mode} K={k} vs local, median, had the runs stopped after e epochs: "
+                  + ", ".join(f"e={e} {statistics.median(t[e - 1] for t in through):.2f}"
+                              for e in range(1, args.epochs + 1)))
     cached = [r for r in rows if r["mode"].startswith("cache")]
     summary = {
         "max_cached_sent_over_view": max((r["sent_over_view"] for r in cached), default=None),
