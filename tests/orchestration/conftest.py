@@ -73,6 +73,7 @@ def two_node_ray(env: dict[str, str], num_cpus: int = 1, num_gpus: int = 0) -> I
     """A head and a worker node (`num_cpus` CPUs and `num_gpus` logical GPUs each) on this
     host, the driver connected to the head. Yields the two node ids."""
     import ray
+    from ray._common.utils import get_default_ray_temp_dir
     from ray._private.authentication_test_utils import reset_auth_token_state
     from ray.cluster_utils import Cluster
 
@@ -84,6 +85,9 @@ def two_node_ray(env: dict[str, str], num_cpus: int = 1, num_gpus: int = 0) -> I
     os.environ.update(env)
     reset_auth_token_state()
     cluster = None
+    # Cluster.add_node writes the head's address into Ray's default temp folder (/tmp/ray)
+    # whatever temp_dir says, and fails on a host where no Ray has run yet
+    Path(get_default_ray_temp_dir()).mkdir(parents=True, exist_ok=True)
     try:
         node_args = {"num_cpus": num_cpus, "num_gpus": num_gpus, "temp_dir": str(temp_dir)}
         cluster = Cluster(initialize_head=True, head_node_args={
