@@ -208,6 +208,10 @@ def parse_manifest(data: bytes, uri: str) -> dict:
     for key in OPTION_KEYS:
         if key not in manifest["options"]:
             raise BpfmError(f"{uri}: options.{key}: missing key")
+    try:  # the values readers take from it (sizes, signal encoding)
+        ShardOptions.from_dict(manifest["options"])
+    except BpfmError as err:
+        raise BpfmError(f"{uri}: options.{err}") from None
     for i, part in enumerate(manifest["parts"]):
         if not isinstance(part, dict):
             raise BpfmError(f"{uri}: parts[{i}]: expected an object")

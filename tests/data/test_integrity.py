@@ -134,6 +134,9 @@ MANIFEST_DAMAGE = {
                               {k: v for k, v in p.items() if k != "path"}
                               for p in json.loads(text)["parts"]]}),
                           "parts[0].path: missing key"),
+    "rows_per_part_zero": (lambda text: json.dumps({**json.loads(text), "options": {
+                               **json.loads(text)["options"], "rows_per_part": 0}}),
+                           "options.rows_per_part: expected a positive integer, got 0"),
     "a_block_checksum_short": (lambda text: json.dumps({**json.loads(text), "parts": [
                                    {**p, "block_sha256": p["block_sha256"][:-1] or ["x", "y"]}
                                    for p in json.loads(text)["parts"]]}),
