@@ -30,9 +30,12 @@ def conversion_key(sources: list[dict], options: dict) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
-def describe_sources(files: list[Path], workers: int) -> list[dict]:
+def describe_sources(
+    files: list[Path], workers: int, *, rows_per_part: int = ROWS_PER_PART
+) -> list[dict]:
     """Size, sha256 and partition name of every input; two inputs may not share a subset name
-    unless they are Subj_Wins files (their parts are numbered apart, see `first_part`)."""
+    unless they are Subj_Wins files (their parts are numbered apart, see `first_part`: each
+    input reserves a part number per `rows_per_part` segments, `ShardOptions.rows_per_part`)."""
     from bpfm.data.pulsedb import open_pulsedb  # lazy: h5py
     with ThreadPoolExecutor(max(1, workers)) as pool:  # a stop request ends hashing too
         digests = list(pool.map(lambda f: storage.sha256_file(f, poll=check), files))
@@ -58,7 +61,7 @@ def describe_sources(files: list[Path], workers: int) -> list[dict]:
     for source in sources:
         source["first_part"] = offset.get(source["subset"], 0)
         offset[source["subset"]] = source["first_part"] + math.ceil(
-            source["segments"] / ROWS_PER_PART
+            source["segments"] / rows_per_part
         )
     return sources
 

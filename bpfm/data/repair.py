@@ -14,7 +14,7 @@ import uuid
 
 import pyarrow.fs as pafs
 
-from bpfm.data.shardset import ROWS_PER_PART, ShardSet
+from bpfm.data.shardset import ShardOptions, ShardSet
 from bpfm.errors import BpfmError
 from bpfm.io import storage
 
@@ -46,13 +46,9 @@ def parts_by_source(manifest: dict, sources: list[dict]) -> list[list[dict]] | N
 
 
 def rows_per_part(manifest: dict) -> int:
-    """The rows per part the manifest's parts were cut at, which decide how many part numbers
-    each source owns; a set written by a version with another `ROWS_PER_PART` keeps its own.
-    The constant when the manifest does not record one."""
-    value = (manifest.get("options") or {}).get("rows_per_part")
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    return ROWS_PER_PART
+    """The rows per part the manifest's parts were cut at (its options' `rows_per_part`, the
+    default when it records none), which decide how many part numbers each source owns."""
+    return ShardOptions.from_dict(manifest["options"]).rows_per_part
 
 
 def plan(manifest: dict, sources: list[dict], report: dict) -> tuple[list[int], dict[int, dict]]:

@@ -145,7 +145,8 @@ def _batch_table(batch, subset: str, rows: np.ndarray, options: ShardOptions) ->
 
 @dataclass
 class _PartitionWriter:
-    """Writes one (source, subset) partition as parts of whole row groups of ROW_GROUP_SIZE."""
+    """Writes one (source, subset) partition as parts of whole row groups of
+    `options.row_group_size` rows, a part closed once it holds `options.rows_per_part`."""
 
     fs: object
     folder: str  # filesystem path of the partition folder
@@ -165,8 +166,8 @@ class _PartitionWriter:
     def add(self, table: pa.Table) -> None:
         self.pending.append(table)
         self.pending_rows += table.num_rows
-        while self.pending_rows >= ROW_GROUP_SIZE:
-            self._flush(ROW_GROUP_SIZE)
+        while self.pending_rows >= self.options.row_group_size:
+            self._flush(self.options.row_group_size)
 
     def close(self) -> list[dict]:
         if self.pending_rows:
@@ -197,7 +198,7 @@ class _PartitionWriter:
             self.next_part += 1
         self._writer.write_table(group, row_group_size=n)
         self._groups.append(n)
-        if sum(self._groups) >= ROWS_PER_PART:
+        if sum(self._groups) >= self.options.rows_per_part:
             self._close_part()
 
     def _close_part(self) -> None:
@@ -317,21 +318,25 @@ def write_shards(
     drop_invalid: bool = False,
     workers: int | None = None,
     signals: str = "packed",
+    rows_per_part: int = ROWS_PER_PART,
+    row_group_size: int = ROW_GROUP_SIZE,
 ) -> dict:
     """Convert PulseDB files (or folders of *_Subset.mat) into a published shard set.
 
     Files convert in parallel processes (by default only when the input is large enough to pay
     for starting them); the manifest is written last. Returns the manifest, with
     `"up_to_date": True` when an identical conversion had already been published.
-    `signals`: see ShardOptions."""
+    `signals`, `rows_per_part`, `row_group_size`: see ShardOptions (the sizes are part of the
+    conversion key: other sizes make another generation)."""
     out_uri = str(out_uri)
     files = find_inputs(inputs)
     start = time.monotonic()
-    sources = describe_sources(files, workers or multiprocessing.cpu_count())
+    options = ShardOptions(include_abp, drop_invalid, signals, rows_per_part, row_group_size)
+    sources = describe_sources(files, workers or multiprocessing.cpu_count(),
+                               rows_per_part=options.rows_per_part)
     if workers is None:  # starting processes costs seconds: only worth it for large inputs
         large = sum(s["size"] for s in sources) >= PARALLEL_MIN_BYTES
         workers = min(len(files), multiprocessing.cpu_count()) if large else 1
-    options = ShardOptions(include_abp, drop_invalid, signals)
     key = conversion_key(sources, options.as_dict())
     generation = f"gen-{key[:16]}"
     current = published_manifest(out_uri)

@@ -79,16 +79,25 @@ class ShardOptions:
     `signals`: "packed" writes schema v2 (see the module docstring); "list" writes DESIGN's v1
     (fixed_size_list<float32>[1250] per channel, zstd); "bytes" the v1 columns as
     fixed_size_binary(5000). `include_abp=False` drops the abp column rather than writing
-    nulls: pyarrow < 26 cannot read null fixed-size lists from Parquet (apache/arrow#35692)."""
+    nulls: pyarrow < 26 cannot read null fixed-size lists from Parquet (apache/arrow#35692).
+    `row_group_size`: rows a row group; `rows_per_part`: a part is closed after the row group
+    that brings it to this many rows (so it holds a whole number of row groups), and each input
+    reserves part numbers at this rate (`describe_sources`)."""
 
     include_abp: bool = True
     drop_invalid: bool = False
     signals: str = "packed"
+    rows_per_part: int = ROWS_PER_PART
+    row_group_size: int = ROW_GROUP_SIZE
 
     def __post_init__(self) -> None:
         if self.signals not in SIGNAL_ENCODINGS:
             choices = ", ".join(SIGNAL_ENCODINGS)
             raise BpfmError(f"signals: '{self.signals}' unknown (choose one of {choices})")
+        for name in ("rows_per_part", "row_group_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise BpfmError(f"{name}: expected a positive integer, got {value!r}")
 
     @property
     def schema_version(self) -> int:
@@ -112,7 +121,7 @@ class ShardOptions:
         that map it; bpfm's loader lets pyarrow decode either layout."""
         if self.signals == "list":
             return {}
-        return {"write_batch_size": ROW_GROUP_SIZE, "data_page_size": 64 << 20}
+        return {"write_batch_size": self.row_group_size, "data_page_size": 64 << 20}
 
     @property
     def signal_layout(self) -> dict[str, str]:
@@ -132,15 +141,22 @@ class ShardOptions:
             "include_abp": self.include_abp,
             "drop_invalid": self.drop_invalid,
             "signals": self.signals,
-            "row_group_size": ROW_GROUP_SIZE,
-            "rows_per_part": ROWS_PER_PART,
+            "row_group_size": self.row_group_size,
+            "rows_per_part": self.rows_per_part,
             "compression": self.compression,
         }
 
     @classmethod
     def from_dict(cls, options: dict) -> ShardOptions:
-        """From a manifest's `options` (v1 manifests may lack `signals`: "list")."""
-        return cls(options["include_abp"], options["drop_invalid"], options.get("signals", "list"))
+        """From a manifest's `options` (v1 manifests may lack `signals`: "list"; one lacking the
+        sizes gets the constants)."""
+        return cls(
+            options["include_abp"],
+            options["drop_invalid"],
+            options.get("signals", "list"),
+            options.get("rows_per_part", ROWS_PER_PART),
+            options.get("row_group_size", ROW_GROUP_SIZE),
+        )
 
 
 def signal_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -192,6 +208,10 @@ def parse_manifest(data: bytes, uri: str) -> dict:
     for key in OPTION_KEYS:
         if key not in manifest["options"]:
             raise BpfmError(f"{uri}: options.{key}: missing key")
+    try:  # the values readers take from it (sizes, signal encoding)
+        ShardOptions.from_dict(manifest["options"])
+    except BpfmError as err:
+        raise BpfmError(f"{uri}: options.{err}") from None
     for i, part in enumerate(manifest["parts"]):
         if not isinstance(part, dict):
             raise BpfmError(f"{uri}: parts[{i}]: expected an object")

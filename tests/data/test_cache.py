@@ -117,13 +117,11 @@ def test_concurrent_trainers_copy_each_part_once_and_read_what_s3_holds(
 
 
 def test_the_first_part_read_copies_its_subsets_other_parts_in_the_background(
-    s3_env, synthetic_subset_files, tmp_path, monkeypatch
+    s3_env, synthetic_subset_files, tmp_path
 ):
-    for module in ("bpfm.data.shards", "bpfm.data.manifest"):
-        monkeypatch.setattr(f"{module}.ROWS_PER_PART", 24)  # a few parts per subset
-    monkeypatch.setattr("bpfm.data.shards.ROW_GROUP_SIZE", 24)
     uri = f"s3://{s3_env.bucket}/prefetch-{uuid.uuid4().hex[:8]}/pulsedb"
-    write_shards([p for p in synthetic_subset_files if p.name == "Train_Subset.mat"], uri)
+    write_shards([p for p in synthetic_subset_files if p.name == "Train_Subset.mat"], uri,
+                 rows_per_part=24, row_group_size=24)  # a few parts per subset
     manifest = open_shards(uri).manifest
     shards = CachedShardSet(uri, manifest, NodeCache(tmp_path, 10**9))
     parts = shards.parts("mimic", ["train"])
@@ -142,12 +140,10 @@ def test_the_first_part_read_copies_its_subsets_other_parts_in_the_background(
 def test_the_background_copies_follow_the_reader_s_order(
     s3_env, synthetic_subset_files, tmp_path, monkeypatch
 ):
-    for module in ("bpfm.data.shards", "bpfm.data.manifest"):
-        monkeypatch.setattr(f"{module}.ROWS_PER_PART", 24)
-    monkeypatch.setattr("bpfm.data.shards.ROW_GROUP_SIZE", 24)
     monkeypatch.setattr("bpfm.data.cache.PREFETCH_THREADS", 1)  # one copy at a time: an order
     uri = f"s3://{s3_env.bucket}/order-{uuid.uuid4().hex[:8]}/pulsedb"
-    write_shards([p for p in synthetic_subset_files if p.name == "Train_Subset.mat"], uri)
+    write_shards([p for p in synthetic_subset_files if p.name == "Train_Subset.mat"], uri,
+                 rows_per_part=24, row_group_size=24)
     shards = CachedShardSet(uri, open_shards(uri).manifest, NodeCache(tmp_path, 10**9))
     parts = shards.parts("mimic", ["train"])
     assert len(parts) >= 3
@@ -246,12 +242,10 @@ def test_a_part_that_differs_from_the_manifest_is_refused(s3_env, s3_shards, tmp
 @pytest.fixture
 def blocked_shards(s3_env, synthetic_subset_files, monkeypatch) -> str:
     """The Train subset on S3 as one part per partition of many row groups, 64 KB blocks."""
-    monkeypatch.setattr("bpfm.data.shards.ROW_GROUP_SIZE", 24)
-    for module in ("bpfm.data.shards", "bpfm.data.manifest"):
-        monkeypatch.setattr(f"{module}.ROWS_PER_PART", 10**6)
     monkeypatch.setattr("bpfm.data.shards.BLOCK_BYTES", 64 << 10)
     uri = f"s3://{s3_env.bucket}/blocks-{uuid.uuid4().hex[:8]}/pulsedb"
-    write_shards([p for p in synthetic_subset_files if p.name == "Train_Subset.mat"], uri)
+    write_shards([p for p in synthetic_subset_files if p.name == "Train_Subset.mat"], uri,
+                 rows_per_part=10**6, row_group_size=24)
     return uri
 
 

@@ -134,6 +134,9 @@ MANIFEST_DAMAGE = {
                               {k: v for k, v in p.items() if k != "path"}
                               for p in json.loads(text)["parts"]]}),
                           "parts[0].path: missing key"),
+    "rows_per_part_zero": (lambda text: json.dumps({**json.loads(text), "options": {
+                               **json.loads(text)["options"], "rows_per_part": 0}}),
+                           "options.rows_per_part: expected a positive integer, got 0"),
     "a_block_checksum_short": (lambda text: json.dumps({**json.loads(text), "parts": [
                                    {**p, "block_sha256": p["block_sha256"][:-1] or ["x", "y"]}
                                    for p in json.loads(text)["parts"]]}),
@@ -209,8 +212,8 @@ def test_on_s3_a_replaced_part_fails_deep_verification_and_is_repaired(
 
 def test_repair_counts_a_source_s_parts_at_the_rows_per_part_its_manifest_records():
     """Two Subj_Wins inputs of one subset, 4 segments each, in a set cut at 2 rows per part:
-    parts 0-1 are the first input's and 2-3 the second's. Counted at this version's
-    ROWS_PER_PART each input would own one part, parts 1 and 3 would fit none, and a repair
+    parts 0-1 are the first input's and 2-3 the second's. Counted at the default
+    rows_per_part each input would own one part, parts 1 and 3 would fit none, and a repair
     would convert every input again although none failed."""
     from bpfm.data import repair
 
@@ -218,11 +221,12 @@ def test_repair_counts_a_source_s_parts_at_the_rows_per_part_its_manifest_record
                for digest, first in (("a" * 64, 0), ("b" * 64, 2))]
     parts = [{"path": f"gen-x/source=mimic/subset=train/part-{i:05d}.parquet",
               "subset": "train", "rows": 2} for i in range(4)]
-    manifest = {"options": {"rows_per_part": 2}, "parts": parts,
+    options = {"include_abp": True, "drop_invalid": False, "rows_per_part": 2}
+    manifest = {"options": options, "parts": parts,
                 "sources": [{"subset": "train", "sha256": s["sha256"], "rows": 4, "dropped": {}}
                             for s in sources]}
     assert repair.parts_by_source(manifest, sources) == [parts[:2], parts[2:]]
     bad, kept = repair.plan(manifest, sources, {"problems": []})
     assert bad == [] and [kept[i]["parts"] for i in (0, 1)] == [parts[:2], parts[2:]]
-    del manifest["options"]  # not recorded: the constant, at which these parts fit no input
+    del options["rows_per_part"]  # not recorded: the default, at which these parts fit no input
     assert repair.parts_by_source(manifest, sources) is None

@@ -18,6 +18,7 @@ from bpfm.data.shards import (
     MANIFEST,
     SCHEMA,
     SCHEMA_V1,
+    ShardOptions,
     inspect_shards,
     open_shards,
     signal_array,
@@ -263,3 +264,72 @@ def test_an_unknown_schema_version_is_refused(editable_subset, tmp_path):
     (out / MANIFEST).write_text(json.dumps({**manifest, "schema_version": 3}))
     with pytest.raises(BpfmError, match="schema_version 3 is not supported"):
         open_shards(str(out))
+
+
+def test_the_default_options_record_what_they_always_did_so_conversion_keys_stay():
+    """The manifest's `options` and so every conversion key: byte for byte as before the part
+    and row-group sizes became options."""
+    zstd, raw = "zstd", "none"
+    before = {
+        "include_abp": True,
+        "drop_invalid": False,
+        "signals": "packed",
+        "row_group_size": 4096,
+        "rows_per_part": 16384,
+        "compression": {"segment_id": zstd, "subject": zstd, "ecg_ppg": raw, "abp": raw,
+                        "sbp": zstd, "dbp": zstd, "age": zstd, "height": zstd, "weight": zstd,
+                        "bmi": zstd, "gender": zstd},
+    }
+    assert json.dumps(ShardOptions().as_dict()) == json.dumps(before)
+    assert ShardOptions.from_dict(before) == ShardOptions()
+    recorded = ShardOptions(rows_per_part=6, row_group_size=3)
+    assert ShardOptions.from_dict(recorded.as_dict()) == recorded
+    older = {k: v for k, v in before.items() if k not in ("rows_per_part", "row_group_size")}
+    assert ShardOptions.from_dict(older) == ShardOptions()  # not recorded: the defaults
+
+
+@pytest.mark.parametrize("name", ["rows_per_part", "row_group_size"])
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "8"])
+def test_a_part_or_row_group_size_that_is_not_a_positive_integer_is_refused(name, value):
+    with pytest.raises(BpfmError, match=f"^{name}: expected a positive integer"):
+        ShardOptions(**{name: value})
+
+
+def test_a_set_written_with_rows_per_part_records_it_and_cuts_its_parts_at_it(
+    synthetic_pulsedb, train_subset_file, tmp_path
+):
+    """Parts of N rows (whole row groups), the last of each input's partition holding the rest;
+    two Subj_Wins inputs share one partition, their parts numbered apart at N rows a part."""
+    n, group = 6, 3
+    wins = sorted((synthetic_pulsedb / "Segment_Files" / "PulseDB_MIMIC").glob("*.mat"))[:2]
+    out = str(tmp_path / "s")
+    manifest = write_shards([train_subset_file, *wins], out, rows_per_part=n,
+                            row_group_size=group)
+    assert manifest["options"]["rows_per_part"] == n
+    assert manifest["options"]["row_group_size"] == group
+    assert open_shards(out).options == ShardOptions(rows_per_part=n, row_group_size=group)
+
+    def cut(rows: int, size: int) -> list[int]:
+        return [size] * (rows // size) + ([rows % size] if rows % size else [])
+
+    by_partition: dict[tuple[str, str], list[dict]] = {}
+    for part in manifest["parts"]:
+        by_partition.setdefault((part["source"], part["subset"]), []).append(part)
+        assert part["row_groups"] == cut(part["rows"], group)
+        meta = pq.ParquetFile(Path(out, part["path"])).metadata
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == part[
+            "row_groups"
+        ]
+    train = [by_partition[(s, "train")] for s in ("mimic", "vitaldb")]
+    for parts in train:  # one input each
+        assert [p["rows"] for p in parts] == cut(sum(p["rows"] for p in parts), n)
+    segments = sorted(by_partition[("mimic", "segments")], key=lambda p: p["path"])
+    inputs = [s for s in manifest["sources"] if s["kind"] == "subj_wins"]
+    assert len(inputs) == 2 and all(s["rows"] > n for s in inputs)
+    assert [p["rows"] for p in segments] == [k for s in inputs for k in cut(s["rows"], n)]
+    numbers = [int(Path(p["path"]).stem.removeprefix("part-")) for p in segments]
+    owned = -(-inputs[0]["segments"] // n)
+    assert numbers == [*range(len(cut(inputs[0]["rows"], n))),
+                       *range(owned, owned + len(cut(inputs[1]["rows"], n)))]
+    again = write_shards([train_subset_file, *wins], out, rows_per_part=n, row_group_size=group)
+    assert again["up_to_date"] is True  # the same sizes: the same key, verified intact
