@@ -32,7 +32,7 @@ would be 0.1 %) while the default 16x2 (dim 16, depth 2, 2 heads: both attention
 parameters) steps at ~12,000 samples/s alone, which gives the local folder a measured wait share
 of 10-12 % (table below), inside that range. The set's default 48,000 segments make 3 parts
 (16,384 rows a part, as every conversion writes), 720 MB: with fewer than two parts nothing can
-overlap a copy. K = 1, 4, 8 x 3 modes x 10 epochs take ~25 min.
+overlap a copy. K = 1, 4, 8 x 3 modes x 10 epochs take ~20 min.
 
 Targets (issue 18): with the cache, sent <= 1.05 x the view's bytes for any K and E (streaming
 sends K x E x 0.67: it reads only the columns training needs, two thirds of a part, each epoch);
