@@ -26,7 +26,8 @@ _PART_NAME = re.compile(r"part-(\d+)(?:-[0-9a-f]+)?\.parquet$")
 def parts_by_source(manifest: dict, sources: list[dict]) -> list[list[dict]] | None:
     """The manifest's parts grouped by the source (`describe_sources` entry) that wrote them,
     from the part numbers each source owns (`first_part` on); None when a part fits none."""
-    per_part = rows_per_part(manifest)
+    # the rows per part the set was cut at, which decide how many part numbers a source owns
+    per_part = ShardOptions.from_dict(manifest["options"]).rows_per_part
     groups: list[list[dict]] = [[] for _ in sources]
     for part in manifest["parts"]:
         match = _PART_NAME.search(part["path"])
@@ -43,12 +44,6 @@ def parts_by_source(manifest: dict, sources: list[dict]) -> list[list[dict]] | N
             return None
         groups[owners[0]].append(part)
     return groups
-
-
-def rows_per_part(manifest: dict) -> int:
-    """The rows per part the manifest's parts were cut at (its options' `rows_per_part`, the
-    default when it records none), which decide how many part numbers each source owns."""
-    return ShardOptions.from_dict(manifest["options"]).rows_per_part
 
 
 def plan(manifest: dict, sources: list[dict], report: dict) -> tuple[list[int], dict[int, dict]]:
