@@ -216,10 +216,10 @@ def trainer(uri: str, mode: str, epochs: int, workers: int, model: str) -> None:
     through = [sum(samples[:e]) / (opened + sum(epoch_s[:e])) for e in range(1, epochs + 1)]
     print(json.dumps({"samples": sum(samples), "seconds": seconds, "epoch_s": epoch_s,
                       "samples_per_s_through": through,
-                      "wait_s": wait_s, "open_s": seconds - sum(epoch_s),
+                      "wait_s": wait_s, "open_s": opened,
                       "samples_per_s": sum(samples) / seconds,
                       "later_samples_per_s": later,
-                      "wait_share": (sum(wait_s) + seconds - sum(epoch_s)) / seconds}))
+                      "wait_share": (sum(wait_s) + opened) / seconds}))
 
 
 def run_trainers(uri: str, mode: str, k: int, epochs: int, workers: int, model: str,
